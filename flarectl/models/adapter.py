@@ -89,7 +89,8 @@ class FlareModel(nn.Module):
                                                     torch.zeros(shape, dtype=self.dtype, device=self.device))
             else:
                 m = layer.linear_attn
-                state = torch.zeros(batch_size, m.num_v_heads, m.head_k_dim, m.head_v_dim, device=self.device)
+                state = torch.zeros(batch_size, m.num_v_heads, m.head_k_dim, m.head_v_dim, device=self.device,
+                                    dtype=torch.promote_types(self.dtype, torch.float32))
                 conv = torch.zeros(batch_size, m.conv_dim, m.conv_kernel_size - 1, dtype=self.dtype, device=self.device)
                 cache.gdn[i] = GDNCache(state, conv)
         return cache

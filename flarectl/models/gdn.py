@@ -139,16 +139,16 @@ def _step(state, q, k, v, g, beta):
     return state, torch.einsum("bhk,bhkv->bhv", q, state)
 
 
-def _prepare_qk(module, q, k):
+def _prepare_qk(module, q, k, dt):
     r = module.num_v_heads // module.num_k_heads
-    q, k = _l2norm(q.float()), _l2norm(k.float())
+    q, k = _l2norm(q.to(dt)), _l2norm(k.to(dt))
     q = q * module.head_k_dim**-0.5
     return q.repeat_interleave(r, dim=-2), k.repeat_interleave(r, dim=-2)
 
 
-def _conv(inputs: torch.Tensor, weight: torch.Tensor, bias, n_out: int) -> torch.Tensor:
-    """inputs [B, W-1+n, D] (left context first) -> silu(conv) [B, n, D] in fp32."""
-    out = F.conv1d(inputs.float().transpose(1, 2), weight.float()[:, None, :], None if bias is None else bias.float(),
+def _conv(inputs: torch.Tensor, weight: torch.Tensor, bias, n_out: int, dt: torch.dtype) -> torch.Tensor:
+    """inputs [B, W-1+n, D] (left context first) -> silu(conv) [B, n, D] in ``dt`` (fp32 or fp64)."""
+    out = F.conv1d(inputs.to(dt).transpose(1, 2), weight.to(dt)[:, None, :], None if bias is None else bias.to(dt),
                    groups=inputs.shape[-1])
     return F.silu(out.transpose(1, 2)[:, -n_out:]) if n_out else out.transpose(1, 2)[:, :0]
 
@@ -166,15 +166,16 @@ def _pending(module, hidden, layout, layer_idx, cache: HybridCache):
     mixed = module.in_proj_qkv(hidden)
     g, beta = _gates(module, hidden)
     weight = module.conv1d.weight.squeeze(1)
+    dt = torch.promote_types(hidden.dtype, torch.float32)
 
     ctx = torch.cat([c.conv.transpose(1, 2).to(mixed.dtype), mixed[:, :n_clean_section]], dim=1)
-    y = _conv(ctx, weight, module.conv1d.bias, n_clean_section)
+    y = _conv(ctx, weight, module.conv1d.bias, n_clean_section, dt)
     q, k, v = _split_heads(module, y)
-    q, k = _prepare_qk(module, q, k)
-    state = c.state.float()
+    q, k = _prepare_qk(module, q, k, dt)
+    state = c.state.to(dt)
     states, outs = [state], []
     for t in range(n_clean_section):
-        new, o_t = _step(state, q[:, t], k[:, t], v[:, t].float(), g[:, t], beta[:, t].float())
+        new, o_t = _step(state, q[:, t], k[:, t], v[:, t].to(dt), g[:, t].to(dt), beta[:, t].to(dt))
         valid = (t < count)[:, None, None, None]
         state = torch.where(valid, new, state)
         states.append(state)
@@ -189,13 +190,14 @@ def _pending(module, hidden, layout, layer_idx, cache: HybridCache):
         prefix = torch.minimum(prefix, count)
         idx = prefix[:, None] + torch.arange(width - 1, device=hidden.device)[None]
         left = ctx.gather(1, idx[:, :, None].expand(-1, -1, ctx.shape[-1]))
-        yn = _conv(torch.cat([left, mixed[:, n_clean_section:]], 1), weight, module.conv1d.bias, n_window)
+        yn = _conv(torch.cat([left, mixed[:, n_clean_section:]], 1), weight, module.conv1d.bias, n_window, dt)
         qn, kn, vn = _split_heads(module, yn)
-        qn, kn = _prepare_qk(module, qn, kn)
+        qn, kn = _prepare_qk(module, qn, kn, dt)
         wstate = pending_states[rows, prefix]
         off = n_clean_section
         for t in range(n_window):
-            wstate, o_t = _step(wstate, qn[:, t], kn[:, t], vn[:, t].float(), g[:, off + t], beta[:, off + t].float())
+            wstate, o_t = _step(wstate, qn[:, t], kn[:, t], vn[:, t].to(dt), g[:, off + t].to(dt),
+                                beta[:, off + t].to(dt))
             core.append(o_t[:, None])
     core = torch.cat(core, dim=1)
 

@@ -40,6 +40,8 @@ class StreamLayout:
     """-1 for clean tokens; otherwise an id unique to the token's noisy window within the row."""
     window_start: torch.Tensor
     """For noisy tokens, the position of their window's first token; for clean tokens, their own position."""
+    limit: torch.Tensor | None = None
+    """Optional explicit ``clean_limit`` (e.g. block-causal clean context for the block-diffusion ablation)."""
 
     @property
     def is_noisy(self) -> torch.Tensor:
@@ -52,13 +54,19 @@ class StreamLayout:
     @property
     def clean_limit(self) -> torch.Tensor:
         """Clean keys of the same document at positions below this are visible to each token; [B, L]."""
+        if self.limit is not None:
+            return self.limit
         return torch.where(self.is_noisy, self.window_start, self.position_ids + 1)
 
+    def _map(self, fn) -> "StreamLayout":
+        return StreamLayout(fn(self.position_ids), fn(self.doc_ids), fn(self.window_ids), fn(self.window_start),
+                            None if self.limit is None else fn(self.limit))
+
     def to(self, device: torch.device | str) -> "StreamLayout":
-        return StreamLayout(*(t.to(device) for t in (self.position_ids, self.doc_ids, self.window_ids, self.window_start)))
+        return self._map(lambda t: t.to(device))
 
     def select_rows(self, rows: torch.Tensor) -> "StreamLayout":
-        return StreamLayout(self.position_ids[rows], self.doc_ids[rows], self.window_ids[rows], self.window_start[rows])
+        return self._map(lambda t: t[rows])
 
     @staticmethod
     def causal(batch: int, length: int, start: torch.Tensor | int = 0, device=None) -> "StreamLayout":
@@ -72,8 +80,11 @@ class StreamLayout:
     @staticmethod
     def concat(parts: list["StreamLayout"]) -> "StreamLayout":
         """Concatenate layouts along the sequence dimension (window ids must already be distinct)."""
-        return StreamLayout(*(torch.cat([getattr(p, f) for p in parts], dim=1)
-                              for f in ("position_ids", "doc_ids", "window_ids", "window_start")))
+        fields = [torch.cat([getattr(p, f) for p in parts], dim=1)
+                  for f in ("position_ids", "doc_ids", "window_ids", "window_start")]
+        if all(p.limit is None for p in parts):
+            return StreamLayout(*fields)
+        return StreamLayout(*fields, torch.cat([p.clean_limit for p in parts], dim=1))
 
 
 def visibility(query: StreamLayout, key: StreamLayout) -> torch.Tensor:

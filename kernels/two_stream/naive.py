@@ -36,6 +36,11 @@ def _doc_bounds(cu_seqlens: torch.Tensor | None, total: int) -> list[tuple[int, 
     return [(c[i], c[i + 1]) for i in range(len(c) - 1)]
 
 
+def _f(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to at least fp32 (fp64 stays fp64, for gradcheck)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
 
@@ -106,10 +111,10 @@ def naive_two_stream_gated_delta_rule(
     docs = _doc_bounds(cu_seqlens, T)
 
     def prep(q_, k_, v_, g_, b_):
-        q_, k_ = q_[0].float(), k_[0].float()
+        q_, k_ = _f(q_[0]), _f(k_[0])
         if use_qk_l2norm_in_kernel:
             q_, k_ = _l2norm(q_), _l2norm(k_)
-        return _expand_heads(q_, HV) * scale, _expand_heads(k_, HV), v_[0].float(), g_[0].float(), b_[0].float()
+        return _expand_heads(q_, HV) * scale, _expand_heads(k_, HV), _f(v_[0]), _f(g_[0]), _f(b_[0])
 
     cq, ck, cv, cg, cb = prep(q, k, v, g, beta)
     nq, nk, nv, ng, nb = prep(qn, kn, vn, gn, betan)
@@ -117,7 +122,7 @@ def naive_two_stream_gated_delta_rule(
     o_parts = []
     doc_states = []  # per document: [len+1, HV, K, V]
     for d, (s, e) in enumerate(docs):
-        h0 = cv.new_zeros(HV, K, V) if initial_state is None else initial_state[d].float()
+        h0 = cv.new_zeros(HV, K, V) if initial_state is None else _f(initial_state[d])
         od, states = _recurrent(cq[s:e], ck[s:e], cv[s:e], cg[s:e], cb[s:e], h0)
         o_parts.append(od)
         doc_states.append(states)
@@ -168,30 +173,30 @@ def naive_two_stream_causal_conv1d(
     T, D = x.shape[1], x.shape[2]
     width = weight.shape[1]
     docs = _doc_bounds(cu_seqlens, T)
-    w32 = weight.float()
+    w32 = _f(weight)
 
     def conv(seq_with_context: torch.Tensor, n_out: int) -> torch.Tensor:
         # seq_with_context: [W-1 + n_out, D] -> [n_out, D]
-        out = F.conv1d(seq_with_context.t()[None], w32[:, None, :], None if bias is None else bias.float(), groups=D)
+        out = F.conv1d(seq_with_context.t()[None], w32[:, None, :], None if bias is None else _f(bias), groups=D)
         out = out[0].t()[-n_out:] if n_out else out[0].t()[:0]
         return F.silu(out) if activation == "silu" else out
 
     contexts = []  # per document: [W-1 + len, D] inputs with left context
     y_parts = []
     for d, (s, e) in enumerate(docs):
-        left = x.new_zeros(D, width - 1).float() if initial_state is None else initial_state[d].float()
-        ctx = torch.cat([left.t(), x[0, s:e].float()])
+        left = _f(x.new_zeros(D, width - 1)) if initial_state is None else _f(initial_state[d])
+        ctx = torch.cat([left.t(), _f(x[0, s:e])])
         contexts.append(ctx)
         y_parts.append(conv(ctx, e - s))
-    y = torch.cat(y_parts) if y_parts else x.new_zeros(0, D).float()
+    y = torch.cat(y_parts) if y_parts else _f(x.new_zeros(0, D))
 
     yn_parts = []
     offs = window_offsets.tolist()
     for w, (d, p) in enumerate(zip(window_doc.tolist(), window_prefix.tolist())):
         a, b = offs[w], offs[w + 1]
         left = contexts[d][p : p + width - 1]
-        yn_parts.append(conv(torch.cat([left, xn[0, a:b].float()]), b - a))
-    yn = torch.cat(yn_parts) if yn_parts else xn.new_zeros(0, D).float()
+        yn_parts.append(conv(torch.cat([left, _f(xn[0, a:b])]), b - a))
+    yn = torch.cat(yn_parts) if yn_parts else _f(xn.new_zeros(0, D))
 
     final = torch.stack([c[-(width - 1) :].t() for c in contexts]) if output_final_state else None
     return y[None].to(x.dtype), yn[None].to(xn.dtype), final
