@@ -72,8 +72,8 @@ class ObjectiveConfig:
 class DataConfig:
     """Training data."""
 
-    sources: tuple[str, ...] = ("builtin:transfer",)
-    """Hub dataset ids (`hub:ORG/NAME[:split]`), local files (.json/.jsonl/.parquet), or `builtin:transfer`
+    sources: tuple[str, ...] = ("default",)
+    """Hub dataset ids (`ORG/NAME[:config][@split]`), local files (.json/.jsonl/.parquet), or `default`
     (the offline default transfer set)."""
     max_seq_len: int = 512
     """Packed sequence length (tokens per row of the clean stream)."""
