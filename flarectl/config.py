@@ -81,8 +81,6 @@ class DataConfig:
     """error: stop at the first bad record; skip: count, report and skip bad records."""
     overlong: Literal["skip", "truncate"] = "skip"
     """What to do with documents longer than max_seq_len."""
-    max_records: int = 0
-    """Use at most this many records (0 = all)."""
 
 
 @dataclass(frozen=True)

