@@ -1,0 +1,96 @@
+"""AR-Trust: exact self-speculative decoding (the noisy path drafts a block, the clean path verifies it).
+
+One step for a row whose committed cache ends before the pending token x[s-1]:
+
+1. draft forward: the window [x[s-1], mask x (B-1)] after the cache (commits nothing); window position j gives q_j
+   for x[s+j]; drafts d_1..d_B (greedy: argmax; sampling: d_j ~ q_j);
+2. verify forward: clean [x[s-1], d_1..d_B] kept pending; position j gives p_j (p_j for x[s+j], p_B the bonus);
+3. accept: greedy — the longest prefix with d_j == argmax p_{j-1}, then the AR token at the first mismatch (or the
+   bonus); sampling — accept d_j with probability min(1, p(d_j)/q(d_j)), at the first rejection resample from
+   normalize(max(p - q, 0)), after a full accept sample the bonus from p_B (Leviathan et al.). Either way the output
+   is distributed exactly as AR decoding with the same temperature/top-p;
+4. commit 1 + accepted tokens per row (pending + accepted drafts); the correction/bonus token is the new pending.
+
+Rows of a batch accept different lengths. The draft for the next step is not fused into the verify forward (it
+would have to guess the accepted length).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flarectl.decoding.rows import RowTracker
+from flarectl.decoding.runner import pad_rows
+from flarectl.decoding.sampling import Sampler, sample_from
+
+
+def draft_window(pending: torch.Tensor, block_size: int, mask_id: int) -> torch.Tensor:
+    """pending [R] -> window inputs [R, B] = [pending, mask x (B-1)]."""
+    masks = torch.full((pending.shape[0], block_size - 1), mask_id, dtype=torch.long, device=pending.device)
+    return torch.cat([pending[:, None], masks], 1)
+
+
+def propose(q: torch.Tensor, sampler: Sampler, rows: list[int], generated: list[int]) -> torch.Tensor:
+    """Drafts [R, B] from the draft distributions q [R, B, V] (a hook: ``rows`` are prompt indices and
+    ``generated`` the tokens each row has so far, for tests that force drafts)."""
+    return sampler.sample(q)
+
+
+def accept_greedy(p: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p [R, B+1, V], drafts [R, B] -> (accepted count n [R], next token [R]): the AR argmax at position n."""
+    target = p.argmax(-1)  # [R, B+1]
+    n = (drafts == target[:, :-1]).long().cumprod(1).sum(1)
+    return n, target.gather(1, n[:, None])[:, 0]
+
+
+def accept_speculative(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
+                       sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative rejection sampling. p [R, B+1, V] target, q [R, B, V] draft, drafts [R, B] ~ q.
+
+    Returns (accepted count n [R], next token [R] from normalize(max(p_n - q_n, 0)), or from p_B if n == B).
+    """
+    rows, block = drafts.shape
+    p_d = p[:, :block].gather(-1, drafts[..., None])[..., 0]
+    q_d = q.gather(-1, drafts[..., None])[..., 0]
+    ok = sampler.uniform((rows, block), p) * q_d < p_d  # u < p/q  <=>  accept w.p. min(1, p/q)
+    n = ok.long().cumprod(1).sum(1)
+    idx = torch.arange(rows, device=p.device)
+    p_n = p[idx, n]
+    q_n = torch.where((n < block)[:, None], q[idx, n.clamp(max=block - 1)], torch.zeros_like(p_n))
+    resid = (p_n - q_n).clamp(min=0)
+    mass = resid.sum(-1, keepdim=True)
+    resid = torch.where(mass > 0, resid / mass.clamp(min=torch.finfo(mass.dtype).tiny), p_n)
+    return n, sample_from(resid, sampler.generator)
+
+
+def decode_ar_trust(runner, prompts: list[list[int]], sampler: Sampler, tracker: RowTracker, device, *,
+                    block_size: int, mask_id: int) -> None:
+    """Decode every row until it stops; results land in ``tracker``."""
+    pending = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)
+    ctx, counts = pad_rows([p[:-1] for p in prompts], device)
+    _, window_logits = runner.forward(ctx, counts, draft_window(pending, block_size, mask_id), commit=True)
+    tracker.count_forward()
+    while True:
+        q = sampler.probs(window_logits)  # [R, B, V]
+        drafts = propose(q, sampler, list(tracker.active), [len(tracker.tokens[r]) for r in tracker.active])
+        verify = torch.cat([pending[:, None], drafts], 1)  # [R, B+1]
+        clean_logits, _ = runner.forward(verify, torch.full_like(pending, block_size + 1), None, commit=False)
+        tracker.count_forward()
+        p = sampler.probs(clean_logits)  # [R, B+1, V]
+        n, nxt = accept_greedy(p, drafts) if sampler.greedy else accept_speculative(p, q, drafts, sampler)
+        runner.commit(1 + n)
+        for b, (k, d, t) in enumerate(zip(n.tolist(), drafts.tolist(), nxt.tolist())):
+            tracker.record(b, k)
+            tracker.emit(b, d[:k] + [t])
+        pending = nxt
+        keep = tracker.compact()
+        if keep is not None:
+            if not tracker.active:
+                return
+            keep = keep.to(device)
+            runner.keep(keep)
+            pending = pending[keep]
+        empty = torch.zeros(len(pending), 0, dtype=torch.long, device=device)
+        _, window_logits = runner.forward(empty, torch.zeros_like(pending), draft_window(pending, block_size, mask_id),
+                                          commit=False)
+        tracker.count_forward()

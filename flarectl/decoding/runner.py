@@ -1,0 +1,124 @@
+"""Model forwards for decoding: a clean section and at most one noisy window per row.
+
+Every decoding step is one forward of, per row, ``counts[row]`` clean tokens (a right-padded section of width C)
+followed by an optional noisy window of W tokens that starts right after that row's clean tokens. Two runners give
+the same logits:
+
+* ``CachedRunner`` — extends a ``HybridCache``; ``commit=False`` leaves the clean tokens pending so that the caller
+  commits any per-row prefix with ``commit(n)`` (speculative rollback).
+* ``RecomputeRunner`` — no cache: re-forwards every row's whole committed sequence plus the step's tokens through
+  the same layout rules (the reference twin used by the tests). A window needs at least one clean token before it
+  in this runner (flarectl's packed GDN path refuses a window whose document has no clean token in the forward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flarectl.models.layout import StreamLayout
+
+PENDING_PATH_MAX_CLEAN = 16
+"""Clean sections up to this width run through the batched pending GDN path (decode steps); wider ones (prefill)
+through the packed path when it applies."""
+
+
+def pad_rows(rows: Sequence[Sequence[int]], device, fill: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [R, C] right-padded with ``fill``, counts [R])."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), fill, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long, device=device)
+    return ids, torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)
+
+
+def step_layout(start: torch.Tensor, counts: torch.Tensor, width: int, window: int) -> StreamLayout:
+    """Layout [R, width + window]: clean tokens at positions start + i (i < counts, the rest padding), then a
+    window at positions start + counts + j with window_start = start + counts. start, counts: [R]."""
+    cols = torch.arange(width + window, device=start.device)[None].expand(start.shape[0], -1)
+    in_window = cols >= width
+    clean_valid = cols < counts[:, None]
+    wstart = (start + counts)[:, None]
+    pos = torch.where(in_window, wstart + cols - width, start[:, None] + cols)
+    doc = torch.where(in_window | clean_valid, 0, -1)
+    win = torch.where(in_window, 0, -1)
+    return StreamLayout(pos, doc, win, torch.where(in_window, wstart, pos))
+
+
+class CachedRunner:
+    """Decoding forwards that extend a ``HybridCache`` of ``batch`` rows."""
+
+    def __init__(self, model, batch: int, capacity: int):
+        self.model = model
+        self.cache = model.new_cache(batch, capacity)
+
+    @torch.no_grad()
+    def forward(self, clean: torch.Tensor, counts: torch.Tensor, window: torch.Tensor | None, commit: bool):
+        """clean [R, C] (first counts[r] valid), window [R, W] or None -> (clean logits [R, C, V], window logits
+        [R, W, V] or None). ``commit``: commit every row's clean tokens now; else they stay pending for ``commit``."""
+        given, wlen = clean.shape[1], 0 if window is None else window.shape[1]
+        if wlen and given == 0:
+            # gdn._pending cannot run an empty clean section (its conv gets W-1 < kernel inputs): give it one
+            # padding slot, which commits nothing and leaves the window starting from the committed state.
+            clean = clean.new_zeros(clean.shape[0], 1)
+        width = clean.shape[1]
+        layout = step_layout(self.cache.lengths, counts, width, wlen)
+        ids = clean if window is None else torch.cat([clean, window], 1)
+        packed_ok = width > PENDING_PATH_MAX_CLEAN and (window is None or bool((counts > 0).all()))
+        if commit and packed_ok:
+            logits = self.model(ids, layout, self.cache, commit_all=True)
+        else:
+            logits = self.model(ids, layout, self.cache, commit_all=False)
+            if commit:
+                self.cache.commit(counts)
+            elif given == 0:
+                self.cache.discard_pending()
+        return logits[:, :given], (logits[:, width:] if wlen else None)
+
+    def commit(self, n: torch.Tensor) -> None:
+        """Commit the first n[r] clean tokens of the last ``forward(commit=False)``."""
+        self.cache.commit(n)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every row not in ``rows`` (batch positions, in order)."""
+        self.cache = self.cache.select_rows(rows)
+
+
+class RecomputeRunner:
+    """The no-cache twin of ``CachedRunner``: every forward recomputes each row's whole sequence."""
+
+    def __init__(self, model, batch: int, capacity: int | None = None):
+        self.model = model
+        self.committed: list[list[int]] = [[] for _ in range(batch)]
+        self.pending: list[list[int]] = [[] for _ in range(batch)]
+
+    @torch.no_grad()
+    def forward(self, clean: torch.Tensor, counts: torch.Tensor, window: torch.Tensor | None, commit: bool):
+        """Same contract as ``CachedRunner.forward``."""
+        step = [clean[r, :int(counts[r])].tolist() for r in range(clean.shape[0])]
+        full = [c + s for c, s in zip(self.committed, step)]
+        ids, lengths = pad_rows(full, clean.device)
+        zeros = torch.zeros_like(lengths)
+        wlen = 0 if window is None else window.shape[1]
+        if wlen and bool((lengths == 0).any()):
+            raise ValueError("RecomputeRunner needs a clean token before every window")
+        layout = step_layout(zeros, lengths, ids.shape[1], wlen)
+        logits = self.model(ids if window is None else torch.cat([ids, window], 1), layout)
+        base = torch.tensor([len(c) for c in self.committed], device=clean.device)
+        cols = (base[:, None] + torch.arange(clean.shape[1], device=clean.device)).clamp(max=max(ids.shape[1] - 1, 0))
+        clean_logits = logits.gather(1, cols[:, :, None].expand(-1, -1, logits.shape[-1]))
+        if commit:
+            self.committed = full
+        else:
+            self.pending = step
+        return clean_logits, (logits[:, ids.shape[1]:] if wlen else None)
+
+    def commit(self, n: torch.Tensor) -> None:
+        self.committed = [c + p[:int(k)] for c, p, k in zip(self.committed, self.pending, n.tolist())]
+        self.pending = [[] for _ in self.committed]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.committed = [self.committed[i] for i in rows.tolist()]
+        self.pending = [self.pending[i] for i in rows.tolist()]

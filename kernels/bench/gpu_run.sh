@@ -1,0 +1,23 @@
+#!/bin/bash
+# One device run: install fla wheels, Hopper self-check, GPU tests (errors logged), benchmark.
+# Usage (device tool, carry [".whl"]): bash kernels/bench/gpu_run.sh [tests|bench|all]
+set -o pipefail
+WHAT=${1:-all}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+mkdir -p /tmp/pkgs && ln -sfn "$PWD/kernels" /tmp/pkgs/flare_kernels
+export PYTHONPATH=/tmp/pkgs:/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton_cache
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+python3 -c "
+import torch, flare_kernels.two_stream.fused as f
+print('guard active:', f._guard_active('cuda'))
+print(f.hopper_self_check('cuda', verbose=True)[0])
+print('mode', f.dqkwg_mode('cuda'))" 2>&1 | tee "$OUT/selfcheck.log"
+if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
+  FLARE_KERNEL_TEST_LOG="$OUT/test_errors.jsonl" timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q --tb=short -m gpu \
+    tests/test_kernels.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -60
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
+  timeout ${BENCH_TIMEOUT:-240} python3 -m flare_kernels.bench.bench_kernels --out "$OUT" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log"
+fi
