@@ -148,6 +148,8 @@ def _prepare_qk(module, q, k, dt):
 
 def _conv(inputs: torch.Tensor, weight: torch.Tensor, bias, n_out: int, dt: torch.dtype) -> torch.Tensor:
     """inputs [B, W-1+n, D] (left context first) -> silu(conv) [B, n, D] in ``dt`` (fp32 or fp64)."""
+    if n_out == 0:
+        return inputs.new_zeros(inputs.shape[0], 0, inputs.shape[-1], dtype=dt)
     out = F.conv1d(inputs.to(dt).transpose(1, 2), weight.to(dt)[:, None, :], None if bias is None else bias.to(dt),
                    groups=inputs.shape[-1])
     return F.silu(out.transpose(1, 2)[:, -n_out:]) if n_out else out.transpose(1, 2)[:, :0]
