@@ -291,8 +291,10 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 
 def test_uses_transformers_converter(monkeypatch):
     """The conversion goes through transformers' TikTokenConverter with the Qwen3.5 pattern and specials."""
-    from transformers import convert_slow_tokenizer
+    import importlib
 
+    # the submodule itself (``from transformers import convert_slow_tokenizer`` can resolve to a function)
+    convert_slow_tokenizer = importlib.import_module("transformers.convert_slow_tokenizer")
     seen = {}
 
     class Spy(convert_slow_tokenizer.TikTokenConverter):
