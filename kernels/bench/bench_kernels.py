@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -71,10 +72,13 @@ def _time(fn, repeats, warmup=3):
     return statistics.median(times), min(times), max(times)
 
 
-def bench_one(variant, T, B, heads=16, dim=128, dtype=torch.bfloat16, repeats=20):
+def bench_one(variant, T, B, heads=16, dim=128, dtype=torch.bfloat16, repeats=20, log=print):
     dev = torch.device("cuda")
+    t0 = time.time()
     P = _inputs(T, B, heads, dim, dtype, dev)
     outs = _call(variant, P)  # compile / autotune
+    torch.cuda.synchronize()
+    log(f"    {variant} T={T} B={B}: first forward {time.time() - t0:.1f}s")
     grads = [torch.randn_like(o) for o in outs]
 
     def fwd():
@@ -89,8 +93,11 @@ def bench_one(variant, T, B, heads=16, dim=128, dtype=torch.bfloat16, repeats=20
                 t.grad = None
 
     fwd_bwd()
+    torch.cuda.synchronize()
+    log(f"    {variant} T={T} B={B}: first backward done at {time.time() - t0:.1f}s")
     f_med, f_min, f_max = _time(fwd, repeats)
     fb_med, fb_min, fb_max = _time(fwd_bwd, repeats)
+    log(f"    {variant} T={T} B={B}: timed at {time.time() - t0:.1f}s")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -124,15 +131,18 @@ def run_kernel_benchmark(T_list=(4096, 8192), block_sizes=(1, 4), heads=16, dim=
                     continue
                 t0 = time.time()
                 try:
-                    row = bench_one(v, T, B, heads, dim, dtype, repeats)
+                    row = bench_one(v, T, B, heads, dim, dtype, repeats, log=log)
                 except torch.cuda.OutOfMemoryError as e:
                     row = dict(variant=v, T=T, B=B, heads=heads, dim=dim, error=f"OOM: {e}"[:200])
                     torch.cuda.empty_cache()
                 if v == "clean":
                     clean = row
                 rows.append(row)
-                log(f"  {v:6s} T={T} B={B}: {row.get('fwd_bwd_ms', float('nan')):.2f} ms fwd+bwd "
-                    f"({time.time() - t0:.0f}s)")
+                log(f"  {v:6s} T={T} B={B}: {row.get('fwd_ms', float('nan')):.2f} ms fwd, "
+                    f"{row.get('fwd_bwd_ms', float('nan')):.2f} ms fwd+bwd, "
+                    f"{row.get('peak_fwd_bwd_gib', float('nan')):.2f} GiB ({time.time() - t0:.0f}s)")
+                with open(os.environ.get("FLARE_BENCH_PARTIAL", os.devnull), "a") as f:
+                    f.write(json.dumps(row) + "\n")
     return rows
 
 
@@ -211,14 +221,15 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--out", default="docs/perf", help="folder for kernels.json and kernels.png")
     a = ap.parse_args(argv)
-    import os
 
     os.makedirs(a.out, exist_ok=True)
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}; torch {torch.__version__}", flush=True)
+    from flare_kernels.two_stream.fused import dqkwg_mode
+
+    dqkwg_mode("cuda")  # Hopper self-check before timing anything
     rows = run_kernel_benchmark(a.T, a.B, a.heads, a.dim, getattr(torch, a.dtype), a.repeats, a.variants)
     summ = summarize(rows)
-    from flare_kernels.two_stream.fused import dqkwg_mode
 
     meta = dict(device=dev, torch=torch.__version__, command="python -m flare_kernels.bench.bench_kernels "
                 + " ".join(argv if argv is not None else sys.argv[1:]), dqkwg_mode=dqkwg_mode("cuda"))

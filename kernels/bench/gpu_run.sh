@@ -9,15 +9,15 @@ export PYTHONPATH=/tmp/pkgs:/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
-python3 -c "
+[ -z "$SKIP_SELFCHECK" ] && python3 -c "
 import torch, flare_kernels.two_stream.fused as f
 print('guard active:', f._guard_active('cuda'))
 print(f.hopper_self_check('cuda', verbose=True)[0])
 print('mode', f.dqkwg_mode('cuda'))" 2>&1 | tee "$OUT/selfcheck.log"
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
   FLARE_KERNEL_TEST_LOG="$OUT/test_errors.jsonl" timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q --tb=short -m gpu \
-    tests/test_kernels.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -60
+    ${TEST_K:+-k "$TEST_K"} tests/test_kernels.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -60
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
-  timeout ${BENCH_TIMEOUT:-240} python3 -m flare_kernels.bench.bench_kernels --out "$OUT" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log"
+  FLARE_BENCH_PARTIAL="$OUT/bench_partial.jsonl" timeout ${BENCH_TIMEOUT:-240} python3 -m flare_kernels.bench.bench_kernels --out "$OUT" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log"
 fi
