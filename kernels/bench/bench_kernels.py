@@ -49,6 +49,10 @@ def _call(variant, P):
     if variant == "clean":
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
+        from flare_kernels.two_stream.fused import enable_fla_hopper_bypass
+
+        enable_fla_hopper_bypass(P["q"].device)  # fla's public op raises on Hopper/Triton<3.7.1 otherwise
+
         o, _ = chunk_gated_delta_rule(P["q"], P["k"], P["v"], P["g"], P["beta"], cu_seqlens=P["cu_seqlens"])
         return (o,)
     from flare_kernels.two_stream import two_stream_gated_delta_rule

@@ -196,7 +196,7 @@ def _window_bwd_kernel(
                 b_dkk += tl.sum(b_sp * b_dkv[None, :], axis=1)
                 b_dgg = tl.sum(tl.sum(b_dsp * b_sp, axis=1), axis=0)
                 b_ds = b_dsp * b_a
-                p = (i_v * Tn + n) * HV + i_hv
+                p = (i_v * Tn + n) * HV + i_hv  # partial sums per V block, reduced by the launcher
                 tl.store(dqn_p + p * K + o_k, b_dq, mask=m_k)
                 tl.store(dkn_p + p * K + o_k, b_dkk, mask=m_k)
                 tl.store(dgn_p + p, b_dgg)
@@ -359,6 +359,8 @@ def window_backward(noisy, don, ds_in, k, v_new, gc, h, dv_clean, meta, scale, *
     [W, HV, K, V] (the simple baseline: boundary-state gradients from HBM). ``dv_clean`` (gradient w.r.t. v_new)
     is updated in place. Returns dict with x_inj [NT,HV,K,V] f32, dk [T,HV,K] f32, dg [T,HV] f32 (w.r.t. the
     chunk-local cumsum, natural units) and, if fused, dqn/dkn [Tn,HV,K] f32, dvn [Tn,HV,V], dgn/dbn [Tn,HV] f32.
+    Deterministic: sums over V blocks go through [NV, ...] partial buffers reduced here (no atomics; a variant
+    that split each chunk's windows over several programs with fp32 atomics measured slower on the H100).
     """
     import torch
 
