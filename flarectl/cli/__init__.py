@@ -1,4 +1,8 @@
-"""``flarectl`` command line: a thin typer shell over functions that return data; only this module renders."""
+"""``flarectl`` command line: a thin typer shell over functions that return data; only ``flarectl.cli`` renders.
+
+This module holds the app, the shared helpers and the core commands (models, decode, train, convert); larger
+command groups live beside it (``bench.py``, ...) and are imported at the bottom to register.
+"""
 
 from __future__ import annotations
 
@@ -226,6 +230,10 @@ def convert(
     _run_training(r, output_dir, resume, convert=True)
 
 
+# Commands that live in their own modules register themselves on ``app`` when imported (one line each).
+from flarectl.cli import bench as _bench  # noqa: E402,F401  (flarectl bench ...)
+
+
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and exit code 2."""
     try:
@@ -246,6 +254,3 @@ def main() -> None:
         err.print("interrupted")
         sys.exit(130)
 
-
-if __name__ == "__main__":
-    main()
