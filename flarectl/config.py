@@ -229,8 +229,12 @@ def to_dict(obj: Any) -> Any:
 
 
 def shipped_recipes() -> dict[str, Path]:
-    """Name -> path of every recipe shipped with flarectl."""
-    root = resources.files("flarectl.recipes")
+    """Name -> path of every recipe shipped with flarectl (package data ``flarectl.recipes`` when installed; the
+    repository's ``recipes/`` when flarectl runs from a source tree that was not pip-installed)."""
+    try:
+        root = resources.files("flarectl.recipes")
+    except ModuleNotFoundError:
+        root = Path(__file__).resolve().parent.parent / "recipes"
     return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
 
 

@@ -88,7 +88,7 @@ def test_parse_source_forms() -> None:
     assert parse_source("org/name").kind == "hub"
     assert parse_source("x.jsonl.gz").kind == "jsonl"
     assert parse_source({"path": "x.json", "field": "rows"}).field == "rows"
-    assert parse_source("default").kind == "default"
+    assert parse_source("default").kind == "shipped"
     with pytest.raises(DataError):
         parse_source({"file": "x.json"})
 

@@ -11,7 +11,8 @@ Source specs (see `SourceSpec` / `parse_source`):
   readers. JSONL: one JSON object per line; the record index is the 0-based line number (blank lines are not
   records). JSON: a list of objects, or an object holding one list of objects (name it with ``field`` when
   there are several). Parquet: rows in file order.
-- ``"default"``: the shipped offline transfer set (`flarectl.data.transfer_set`).
+- ``"default"``: the shipped offline transfer set (`flarectl.data.transfer_set`); other shipped names in
+  ``SHIPPED_SOURCES`` (``"smollm2-selfdistill"``).
 - anything else: a hub dataset id, optionally ``"org/name:config@split"``, loaded with
   ``datasets.load_dataset`` (needs the network).
 """
@@ -38,6 +39,13 @@ LOCAL_SUFFIXES: dict[str, str] = {
     ".parquet": "parquet",
 }
 DEFAULT_SOURCE = "default"
+SHIPPED_SOURCES = {
+    DEFAULT_SOURCE: ("default_transfer_set.jsonl", "default transfer set"),
+    "smollm2-selfdistill": ("smollm2_selfdistill.jsonl", "smollm2-selfdistill set"),
+}
+"""Named offline sources shipped as package data of flarectl.data: name -> (file, display name). ``default`` is the
+transfer set built from PyPI packages (default_transfer_set.md); ``smollm2-selfdistill`` holds the embedded
+model's own greedy answers to the same prompts (flarectl.data.self_distill; smollm2_selfdistill.md)."""
 
 
 def _one_line(text: object, limit: int = 300) -> str:
@@ -154,9 +162,9 @@ class SourceSpec:
 
     @property
     def kind(self) -> str:
-        """'default', 'jsonl', 'json', 'parquet' or 'hub'."""
-        if self.path == DEFAULT_SOURCE:
-            return "default"
+        """'shipped', 'jsonl', 'json', 'parquet' or 'hub'."""
+        if self.path in SHIPPED_SOURCES:
+            return "shipped"
         return local_format(self.path) or ("local" if Path(self.path).exists() else "hub")
 
 
@@ -183,7 +191,7 @@ def parse_source(spec: str | os.PathLike | Mapping[str, Any] | SourceSpec) -> So
         return SourceSpec(**dict(spec))
     if not isinstance(spec, str) or not spec:
         raise DataError(f"bad data source spec {spec!r}: expected a path or dataset id")
-    if spec == DEFAULT_SOURCE or local_format(spec) or Path(spec).exists():
+    if spec in SHIPPED_SOURCES or local_format(spec) or Path(spec).exists():
         return SourceSpec(path=spec)
     name, _, split = spec.partition("@")
     name, _, config = name.partition(":")
@@ -195,10 +203,12 @@ def load_records(spec: str | os.PathLike | Mapping[str, Any] | SourceSpec) -> It
     cannot be read at all (missing file, unsupported type, unreadable file, hub failure)."""
     source = parse_source(spec)
     kind = source.kind
-    if kind == "default":
-        from flarectl.data.transfer_set import default_transfer_path
-
-        return _read_jsonl(default_transfer_path(), display=f"{DEFAULT_SOURCE} transfer set")
+    if kind == "shipped":
+        file, display = SHIPPED_SOURCES[source.path]
+        path = Path(__file__).with_name(file)
+        if not path.is_file():
+            raise DataError(f"the shipped data file {file} is missing from this install; reinstall flarectl")
+        return _read_jsonl(path, display=display)
     if kind == "local":
         raise DataError(f"unsupported data file type: {source.path} (use .json, .jsonl or .parquet)")
     if kind == "hub":

