@@ -35,7 +35,8 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Parameter dtype; auto = bfloat16 on CUDA, float32 on CPU."""
     attn_backend: Literal["auto", "sdpa", "flex"] = "auto"
-    """Softmax-attention implementation for masked (two-stream) forwards; auto = flex on CUDA, sdpa on CPU."""
+    """Softmax-attention implementation for masked (two-stream) forwards; auto = sdpa with an explicit mask (flex is
+    compiled per sequence length: only worth it when every batch has the same length)."""
     gdn_backend: Literal["auto", "fused", "reference", "simple"] = "auto"
     """Two-stream Gated DeltaNet kernels; auto = fused on CUDA, reference (pure torch) on CPU."""
 

@@ -7,6 +7,7 @@ command groups live beside it (``bench.py``, ...) and are imported at the bottom
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -198,6 +199,9 @@ def _run_training(recipe, output_dir: Optional[Path], resume: bool, convert: boo
             parts.append(f"MFU {100 * m.mfu:.1f}%")
         progress.update(task, completed=m.step, info="  ".join(parts))
 
+    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel worker (torchrun / accelerate launch): rank 0 renders
+        train(recipe, output_dir=output_dir, resume=resume)
+        return
     with progress:
         result = train(recipe, output_dir=output_dir, resume=resume, on_step=on_step, on_start=on_start)
     what = "FLARE checkpoint" if convert else "checkpoint"
@@ -232,6 +236,8 @@ def convert(
 
 # Commands that live in their own modules register themselves on ``app`` when imported (one line each).
 from flarectl.cli import bench as _bench  # noqa: E402,F401  (flarectl bench ...)
+from flarectl.cli import bench_kernels as _bench_kernels  # noqa: E402,F401  (flarectl bench kernels)
+from flarectl.cli import bench_train as _bench_train  # noqa: E402,F401  (flarectl bench train)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ Gated DeltaNet mixing are flarectl's own (``attention.py``, ``gdn.py``).
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,21 @@ class FlareMeta:
     block_size: int
 
 
+def _dispatching_forward(module: nn.Module, *args, flare_step=None, **kwargs):
+    """A decoder layer's forward: ``layer(h, flare_step=f)`` runs ``f(h)`` (flarectl's own layer step), anything
+    else runs the layer's HF forward unchanged."""
+    if flare_step is not None:
+        return flare_step(*args)
+    return type(module).forward(module, *args, **kwargs)
+
+
+def route_flare_steps(layer: nn.Module) -> None:
+    """Let ``layer(h, flare_step=f)`` run ``f`` inside the layer's ``__call__``, so that forward hooks on the layer
+    (FSDP's unshard/reshard, profilers) fire for flarectl's forwards too. HF's own forward is unaffected."""
+    if "forward" not in layer.__dict__:
+        layer.forward = types.MethodType(_dispatching_forward, layer)
+
+
 class FlareModel(nn.Module):
     """Adapter around an HF causal LM. ``forward(input_ids, layout, cache)`` -> logits [B, L, V]."""
 
@@ -50,6 +66,8 @@ class FlareModel(nn.Module):
         self.attn_backend = attn_backend
         self.gdn_backend = gdn_backend
         self.gradient_checkpointing = False
+        for layer in self.layers:
+            route_flare_steps(layer)
 
     # -- properties ---------------------------------------------------------------------------------------------
     @property
@@ -68,6 +86,11 @@ class FlareModel(nn.Module):
     def flare_meta(self) -> FlareMeta | None:
         meta = getattr(self.config, "flare", None)
         return FlareMeta(int(meta["mask_token_id"]), int(meta["block_size"])) if meta else None
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """Decoder layer class names: the units FSDP's transformer auto-wrap shards one by one."""
+        return sorted({type(layer).__name__ for layer in self.layers})
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -98,10 +121,17 @@ class FlareModel(nn.Module):
     # -- forward ------------------------------------------------------------------------------------------------
     def _attn_backend(self) -> str:
         if self.attn_backend == "auto":
-            return "flex" if self.device.type == "cuda" else "sdpa"
+            # SDPA with the explicit mask everywhere: flex_attention is compiled per sequence length, and packed
+            # training batches change length every step (measured on an H100: recompiles made SmolLM2 conversion
+            # steps take many seconds). flex stays selectable (model.attn_backend: flex) for fixed-length work.
+            return "sdpa"
         return self.attn_backend
 
     def _rope(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        if self.family == "qwen3_5" and position_ids.dim() == 2:
+            # Qwen3.5's rotary module is multimodal (3, B, L); transformers 5.17 (the GPU image) does not expand 2-D
+            # position ids itself (5.2x does). Text-only: the three rows are equal, so this is plain RoPE.
+            position_ids = position_ids[None].expand(3, -1, -1)
         cos, sin = self.hf.model.rotary_emb(hidden, position_ids)
         return cos, sin
 
@@ -144,10 +174,13 @@ class FlareModel(nn.Module):
                 h = h + x
                 return h + layer.mlp(layer.post_attention_layernorm(h))
 
+            # Through the layer's own __call__ (its forward dispatches to run_layer): module hooks fire, which is
+            # what FSDP's per-layer unshard/reshard relies on.
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(run_layer, hidden, use_reentrant=False)
+                hidden = checkpoint(lambda h, layer=layer, step=run_layer: layer(h, flare_step=step), hidden,
+                                    use_reentrant=False)
             else:
-                hidden = run_layer(hidden)
+                hidden = layer(hidden, flare_step=run_layer)
 
         if cache is not None and commit_all:
             cache.lengths = cache.lengths + layout.is_clean.sum(1)
@@ -156,11 +189,15 @@ class FlareModel(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         layout: StreamLayout | None = None,
         cache: HybridCache | None = None,
         *,
         commit_all: bool = True,
+        loss_fn=None,
     ) -> torch.Tensor:
-        """Logits [B, L, V] (see ``hidden_states``)."""
+        """Logits [B, L, V] (see ``hidden_states``). ``model(loss_fn=f)`` instead returns ``f(model)``: a training
+        loss computed inside this module's ``__call__``, so that a wrapper's hooks (FSDP's root unshard) cover it."""
+        if loss_fn is not None:
+            return loss_fn(self)
         return self.hf.lm_head(self.hidden_states(input_ids, layout, cache, commit_all=commit_all))

@@ -336,12 +336,14 @@ def ensure_mask_token(model: FlareModel, mask_token: str, block_size: int) -> Fl
     return FlareMeta(int(mask_id), int(block_size))
 
 
-def save_checkpoint(model: FlareModel, target: Path, *, recipe=None, extra: dict | None = None) -> Path:
-    """Write an HF-compatible FLARE checkpoint directory atomically (safetensors only, no pickle)."""
+def save_checkpoint(model: FlareModel, target: Path, *, recipe=None, extra: dict | None = None,
+                    state_dict: dict | None = None) -> Path:
+    """Write an HF-compatible FLARE checkpoint directory atomically (safetensors only, no pickle). ``state_dict``:
+    the full weights (keys of ``model.hf``) when the module's own are sharded (FSDP)."""
     from flarectl.config import save_recipe
 
     def write(tmp: Path) -> None:
-        model.hf.save_pretrained(tmp, safe_serialization=True)
+        model.hf.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
         meta = {"flare": getattr(model.config, "flare", None), **(extra or {})}

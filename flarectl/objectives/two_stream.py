@@ -54,6 +54,14 @@ class TwoStreamBatch:
     def num_diffusion_terms(self) -> int:
         return int((self.diffusion_labels != IGNORE).sum())
 
+    def select_rows(self, start: int, stop: int) -> "TwoStreamBatch":
+        """Rows [start, stop) (a data-parallel rank's share of a global micro-batch)."""
+        lay = self.layout
+        layout = StreamLayout(lay.position_ids[start:stop], lay.doc_ids[start:stop], lay.window_ids[start:stop],
+                              lay.window_start[start:stop], None if lay.limit is None else lay.limit[start:stop])
+        return TwoStreamBatch(self.input_ids[start:stop], layout, self.ar_labels[start:stop],
+                              self.diffusion_labels[start:stop])
+
     def to(self, device) -> "TwoStreamBatch":
         return TwoStreamBatch(self.input_ids.to(device), self.layout.to(device), self.ar_labels.to(device),
                               self.diffusion_labels.to(device))

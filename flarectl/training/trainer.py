@@ -115,6 +115,41 @@ def _micro_batch(recipe: Recipe, batch, mask_id: int, step: int, micro: int, pad
                                   pad_token_id=pad_id)
 
 
+def optimizer_step(recipe: Recipe, model, accelerator, optimizer, scheduler, micro: list):
+    """One optimizer step over the micro-batches ``micro`` (already on the device): forward + backward of each,
+    gradient clipping, optimizer and scheduler step. Returns (ar_sum, diff_sum, ar_n, diff_n, tokens, norm,
+    grad_norm), each summed over data-parallel ranks. ``model``: the prepared module (DDP/FSDP wrapper, or the
+    FlareModel itself); the loss runs inside its ``__call__`` so that the wrapper's hooks fire. ``train`` and
+    ``flarectl.training.bench`` both run steps through here."""
+    core = accelerator.unwrap_model(model)
+    t = recipe.train
+    norm = sum(b.num_ar_terms if recipe.objective.kind == "ar" else b.num_diffusion_terms for b in micro)
+    norm_t = accelerator.reduce(torch.tensor(float(norm), device=accelerator.device), reduction="sum")
+    ar_sum = diff_sum = 0.0
+    ar_n = diff_n = tokens = 0
+    for b in micro:
+        with accelerator.autocast():
+            terms = model(loss_fn=lambda m, b=b: two_stream_loss_terms(m, b))
+        o = recipe.objective
+        loss = (o.ar_weight * terms.ar_sum + o.diffusion_weight * terms.diffusion_sum) / norm_t.clamp(min=1)
+        accelerator.backward(loss * accelerator.num_processes)
+        ar_sum += float(terms.ar_sum.detach())
+        diff_sum += float(terms.diffusion_sum.detach())
+        ar_n += terms.ar_count
+        diff_n += terms.diffusion_count
+        tokens += int((b.layout.doc_ids >= 0).sum())
+    grad_norm = accelerator.clip_grad_norm_(core.hf.parameters(), t.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(torch.tensor([ar_sum, diff_sum, ar_n, diff_n, tokens], dtype=torch.float64,
+                                                 device=accelerator.device), reduction="sum").tolist()
+        ar_sum, diff_sum = totals[0], totals[1]
+        ar_n, diff_n, tokens, norm = int(totals[2]), int(totals[3]), int(totals[4]), int(norm_t.item())
+    return ar_sum, diff_sum, ar_n, diff_n, tokens, norm, grad_norm
+
+
 def train(
     recipe: Recipe,
     *,
@@ -139,6 +174,10 @@ def train(
     meta = model.flare_meta
     dataset, report = build_dataset(recipe, model.tokenizer)
     optimizer = torch.optim.AdamW(model.hf.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    sharded = accelerator.distributed_type.name == "FSDP"
+    if sharded and (t.save_every or resume):
+        raise FlareError("periodic checkpoints and --resume are not supported under FSDP yet; set train.save_every=0 "
+                         "(the final checkpoint is saved)")
     model, optimizer = accelerator.prepare(model, optimizer)
     core: FlareModel = accelerator.unwrap_model(model)
 
@@ -164,7 +203,10 @@ def train(
         on_start({"parameters": n_params, "sequences": len(dataset), "data": report.to_dict(), "start_step": step,
                   "device": str(accelerator.device)})
     metrics_file = (out / "metrics.jsonl").open("a")
-    stream = dataset.batches(t.micro_batch_size, start=position)
+    # Data parallel: every rank draws the same global micro-batch of micro_batch_size x world rows (so its masks
+    # equal a one-process run's on that global batch) and keeps its own slice of rows.
+    world, rank = accelerator.num_processes, accelerator.process_index
+    stream = dataset.batches(t.micro_batch_size * world, start=position, drop_last=world > 1)
     history = []
     pad_id = core.tokenizer.pad_token_id or 0
     model.train()
@@ -174,26 +216,12 @@ def train(
         micro = []
         for i in range(t.grad_accum):
             position, batch = next(stream)
-            micro.append(_micro_batch(recipe, batch, meta.mask_token_id, step, i, pad_id).to(accelerator.device))
-        norm = sum(b.num_ar_terms if recipe.objective.kind == "ar" else b.num_diffusion_terms for b in micro)
-        norm_t = accelerator.reduce(torch.tensor(float(norm), device=accelerator.device), reduction="sum")
-        ar_sum = diff_sum = 0.0
-        ar_n = diff_n = tokens = 0
-        for b in micro:
-            with accelerator.autocast():
-                terms = two_stream_loss_terms(core, b)
-            o = recipe.objective
-            loss = (o.ar_weight * terms.ar_sum + o.diffusion_weight * terms.diffusion_sum) / norm_t.clamp(min=1)
-            accelerator.backward(loss * accelerator.num_processes)
-            ar_sum += float(terms.ar_sum.detach())
-            diff_sum += float(terms.diffusion_sum.detach())
-            ar_n += terms.ar_count
-            diff_n += terms.diffusion_count
-            tokens += int((b.layout.doc_ids >= 0).sum())
-        grad_norm = accelerator.clip_grad_norm_(core.hf.parameters(), t.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            b = _micro_batch(recipe, batch, meta.mask_token_id, step, i, pad_id)
+            if world > 1:
+                b = b.select_rows(rank * t.micro_batch_size, (rank + 1) * t.micro_batch_size)
+            micro.append(b.to(accelerator.device))
+        ar_sum, diff_sum, ar_n, diff_n, tokens, norm, grad_norm = optimizer_step(
+            recipe, model, accelerator, optimizer, scheduler, micro)
         step += 1
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize()
@@ -202,7 +230,7 @@ def train(
         m = StepMetrics(step=step, loss=(ar_sum + diff_sum) / max(1, norm), ar_loss=ar_sum / ar_n if ar_n else None,
                         diffusion_loss=diff_sum / diff_n if diff_n else None, lr=scheduler.get_last_lr()[0],
                         grad_norm=float(grad_norm), tokens=tokens, response_tokens=int(norm), seconds=seconds,
-                        tokens_per_second=tps, mfu=(6 * n_params * tps / peak) if peak else None)
+                        tokens_per_second=tps, mfu=(6 * n_params * tps / (peak * world)) if peak else None)
         history.append(m)
         if accelerator.is_main_process:
             metrics_file.write(json.dumps(m.to_dict()) + "\n")
@@ -216,6 +244,11 @@ def train(
     metrics_file.close()
     model.eval()
     final = out / "final"
+    full = None
+    if sharded:  # gather the full weights (a collective: every rank takes part), keys of the HF model
+        full = {k.removeprefix("hf."): v for k, v in accelerator.get_state_dict(model).items()}
     if accelerator.is_main_process:
-        save_checkpoint(core, final, recipe=recipe, extra={"steps": step, "objective": recipe.objective.kind})
+        save_checkpoint(core, final, recipe=recipe, extra={"steps": step, "objective": recipe.objective.kind},
+                        state_dict=full)
+    accelerator.wait_for_everyone()
     return TrainResult(out, final, step, history, report.to_dict())

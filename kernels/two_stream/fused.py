@@ -94,7 +94,10 @@ def hopper_self_check(device=None, verbose=False) -> tuple[bool, dict]:
     Shapes: bf16, T in {256, 320}, H=2, HV=4, K=V in {128, 64}, gates, beta, initial state. fla's thresholds:
     o/final state 0.005, dq/dk/dv/dh0 0.008, dbeta/dg 0.02 (relative RMS error). Returns (ok, errors)."""
     device = torch.device(device or "cuda")
-    with torch.enable_grad(), torch.autocast("cuda", enabled=False):
+    # Isolated from the caller's autograd context: it may run lazily inside a gradient-checkpointed forward, whose
+    # saved-tensor hooks would otherwise record the check's tensors (and then fail the recomputation's count check).
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cuda", enabled=False), \
+            torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
         return _self_check(device, verbose)
 
 

@@ -1,0 +1,45 @@
+"""Data-parallel training (2 CPU processes, gloo) equals one process on the same global batch: same per-step
+losses and gradient norms and the same final weights. FSDP on GPUs shares this data path (scripts/gpu/fsdp_check.sh)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+COMMON = ["train", "debug", "train.grad_accum=1", "train.max_steps=2", "train.save_every=0", "data.max_seq_len=128"]
+
+
+def _run(cmd, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, "-m", "flarectl.cli", *COMMON, "train.micro_batch_size=2", "--output-dir", str(one)], tmp_path)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    res = _run([*torchrun, "-m", "flarectl.cli", *COMMON, "train.micro_batch_size=1", "--output-dir", str(two)],
+               tmp_path)
+    assert res.stdout.count("checkpoint:") == 1  # only rank 0 renders
+    a, b = _metrics(one), _metrics(two)
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert x["tokens"] == y["tokens"] and x["response_tokens"] == y["response_tokens"]
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"])
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-4 * abs(x["grad_norm"])
+    wa, wb = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
