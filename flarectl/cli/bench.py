@@ -1,14 +1,214 @@
 """``flarectl bench``: benchmarks that write JSON (and a PNG): the serving engine and the two-stream kernels.
 
-Subcommands register on ``bench_app`` from their own modules (``bench_kernels.py``, ...).
+``flarectl bench [OPTIONS]`` (the group's callback) is the serving benchmark — engine tokens/s per mode and
+concurrency beside HF ``generate`` — or, with ``--step-cost``, the engine step time against the weight-bandwidth
+roofline. Subcommands register on ``bench_app`` from their own modules (``bench_kernels.py``, ...).
+The numbers come from ``flarectl.engine.bench``; this module only checks options and renders.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-from flarectl.cli import app
+from flarectl.cli import MODEL_HELP, MODES, app, err, out
+from flarectl.errors import FlareError
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Benchmarks: results as a table, JSON and a PNG chart.")
 app.add_typer(bench_app, name="bench")
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise FlareError(f"{what} must be comma-separated integers, e.g. 1,8,32; got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise FlareError(f"{what} must be positive integers; got {text!r}")
+    return values
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if not modes or bad:
+        raise FlareError(f"--mode must be one or more of {', '.join(MODES)} (comma-separated); got {text!r}")
+    return modes
+
+
+def _trust_settings(model, modes: list[str], block_size: Optional[int], mask_token_id: Optional[int],
+                    random_init: bool) -> tuple[Optional[int], Optional[int], str]:
+    """Block size and mask id for trust modes; a note on where they came from."""
+    meta = model.flare_meta
+    if not any(m != "ar" for m in modes):
+        return None, None, ""
+    block = block_size or (meta.block_size if meta else 4)
+    if not 1 <= block <= 64:
+        raise FlareError(f"--block-size must be between 1 and 64, got {block}")
+    vocab = int(model.hf.get_input_embeddings().weight.shape[0])
+    mask = mask_token_id if mask_token_id is not None else (
+        meta.mask_token_id if meta else model.tokenizer.mask_token_id)
+    note = ""
+    if mask is None:
+        if not random_init:
+            raise FlareError("trust modes need a FLARE checkpoint (flarectl convert) or --mask-token-id")
+        mask, note = vocab - 1, f"random weights: mask id {vocab - 1} (last vocabulary id), drafts are noise"
+    if not 0 <= mask < vocab:
+        raise FlareError(f"--mask-token-id must be in [0, {vocab}), got {mask}")
+    return block, mask, note
+
+
+@bench_app.callback(invoke_without_command=True)
+def serve(
+    ctx: typer.Context,
+    model: str = typer.Option("qwen3.5-2b", "--model", "-m", help=MODEL_HELP),
+    mode: str = typer.Option("ar,ar-trust,diffusion-trust", help="Decoding modes, comma-separated."),
+    concurrency: str = typer.Option("1,8", help="Concurrency levels (requests in flight), e.g. 1,2,4,8,16,32."),
+    prompts: str = typer.Option("gsm8k", help="gsm8k (shipped grade-school math prompts) | humaneval | FILE."),
+    num_requests: Optional[int] = typer.Option(None, help="Requests per point (default: 2 x concurrency)."),
+    max_new_tokens: int = typer.Option(128, help="New tokens per request (EOS ignored: fixed-length outputs)."),
+    block_size: Optional[int] = typer.Option(None, help="Trust-mode block size (default: checkpoint's, else 4)."),
+    threshold: float = typer.Option(0.9, help="Diffusion-Trust confidence threshold."),
+    mask_token_id: Optional[int] = typer.Option(None, help="Mask id for trust modes (default: checkpoint's)."),
+    random_init: bool = typer.Option(False, help="Random weights for presets of real shapes (labelled as such)."),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
+    baseline: bool = typer.Option(True, help="Also time HF generate (AR) on the same prompts."),
+    step_cost: bool = typer.Option(False, "--step-cost", help="Time engine steps vs the weight-bandwidth roofline "
+                                                              "instead (C x 1 AR, C x block verify/denoise)."),
+    context: int = typer.Option(512, help="--step-cost: committed tokens per slot."),
+    gdn_kernel: str = typer.Option("auto", help="Engine GDN recurrence: auto (fla on CUDA if installed) | torch | fla "
+                                                "(--step-cost: a comma list, e.g. fla,torch)."),
+    out_dir: Path = typer.Option(Path("bench-out"), "--out", help="Directory for JSON and PNG."),
+) -> None:
+    """Serving benchmark of the engine (default) or, with --step-cost, step time vs roofline."""
+    if ctx.invoked_subcommand is not None:
+        return
+    modes = _modes(mode)
+    levels = _int_list(concurrency, "--concurrency")
+    if max_new_tokens < 1:
+        raise FlareError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if num_requests is not None and num_requests < 1:
+        raise FlareError(f"--num-requests must be >= 1, got {num_requests}")
+    if not 0 < threshold <= 1:
+        raise FlareError(f"--threshold must be in (0, 1], got {threshold}")
+    kernels = [k.strip() for k in gdn_kernel.split(",") if k.strip()]
+    if not kernels or any(k not in ("auto", "torch", "fla") for k in kernels) or (len(kernels) > 1 and not step_cost):
+        raise FlareError(f"--gdn-kernel must be auto, torch or fla (a comma list with --step-cost); got {gdn_kernel!r}")
+    if context < 1:
+        raise FlareError(f"--context must be >= 1, got {context}")
+
+    import torch
+
+    from flarectl.engine import bench
+    from flarectl.models.loading import PRESETS, load_model
+
+    texts = None if step_cost else bench.load_prompt_texts(prompts)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.device(dev):  # random init directly on the device (a 2B model takes minutes on the CPU)
+        m = load_model(model, random_init=random_init, device=dev)
+    random_init = random_init or model in PRESETS  # presets are random models of a real shape
+    weights = "RANDOM weights" if random_init else "trained weights"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if step_cost:
+        _render_step_cost(m, model, weights, levels, block_size or (m.flare_meta.block_size if m.flare_meta else 4),
+                          context, out_dir, kernels)
+        return
+    block, mask, note = _trust_settings(m, modes, block_size, mask_token_id, random_init)
+    ids = bench.encode_prompts(m.tokenizer, texts, max(num_requests or 0, 2 * max(levels)))
+    meta = dict(model=model, device=str(m.device) + (f" ({_gpu_name()})" if m.device.type == "cuda" else ""),
+                dtype=str(m.dtype).replace("torch.", ""), random_init=random_init, prompts=prompts)
+    err.print(f"[dim]{model} ({weights}) on {meta['device']}, {meta['dtype']}; {note}[/]", highlight=False)
+
+    def progress(point) -> None:
+        err.print(f"[dim]  {json.dumps(point.__dict__)}[/]", highlight=False, soft_wrap=True)
+
+    def run():
+        return bench.serving_benchmark(m, ids, modes=modes, concurrency=levels, num_requests=num_requests,
+                                       max_new_tokens=max_new_tokens, block_size=block, threshold=threshold,
+                                       baseline=baseline, meta=meta, on_point=progress, gdn_kernel=gdn_kernel)
+
+    report = _with_mask(m, mask, block, run)
+    data = report.to_json() | {"weights": weights, "note": note}
+    (out_dir / "bench.json").write_text(json.dumps(data, indent=2))
+    _render_serving(report, weights)
+    try:
+        bench.plot_serving(report, out_dir / "bench.png")
+    except ImportError:
+        err.print("[yellow]matplotlib is not installed: no PNG written[/]")
+        out.print(f"wrote {out_dir / 'bench.json'}")
+        return
+    out.print(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.png'}")
+
+
+def _with_mask(model, mask, block, fn):
+    """Run ``fn`` with the model's FLARE metadata set to (mask, block) when it has none (random-init benches)."""
+    if mask is None or model.flare_meta is not None:
+        return fn()
+    config = model.hf.config
+    config.flare = {"mask_token_id": int(mask), "block_size": int(block)}
+    try:
+        return fn()
+    finally:
+        del config.flare
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+def _render_serving(report, weights: str) -> None:
+    from rich.table import Table
+
+    base = {b.concurrency: b.tokens_per_second for b in report.baseline}
+    table = Table(title=f"flarectl bench: {report.model} ({weights}), {report.device}, {report.dtype}, "
+                        f"{report.max_new_tokens} new tokens, prompts {report.prompts}")
+    for col in ("mode", "C", "req", "tok/s", "vs HF", "tok/fwd", "accept", "step ms", "TTFT p50/p99 ms",
+                "TPOT p50/p99 ms"):
+        table.add_column(col, justify="right" if col != "mode" else "left")
+    for p in report.points:
+        vs = f"{p.tokens_per_second / base[p.concurrency]:.1f}x" if p.concurrency in base else "-"
+        table.add_row(p.mode, str(p.concurrency), str(p.requests), f"{p.tokens_per_second:,.0f}", vs,
+                      f"{p.tokens_per_forward:.2f}", "-" if p.acceptance is None else f"{p.acceptance:.2f}",
+                      f"{p.step_ms:.2f}", f"{p.ttft_p50_ms:.0f} / {p.ttft_p99_ms:.0f}",
+                      f"{p.tpot_p50_ms:.2f} / {p.tpot_p99_ms:.2f}")
+    for b in report.baseline:
+        table.add_row("HF generate", str(b.concurrency), str(b.concurrency), f"{b.tokens_per_second:,.0f}", "1.0x",
+                      "1.00", "-", "-", "-", "-")
+    out.print(table)
+    out.print(f"[dim]engine: {json.dumps(report.engine)}[/]", highlight=False)
+
+
+def _render_step_cost(model, name: str, weights: str, levels: list[int], block: int, context: int,
+                      out_dir: Path, kernels: list[str]) -> None:
+    from flarectl.engine import bench
+
+    for kernel in kernels:
+        data = bench.step_cost(model, concurrency=levels, block_size=block, context=context, gdn_kernel=kernel)
+        data |= {"model": name, "weights": weights, "dtype": str(model.dtype).replace("torch.", ""),
+                 "device": str(model.device) + (f" ({_gpu_name()})" if model.device.type == "cuda" else "")}
+        path = out_dir / f"step_cost_{data['gdn_kernel']}.json"
+        path.write_text(json.dumps(data, indent=2))
+        _step_cost_table(data, name, weights, context)
+        out.print(f"wrote {path}")
+
+
+def _step_cost_table(data: dict, name: str, weights: str, context: int) -> None:
+    from rich.table import Table
+
+    bw = data["copy_bandwidth_bytes_per_s"]
+    table = Table(title=f"engine step cost: {name} ({weights}), {data['device']}, {data['dtype']}, "
+                        f"{data['weight_bytes'] / 2**30:.2f} GiB weights, copy {bw / 1e12 if bw else 0:.2f} TB/s, "
+                        f"context {context}, GDN kernel {data['gdn_kernel']}, CUDA graphs {data['cuda_graphs']}")
+    for col in ("step", "C", "tokens (clean+window)", "ms", "roofline ms", "x roofline", "tokens/s at 1 tok/fwd"):
+        table.add_column(col, justify="right" if col != "step" else "left")
+    for s in data["steps"]:
+        table.add_row(s["kind"], str(s["concurrency"]), f"{s['width_clean']}+{s['width_window']}", f"{s['ms']:.3f}",
+                      f"{s['roofline_ms']:.3f}", f"{s['ratio_to_roofline']:.2f}",
+                      f"{1000 * s['concurrency'] / s['ms']:,.0f}")
+    out.print(table)

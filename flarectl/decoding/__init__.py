@@ -1,6 +1,7 @@
 """Decoding from one FLARE checkpoint: AR, AR-Trust (exact self-speculative) and Diffusion-Trust (parallel).
 
-``generate`` is the one decoding path for the CLI, evaluation and the serving engine::
+``generate`` runs a batch of prompts through the serving engine (``flarectl.engine``), the one decoding path of the
+CLI, evaluation and ``flarectl bench``::
 
     results = generate(model, [[...prompt ids...], ...], "ar-trust", max_new_tokens=256, temperature=0.0)
 
@@ -13,13 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
-
-from flarectl.decoding.ar import decode_ar
-from flarectl.decoding.ar_trust import decode_ar_trust
-from flarectl.decoding.diffusion_trust import decode_diffusion_trust
-from flarectl.decoding.rows import GenerationResult, RowTracker
-from flarectl.decoding.runner import CachedRunner, RecomputeRunner
+from flarectl.decoding import ar_trust, diffusion_trust  # noqa: F401  (mode rules the engine calls)
+from flarectl.decoding.rows import GenerationResult
 from flarectl.decoding.sampling import Sampler
 from flarectl.decoding.stopping import StopChecker
 
@@ -90,7 +86,8 @@ def generate(
 
     ``prompts``: token id lists (any lengths). ``stop_ids``: defaults to the tokenizer's EOS id. ``on_token(row,
     new_ids)`` is called as tokens become final. ``block_size`` / ``mask_token_id`` default to the checkpoint's
-    FLARE metadata (trust modes). ``use_cache=False`` recomputes every forward from scratch (the reference twin).
+    FLARE metadata (trust modes). All prompts share one seeded sampler. ``use_cache=False`` recomputes every forward
+    from scratch (the reference twin of the engine's slot cache).
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     _validate(prompts, mode, max_new_tokens, temperature, top_p, block_size, threshold, stop_strings, tokenizer)
@@ -98,23 +95,22 @@ def generate(
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         stop_ids = [] if eos is None else [eos]
     prompts = [list(map(int, p)) for p in prompts]
-    device = model.device
-    sampler = Sampler.create(temperature, top_p, seed, device)
+    sampler = Sampler.create(temperature, top_p, seed, model.device)
     mask_id = None
     if mode != "ar":
         block_size, mask_id = _resolve_trust_settings(model, block_size, mask_token_id)
         _validate(prompts, mode, max_new_tokens, temperature, top_p, block_size, threshold, (), None)
-    hist = 0 if mode == "ar" else block_size + 1
-    tracker = RowTracker(len(prompts), max_new_tokens=max_new_tokens, stop_ids=stop_ids, stop_strings=stop_strings,
-                         tokenizer=tokenizer, on_token=on_token, hist_size=hist)
+    from flarectl.engine import Engine, Request  # the engine imports this package's mode rules
+
     capacity = max(map(len, prompts)) + max_new_tokens + 2 * (block_size or 1) + 2
-    runner = (CachedRunner if use_cache else RecomputeRunner)(model, len(prompts), capacity)
-    with torch.no_grad():
-        if mode == "ar":
-            decode_ar(runner, prompts, sampler, tracker, device)
-        elif mode == "ar-trust":
-            decode_ar_trust(runner, prompts, sampler, tracker, device, block_size=block_size, mask_id=mask_id)
-        else:
-            decode_diffusion_trust(runner, prompts, sampler, tracker, device, block_size=block_size,
-                                   mask_id=mask_id, threshold=threshold)
-    return tracker.results()
+    engine = Engine(model, concurrency=len(prompts), capacity=capacity, backend="auto" if use_cache else "recompute",
+                    block_size=block_size, mask_token_id=mask_id, tokenizer=tokenizer)
+    for p in prompts:
+        engine.submit(Request(p, mode, max_new_tokens, temperature, top_p, seed, block_size, threshold, stop_ids,
+                              stop_strings, on_token, sampler=sampler))
+    results = engine.run()
+    for r in results:
+        if r.error is not None:
+            raise ValueError(r.error)
+    return [GenerationResult(r.token_ids, r.text, r.forwards, r.tokens_per_forward, r.seconds,
+                             r.acceptance_histogram, r.finish_reason) for r in results]

@@ -9,18 +9,18 @@ One step for a row whose committed cache ends before the pending token x[s-1]:
    bonus); sampling — accept d_j with probability min(1, p(d_j)/q(d_j)), at the first rejection resample from
    normalize(max(p - q, 0)), after a full accept sample the bonus from p_B (Leviathan et al.). Either way the output
    is distributed exactly as AR decoding with the same temperature/top-p;
-4. commit 1 + accepted tokens per row (pending + accepted drafts); the correction/bonus token is the new pending.
+4. the verify forward commits nothing; the next draft forward feeds the pending token and the accepted drafts as
+   clean tokens (committed) before its window, and the correction/bonus token is the new pending one — so no
+   recurrent state ever has to be rolled back.
 
-Rows of a batch accept different lengths. The draft for the next step is not fused into the verify forward (it
-would have to guess the accepted length).
+Rows of a batch accept different lengths. The loop lives in the serving engine (``flarectl.engine.modes``); this
+module holds the rules it calls (``propose`` and the acceptance tests are hooks the tests replace).
 """
 
 from __future__ import annotations
 
 import torch
 
-from flarectl.decoding.rows import RowTracker
-from flarectl.decoding.runner import pad_rows
 from flarectl.decoding.sampling import Sampler, sample_from
 
 
@@ -61,36 +61,3 @@ def accept_speculative(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     mass = resid.sum(-1, keepdim=True)
     resid = torch.where(mass > 0, resid / mass.clamp(min=torch.finfo(mass.dtype).tiny), p_n)
     return n, sample_from(resid, sampler.generator)
-
-
-def decode_ar_trust(runner, prompts: list[list[int]], sampler: Sampler, tracker: RowTracker, device, *,
-                    block_size: int, mask_id: int) -> None:
-    """Decode every row until it stops; results land in ``tracker``."""
-    pending = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)
-    ctx, counts = pad_rows([p[:-1] for p in prompts], device)
-    _, window_logits = runner.forward(ctx, counts, draft_window(pending, block_size, mask_id), commit=True)
-    tracker.count_forward()
-    while True:
-        q = sampler.probs(window_logits)  # [R, B, V]
-        drafts = propose(q, sampler, list(tracker.active), [len(tracker.tokens[r]) for r in tracker.active])
-        verify = torch.cat([pending[:, None], drafts], 1)  # [R, B+1]
-        clean_logits, _ = runner.forward(verify, torch.full_like(pending, block_size + 1), None, commit=False)
-        tracker.count_forward()
-        p = sampler.probs(clean_logits)  # [R, B+1, V]
-        n, nxt = accept_greedy(p, drafts) if sampler.greedy else accept_speculative(p, q, drafts, sampler)
-        runner.commit(1 + n)
-        for b, (k, d, t) in enumerate(zip(n.tolist(), drafts.tolist(), nxt.tolist())):
-            tracker.record(b, k)
-            tracker.emit(b, d[:k] + [t])
-        pending = nxt
-        keep = tracker.compact()
-        if keep is not None:
-            if not tracker.active:
-                return
-            keep = keep.to(device)
-            runner.keep(keep)
-            pending = pending[keep]
-        empty = torch.zeros(len(pending), 0, dtype=torch.long, device=device)
-        _, window_logits = runner.forward(empty, torch.zeros_like(pending), draft_window(pending, block_size, mask_id),
-                                          commit=False)
-        tracker.count_forward()

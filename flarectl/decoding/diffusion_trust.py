@@ -10,15 +10,14 @@ every position before them is decided; a stop id / stop string / max_new_tokens 
 A finished block is committed by the clean forward [x[s-1], x[s..s+B-2]] (x[s+B-1] becomes the pending token);
 that forward also carries the next block's first window, which starts after those clean tokens (one forward
 saved per block). Rows of a batch progress independently: in one forward some rows commit a block while others
-are still denoising (their clean section is empty).
+are still denoising (their clean section is empty). The loop lives in the serving engine
+(``flarectl.engine.modes``); this module holds its rules.
 """
 
 from __future__ import annotations
 
 import torch
 
-from flarectl.decoding.rows import RowTracker
-from flarectl.decoding.runner import pad_rows
 from flarectl.decoding.sampling import Sampler
 
 
@@ -44,44 +43,3 @@ def window_inputs(pending: torch.Tensor, x: torch.Tensor, decided: torch.Tensor,
     """pending [R], block tokens x [R, B], decided [R, B] -> window [R, B] = [pending, x[:B-1] or mask]."""
     body = torch.where(decided[:, :-1], x[:, :-1], torch.full_like(x[:, :-1], mask_id))
     return torch.cat([pending[:, None], body], 1)
-
-
-def decode_diffusion_trust(runner, prompts: list[list[int]], sampler: Sampler, tracker: RowTracker, device, *,
-                           block_size: int, mask_id: int, threshold: float) -> None:
-    """Decode every row until it stops; results land in ``tracker``."""
-    rows = len(prompts)
-    pending = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)
-    x = torch.full((rows, block_size), mask_id, dtype=torch.long, device=device)
-    decided = torch.zeros(rows, block_size, dtype=torch.bool, device=device)
-    emitted = [0] * rows
-    clean, counts = pad_rows([p[:-1] for p in prompts], device)
-    _, logits = runner.forward(clean, counts, window_inputs(pending, x, decided, mask_id), commit=True)
-    tracker.count_forward()
-    while True:
-        tok, conf = propose(logits, sampler)
-        newly = select_confident(conf, ~decided, threshold)
-        x, decided = torch.where(newly, tok, x), decided | newly
-        prefix = decided.long().cumprod(1).sum(1).tolist()
-        for b, (k, end) in enumerate(zip(newly.sum(1).tolist(), prefix)):
-            tracker.record(b, k)
-            if end > emitted[b]:
-                tracker.emit(b, x[b, emitted[b]:end].tolist())
-                emitted[b] = end
-        keep = tracker.compact()
-        if keep is not None:
-            if not tracker.active:
-                return
-            emitted = [emitted[b] for b in keep.tolist()]
-            keep = keep.to(device)
-            runner.keep(keep)
-            pending, x, decided = pending[keep], x[keep], decided[keep]
-        done = decided.all(1)  # [R]: these rows commit their block and open the next one in this forward
-        clean = torch.cat([pending[:, None], x[:, :-1]], 1)
-        clean = clean if bool(done.any()) else clean[:, :0]
-        counts = torch.where(done, block_size, 0)
-        pending = torch.where(done, x[:, -1], pending)
-        x = torch.where(done[:, None], torch.full_like(x, mask_id), x)
-        decided = decided & ~done[:, None]
-        emitted = [0 if d else e for d, e in zip(done.tolist(), emitted)]
-        _, logits = runner.forward(clean, counts, window_inputs(pending, x, decided, mask_id), commit=True)
-        tracker.count_forward()

@@ -1,14 +1,10 @@
 """Model forwards for decoding: a clean section and at most one noisy window per row.
 
 Every decoding step is one forward of, per row, ``counts[row]`` clean tokens (a right-padded section of width C)
-followed by an optional noisy window of W tokens that starts right after that row's clean tokens. Two runners give
-the same logits:
-
-* ``CachedRunner`` — extends a ``HybridCache``; ``commit=False`` leaves the clean tokens pending so that the caller
-  commits any per-row prefix with ``commit(n)`` (speculative rollback).
-* ``RecomputeRunner`` — no cache: re-forwards every row's whole committed sequence plus the step's tokens through
-  the same layout rules (the reference twin used by the tests). A window needs at least one clean token before it
-  in this runner (flarectl's packed GDN path refuses a window whose document has no clean token in the forward).
+followed by an optional noisy window of W tokens that starts right after that row's clean tokens.
+``CachedRunner`` extends a ``HybridCache`` (the engine prefills slots with it); ``commit=False`` leaves the clean
+tokens pending so that the caller commits any per-row prefix with ``commit(n)``. The engine's backends
+(``flarectl.engine.backends``) give the same logits from a static slot cache, or with no cache at all.
 """
 
 from __future__ import annotations
@@ -84,41 +80,3 @@ class CachedRunner:
     def keep(self, rows: torch.Tensor) -> None:
         """Drop every row not in ``rows`` (batch positions, in order)."""
         self.cache = self.cache.select_rows(rows)
-
-
-class RecomputeRunner:
-    """The no-cache twin of ``CachedRunner``: every forward recomputes each row's whole sequence."""
-
-    def __init__(self, model, batch: int, capacity: int | None = None):
-        self.model = model
-        self.committed: list[list[int]] = [[] for _ in range(batch)]
-        self.pending: list[list[int]] = [[] for _ in range(batch)]
-
-    @torch.no_grad()
-    def forward(self, clean: torch.Tensor, counts: torch.Tensor, window: torch.Tensor | None, commit: bool):
-        """Same contract as ``CachedRunner.forward``."""
-        step = [clean[r, :int(counts[r])].tolist() for r in range(clean.shape[0])]
-        full = [c + s for c, s in zip(self.committed, step)]
-        ids, lengths = pad_rows(full, clean.device)
-        zeros = torch.zeros_like(lengths)
-        wlen = 0 if window is None else window.shape[1]
-        if wlen and bool((lengths == 0).any()):
-            raise ValueError("RecomputeRunner needs a clean token before every window")
-        layout = step_layout(zeros, lengths, ids.shape[1], wlen)
-        logits = self.model(ids if window is None else torch.cat([ids, window], 1), layout)
-        base = torch.tensor([len(c) for c in self.committed], device=clean.device)
-        cols = (base[:, None] + torch.arange(clean.shape[1], device=clean.device)).clamp(max=max(ids.shape[1] - 1, 0))
-        clean_logits = logits.gather(1, cols[:, :, None].expand(-1, -1, logits.shape[-1]))
-        if commit:
-            self.committed = full
-        else:
-            self.pending = step
-        return clean_logits, (logits[:, ids.shape[1]:] if wlen else None)
-
-    def commit(self, n: torch.Tensor) -> None:
-        self.committed = [c + p[:int(k)] for c, p, k in zip(self.committed, self.pending, n.tolist())]
-        self.pending = [[] for _ in self.committed]
-
-    def keep(self, rows: torch.Tensor) -> None:
-        self.committed = [self.committed[i] for i in rows.tolist()]
-        self.pending = [self.pending[i] for i in rows.tolist()]

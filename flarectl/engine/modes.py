@@ -1,0 +1,106 @@
+"""The three decoding modes as per-row step plans and per-group updates (one forward per engine step).
+
+Every row keeps its committed tokens in the slot cache except ``pending`` (the last final token). A plan is
+``(clean, window, commit)``: the clean tokens to feed (committed this step iff ``commit``) and the noisy window.
+
+* ``ar``: clean [pending], committed; the logits at clean position 0 give the next token.
+* ``ar-trust`` (draft -> verify, two forwards per block): the draft step feeds the tokens accepted by the last
+  verify as clean (committed) and the window [pending, mask x (B-1)]; the verify step feeds [pending, d_1..d_B]
+  as clean tokens *not* committed (the next draft re-feeds the accepted prefix, so no GDN rollback is needed).
+  Acceptance is ``flarectl.decoding.ar_trust``'s (greedy, or exact speculative sampling): lossless.
+* ``diffusion-trust``: the window [pending, decided tokens or mask]; a finished block's clean tokens
+  [pending, x_1..x_{B-1}] are committed by the next step, which also carries the next block's window
+  (``flarectl.decoding.diffusion_trust``).
+
+The update functions work on a group of rows sharing mode, sampler, block size and threshold, vectorised.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flarectl.decoding import ar_trust, diffusion_trust
+from flarectl.decoding.sampling import Sampler
+from flarectl.engine.requests import Row
+
+
+def plan(row: Row) -> tuple[list[int], list[int], bool]:
+    """The row's next step: (clean tokens, window tokens, commit the clean tokens now)."""
+    if row.mode == "ar":
+        return [row.pending], [], True
+    if row.mode == "ar-trust" and row.phase == "verify":
+        return [row.pending, *row.drafts], [], False
+    clean, row.commit_tokens = row.commit_tokens, []
+    if row.mode == "ar-trust":
+        return clean, [row.pending] + [row.mask_id] * (row.block - 1), True
+    body = [x if d else row.mask_id for x, d in zip(row.x[:-1], row.decided[:-1])]
+    return clean, [row.pending, *body], True
+
+
+def group_key(row: Row) -> tuple:
+    s = row.sampler
+    return (row.mode, row.phase if row.mode == "ar-trust" else "", "greedy" if s.greedy else id(s), row.block,
+            row.req.threshold if row.mode == "diffusion-trust" else 0.0)
+
+
+def update(rows: list[Row], logits: torch.Tensor, width_clean: int, sampler: Sampler) -> None:
+    """Apply one step's logits [C, W, V] (all slots) to this group's rows: sample/accept/denoise and emit.
+    Only the group's rows and positions are read (gathered once)."""
+    mode, block = rows[0].mode, rows[0].block
+    idx = torch.tensor([r.slot for r in rows], device=logits.device)
+    if mode == "ar":
+        _update_ar(rows, logits[idx, 0], sampler)
+    elif mode == "ar-trust" and rows[0].phase == "verify":
+        _update_verify(rows, logits[idx, :block + 1], sampler)
+    else:
+        window = logits[idx, width_clean:width_clean + block]
+        (_update_draft if mode == "ar-trust" else _update_denoise)(rows, window, sampler)
+
+
+def _update_ar(rows, logits, sampler):
+    tokens = sampler.sample(sampler.probs(logits)).tolist()
+    for row, t in zip(rows, tokens):
+        row.pending = t
+        row.emit([t])
+
+
+def _update_draft(rows, window_logits, sampler):
+    q = sampler.probs(window_logits)  # [G, B, V]
+    drafts = ar_trust.propose(q, sampler, [r.index for r in rows], [len(r.tokens) for r in rows])
+    for i, (row, d) in enumerate(zip(rows, drafts.tolist())):
+        row.drafts, row.q, row.phase = d, (None if sampler.greedy else q[i]), "verify"
+
+
+def _update_verify(rows, clean_logits, sampler):
+    p = sampler.probs(clean_logits)  # [G, B+1, V]
+    drafts = torch.tensor([r.drafts for r in rows], dtype=torch.long, device=p.device)
+    if sampler.greedy:
+        n, nxt = ar_trust.accept_greedy(p, drafts)
+    else:
+        n, nxt = ar_trust.accept_speculative(p, torch.stack([r.q for r in rows]), drafts, sampler)
+    for row, k, t in zip(rows, n.tolist(), nxt.tolist()):
+        row.hist[k] += 1
+        row.commit_tokens = [row.pending, *row.drafts[:k]]
+        row.pending, row.phase, row.q = t, "draft", None
+        row.emit(row.drafts[:k] + [t])
+
+
+def _update_denoise(rows, window_logits, sampler):
+    tok, conf = diffusion_trust.propose(window_logits, sampler)
+    undecided = torch.tensor([[not d for d in r.decided] for r in rows], device=conf.device)
+    newly = diffusion_trust.select_confident(conf, undecided, rows[0].req.threshold)
+    for row, toks, new in zip(rows, tok.tolist(), newly.tolist()):
+        for j, chosen in enumerate(new):
+            if chosen:
+                row.x[j], row.decided[j] = toks[j], True
+        row.hist[sum(new)] += 1
+        end = next((j for j, d in enumerate(row.decided) if not d), row.block)
+        if end > row.emitted:
+            done = row.emit(row.x[row.emitted:end])
+            row.emitted = end
+            if done:
+                continue
+        if end == row.block:  # block finished: the next step commits it and opens the next block
+            row.commit_tokens = [row.pending, *row.x[:-1]]
+            row.pending = row.x[-1]
+            row.x, row.decided, row.emitted = [row.mask_id] * row.block, [False] * row.block, 0

@@ -1,0 +1,80 @@
+"""``flarectl bench``: the serving benchmark and step-cost mode on a tiny model, and their one-line errors."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flarectl.cli import app
+from flarectl.engine import bench
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_serving_benchmark_cli_writes_table_json_png(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "--model", "debug-hybrid", "--mode", "ar,ar-trust", "--concurrency",
+                                   "1,2", "--num-requests", "3", "--max-new-tokens", "3", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert [(p["mode"], p["concurrency"]) for p in data["points"]] == [
+        ("ar", 1), ("ar-trust", 1), ("ar", 2), ("ar-trust", 2)]
+    for p in data["points"]:
+        assert p["tokens"] == 9 and p["failed"] == 0 and p["tokens_per_second"] > 0
+        assert p["ttft_p99_ms"] >= p["ttft_p50_ms"] > 0
+    assert [b["concurrency"] for b in data["baseline"]] == [1, 2] and data["baseline"][0]["tokens"] == 3
+    assert data["points"][1]["acceptance"] is not None and data["weights"] == "RANDOM weights"
+
+
+def test_step_cost_cli(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "--model", "debug-llama", "--step-cost", "--concurrency", "2",
+                                   "--context", "8", "--block-size", "2", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "step_cost_torch.json").read_text())
+    assert [(s["kind"], s["width_clean"], s["width_window"]) for s in data["steps"]] == [
+        ("ar", 1, 0), ("verify", 3, 0), ("draft", 3, 2)]
+    assert data["weight_bytes"] > 0 and all(s["ms"] > 0 for s in data["steps"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mode", "fast"], "--mode must be"),
+    (["--concurrency", "0,8"], "--concurrency must be positive"),
+    (["--concurrency", "a"], "comma-separated integers"),
+    (["--prompts", "/nonexistent.txt"], "--prompts must be"),
+    (["--threshold", "2"], "--threshold"),
+])
+def test_bad_options_are_one_line_errors(args, message):
+    from flarectl.cli import main
+
+    import sys
+    argv = sys.argv
+    sys.argv = ["flarectl", "bench", "--model", "debug-llama", *args]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main()
+    finally:
+        sys.argv = argv
+    assert exc.value.code == 2
+
+
+def test_prompt_sets_and_file(tmp_path):
+    assert len(bench.load_prompt_texts("gsm8k")) == 40
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a b"}\n\nplain line\n')
+    assert bench.load_prompt_texts(str(path)) == ["a b", "plain line"]
+    path.write_text('{"text": 1}\n')
+    with pytest.raises(Exception, match="'prompt' field"):
+        bench.load_prompt_texts(str(path))
+
+
+def test_percentile_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert bench.percentile(values, 50) == 50 and bench.percentile(values, 99) == 99
+    assert bench.percentile([3.0], 99) == 3.0 and bench.percentile([], 50) == 0.0

@@ -1,0 +1,222 @@
+"""Serving engine: the static slot step against the adapter path (its reference twin), continuous batching that
+equals single-request decoding token for token, no lost/duplicated requests, and failures that stay alone."""
+
+import pytest
+import torch
+
+from flarectl.decoding import generate
+from flarectl.engine import Engine, Request
+from flarectl.engine.backends import AdapterBackend, RecomputeBackend, SlotBackend
+from flarectl.models.loading import load_model
+
+MASK = 258
+
+
+@pytest.fixture(scope="module")
+def sharp():
+    """fp64 debug models with a sharpened LM head (drafts get accepted, thresholds pass: every branch runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    for name in ("debug-hybrid", "debug-llama"):
+        m = load_model(name, dtype="float32", device="cpu", seed=1)
+        m.hf.double()
+        with torch.no_grad():
+            m.hf.lm_head.weight.mul_(30)
+        out[name] = m
+    yield out
+    torch.set_num_threads(threads)
+
+
+def _random_steps(backends, steps, slots, seed=0):
+    """Drive backends with the same random steps (every clean/window width mix, commit or not); compare the
+    logits of real positions."""
+    g = torch.Generator().manual_seed(seed)
+    for wc, ww in steps:
+        ids = torch.randint(0, 250, (slots, wc + ww), generator=g)
+        counts = torch.randint(0 if ww else 1, wc + 1, (slots,), generator=g) if wc else torch.zeros(slots).long()
+        wlen = torch.full((slots,), ww)
+        commit = torch.rand(slots, generator=g) < 0.6
+        outs = [b.step(ids, counts, wlen, commit, wc) for b in backends]
+        for o in outs[1:]:
+            for r in range(slots):
+                c = int(counts[r])
+                torch.testing.assert_close(o[r, :c], outs[0][r, :c], rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(o[r, wc:], outs[0][r, wc:], rtol=1e-9, atol=1e-9)
+
+
+STEPS = [(1, 0), (5, 0), (0, 4), (3, 4), (2, 4), (4, 0), (1, 0)]
+
+
+@pytest.mark.parametrize("name", ["debug-hybrid", "debug-llama"])
+def test_static_step_equals_adapter_path(debug_models, name):
+    """StaticStep (fixed slots, length masks, identity-padded recurrence) == FlareModel.forward + HybridCache."""
+    m = debug_models[name]
+    backends = [SlotBackend(m, 4, 64), AdapterBackend(m, 4, 64)]
+    for b in backends:
+        b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])  # empty, short, packed-path prefill
+    _random_steps(backends, STEPS, 4)
+    for b in backends[1:]:
+        assert torch.equal(b.cache.lengths, backends[0].cache.lengths)
+
+
+def test_static_step_equals_recompute(debug_models):
+    m = debug_models["debug-hybrid"]
+    backends = [SlotBackend(m, 3, 64), RecomputeBackend(m, 3, 64)]
+    for b in backends:
+        b.prefill([0, 1, 2], [[5, 6, 7], [4], list(range(10, 30))])
+    _random_steps(backends, STEPS, 3, seed=1)
+
+
+def test_static_step_masks_short_windows(debug_models):
+    """A slot whose window is shorter than the step's window width gets the logits of its own width."""
+    m = debug_models["debug-hybrid"]
+    wide, alone = SlotBackend(m, 2, 32), SlotBackend(m, 1, 32)
+    wide.prefill([0, 1], [[3, 4, 5], [7, 8]])
+    alone.prefill([0], [[3, 4, 5]])
+    ids = torch.tensor([[11, 12, 13, 99, 99], [21, 22, 23, 24, 25]])
+    out = wide.step(ids, torch.tensor([1, 1]), torch.tensor([3, 4]), torch.tensor([True, True]), 1)
+    ref = alone.step(ids[:1, :4], torch.tensor([1]), torch.tensor([3]), torch.tensor([True]), 1)
+    torch.testing.assert_close(out[0, :4], ref[0], rtol=1e-9, atol=1e-9)
+
+
+MIX = [  # (prompt, mode, block, max_new, threshold)
+    ([60, 61, 62, 63, 64], "ar", None, 9, 0.9),
+    ([70, 71], "ar-trust", 4, 13, 0.9),
+    (list(range(80, 100)), "diffusion-trust", 4, 11, 0.6),
+    ([33, 34, 35], "ar-trust", 2, 7, 0.9),
+    ([7], "diffusion-trust", 1, 6, 0.9),
+    ([40, 41, 42, 43], "ar", None, 3, 0.9),
+    ([7], "ar-trust", 3, 10, 0.9),
+    ([90, 91, 92], "diffusion-trust", 2, 12, 0.5),
+]
+
+
+def _alone(m, prompt, mode, block, max_new, thr):
+    return generate(m, [prompt], mode, max_new_tokens=max_new, stop_ids=[], block_size=block, mask_token_id=MASK,
+                    threshold=thr)[0]
+
+
+@pytest.mark.parametrize("name", ["debug-hybrid", "debug-llama"])
+def test_engine_greedy_equals_single_request_under_joins_and_leaves(sharp, name):
+    m = sharp[name]
+    engine = Engine(m, concurrency=3, capacity=64, mask_token_id=MASK)
+    streamed = {}
+    for prompt, mode, block, max_new, thr in MIX:
+        engine.submit(Request(prompt, mode, max_new_tokens=max_new, block_size=block, threshold=thr, stop_ids=[],
+                              on_token=lambda i, new: streamed.setdefault(i, []).extend(new)))
+    results = engine.run()
+    accepted = 0
+    for (prompt, mode, block, max_new, thr), r in zip(MIX, results):
+        ref = _alone(m, prompt, mode, block, max_new, thr)
+        assert r.token_ids == ref.token_ids and r.forwards == ref.forwards
+        assert r.acceptance_histogram == ref.acceptance_histogram
+        assert len(r.token_ids) == max_new and streamed[r.index] == r.token_ids
+        if mode == "ar-trust":  # exactness: AR-Trust greedy == AR greedy
+            assert r.token_ids == _alone(m, prompt, "ar", None, max_new, thr).token_ids
+            accepted += sum(k * c for k, c in enumerate(r.acceptance_histogram))
+    assert accepted > 0  # some drafts were accepted: the verify path was exercised beyond rejections
+
+
+def test_sampled_request_is_batch_invariant(sharp):
+    """Each request samples from its own seeded generator: the same tokens alone or among others."""
+    m = sharp["debug-hybrid"]
+    req = dict(mode="ar-trust", max_new_tokens=8, temperature=0.8, top_p=0.9, seed=11, block_size=3, stop_ids=[])
+    alone = Engine(m, concurrency=1, capacity=64, mask_token_id=MASK)
+    alone.submit(Request([5, 6, 7], **req))
+    crowd = Engine(m, concurrency=2, capacity=64, mask_token_id=MASK)
+    crowd.submit(Request([9, 9], "diffusion-trust", max_new_tokens=5, temperature=0.8, seed=3, block_size=2))
+    crowd.submit(Request([5, 6, 7], **req))
+    assert crowd.run()[1].token_ids == alone.run()[0].token_ids
+
+
+def test_64_concurrent_requests_complete_once(debug_models):
+    m = debug_models["debug-llama"]
+    engine = Engine(m, concurrency=8, capacity=48, mask_token_id=MASK)
+    modes = ["ar", "ar-trust", "diffusion-trust"]
+    streamed: dict[int, list[int]] = {}
+    finished_in_steps = []
+    wanted = {}
+    for i in range(64):
+        prompt = [(7 * i + j) % 250 for j in range(1 + i % 13)]
+        wanted[engine.submit(Request(prompt, modes[i % 3], max_new_tokens=1 + i % 7, block_size=1 + i % 4,
+                                     threshold=0.7, stop_ids=[],
+                                     on_token=lambda k, new: streamed.setdefault(k, []).extend(new)))] = 1 + i % 7
+    while engine.busy:
+        finished_in_steps += [r.index for r in engine.step()]
+        assert len(engine.rows) <= 8
+    results = engine.run()
+    assert sorted(finished_in_steps) == list(range(64))  # each finished exactly once
+    assert [r.index for r in results] == list(range(64))
+    for r in results:
+        assert r.error is None and len(r.token_ids) == wanted[r.index] and streamed[r.index] == r.token_ids
+
+
+def test_bad_request_fails_alone(sharp):
+    m = sharp["debug-hybrid"]
+    engine = Engine(m, concurrency=2, capacity=40, mask_token_id=MASK)
+    good = dict(max_new_tokens=5, stop_ids=[])
+    bad = [Request([1, 2], "ar", max_new_tokens=5, temperature=-1.0), Request([], "ar", max_new_tokens=5),
+           Request([1, 999], "ar", max_new_tokens=5), Request([1, 2], "ar-trust", max_new_tokens=5, block_size=0),
+           Request([1, 2], "ar", max_new_tokens=100), Request([1, 2], "fast", max_new_tokens=5),
+           Request([1, 2], "diffusion-trust", max_new_tokens=5, block_size=2, threshold=0.0)]
+    reqs = [Request([5, 6, 7], "ar", **good), *bad[:4], Request([8, 9], "ar-trust", block_size=2, **good), *bad[4:]]
+    for r in reqs:
+        engine.submit(r)
+    results = engine.run()
+    messages = ["temperature", "prompt is empty", "token ids", "block size", "slot capacity", "mode must be",
+                "threshold"]
+    failed = [r for r in results if r.finish_reason == "error"]
+    assert [r.index for r in failed] == [1, 2, 3, 4, 6, 7, 8]
+    for r, msg in zip(failed, messages):
+        assert msg in r.error and r.token_ids == []
+    assert results[0].token_ids == _alone(m, [5, 6, 7], "ar", None, 5, 0.9).token_ids
+    assert results[5].token_ids == _alone(m, [8, 9], "ar-trust", 2, 5, 0.9).token_ids
+
+
+def test_engine_rejects_bad_settings(debug_models):
+    with pytest.raises(ValueError, match="concurrency"):
+        Engine(debug_models["debug-llama"], concurrency=0)
+    with pytest.raises(ValueError, match="backend"):
+        Engine(debug_models["debug-llama"], backend="fast")
+
+
+# -- GPU: CUDA graphs and fla's fused recurrent kernel against the eager torch step ---------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["torch", "fla"])
+def test_graphed_step_equals_eager_on_cuda(kernel):
+    pytest.importorskip("fla") if kernel == "fla" else None
+    m = load_model("debug-hybrid", dtype="float32", device="cuda", seed=1)
+    graphed = SlotBackend(m, 4, 64, cuda_graphs=True, gdn_kernel=kernel)
+    eager = AdapterBackend(m, 4, 64)
+    for b in (graphed, eager):
+        b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
+    g = torch.Generator().manual_seed(0)
+    for wc, ww in STEPS * 2:
+        ids = torch.randint(0, 250, (4, wc + ww), generator=g).cuda()
+        counts = (torch.randint(0 if ww else 1, wc + 1, (4,), generator=g) if wc else torch.zeros(4).long()).cuda()
+        wlen = torch.full((4,), ww).cuda()
+        commit = (torch.rand(4, generator=g) < 0.6).cuda()
+        a = graphed.step(ids, counts, wlen, commit, wc).clone()
+        b = eager.step(ids, counts, wlen, commit, wc)
+        for r in range(4):
+            c = int(counts[r])
+            torch.testing.assert_close(a[r, :c], b[r, :c], rtol=2e-3, atol=2e-3)
+            torch.testing.assert_close(a[r, wc:], b[r, wc:], rtol=2e-3, atol=2e-3)
+    assert graphed.cuda_graphs and graphed.gdn_kernel == kernel
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_equals_reference_backend():
+    m = load_model("debug-hybrid", dtype="float32", device="cuda", seed=1)
+    with torch.no_grad():
+        m.hf.lm_head.weight.mul_(30)
+    outs = []
+    for backend in ("static", "adapter"):  # the adapter backend needs one block size per step: B = 4 for all
+        engine = Engine(m, concurrency=3, capacity=64, backend=backend, mask_token_id=MASK, block_size=4)
+        for prompt, mode, _, max_new, thr in MIX:
+            engine.submit(Request(prompt, mode, max_new_tokens=max_new, threshold=thr, stop_ids=[]))
+        outs.append([r.token_ids for r in engine.run()])
+    assert outs[0] == outs[1]
+    assert engine.backend.name == "adapter"
