@@ -62,6 +62,7 @@ def test_every_shipped_recipe_loads():
 
 def test_override_types_are_checked():
     assert load_recipe("debug", ["train.lr=0.5", "flare.block_size=2"]).train.lr == 0.5
+    assert load_recipe("debug", ["train.lr=1e-4"]).train.lr == 1e-4  # YAML 1.1 would read "1e-4" as a string
     with pytest.raises(ConfigError, match="flare.block_size"):
         load_recipe("debug", ["flare.block_size=true"])
 

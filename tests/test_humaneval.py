@@ -272,3 +272,15 @@ def test_lm_eval_metric_matches_code_eval_contract(problems) -> None:
     ]
     scores = humaneval.lm_eval_pass_at_k(references, predictions, k=[1, 2, 3], workers=WORKERS)
     assert scores == {"pass@1": pytest.approx(0.25), "pass@2": pytest.approx(0.5)}
+
+
+def test_lm_eval_metric_records_every_execution_outcome(problems) -> None:
+    humaneval.take_executions()
+    problem = problems[0]
+    candidates = [problem.prompt + problem.canonical_solution, problem.prompt + "    while True:\n        pass\n",
+                  problem.prompt + "    import os\n    os.abort()\n"]
+    humaneval.lm_eval_pass_at_k([humaneval.build_test(problem)], [candidates], k=[1], timeout_s=1.0, workers=3)
+    log = humaneval.take_executions()
+    assert [e["status"] for e in log] == ["passed", "timeout", "crashed"]
+    assert {e["entry_point"] for e in log} == {problem.entry_point} and log[2]["returncode"] < 0
+    assert humaneval.take_executions() == []

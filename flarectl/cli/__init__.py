@@ -236,12 +236,30 @@ def convert(
 
 # Commands that live in their own modules register themselves on ``app`` when imported (one line each).
 from flarectl.cli import bench as _bench  # noqa: E402,F401  (flarectl bench ...)
+from flarectl.cli import evaluate as _evaluate  # noqa: E402,F401  (flarectl eval)
 from flarectl.cli import bench_kernels as _bench_kernels  # noqa: E402,F401  (flarectl bench kernels)
 from flarectl.cli import bench_train as _bench_train  # noqa: E402,F401  (flarectl bench train)
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for flarectl's own output: no per-shard loading bars from transformers, and no fla notice
+    that Triton has no GPU here (flarectl already runs pure torch on CPU)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # transformers is a dependency; this only guards odd installs
+        pass
+
+
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and exit code 2."""
+    _quiet_libraries()
     try:
         code = app(standalone_mode=False)
         sys.exit(code or 0)

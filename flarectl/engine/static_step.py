@@ -74,10 +74,21 @@ class StaticStep:
         self.recurrence = fla_recurrence if self.kernel == "fla" else torch_recurrence
 
     # -- masks ------------------------------------------------------------------------------------------------
-    def _attention_mask(self, counts, wlen, wc: int, ww: int) -> torch.Tensor:
-        """[C, Wc+Ww, capacity+Ww] bool: clean query i sees slots <= L+i; a window query sees slots < L+counts and
-        the real window tokens; padding window queries see themselves (no empty softmax row)."""
-        lengths, cap = self.cache.lengths, self.cache.capacity
+    def _attended_slots(self, wc: int) -> int:
+        """How many cache slots attention reads: the whole capacity on CUDA (static shapes for graph capture); on
+        other devices (eager) only up to the longest slot plus this step's clean tokens, rounded up to 64 — every
+        slot past that is masked anyway, and reading the whole capacity made CPU decoding slow down with the
+        ``max_new_tokens`` budget."""
+        cache = self.cache
+        if cache.lengths.device.type == "cuda":
+            return cache.capacity
+        used = int(cache.lengths.max()) + wc
+        return min(cache.capacity, -(-max(used, 1) // 64) * 64)
+
+    def _attention_mask(self, counts, wlen, wc: int, ww: int, cap: int) -> torch.Tensor:
+        """[C, Wc+Ww, cap+Ww] bool over the first ``cap`` slots: clean query i sees slots <= L+i; a window query
+        sees slots < L+counts and the real window tokens; padding window queries see themselves (no empty row)."""
+        lengths = self.cache.lengths
         dev = lengths.device
         slots = torch.arange(cap, device=dev)
         cols = torch.arange(wc + ww, device=dev)
@@ -92,7 +103,7 @@ class StaticStep:
         return torch.cat([cached, win], 2)
 
     # -- layers -----------------------------------------------------------------------------------------------
-    def _attention(self, layer_idx, module, x, rope, mask, wc: int):
+    def _attention(self, layer_idx, module, x, rope, mask, wc: int, cap: int):
         cache = self.cache
         kv = cache.attention[layer_idx]
         bsz, width, _ = x.shape
@@ -104,8 +115,8 @@ class StaticStep:
             idx = idx[:, None, :, None].expand(-1, kv.key.shape[1], -1, kv.key.shape[-1])
             kv.key.scatter_(2, idx, k[:, :, :wc].to(kv.key.dtype))
             kv.value.scatter_(2, idx, v[:, :, :wc].to(kv.value.dtype))
-        keys = torch.cat([kv.key.to(k.dtype), k[:, :, wc:]], 2)
-        values = torch.cat([kv.value.to(v.dtype), v[:, :, wc:]], 2)
+        keys = torch.cat([kv.key[:, :, :cap].to(k.dtype), k[:, :, wc:]], 2)
+        values = torch.cat([kv.value[:, :, :cap].to(v.dtype), v[:, :, wc:]], 2)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=module.scaling,
                                              enable_gqa=q.shape[1] != keys.shape[1])
         out = out.transpose(1, 2).reshape(bsz, width, -1)
@@ -156,11 +167,12 @@ class StaticStep:
         pos = torch.where(cols >= wc, (lengths + counts)[:, None] + cols - wc, lengths[:, None] + cols)
         hidden = model.hf.model.embed_tokens(ids)
         rope = model._rope(hidden, pos)
-        mask = self._attention_mask(counts, wlen, wc, ww) if ATTENTION in model.layer_kinds else None
+        cap = self._attended_slots(wc)
+        mask = self._attention_mask(counts, wlen, wc, ww, cap) if ATTENTION in model.layer_kinds else None
         for i, (kind, layer) in enumerate(zip(model.layer_kinds, model.layers)):
             x = layer.input_layernorm(hidden)
             if kind == ATTENTION:
-                x = self._attention(i, layer.self_attn, x, rope, mask, wc)
+                x = self._attention(i, layer.self_attn, x, rope, mask, wc, cap)
             else:
                 x = self._gdn(i, layer.linear_attn, x, counts, commit, wc)
             hidden = hidden + x

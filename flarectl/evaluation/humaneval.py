@@ -177,4 +177,28 @@ def lm_eval_pass_at_k(
             task_ids.append(str(index))
             programs.append(candidate + "\n" + reference)
     results = run_many(programs, workers=workers, timeout_s=timeout_s)
+    for task_id, program, result in zip(task_ids, programs, results):
+        _EXECUTIONS.append({"reference_index": int(task_id), "entry_point": _entry_point(program),
+                            "status": result.status, "returncode": result.returncode,
+                            "seconds": round(result.seconds, 3), "stderr_tail": result.stderr[-_LOG_TAIL:]})
     return mean_pass_at_k(task_ids, [result.passed for result in results], ks)
+
+
+_EXECUTIONS: list[dict[str, Any]] = []
+_LOG_TAIL = 500
+
+
+def take_executions() -> list[dict[str, Any]]:
+    """Outcomes recorded by `lm_eval_pass_at_k` since the last call (status: passed, failed, timeout, crashed,
+    oom; exit code; seconds; stderr tail), in execution order; clears the record.
+
+    lm-eval keeps only the pass@k number per document, so this is where timeouts and crashes are kept.
+    """
+    taken = list(_EXECUTIONS)
+    _EXECUTIONS.clear()
+    return taken
+
+
+def _entry_point(program: str) -> str | None:
+    last = program.rstrip().rsplit("\n", 1)[-1]
+    return last[len("check("):-1] if last.startswith("check(") and last.endswith(")") else None
