@@ -101,3 +101,16 @@ def test_convert_then_decode_loads_the_checkpoint(tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         row = json.loads(res.stdout.strip().splitlines()[-1])
         assert len(row["token_ids"]) <= 6 and row["forwards"] >= 1
+
+    # exactness on the trained (converted) checkpoint: AR-Trust greedy == AR greedy, batch 1 and 4, every block size
+    from flarectl.decoding import generate
+    from flarectl.models.loading import load_model
+
+    model = load_model(str(out / "final"), dtype="float32", device="cpu")
+    prompts = [[72, 105], [84, 104, 101, 32, 99, 97, 116], [10], [100, 101, 102, 32, 102, 40, 120, 41, 58]]
+    reference = [r.token_ids for r in generate(model, prompts, "ar", max_new_tokens=12, stop_ids=[])]
+    for block in (1, 2, 4, 8):
+        trust = generate(model, prompts, "ar-trust", block_size=block, max_new_tokens=12, stop_ids=[])
+        assert [r.token_ids for r in trust] == reference, block
+        alone = generate(model, prompts[1:2], "ar-trust", block_size=block, max_new_tokens=12, stop_ids=[])
+        assert alone[0].token_ids == reference[1]
