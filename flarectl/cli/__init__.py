@@ -149,7 +149,7 @@ def decode(
     stream = not json_out and len(texts) == 1
 
     def on_token(row: int, new: list[int]) -> None:
-        out.print(m.tokenizer.decode(new), end="", highlight=False, soft_wrap=True)
+        out.print(m.tokenizer.decode(new, skip_special_tokens=True), end="", highlight=False, soft_wrap=True)
 
     try:
         results = generate(m, ids, mode, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
