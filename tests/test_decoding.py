@@ -70,7 +70,9 @@ def test_ar_trust_greedy_equals_ar(models, name, block):
         # every step emits accepted + 1 tokens (the last step may be cut by max_new_tokens)
         steps = sum(r.acceptance_histogram)
         emitted = sum(k * c for k, c in enumerate(r.acceptance_histogram)) + steps
-        assert emitted >= len(r.token_ids) and r.forwards == 2 * steps
+        # one draft forward, then one (fused verify + next draft) forward per round, plus a draft after a rejection
+        rejected = sum(r.acceptance_histogram[:-1])
+        assert emitted >= len(r.token_ids) and steps + 1 <= r.forwards <= steps + 1 + rejected
 
 
 def _forced_drafts(reference, correct: bool):
@@ -94,8 +96,10 @@ def test_ar_trust_forced_accept_and_reject(models, monkeypatch, name, correct):
     res = run(m, PROMPTS, "ar-trust", block_size=block, max_new_tokens=n)
     assert ids(res) == reference
     for r in res:
-        if correct:  # 15 tokens = 3 full accepts (5 tokens each)
-            assert r.acceptance_histogram == [0, 0, 0, 0, 3] and r.forwards == 6
+        if correct:  # 15 tokens: 3 full accepts (4 each), then a 4th round (its last forced draft lies past the
+            # reference, so it may be rejected); one draft forward + 4 fused verify forwards
+            hist = r.acceptance_histogram
+            assert sum(hist) == 4 and hist[4] >= 3 and hist[4] + hist[3] == 4 and r.forwards == 5
         else:
             assert r.acceptance_histogram == [n, 0, 0, 0, 0] and r.forwards == 2 * n
 

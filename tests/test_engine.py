@@ -37,7 +37,10 @@ def _random_steps(backends, steps, slots, seed=0):
         counts = torch.randint(0 if ww else 1, wc + 1, (slots,), generator=g) if wc else torch.zeros(slots).long()
         wlen = torch.full((slots,), ww)
         commit = torch.rand(slots, generator=g) < 0.6
+        late = (torch.rand(slots, generator=g) < 0.5) & ~commit  # committed after the step (AR-Trust full accepts)
         outs = [b.step(ids, counts, wlen, commit, wc) for b in backends]
+        for b in backends:
+            b.finish_step(late)
         for o in outs[1:]:
             for r in range(slots):
                 c = int(counts[r])

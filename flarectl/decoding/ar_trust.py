@@ -1,17 +1,19 @@
 """AR-Trust: exact self-speculative decoding (the noisy path drafts a block, the clean path verifies it).
 
-One step for a row whose committed cache ends before the pending token x[s-1]:
+For a row whose committed cache ends before the pending token x[s-1]:
 
-1. draft forward: the window [x[s-1], mask x (B-1)] after the cache (commits nothing); window position j gives q_j
-   for x[s+j]; drafts d_1..d_B (greedy: argmax; sampling: d_j ~ q_j);
-2. verify forward: clean [x[s-1], d_1..d_B] kept pending; position j gives p_j (p_j for x[s+j], p_B the bonus);
-3. accept: greedy — the longest prefix with d_j == argmax p_{j-1}, then the AR token at the first mismatch (or the
-   bonus); sampling — accept d_j with probability min(1, p(d_j)/q(d_j)), at the first rejection resample from
-   normalize(max(p - q, 0)), after a full accept sample the bonus from p_B (Leviathan et al.). Either way the output
-   is distributed exactly as AR decoding with the same temperature/top-p;
-4. the verify forward commits nothing; the next draft forward feeds the pending token and the accepted drafts as
-   clean tokens (committed) before its window, and the correction/bonus token is the new pending one — so no
-   recurrent state ever has to be rolled back.
+1. draft: the window [x[s-1], mask x (B-1)] after the cache; window position j gives q_j for x[s+j]; drafts
+   d_1..d_B (greedy: argmax; sampling: d_j ~ q_j);
+2. verify, fused with the next draft: clean [x[s-1], d_1..d_{B-1}] (not committed) — position j gives p_j for
+   x[s+j], j < B — and the window [d_B, mask x (B-1)], which sees exactly that clean prefix;
+3. accept: greedy — the longest prefix with d_j == argmax p_{j-1}, then the AR token at the first mismatch;
+   sampling — accept d_j with probability min(1, p(d_j)/q(d_j)), at the first rejection resample from
+   normalize(max(p - q, 0)) (Leviathan et al.). Either way the output is distributed exactly as AR decoding with the
+   same temperature/top-p;
+4. full accept: the verified clean tokens are committed from the state the step kept, d_B becomes the pending
+   token and the fused window's distributions are the next drafts (back to 2: one forward per block); a rejection:
+   the AR token becomes pending and the next draft forward feeds the accepted prefix as clean tokens before its
+   window (back to 1). No recurrent state is ever rolled back.
 
 Rows of a batch accept different lengths. The loop lives in the serving engine (``flarectl.engine.modes``); this
 module holds the rules it calls (``propose`` and the acceptance tests are hooks the tests replace).

@@ -1,8 +1,9 @@
 """Slot backends: where the engine's C slots live and how one step runs on them.
 
-Every backend has ``prefill(slots, contexts)``, ``release(slot)`` and
+Every backend has ``prefill(slots, contexts)``, ``release(slot)``,
 ``step(ids [C, Wc+Ww], counts [C], wlen [C], commit [C], width_clean) -> logits [C, Wc+Ww, V]`` with the contract
-of ``StaticStep`` (see there). Three implementations give the same logits:
+of ``StaticStep`` (see there), and ``finish_step(rows [C] bool)``, called once after every step, which also commits
+that step's clean tokens for ``rows`` (a decision taken from the step's logits: AR-Trust's full accepts). Three implementations give the same logits:
 
 * ``SlotBackend`` — static slot cache + ``StaticStep`` (CUDA graphs on CUDA): the fast path.
 * ``AdapterBackend`` — the same ``HybridCache`` driven through ``model.forward`` and ``HybridCache.commit`` (the
@@ -57,6 +58,7 @@ class SlotBackend:
         self.capacity = capacity
         self.cache = model.new_cache(slots, capacity)
         eager = StaticStep(model, self.cache, gdn_kernel=gdn_kernel)
+        self.eager = eager
         self.gdn_kernel = eager.kernel
         use_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if use_graphs:
@@ -75,6 +77,10 @@ class SlotBackend:
 
     def step(self, ids, counts, wlen, commit, width_clean: int) -> torch.Tensor:
         return self._step(ids, counts, wlen, commit, width_clean)
+
+    def finish_step(self, rows: torch.Tensor) -> None:
+        if bool(rows.any()):
+            self.eager.commit_last(rows)
 
     @torch.no_grad()
     def warmup(self, shapes: list[tuple[int, int]]) -> None:
@@ -115,8 +121,12 @@ class AdapterBackend:
             ids = torch.cat([ids.new_zeros(ids.shape[0], 1), ids], 1)
         layout = step_layout(self.cache.lengths, counts, width_clean + pad, ww)
         logits = self.model(ids, layout, self.cache, commit_all=False)
-        self.cache.commit(torch.where(commit, counts, 0))
+        self._last = (counts, commit)
         return logits[:, pad:]
+
+    def finish_step(self, rows: torch.Tensor) -> None:
+        counts, commit = self._last
+        self.cache.commit(torch.where(commit | rows, counts, 0))
 
 
 class RecomputeBackend:
@@ -141,6 +151,7 @@ class RecomputeBackend:
         _check_full_windows(wlen, ww)
         rows = [s for s, c in enumerate(self.committed) if c is not None]
         out = torch.zeros(ids.shape[0], ids.shape[1], 0, device=ids.device)
+        self._last = ([], [], [])
         if not rows:
             return out
         counts_l = counts.tolist()
@@ -156,10 +167,16 @@ class RecomputeBackend:
         clean = logits.gather(1, cols[:, :, None].expand(-1, -1, logits.shape[-1]))
         out = logits.new_zeros(ids.shape[0], ids.shape[1], logits.shape[-1])
         out[sel] = torch.cat([clean, logits[:, padded.shape[1]:]], 1)
-        for s, f, c in zip(rows, full, commit[sel].tolist()):
-            if c:
-                self.committed[s] = f
+        self._last = (rows, full, commit[sel].tolist())
         return out
+
+    def finish_step(self, rows_mask: torch.Tensor) -> None:
+        rows, full, commit = getattr(self, "_last", ([], [], []))
+        extra = rows_mask.tolist()
+        for s, f, c in zip(rows, full, commit):
+            if c or extra[s]:
+                self.committed[s] = f
+        self._last = ([], [], [])
 
 
 BACKENDS = {"static": SlotBackend, "adapter": AdapterBackend, "recompute": RecomputeBackend}

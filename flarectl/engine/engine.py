@@ -168,6 +168,10 @@ class Engine:
             groups.setdefault(modes.group_key(row), []).append(row)
         for rows in groups.values():
             modes.update(rows, logits, wc, rows[0].sampler)
+        late = [False] * self.concurrency  # rows that commit this step's clean tokens after all (full accepts)
+        for row in self.rows.values():
+            late[row.slot], row.commit_late = row.commit_late, False
+        self.backend.finish_step(torch.tensor(late, dtype=torch.bool, device=self.device))
         for slot in [s for s, r in self.rows.items() if r.finish is not None]:
             row = self.rows.pop(slot)
             self.done[row.index] = row.result()

@@ -4,9 +4,13 @@ Every row keeps its committed tokens in the slot cache except ``pending`` (the l
 ``(clean, window, commit)``: the clean tokens to feed (committed this step iff ``commit``) and the noisy window.
 
 * ``ar``: clean [pending], committed; the logits at clean position 0 give the next token.
-* ``ar-trust`` (draft -> verify, two forwards per block): the draft step feeds the tokens accepted by the last
-  verify as clean (committed) and the window [pending, mask x (B-1)]; the verify step feeds [pending, d_1..d_B]
-  as clean tokens *not* committed (the next draft re-feeds the accepted prefix, so no GDN rollback is needed).
+* ``ar-trust``: a draft step feeds the tokens accepted so far as clean (committed) and the window
+  [pending, mask x (B-1)] -> drafts d_1..d_B. A verify step feeds [pending, d_1..d_{B-1}] as clean tokens *not*
+  committed — their logits check all B drafts — and, fused into the same forward, the next draft window
+  [d_B, mask x (B-1)] (it sees exactly the verified prefix). After a full accept the verified clean tokens are
+  committed from the step's kept state (``finish_step``: no recomputation) and the window's drafts are verified by
+  the next step: one forward per fully accepted block. After a rejection at j, the AR token at j is emitted, the
+  speculative window is dropped and the next draft step re-feeds the accepted prefix (no GDN rollback anywhere).
   Acceptance is ``flarectl.decoding.ar_trust``'s (greedy, or exact speculative sampling): lossless.
 * ``diffusion-trust``: the window [pending, decided tokens or mask]; a finished block's clean tokens
   [pending, x_1..x_{B-1}] are committed by the next step, which also carries the next block's window
@@ -29,7 +33,7 @@ def plan(row: Row) -> tuple[list[int], list[int], bool]:
     if row.mode == "ar":
         return [row.pending], [], True
     if row.mode == "ar-trust" and row.phase == "verify":
-        return [row.pending, *row.drafts], [], False
+        return [row.pending, *row.drafts[:-1]], [row.drafts[-1]] + [row.mask_id] * (row.block - 1), False
     clean, row.commit_tokens = row.commit_tokens, []
     if row.mode == "ar-trust":
         return clean, [row.pending] + [row.mask_id] * (row.block - 1), True
@@ -51,7 +55,7 @@ def update(rows: list[Row], logits: torch.Tensor, width_clean: int, sampler: Sam
     if mode == "ar":
         _update_ar(rows, logits[idx, 0], sampler)
     elif mode == "ar-trust" and rows[0].phase == "verify":
-        _update_verify(rows, logits[idx, :block + 1], sampler)
+        _update_verify(rows, logits[idx, :block], logits[idx, width_clean:width_clean + block], sampler)
     else:
         window = logits[idx, width_clean:width_clean + block]
         (_update_draft if mode == "ar-trust" else _update_denoise)(rows, window, sampler)
@@ -71,18 +75,29 @@ def _update_draft(rows, window_logits, sampler):
         row.drafts, row.q, row.phase = d, (None if sampler.greedy else q[i]), "verify"
 
 
-def _update_verify(rows, clean_logits, sampler):
-    p = sampler.probs(clean_logits)  # [G, B+1, V]
+def _update_verify(rows, clean_logits, window_logits, sampler):
+    """clean_logits [G, B, V]: p_0..p_{B-1} check d_1..d_B (no bonus position); window_logits [G, B, V]: the next
+    block's draft distributions, used only after a full accept."""
+    p = sampler.probs(clean_logits)
+    p = torch.cat([p, p[:, -1:]], 1)  # the acceptance rules take a bonus row; after a full accept it is unused
     drafts = torch.tensor([r.drafts for r in rows], dtype=torch.long, device=p.device)
     if sampler.greedy:
         n, nxt = ar_trust.accept_greedy(p, drafts)
     else:
         n, nxt = ar_trust.accept_speculative(p, torch.stack([r.q for r in rows]), drafts, sampler)
+    full = [r for r, k in zip(rows, n.tolist()) if k == r.block]
     for row, k, t in zip(rows, n.tolist(), nxt.tolist()):
         row.hist[k] += 1
-        row.commit_tokens = [row.pending, *row.drafts[:k]]
-        row.pending, row.phase, row.q = t, "draft", None
-        row.emit(row.drafts[:k] + [t])
+        if k == row.block:  # all drafts are final; d_B is the new pending token, the window drafted what follows
+            row.commit_late, row.pending = True, row.drafts[-1]
+            row.emit(row.drafts)
+        else:
+            row.commit_tokens = [row.pending, *row.drafts[:k]]
+            row.pending, row.phase, row.q = t, "draft", None
+            row.emit(row.drafts[:k] + [t])
+    if full:
+        sel = torch.tensor([i for i, r in enumerate(rows) if r in full], device=window_logits.device)
+        _update_draft(full, window_logits[sel], sampler)
 
 
 def _update_denoise(rows, window_logits, sampler):

@@ -78,6 +78,7 @@ class Row:
         self.pending = int(req.prompt[-1])
         self.commit_tokens: list[int] = []
         self.phase = "draft"  # ar-trust: draft | verify
+        self.commit_late = False  # commit this step's (uncommitted) clean tokens after the update
         self.drafts: list[int] = []
         self.q = None  # ar-trust draft distributions [B, V] (sampling)
         self.x = [mask_id] * block if mask_id is not None else []  # diffusion-trust block tokens

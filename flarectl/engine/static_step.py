@@ -72,6 +72,22 @@ class StaticStep:
         self.model, self.cache = model, cache
         self.kernel = resolve_gdn_kernel(gdn_kernel, cache.lengths.device)
         self.recurrence = fla_recurrence if self.kernel == "fla" else torch_recurrence
+        # Speculative commit: every step also keeps, per row, the GDN state and conv context after its whole clean
+        # section, so a row that did not commit in the step can commit it afterwards (``commit_last``) once the
+        # caller knows it wants to (AR-Trust after a fully accepted verify) — no recomputation, no rollback.
+        self.last_state = {i: torch.empty_like(c.state) for i, c in cache.gdn.items()}
+        self.last_conv = {i: torch.empty_like(c.conv) for i, c in cache.gdn.items()}
+        self.last_counts = torch.zeros_like(cache.lengths)
+        self.last_commit = torch.zeros_like(cache.lengths, dtype=torch.bool)
+
+    @torch.no_grad()
+    def commit_last(self, rows: torch.Tensor) -> None:
+        """Commit the last step's clean tokens for ``rows`` [C] bool (rows that step left uncommitted)."""
+        rows = rows & ~self.last_commit
+        for i, c in self.cache.gdn.items():
+            c.state.copy_(torch.where(rows[:, None, None, None], self.last_state[i], c.state))
+            c.conv.copy_(torch.where(rows[:, None, None], self.last_conv[i], c.conv))
+        self.cache.lengths.add_(torch.where(rows, self.last_counts, 0))
 
     # -- masks ------------------------------------------------------------------------------------------------
     def _attended_slots(self, wc: int) -> int:
@@ -153,8 +169,10 @@ class StaticStep:
             o_win, _ = self.recurrence(state_clean, qn, kn, vn, g[:, wc:], beta[:, wc:])
             core.append(o_win)
         keep = commit[:, None, None, None]
-        c.state.copy_(torch.where(keep, state_clean, state0).to(c.state.dtype))
-        c.conv.copy_(torch.where(commit[:, None, None], left.transpose(1, 2).to(c.conv.dtype), c.conv))
+        self.last_state[layer_idx].copy_(state_clean.to(c.state.dtype))
+        self.last_conv[layer_idx].copy_(left.transpose(1, 2).to(c.conv.dtype))
+        c.state.copy_(torch.where(keep, self.last_state[layer_idx], c.state))
+        c.conv.copy_(torch.where(commit[:, None, None], self.last_conv[layer_idx], c.conv))
         return _output(module, torch.cat(core, 1), x)
 
     # -- the step ---------------------------------------------------------------------------------------------
@@ -177,5 +195,7 @@ class StaticStep:
                 x = self._gdn(i, layer.linear_attn, x, counts, commit, wc)
             hidden = hidden + x
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        self.last_counts.copy_(counts)
+        self.last_commit.copy_(commit)
         lengths.add_(torch.where(commit, counts, 0))
         return model.hf.lm_head(model.hf.model.norm(hidden))
