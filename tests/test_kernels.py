@@ -300,6 +300,11 @@ def compare_gdn(P, backend, dtype, l2=False, final=True, seed=None):
         return out
 
     def fused(**kw):
+        if backend.startswith("fused:"):  # an alternative window implementation of the fused path
+            from flare_kernels.two_stream.fused import fused_two_stream_gated_delta_rule
+
+            return fused_two_stream_gated_delta_rule(**kw, output_final_state=final, use_qk_l2norm_in_kernel=l2,
+                                                     _window=backend.split(":", 1)[1])
         return ts.two_stream_gated_delta_rule(**kw, output_final_state=final, use_qk_l2norm_in_kernel=l2,
                                               backend=backend)
 
@@ -347,6 +352,20 @@ def test_fused_gdn_vs_naive_bf16(block, with_h0):
 def test_fused_gdn_vs_naive_random_windows(dtype, K, l2):
     P, seed = make_problem((150, 64, 99), 1, 2, K, K, max_win=8, dtype=dtype, device="cuda")
     _check(compare_gdn(P, "fused", dtype, l2=l2, seed=seed), dtype, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("window", ["chunk-f32", "loop"])
+@pytest.mark.parametrize("layout", ["random", "block3"])
+def test_fused_window_variants_vs_naive(window, layout):
+    """The other window implementations of the fused path (fp32-operand chunk map, per-window Triton loop)."""
+    if layout == "random":
+        P, seed = make_problem((150, 64, 99), 1, 2, 128, 128, max_win=8, dtype=torch.bfloat16, device="cuda")
+    else:
+        P, seed = make_problem((200, 37, 131), 2, 4, 64, 64, block=3, dtype=torch.bfloat16, device="cuda")
+    _check(compare_gdn(P, f"fused:{window}", torch.bfloat16, l2=layout == "random", seed=seed), torch.bfloat16,
+           seed)
 
 
 @pytest.mark.gpu

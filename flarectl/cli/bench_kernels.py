@@ -45,16 +45,18 @@ def kernels(
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32."),
     repeats: int = typer.Option(20, help="Timed runs per measurement (median reported)."),
     variants: List[str] = typer.Option(["clean", "fused", "simple"], "--variant",
-                                       help="clean (fla chunk, clean stream only) | fused | simple (repeatable)."),
+                                       help="clean (fla chunk, clean stream only) | fused | simple | fused-f32 | "
+                                            "fused-loop (repeatable)."),
     out_dir: Path = typer.Option(Path("docs/perf"), "--out", help="Folder for kernels.json and kernels.png."),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON document instead of the table."),
 ) -> None:
     """Latency (fwd, fwd+bwd; median, CUDA events) and peak memory of the two-stream gated delta rule."""
     if dtype not in DTYPES:
         raise FlareError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    bad = [v for v in variants if v not in ("clean", "fused", "simple")]
+    known = ("clean", "fused", "simple", "fused-f32", "fused-loop")
+    bad = [v for v in variants if v not in known]
     if bad:
-        raise FlareError(f"--variant must be clean, fused or simple, got '{bad[0]}'")
+        raise FlareError(f"--variant must be one of {', '.join(known)}, got '{bad[0]}'")
     if repeats < 1:
         raise FlareError(f"--repeats must be >= 1, got {repeats}")
     if any(b < 1 or b > 64 for b in block_sizes):
@@ -66,7 +68,7 @@ def kernels(
     import torch
     from rich.table import Table
 
-    from flare_kernels.bench.bench_kernels import VARIANTS, chart, run_kernel_benchmark, summarize
+    from flare_kernels.bench.bench_kernels import EXTRA_VARIANTS, VARIANTS, chart, run_kernel_benchmark, summarize
     from flare_kernels.two_stream.fused import dqkwg_mode
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,7 @@ def kernels(
               "autotunes them first: a few minutes)[/]", highlight=False)
     mode = dqkwg_mode("cuda")  # Hopper gradient self-check before timing anything
     t0 = time.time()
-    order = [v for v in VARIANTS if v in variants]
+    order = [v for v in (*VARIANTS, *EXTRA_VARIANTS) if v in variants]
     rows = run_kernel_benchmark(tuple(seq_lens), tuple(block_sizes), heads, dim, getattr(torch, dtype), repeats,
                                 tuple(order), log=lambda s: err.print(f"[dim]{s}[/]", highlight=False))
     summary = summarize(rows)

@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 VARIANTS = ("clean", "fused", "simple")
+# Optional rows: the fused path with fp32 matmul operands in the window map, and with the first window design
+# (one Triton program per window / per chunk walking its windows).
+EXTRA_VARIANTS = {"fused-f32": "chunk-f32", "fused-loop": "loop"}
 
 
 def _inputs(T, B, heads, dim, dtype, device, seed=0):
@@ -55,6 +58,11 @@ def _call(variant, P):
 
         o, _ = chunk_gated_delta_rule(P["q"], P["k"], P["v"], P["g"], P["beta"], cu_seqlens=P["cu_seqlens"])
         return (o,)
+    if variant in EXTRA_VARIANTS:  # alternative window implementations of the fused path, for comparison
+        from flare_kernels.two_stream.fused import fused_two_stream_gated_delta_rule
+
+        o, on, _ = fused_two_stream_gated_delta_rule(**P, _window=EXTRA_VARIANTS[variant])
+        return (o, on)
     from flare_kernels.two_stream import two_stream_gated_delta_rule
 
     o, on, _ = two_stream_gated_delta_rule(**P, backend=variant)
@@ -195,9 +203,10 @@ def chart(rows, path):
     ok = [r for r in rows if "error" not in r]
     keys = sorted({(r["T"], r["B"]) for r in ok})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.27
-    for i, v in enumerate(VARIANTS):
-        xs = [j + (i - 1) * width for j in range(len(keys))]
+    present = [v for v in (*VARIANTS, *EXTRA_VARIANTS) if any(r["variant"] == v for r in ok)]
+    width = 0.8 / max(len(present), 1)
+    for i, v in enumerate(present):
+        xs = [j + (i - (len(present) - 1) / 2) * width for j in range(len(keys))]
         lat = [next((r["fwd_bwd_ms"] for r in ok if (r["T"], r["B"], r["variant"]) == (*k, v)), 0) for k in keys]
         mem = [next((r["peak_fwd_bwd_gib"] for r in ok if (r["T"], r["B"], r["variant"]) == (*k, v)), 0)
                for k in keys]

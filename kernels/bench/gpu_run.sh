@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device run: install fla wheels, Hopper self-check, GPU tests (errors logged), benchmark.
-# Usage (device tool, carry [".whl"]): bash kernels/bench/gpu_run.sh [tests|bench|all]
+# Usage (device tool, carry [".whl"]): bash kernels/bench/gpu_run.sh [tests|bench|sweep|all]
+# sweep: fused fwd+bwd latency and peak memory vs the chunk-group size of the window map (FLARE_WINDOW_GROUP_MB).
 set -o pipefail
 WHAT=${1:-all}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -20,4 +21,21 @@ if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   FLARE_BENCH_PARTIAL="$OUT/bench_partial.jsonl" timeout ${BENCH_TIMEOUT:-240} python3 -m flare_kernels.bench.bench_kernels --out "$OUT" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log"
+fi
+if [ "$WHAT" = sweep ] || [ "$WHAT" = all ]; then
+  timeout ${SWEEP_TIMEOUT:-120} python3 - <<'PY' 2>&1 | tee "$OUT/group_sweep.log"
+import json, os
+import flare_kernels.two_stream.chunk_windows as cw
+from flare_kernels.bench.bench_kernels import bench_one
+rows = []
+for mb in (16, 64, 256):
+    cw.GROUP_BYTES = mb << 20
+    for B in (1, 4):
+        r = bench_one("fused", 8192, B, repeats=10, log=lambda s: None)
+        r["group_mb"] = mb
+        rows.append(r)
+        print(f"group {mb:4d} MiB  T=8192 B={B}: fwd {r['fwd_ms']:.2f} ms  fwd+bwd {r['fwd_bwd_ms']:.2f} ms  "
+              f"peak fwd+bwd {r['peak_fwd_bwd_gib']:.3f} GiB", flush=True)
+json.dump(rows, open(os.environ.get("OUT", "/tmp/out") + "/group_sweep.json", "w"), indent=1)
+PY
 fi

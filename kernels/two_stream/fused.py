@@ -2,16 +2,19 @@
 
 Forward
     clean stream with fla's chunk internals (cumsum, WY, chunk states ``h``, outputs): the states entering every
-    64-token chunk are the strided checkpoints. Each noisy window rebuilds its boundary state on chip from its
-    chunk's checkpoint and UT/WY representation (one 64-row matrix product) and runs its <= 8 tokens at once
-    (``_window_fwd_kernel``). No per-window state is written to HBM.
+    64-token chunk are the strided checkpoints. The noisy windows anchored in a chunk are computed together in
+    chunk-parallel form (``chunk_windows``): their boundary states enter only through products with the windows'
+    queries and keys (checkpoint + the chunk's UT/WY new values), and each window's delta rule is a block-diagonal
+    WY solve — dense per-chunk matrix products like fla's own chunk kernels. No per-window state exists anywhere.
+    (``_window="loop"`` keeps the first design for comparison: one Triton program per window that rebuilds its
+    state on chip and walks its tokens, ``triton_gdn._window_fwd_kernel``.)
 
 Backward (custom autograd.Function, recompute instead of store: only fla's saved inputs + the WY matrix ``A``)
     1. recompute w, u, h, v_new (as fla does); dv_local from fla;
-    2. ``_window_bwd_kernel``, one program per (chunk, V block, head): for every window anchored in the chunk,
-       rebuild S_w, run the window backward on chip (noisy-token gradients and dS_w, the gradient of the loss
-       w.r.t. the window's starting state), and inject dS_w into the clean chunk: d(h_c) via ``x_inj``, d(v_new)
-       in place into dv_local, plus direct dk and dg terms;
+    2. the noisy windows' backward: autograd of the chunk-parallel map, recomputed one chunk group at a time
+       (bounded memory), gives the noisy-token gradients and, through the boundary states, the injection into
+       the clean chunk: d(h_c) via ``x_inj``, d(v_new) in place into dv_local, plus direct dk and dg terms
+       (``_window="loop"``: ``_window_bwd_kernel``, one program per (chunk, V block, head) walking its windows);
     3. ``_bwd_dhu_inj_kernel``: fla's reverse state recurrence with ``x_inj`` added at each chunk start, so the
        noisy loss reaches every earlier clean token and the initial state;
     4. fla's chunk_bwd_dqkwg (guarded, see ``hopper_guard``) and prepare_wy_repr_bwd, then our injection terms.
@@ -37,6 +40,7 @@ import torch
 
 from ._meta import build_meta, l2norm
 from . import triton_gdn as tk
+from .chunk_windows import window_backward_chunked, window_forward_chunked, window_slots
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +199,21 @@ def _clean_forward(F, q, k, v, g, beta, scale, h0, cu, ci, output_final_state):
     return gc, A, h, v_new, o, ht
 
 
+def _matmul_dtype(mode, q):
+    """Operand dtype of the chunk-parallel window map's large products: the inputs' half dtype (as fla's chunk
+    kernels use bf16 operands with fp32 accumulation), or fp32 throughout for mode "fused-f32"."""
+    if mode == "fused" and q.dtype in (torch.bfloat16, torch.float16):
+        return q.dtype
+    return None
+
+
+WINDOW_MODES = {"chunk": "fused", "chunk-f32": "fused-f32", "loop": "fused-loop"}
+
+
 class TwoStreamGDNFunction(torch.autograd.Function):
-    """mode "fused": returns (o, on, ht); mode "states": returns (o, S_boundary [W,HV,K,V] f32, ht) — the
-    simple baseline's materialised boundary states (its windows then run through fla's own chunk op)."""
+    """mode "fused" / "fused-f32" (chunk-parallel windows, half / fp32 matmul operands) / "fused-loop" (one
+    Triton program per window): returns (o, on, ht); mode "states": returns (o, S_boundary [W,HV,K,V] f32, ht) —
+    the simple baseline's materialised boundary states (its windows then run through fla's own chunk op)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, qn, kn, vn, gn, betan, h0, meta, scale, output_final_state, mode):
@@ -205,13 +221,20 @@ class TwoStreamGDNFunction(torch.autograd.Function):
         cu = meta.cu_seqlens  # always fla's varlen path (batch 1): h is [1, NT, HV, K, V] in chunk order
         ci = F["chunk_indices"](cu, 64)
         gc, A, h, v_new, o, ht = _clean_forward(F, q, k, v, g, beta, scale, h0, cu, ci, output_final_state)
-        fused = mode == "fused"
-        on, s = tk.window_forward(
-            qn[0] if fused else None, kn[0] if fused else None, vn[0] if fused else None,
-            gn[0] if fused else None, betan[0] if fused else None,
-            k[0], v_new[0], gc[0], h[0], meta, scale, store_state=not fused, run_window=fused)
+        fused = mode != "states"
+        slots = None
+        if mode in ("fused", "fused-f32"):
+            slots = window_slots(meta, qn.shape[1], qn.device)
+            on = window_forward_chunked(qn[0], kn[0], vn[0], gn[0], betan[0], k[0], v_new[0], gc[0], h[0], meta,
+                                        scale, slots=slots, matmul_dtype=_matmul_dtype(mode, q))
+            s = None
+        else:
+            on, s = tk.window_forward(
+                qn[0] if fused else None, kn[0] if fused else None, vn[0] if fused else None,
+                gn[0] if fused else None, betan[0] if fused else None,
+                k[0], v_new[0], gc[0], h[0], meta, scale, store_state=not fused, run_window=fused)
         ctx.save_for_backward(q, k, v, gc, beta, A, h0, qn, kn, vn, gn, betan)
-        ctx.meta, ctx.scale, ctx.cu, ctx.ci, ctx.mode = meta, scale, cu, ci, mode
+        ctx.meta, ctx.scale, ctx.cu, ctx.ci, ctx.mode, ctx.slots = meta, scale, cu, ci, mode, slots
         ctx.g_dtype = g.dtype
         second = on[None] if fused else s
         return o.to(q.dtype), second, ht
@@ -221,13 +244,17 @@ class TwoStreamGDNFunction(torch.autograd.Function):
         F = _fla()
         q, k, v, gc, beta, A, h0, qn, kn, vn, gn, betan = ctx.saved_tensors
         meta, scale, cu, ci = ctx.meta, ctx.scale, ctx.cu, ctx.ci
-        fused = ctx.mode == "fused"
+        fused = ctx.mode != "states"
         do = do.contiguous()
         w, u = F["recompute_w_u"](k=k, v=v, beta=beta, A=A, g=gc, cu_seqlens=cu, chunk_indices=ci)
         h, v_new, _ = F["fwd_h"](k=k, w=w, u=u, g=gc, initial_state=h0, output_final_state=False,
                                  cu_seqlens=cu, chunk_indices=ci, chunk_size=64)
         dv = F["dv_local"](q=q, k=k, do=do, g=gc, scale=scale, cu_seqlens=cu, chunk_size=64, chunk_indices=ci)
-        if fused:
+        if ctx.mode in ("fused", "fused-f32"):
+            inj = window_backward_chunked((qn[0], kn[0], vn[0], gn[0], betan[0]), d_second[0].contiguous(), k[0],
+                                          v_new[0], gc[0], h[0], dv[0], meta, scale, slots=ctx.slots,
+                                          matmul_dtype=_matmul_dtype(ctx.mode, q))
+        elif fused:
             inj = tk.window_backward((qn[0], kn[0], vn[0], gn[0], betan[0]), d_second[0], None, k[0], v_new[0],
                                      gc[0], h[0], dv[0], meta, scale)
         else:
@@ -261,9 +288,12 @@ class TwoStreamGDNFunction(torch.autograd.Function):
 def fused_two_stream_gated_delta_rule(
     q, k, v, g, beta, qn, kn, vn, gn, betan, window_doc, window_prefix, window_offsets,
     cu_seqlens=None, initial_state=None, output_final_state=False, scale=None, use_qk_l2norm_in_kernel=False,
-    _mode="fused",
+    _window="chunk",
 ):
-    """Same signature and semantics as ``naive_two_stream_gated_delta_rule`` (CUDA only)."""
+    """Same signature and semantics as ``naive_two_stream_gated_delta_rule`` (CUDA only). ``_window`` picks the
+    noisy-window implementation for benchmarks (``WINDOW_MODES``); the default is the chunk-parallel one."""
+    if _window not in WINDOW_MODES:
+        raise ValueError(f"_window must be one of {sorted(WINDOW_MODES)}, got {_window!r}")
     if q.shape[0] != 1:
         raise ValueError("packed layout: batch dimension must be 1")
     K = q.shape[-1]
@@ -277,7 +307,7 @@ def fused_two_stream_gated_delta_rule(
         dqkwg_mode(q.device)  # decide the Hopper guard (self-check) now, not inside autograd's backward
     o, second, ht = TwoStreamGDNFunction.apply(
         c(q), c(k), c(v), c(g), c(beta), c(qn), c(kn), c(vn), c(gn), c(betan), h0, meta, scale,
-        output_final_state, _mode)
+        output_final_state, WINDOW_MODES[_window])
     return o.to(v.dtype), second, (ht if output_final_state else None)
 
 
