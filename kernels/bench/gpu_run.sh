@@ -23,19 +23,45 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   FLARE_BENCH_PARTIAL="$OUT/bench_partial.jsonl" timeout ${BENCH_TIMEOUT:-240} python3 -m flare_kernels.bench.bench_kernels --out "$OUT" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log"
 fi
 if [ "$WHAT" = sweep ] || [ "$WHAT" = all ]; then
-  timeout ${SWEEP_TIMEOUT:-120} python3 - <<'PY' 2>&1 | tee "$OUT/group_sweep.log"
-import json, os
+  timeout ${SWEEP_TIMEOUT:-300} python3 - <<'PY' 2>&1 | tee "$OUT/group_sweep.log"
+import json, os, time
 import flare_kernels.two_stream.chunk_windows as cw
 from flare_kernels.bench.bench_kernels import bench_one
+from flare_kernels.two_stream.fused import dqkwg_mode
+t0 = time.time()
+print("dqkwg mode", dqkwg_mode("cuda"), f"({time.time() - t0:.0f}s)", flush=True)
 rows = []
-for mb in (16, 64, 256):
+cases = [("fused-loop", 64, "0"), ("fused", 64, "0"), ("fused", 256, "0"), ("fused", 16, "0"), ("fused", 64, "1")]
+for variant, mb, comp in cases:
     cw.GROUP_BYTES = mb << 20
+    os.environ["FLARE_WINDOW_COMPILE"] = comp
     for B in (1, 4):
-        r = bench_one("fused", 8192, B, repeats=10, log=lambda s: None)
-        r["group_mb"] = mb
+        try:
+            r = bench_one(variant, 8192, B, repeats=10, log=lambda s: None)
+        except Exception as e:  # noqa: BLE001
+            print(f"{variant} group {mb} compile={comp} B={B}: FAILED {e!r}"[:300], flush=True)
+            continue
+        r.update(group_mb=mb, compiled=comp == "1")
         rows.append(r)
-        print(f"group {mb:4d} MiB  T=8192 B={B}: fwd {r['fwd_ms']:.2f} ms  fwd+bwd {r['fwd_bwd_ms']:.2f} ms  "
-              f"peak fwd+bwd {r['peak_fwd_bwd_gib']:.3f} GiB", flush=True)
+        print(f"{variant:10s} group {mb:4d} MiB compile={comp} T=8192 B={B}: fwd {r['fwd_ms']:.2f} ms  fwd+bwd "
+              f"{r['fwd_bwd_ms']:.2f} ms  peak fwd {r['peak_fwd_gib']:.3f} fwd+bwd {r['peak_fwd_bwd_gib']:.3f} GiB "
+              f"({time.time() - t0:.0f}s)", flush=True)
 json.dump(rows, open(os.environ.get("OUT", "/tmp/out") + "/group_sweep.json", "w"), indent=1)
+# where the time goes: one fused fwd+bwd at T=8192, B=4 under torch.profiler
+import torch
+from flare_kernels.bench.bench_kernels import _call, _inputs
+cw.GROUP_BYTES, os.environ["FLARE_WINDOW_COMPILE"] = 64 << 20, "0"
+P = _inputs(8192, 4, 16, 128, torch.bfloat16, torch.device("cuda"))
+for _ in range(2):
+    outs = _call("fused", P)
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+torch.cuda.synchronize()
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+    outs = _call("fused", P)
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    torch.cuda.synchronize()
+tab = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+open(os.environ.get("OUT", "/tmp/out") + "/profile_fused_b4.txt", "w").write(tab)
+print(tab[-6000:])
 PY
 fi

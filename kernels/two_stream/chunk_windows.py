@@ -40,6 +40,7 @@ class WindowSlots:
     """Where every noisy token sits in its checkpoint chunk's slot array ``[NT, NC]``."""
 
     n_slots: int  # NC: slots per chunk (the most noisy tokens any chunk anchors)
+    max_window: int  # longest window (the WY solve below is exact after max_window - 1 substitution steps)
     slot_tok: torch.Tensor  # [NT, NC] long: noisy token of each slot, Tn for an empty slot
     slot_win: torch.Tensor  # [NT, NC] long: window of each slot, -1 for an empty slot
     slot_r: torch.Tensor  # [NT, NC] long: clean tokens of the chunk before the slot's window (0..64)
@@ -57,7 +58,7 @@ def window_slots(meta, Tn: int, device) -> WindowSlots:
     # tokens of the windows in checkpoint-chunk order; a chunk's slots are its windows' tokens back to back
     start_sorted = torch.nn.functional.pad(wlen[order].cumsum(0), (1, 0))  # [W+1]
     per_chunk = torch.zeros(NT, dtype=torch.long, device=device).index_add_(0, wchunk, wlen)
-    n_slots = int(per_chunk.max()) if W else 1
+    n_slots, max_window = torch.stack([per_chunk.max(), wlen.max()]).tolist() if W else (1, 1)  # one host sync
     n_slots = max(n_slots, 1)
     chunk_base = torch.nn.functional.pad(per_chunk.cumsum(0), (1, 0))[:-1]  # [NT] first sorted token of a chunk
     slot0 = torch.empty(W, dtype=torch.long, device=device)
@@ -72,22 +73,21 @@ def window_slots(meta, Tn: int, device) -> WindowSlots:
     slot_r = torch.zeros(NT * n_slots, dtype=torch.long, device=device)
     slot_r[tok_slot] = meta.win_r.to(device=device, dtype=torch.long)[win_of_tok]
     v = lambda x: x.view(NT, n_slots)  # noqa: E731
-    return WindowSlots(n_slots, v(slot_tok), v(slot_win), v(slot_r), tok_slot)
+    return WindowSlots(n_slots, max_window, v(slot_tok), v(slot_win), v(slot_r), tok_slot)
 
 
-def _gather_slots(x, slot_tok):
-    """[Tn, ...] -> [n, HV, NC, ...] for the chunks of ``slot_tok`` [n, NC] (zeros in empty slots)."""
-    pad = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
-    return pad[slot_tok].transpose(1, 2)
-
-
-def _gather_chunks(x, idx, mask):
-    """[T, HV, ...] -> [n, HV, 64, ...] for the chunks of ``idx``/``mask`` [n, 64] (zeros outside the chunk)."""
-    y = x[idx] * mask.view(*mask.shape, *([1] * (x.dim() - 1))).to(x.dtype)
+def _gather(x, index, valid, heads, f):
+    """Rows ``index`` [n, L] of x [N, H', ...] -> [n, HV, L, ...] in dtype f: heads picked by ``heads`` [HV] (the
+    query/key head of each value head; None = all), zero where ``valid`` [n, L] is False. Only the group's rows are
+    copied (the full tensors are never cast or expanded)."""
+    y = x[index]
+    if heads is not None:
+        y = y[:, :, heads]
+    y = y.to(f) * valid.view(*valid.shape, *([1] * (y.dim() - 2))).to(f)
     return y.transpose(1, 2)
 
 
-def chunk_windows_map(h, Kc, Vc, Gc, Q, Kn, Vn, gs, bs, slot_r, slot_win, *, matmul_dtype=None):
+def chunk_windows_map(h, Kc, Vc, Gc, Q, Kn, Vn, gs, bs, slot_r, slot_win, max_window, *, matmul_dtype=None):
     """Noisy outputs of a group of n chunks, as a differentiable function of gathered per-chunk tensors.
 
     h [n,HV,K,V] (state entering each chunk); Kc [n,HV,64,K], Vc [n,HV,64,V] (clean keys / new values, zero past
@@ -125,14 +125,34 @@ def chunk_windows_map(h, Kc, Vc, Gc, Q, Kn, Vn, gs, bs, slot_r, slot_win, *, mat
     gam = (incl.to(f) @ gs[..., None]).squeeze(-1)  # [n,HV,NC]
     dec = torch.where(incl, torch.exp(torch.where(incl, gam[..., :, None] - gam[..., None, :], 0.0)), 0.0)
     eg = torch.exp(gam)[..., None]
-    L = torch.where(strict, bs[..., None] * dec * (Kn @ Kn.transpose(-1, -2)), 0.0)
     rhs = bs[..., None] * (Vn - eg * KS)
-    d = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)  # (I + L) d = rhs
+    # (I + L) d = rhs by forward substitution in matrix form: L is strictly lower and block-diagonal with blocks
+    # of at most max_window, so L^max_window = 0 and d_{m+1} = rhs - L d_m is exact after max_window - 1 steps
+    # (none for one-token windows). Batched matmuls instead of a batched triangular solve.
+    d = rhs
+    if max_window > 1:
+        L = torch.where(strict, bs[..., None] * dec * (Kn @ Kn.transpose(-1, -2)), 0.0)
+        for _ in range(max_window - 1):
+            d = rhs - L @ d
     return eg * QS + (Q @ Kn.transpose(-1, -2) * dec) @ d
 
 
-def _expand(x, hv):
-    return x.repeat_interleave(hv // x.shape[1], dim=1)
+_COMPILED = {}
+
+
+def _map_fn():
+    """The map, or its torch.compile'd version when FLARE_WINDOW_COMPILE=1 (fuses the elementwise work around the
+    matrix products; compiled once per shape)."""
+    if os.environ.get("FLARE_WINDOW_COMPILE", "0") != "1":
+        return chunk_windows_map
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(chunk_windows_map, dynamic=False)
+    return _COMPILED["fn"]
+
+
+def _head_map(h_src, hv, device):
+    """Value head -> query/key head (consecutive value heads share one), or None when they are the same."""
+    return None if h_src == hv else torch.arange(hv, device=device) // (hv // h_src)
 
 
 def _groups(NT, HV, NC, K, V, elem_bytes, budget_bytes):
@@ -148,28 +168,31 @@ GROUP_BYTES = int(os.environ.get("FLARE_WINDOW_GROUP_MB", "64")) << 20
 
 
 class _Prepared:
-    """Everything the map needs, gathered lazily per chunk group."""
+    """Everything the map needs, gathered per chunk group."""
 
     def __init__(self, qn, kn, vn, gn, bn, k, v_new, gc, h, meta, scale, slots, f):
-        HV = v_new.shape[1]
-        dev = h.device
+        HV, dev = v_new.shape[1], h.device
         self.meta, self.slots, self.f, self.scale = meta, slots, f, scale
         self.idx, self.mask = _chunk_index(meta, dev)
-        self.clean = (h, _expand(k, HV), v_new, gc)  # gathered per group (cast there)
-        self.noisy = (_expand(qn, HV), _expand(kn, HV), vn, gn, bn)
+        self.heads = _head_map(k.shape[1], HV, dev)
+        self.clean = (h, k, v_new, gc)
+        self.noisy = (qn, kn, vn, gn, bn)
+        Tn = qn.shape[0]
+        self.slot_valid = slots.slot_tok < Tn
+        self.slot_tok = slots.slot_tok.clamp_max(Tn - 1)
         K, V = k.shape[2], v_new.shape[2]
         self.groups = _groups(meta.n_chunks, HV, slots.n_slots, K, V, torch.finfo(f).bits // 8, GROUP_BYTES)
 
     def gather(self, c0, c1):
-        f, s = self.f, self.slots
-        h, ke, vnew, gc = self.clean
-        idx, mask = self.idx[c0:c1], self.mask[c0:c1]
-        st = s.slot_tok[c0:c1]
+        f, hm = self.f, self.heads
+        h, k, vnew, gc = self.clean
         qn, kn, vn, gn, bn = self.noisy
-        return [h[c0:c1].to(f), _gather_chunks(ke.to(f), idx, mask), _gather_chunks(vnew.to(f), idx, mask),
-                _gather_chunks(gc.to(f) * _LN2, idx, mask), _gather_slots(qn.to(f), st) * self.scale,
-                _gather_slots(kn.to(f), st), _gather_slots(vn.to(f), st), _gather_slots(gn.to(f), st),
-                _gather_slots(bn.to(f), st)]
+        idx, mask = self.idx[c0:c1], self.mask[c0:c1]
+        st, sv = self.slot_tok[c0:c1], self.slot_valid[c0:c1]
+        return [h[c0:c1].to(f), _gather(k, idx, mask, hm, f), _gather(vnew, idx, mask, None, f),
+                _gather(gc, idx, mask, None, f) * _LN2, _gather(qn, st, sv, hm, f) * self.scale,
+                _gather(kn, st, sv, hm, f), _gather(vn, st, sv, None, f), _gather(gn, st, sv, None, f),
+                _gather(bn, st, sv, None, f)]
 
 
 def _math_dtype(h):
@@ -190,8 +213,8 @@ def window_forward_chunked(qn, kn, vn, gn, bn, k, v_new, gc, h, meta, scale, *, 
     with torch.no_grad():
         for c0, c1 in P.groups:
             x = P.gather(c0, c1)
-            o[c0:c1] = chunk_windows_map(*x, slots.slot_r[c0:c1], slots.slot_win[c0:c1],
-                                         matmul_dtype=matmul_dtype).transpose(1, 2).to(vn.dtype)
+            o[c0:c1] = _map_fn()(*x, slots.slot_r[c0:c1], slots.slot_win[c0:c1],
+                                         slots.max_window, matmul_dtype=matmul_dtype).transpose(1, 2).to(vn.dtype)
     return o.view(-1, HV, V)[slots.tok_slot]
 
 
@@ -220,7 +243,8 @@ def window_backward_chunked(noisy, don, k, v_new, gc, h, dv_clean, meta, scale, 
     for c0, c1 in P.groups:
         with torch.enable_grad():
             x = [t.detach().requires_grad_() for t in P.gather(c0, c1)]
-            o = chunk_windows_map(*x, slots.slot_r[c0:c1], slots.slot_win[c0:c1], matmul_dtype=matmul_dtype)
+            o = _map_fn()(*x, slots.slot_r[c0:c1], slots.slot_win[c0:c1], slots.max_window,
+                          matmul_dtype=matmul_dtype)
             st = slots.slot_tok[c0:c1]
             g = torch.autograd.grad(o, x, don_pad[st].transpose(1, 2).to(f))
         dh, dKc, dVc, dGc, dQ, dKn, dVn, dgs, dbs = g
