@@ -28,6 +28,7 @@ def _error_lines(stderr: str) -> list[str]:
     (["decode", "--threshold", "0", "--prompt", "hi"], "--threshold"),
     (["decode", "--block-size", "0", "--prompt", "hi"], "--block-size"),
     (["decode", "--max-new-tokens", "abc", "--prompt", "hi"], "--max-new-tokens"),
+    (["decode", "--dtype", "fp8", "--prompt", "hi"], "--dtype"),
     (["train", "no-such-recipe"], "neither a shipped recipe"),
     (["train", "debug", "train.lrr=1"], "did you mean 'lr'"),
     (["train", "debug", "train.lr"], "key.path=value"),
@@ -97,7 +98,7 @@ def test_convert_then_decode_loads_the_checkpoint(tmp_path):
     assert meta["block_size"] == 4
     for mode in ("ar", "ar-trust", "diffusion-trust"):
         res = _run("decode", "--model", str(out / "final"), "--mode", mode, "--prompt", "hi", "--raw",
-                   "--max-new-tokens", "6", "--json")
+                   "--max-new-tokens", "6", "--json", "--dtype", "float32")
         assert res.returncode == 0, res.stderr[-2000:]
         row = json.loads(res.stdout.strip().splitlines()[-1])
         assert len(row["token_ids"]) <= 6 and row["forwards"] >= 1

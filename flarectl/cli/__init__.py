@@ -24,6 +24,7 @@ out = Console()
 err = Console(stderr=True)
 
 MODES = ("ar", "ar-trust", "diffusion-trust")
+DECODE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODEL_HELP = "Preset (see `flarectl models`), local checkpoint directory, or hub id (ORG/NAME)."
 
 
@@ -122,8 +123,12 @@ def decode(
     random_init: bool = typer.Option(False, help="Random weights for presets of real shapes."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per prompt instead of streamed text."),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16. "
+                                           "AR-Trust is bit-exact against AR in float32."),
 ) -> None:
     """Generate from a model in any decoding mode."""
+    if dtype not in DECODE_DTYPES:
+        _fail(f"--dtype must be one of {', '.join(DECODE_DTYPES)}, got '{dtype}'")
     if mode not in MODES:
         _fail(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
     if max_new_tokens < 1:
@@ -141,7 +146,7 @@ def decode(
     from flarectl.decoding import generate
     from flarectl.models.loading import load_model
 
-    m = load_model(model, random_init=random_init, device=device)
+    m = load_model(model, random_init=random_init, device=device, dtype=dtype)
     meta = m.flare_meta
     if mode != "ar" and meta is None and m.tokenizer.mask_token_id is None:
         _fail(f"{model} has no mask token: trust modes need a FLARE checkpoint (flarectl convert) or a model with one")
