@@ -154,6 +154,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return build(tp, value, path)
     if origin is Literal:
+        if isinstance(value, bool) and value not in args:
+            # YAML 1.1 reads a bare no/off/yes/on as a boolean: map it back to the spelling the choices use
+            spellings = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((a for a in args if isinstance(a, str) and a.lower() in spellings), value)
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, args))}")
         return value

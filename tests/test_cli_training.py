@@ -66,6 +66,8 @@ def test_override_types_are_checked():
     assert load_recipe("debug", ["train.lr=1e-4"]).train.lr == 1e-4  # YAML 1.1 would read "1e-4" as a string
     with pytest.raises(ConfigError, match="flare.block_size"):
         load_recipe("debug", ["flare.block_size=true"])
+    # YAML 1.1 reads a bare `no` as false: a choice field takes it back as the spelling it lists
+    assert load_recipe("debug", ["train.mixed_precision=no"]).train.mixed_precision == "no"
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,6 @@ json.dump({"name": name, "one_gpu": rows[0], "fsdp_2gpu": rows[1], "worst_rel_lo
           open(f"{__import__('os').environ['OUT']}/fsdp_{name}.json", "w"))
 PY
 }
-pair debug-hybrid-fp32 debug train.max_steps=8 'train.mixed_precision="no"'  # quoted: a bare no is YAML false
+pair debug-hybrid-fp32 debug train.max_steps=8 train.mixed_precision=no
 pair qwen35-08b-bf16 debug model.name=qwen3.5-0.8b model.random_init=true model.dtype=float32 data.max_seq_len=1024 \
      train.max_steps=8 train.lr=1e-4 train.mixed_precision=bf16
