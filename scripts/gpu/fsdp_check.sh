@@ -38,5 +38,5 @@ PY
 # GDN through the pure-torch reference: what is compared is the sharding and the rank slicing, not the kernels, and
 # the fused path would spend minutes per process on fla's autotuning and the Hopper gradient self-check.
 pair debug-hybrid-fp32 debug train.max_steps=8 train.mixed_precision=no model.gdn_backend=reference
-pair qwen35-08b-bf16 debug model.name=qwen3.5-0.8b model.random_init=true model.dtype=float32 data.max_seq_len=512 \
-     train.max_steps=6 train.lr=1e-4 train.mixed_precision=bf16 model.gdn_backend=reference
+pair qwen35-08b-bf16 debug model.name=qwen3.5-0.8b model.random_init=true model.dtype=float32 data.max_seq_len=256 \
+     train.max_steps=4 train.lr=1e-4 train.mixed_precision=bf16 model.gdn_backend=reference
