@@ -35,7 +35,7 @@ def test_serving_benchmark_cli_writes_table_json_png(tmp_path):
 
 def test_step_cost_cli(tmp_path):
     res = CliRunner().invoke(app, ["bench", "--model", "debug-llama", "--step-cost", "--concurrency", "2",
-                                   "--context", "8", "--block-size", "2", "--out", str(tmp_path)])
+                                   "--context", "8", "--block-size", "2", "--no-compile", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "step_cost_torch.json").read_text())
     assert [(s["kind"], s["width_clean"], s["width_window"]) for s in data["steps"]] == [

@@ -63,6 +63,18 @@ def test_static_step_equals_adapter_path(debug_models, name):
         assert torch.equal(b.cache.lengths, backends[0].cache.lengths)
 
 
+@pytest.mark.parametrize("name", ["debug-hybrid", "debug-llama"])
+def test_static_step_with_fused_projections_equals_adapter_path(debug_models, name):
+    """The fused-projection step (one GEMM for q|k|v or qkv|z|b|a, one for gate|up; the CUDA default) == the
+    adapter path, eager here."""
+    m = debug_models[name]
+    backends = [SlotBackend(m, 4, 64, fuse=True), AdapterBackend(m, 4, 64)]
+    assert backends[0].eager.fused and all("w_gate_up" in w for w in backends[0].eager.fused.values())
+    for b in backends:
+        b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
+    _random_steps(backends, STEPS, 4, seed=2)
+
+
 def test_static_step_equals_recompute(debug_models):
     m = debug_models["debug-hybrid"]
     backends = [SlotBackend(m, 3, 64), RecomputeBackend(m, 3, 64)]
@@ -81,6 +93,19 @@ def test_static_step_masks_short_windows(debug_models):
     out = wide.step(ids, torch.tensor([1, 1]), torch.tensor([3, 4]), torch.tensor([True, True]), 1)
     ref = alone.step(ids[:1, :4], torch.tensor([1]), torch.tensor([3]), torch.tensor([True]), 1)
     torch.testing.assert_close(out[0, :4], ref[0], rtol=1e-9, atol=1e-9)
+
+
+def test_compile_defaults(monkeypatch):
+    """torch.compile of the static step: on for CUDA by default, off elsewhere; FLARECTL_ENGINE_COMPILE overrides."""
+    from flarectl.engine.static_step import resolve_compile
+
+    monkeypatch.delenv("FLARECTL_ENGINE_COMPILE", raising=False)
+    assert resolve_compile(None, torch.device("cuda")) and not resolve_compile(None, torch.device("cpu"))
+    assert resolve_compile(False, torch.device("cuda")) is False and resolve_compile(True, torch.device("cpu"))
+    monkeypatch.setenv("FLARECTL_ENGINE_COMPILE", "0")
+    assert not resolve_compile(None, torch.device("cuda"))
+    m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+    assert not SlotBackend(m, 2, 32).eager.compiled
 
 
 MIX = [  # (prompt, mode, block, max_new, threshold)
@@ -187,11 +212,11 @@ def test_engine_rejects_bad_settings(debug_models):
 # -- GPU: CUDA graphs and fla's fused recurrent kernel against the eager torch step ---------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["torch", "fla"])
-def test_graphed_step_equals_eager_on_cuda(kernel):
+@pytest.mark.parametrize("kernel,compile", [("torch", False), ("fla", False), ("fla", True)])
+def test_graphed_step_equals_eager_on_cuda(kernel, compile):
     pytest.importorskip("fla") if kernel == "fla" else None
     m = load_model("debug-hybrid", dtype="float32", device="cuda", seed=1)
-    graphed = SlotBackend(m, 4, 64, cuda_graphs=True, gdn_kernel=kernel)
+    graphed = SlotBackend(m, 4, 64, cuda_graphs=True, gdn_kernel=kernel, compile=compile)
     eager = AdapterBackend(m, 4, 64)
     for b in (graphed, eager):
         b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
@@ -201,13 +226,18 @@ def test_graphed_step_equals_eager_on_cuda(kernel):
         counts = (torch.randint(0 if ww else 1, wc + 1, (4,), generator=g) if wc else torch.zeros(4).long()).cuda()
         wlen = torch.full((4,), ww).cuda()
         commit = (torch.rand(4, generator=g) < 0.6).cuda()
+        late = (torch.rand(4, generator=g) < 0.5).cuda() & ~commit  # committed after the step (finish_step)
         a = graphed.step(ids, counts, wlen, commit, wc).clone()
         b = eager.step(ids, counts, wlen, commit, wc)
+        for be in (graphed, eager):
+            be.finish_step(late)
         for r in range(4):
             c = int(counts[r])
             torch.testing.assert_close(a[r, :c], b[r, :c], rtol=2e-3, atol=2e-3)
             torch.testing.assert_close(a[r, wc:], b[r, wc:], rtol=2e-3, atol=2e-3)
+        assert torch.equal(graphed.cache.lengths, eager.cache.lengths)
     assert graphed.cuda_graphs and graphed.gdn_kernel == kernel
+    assert graphed.compiled == compile, graphed.eager.compile_error  # compiled and captured, no eager fallback
 
 
 @pytest.mark.gpu
@@ -223,3 +253,11 @@ def test_engine_on_cuda_equals_reference_backend():
         outs.append([r.token_ids for r in engine.run()])
     assert outs[0] == outs[1]
     assert engine.backend.name == "adapter"
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_compiles_by_default():
+    """On CUDA the static step is torch.compiled before capture unless asked not to (FLARECTL_ENGINE_COMPILE=0)."""
+    m = load_model("debug-hybrid", dtype="float32", device="cuda", seed=1)
+    assert SlotBackend(m, 2, 32).eager.compiled
+    assert not SlotBackend(m, 2, 32, compile=False).eager.compiled

@@ -82,6 +82,8 @@ def serve(
     context: int = typer.Option(512, help="--step-cost: committed tokens per slot."),
     gdn_kernel: str = typer.Option("auto", help="Engine GDN recurrence: auto (fla on CUDA if installed) | torch | fla "
                                                 "(--step-cost: a comma list, e.g. fla,torch)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="torch.compile the engine step (default: on for CUDA)."),
     out_dir: Path = typer.Option(Path("bench-out"), "--out", help="Directory for JSON and PNG."),
 ) -> None:
     """Serving benchmark of the engine (default) or, with --step-cost, step time vs roofline."""
@@ -115,7 +117,7 @@ def serve(
     out_dir.mkdir(parents=True, exist_ok=True)
     if step_cost:
         _render_step_cost(m, model, weights, levels, block_size or (m.flare_meta.block_size if m.flare_meta else 4),
-                          context, out_dir, kernels)
+                          context, out_dir, kernels, compile)
         return
     block, mask, note = _trust_settings(m, modes, block_size, mask_token_id, random_init)
     ids = bench.encode_prompts(m.tokenizer, texts, max(num_requests or 0, 2 * max(levels)))
@@ -129,7 +131,8 @@ def serve(
     def run():
         return bench.serving_benchmark(m, ids, modes=modes, concurrency=levels, num_requests=num_requests,
                                        max_new_tokens=max_new_tokens, block_size=block, threshold=threshold,
-                                       baseline=baseline, meta=meta, on_point=progress, gdn_kernel=gdn_kernel)
+                                       baseline=baseline, meta=meta, on_point=progress, gdn_kernel=gdn_kernel,
+                                       compile=compile)
 
     report = _with_mask(m, mask, block, run)
     data = report.to_json() | {"weights": weights, "note": note}
@@ -185,11 +188,12 @@ def _render_serving(report, weights: str) -> None:
 
 
 def _render_step_cost(model, name: str, weights: str, levels: list[int], block: int, context: int,
-                      out_dir: Path, kernels: list[str]) -> None:
+                      out_dir: Path, kernels: list[str], compile: bool | None) -> None:
     from flarectl.engine import bench
 
     for kernel in kernels:
-        data = bench.step_cost(model, concurrency=levels, block_size=block, context=context, gdn_kernel=kernel)
+        data = bench.step_cost(model, concurrency=levels, block_size=block, context=context, gdn_kernel=kernel,
+                               compile=compile)
         data |= {"model": name, "weights": weights, "dtype": str(model.dtype).replace("torch.", ""),
                  "device": str(model.device) + (f" ({_gpu_name()})" if model.device.type == "cuda" else "")}
         path = out_dir / f"step_cost_{data['gdn_kernel']}.json"

@@ -12,6 +12,7 @@ lossless — the output distribution is the AR one), ``diffusion-trust`` (denois
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 from flarectl.decoding import ar_trust, diffusion_trust  # noqa: F401  (mode rules the engine calls)
@@ -23,6 +24,9 @@ __all__ = ["MODES", "GenerationResult", "Sampler", "StopChecker", "generate"]
 
 MODES = ("ar", "ar-trust", "diffusion-trust")
 MAX_BLOCK_SIZE = 64
+# generate() compiles the engine step (CUDA) only for calls with at least this many requested tokens: a compile
+# costs ~10 s per step shape, which a one-off short decode would not win back.
+COMPILE_MIN_TOKENS = 4096
 
 
 def _vocab_size(model) -> int:
@@ -81,13 +85,16 @@ def generate(
     on_token: Callable[[int, list[int]], None] | None = None,
     mask_token_id: int | None = None,
     use_cache: bool = True,
+    compile: bool | None = None,
 ) -> list[GenerationResult]:
     """Generate a continuation for every prompt (a batch; rows finish independently).
 
     ``prompts``: token id lists (any lengths). ``stop_ids``: defaults to the tokenizer's EOS id. ``on_token(row,
     new_ids)`` is called as tokens become final. ``block_size`` / ``mask_token_id`` default to the checkpoint's
     FLARE metadata (trust modes). All prompts share one seeded sampler. ``use_cache=False`` recomputes every forward
-    from scratch (the reference twin of the engine's slot cache).
+    from scratch (the reference twin of the engine's slot cache). ``compile``: torch.compile the engine step (CUDA
+    only; each new step shape compiles once per process, ~10 s). None: only when the call is large enough to pay
+    that back (prompts x max_new_tokens >= COMPILE_MIN_TOKENS) or as env FLARECTL_ENGINE_COMPILE says.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     _validate(prompts, mode, max_new_tokens, temperature, top_p, block_size, threshold, stop_strings, tokenizer)
@@ -103,8 +110,10 @@ def generate(
     from flarectl.engine import Engine, Request  # the engine imports this package's mode rules
 
     capacity = max(map(len, prompts)) + max_new_tokens + 2 * (block_size or 1) + 2
+    if compile is None and os.environ.get("FLARECTL_ENGINE_COMPILE") is None:
+        compile = model.device.type == "cuda" and len(prompts) * max_new_tokens >= COMPILE_MIN_TOKENS
     engine = Engine(model, concurrency=len(prompts), capacity=capacity, backend="auto" if use_cache else "recompute",
-                    block_size=block_size, mask_token_id=mask_id, tokenizer=tokenizer)
+                    block_size=block_size, mask_token_id=mask_id, tokenizer=tokenizer, compile=compile)
     for p in prompts:
         engine.submit(Request(p, mode, max_new_tokens, temperature, top_p, seed, block_size, threshold, stop_ids,
                               stop_strings, on_token, sampler=sampler))

@@ -48,16 +48,18 @@ def prefill_into(model, cache: HybridCache, slots: list[int], contexts: list[lis
 
 
 class SlotBackend:
-    """Static slot cache of ``slots`` x ``capacity`` tokens, stepped by ``StaticStep`` (graphed on CUDA)."""
+    """Static slot cache of ``slots`` x ``capacity`` tokens, stepped by ``StaticStep`` (graphed on CUDA;
+    ``compile``: torch.compile the step's pieces before capture, default on for CUDA; ``fuse``: one GEMM per group
+    of projections that read the same input, default = ``compile``)."""
 
     name = "static"
 
     def __init__(self, model, slots: int, capacity: int, *, cuda_graphs: bool | None = None,
-                 gdn_kernel: str = "auto"):
+                 gdn_kernel: str = "auto", compile: bool | None = None, fuse: bool | None = None):
         self.model = model
         self.capacity = capacity
         self.cache = model.new_cache(slots, capacity)
-        eager = StaticStep(model, self.cache, gdn_kernel=gdn_kernel)
+        eager = StaticStep(model, self.cache, gdn_kernel=gdn_kernel, compile=compile, fuse=fuse)
         self.eager = eager
         self.gdn_kernel = eager.kernel
         use_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -68,6 +70,10 @@ class SlotBackend:
         else:
             self._step = eager
         self.cuda_graphs = bool(use_graphs)
+
+    @property
+    def compiled(self) -> bool:
+        return self.eager.compiled
 
     def prefill(self, slots: list[int], contexts: list[list[int]]) -> None:
         prefill_into(self.model, self.cache, slots, contexts)

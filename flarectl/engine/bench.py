@@ -139,14 +139,15 @@ def _acceptance(mode: str, results) -> float | None:
 
 def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *, max_new_tokens: int,
                  block_size: int | None, threshold: float, mask_token_id: int | None = None,
-                 backend: str = "auto", gdn_kernel: str = "auto") -> tuple[ServingPoint, dict]:
+                 backend: str = "auto", gdn_kernel: str = "auto",
+                 compile: bool | None = None) -> tuple[ServingPoint, dict]:
     """Decode ``prompts`` with the engine at ``concurrency`` (a short warm-up run first captures the graphs)."""
     from flarectl.engine import Engine, Request
 
     block = block_size or 0
     capacity = max(map(len, prompts)) + max_new_tokens + 2 * max(block, 1) + 2
     engine = Engine(model, concurrency=concurrency, capacity=capacity, backend=backend, block_size=block_size,
-                    mask_token_id=mask_token_id, gdn_kernel=gdn_kernel)
+                    mask_token_id=mask_token_id, gdn_kernel=gdn_kernel, compile=compile)
     kw = dict(mode=mode, max_new_tokens=max_new_tokens, threshold=threshold, stop_ids=[])
     engine.warmup([mode], block_size)
     for p in prompts[:concurrency]:  # warm-up: graph capture for this run's shapes, allocator, kernels
@@ -171,7 +172,8 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
         1000 * percentile([r.tpot for r in ok], 50), 1000 * percentile([r.tpot for r in ok], 99),
         failed=len(results) - len(ok))
     info = {"backend": engine.backend.name, "cuda_graphs": getattr(engine.backend, "cuda_graphs", False),
-            "gdn_kernel": getattr(engine.backend, "gdn_kernel", None)}
+            "gdn_kernel": getattr(engine.backend, "gdn_kernel", None),
+            "compiled": getattr(engine.backend, "compiled", False)}
     return point, info
 
 
@@ -202,7 +204,7 @@ def hf_baseline(model, prompts: list[list[int]], concurrency: int, *, max_new_to
 def serving_benchmark(model, prompts: list[list[int]], *, modes: list[str], concurrency: list[int],
                       num_requests: int | None, max_new_tokens: int, block_size: int | None, threshold: float,
                       baseline: bool = True, meta: dict | None = None, on_point=None,
-                      gdn_kernel: str = "auto") -> ServingReport:
+                      gdn_kernel: str = "auto", compile: bool | None = None) -> ServingReport:
     """Every mode x concurrency through the engine, plus the HF baseline per concurrency. ``num_requests``:
     requests per point (default 2 x concurrency). ``on_point(point)`` is called as results arrive."""
     report = ServingReport(**(meta or {}), max_new_tokens=max_new_tokens, block_size=block_size,
@@ -213,7 +215,7 @@ def serving_benchmark(model, prompts: list[list[int]], *, modes: list[str], conc
         for mode in modes:
             point, info = engine_point(model, batch, mode, c, max_new_tokens=max_new_tokens,
                                        block_size=block_size if mode != "ar" else None, threshold=threshold,
-                                       gdn_kernel=gdn_kernel)
+                                       gdn_kernel=gdn_kernel, compile=compile)
             report.engine = info
             report.points.append(point)
             if on_point:
@@ -268,7 +270,7 @@ class StepCost:
 
 
 def step_cost(model, *, concurrency: list[int], block_size: int, context: int = 512, repeats: int = 30,
-              backend: str = "static", gdn_kernel: str = "auto") -> dict:
+              backend: str = "static", gdn_kernel: str = "auto", compile: bool | None = None) -> dict:
     """Time the engine step for each C: AR (C x 1), verify (C x (B+1) clean), draft/denoise (C x (B+1) clean
     + B window) with every slot holding ``context`` committed tokens, against weight bytes / copy bandwidth."""
     from flarectl.engine.backends import make_backend
@@ -280,7 +282,7 @@ def step_cost(model, *, concurrency: list[int], block_size: int, context: int = 
     shapes = {"ar": (1, 0), "verify": (block_size + 1, 0), "draft": (block_size + 1, block_size)}
     rows = []
     for c in concurrency:
-        be = make_backend(backend, model, c, context + 2 * block_size + 4, gdn_kernel=gdn_kernel)
+        be = make_backend(backend, model, c, context + 2 * block_size + 4, gdn_kernel=gdn_kernel, compile=compile)
         be.cache.lengths.fill_(context)  # slots look full: attention reads `context` keys (contents do not matter)
         for kind, (wc, ww) in shapes.items():
             ids = torch.zeros(c, wc + ww, dtype=torch.long, device=dev)
@@ -299,7 +301,8 @@ def step_cost(model, *, concurrency: list[int], block_size: int, context: int = 
                     times.append(time.perf_counter() - t0)
             rows.append(StepCost(kind, c, wc, ww, 1000 * percentile(times, 50), roof_ms))
     return {"weight_bytes": wbytes, "gdn_kernel": getattr(be, "gdn_kernel", None),
-            "cuda_graphs": getattr(be, "cuda_graphs", False), "copy_bandwidth_bytes_per_s": bw, "roofline_ms": roof_ms,
+            "cuda_graphs": getattr(be, "cuda_graphs", False), "compiled": getattr(be, "compiled", False),
+            "copy_bandwidth_bytes_per_s": bw, "roofline_ms": roof_ms,
             "context": context, "block_size": block_size,
             "steps": [asdict(r) | {"ratio_to_roofline": r.ratio} for r in rows]}
 

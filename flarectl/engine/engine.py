@@ -27,17 +27,18 @@ from flarectl.engine.requests import MAX_BLOCK_SIZE, MODES, Request, RequestResu
 class Engine:
     """Continuous-batching decoder. ``capacity``: tokens per slot (prompt + new tokens + 2 blocks + 2 must fit).
     ``block_size`` / ``mask_token_id``: defaults for trust-mode requests (else the checkpoint's FLARE metadata).
-    ``backend``: auto | static | adapter | recompute (``backends``)."""
+    ``backend``: auto | static | adapter | recompute (``backends``). ``compile``: torch.compile the static step
+    before CUDA-graph capture (None: on for CUDA; env FLARECTL_ENGINE_COMPILE=0 turns it off)."""
 
     def __init__(self, model, *, concurrency: int = 8, capacity: int = 4096, backend: str = "auto",
                  block_size: int | None = None, mask_token_id: int | None = None, tokenizer=None,
-                 cuda_graphs: bool | None = None, gdn_kernel: str = "auto"):
+                 cuda_graphs: bool | None = None, gdn_kernel: str = "auto", compile: bool | None = None):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1; got {concurrency}")
         self.model = model
         self.device = model.device
         self.concurrency, self.capacity = concurrency, capacity
-        kw = dict(cuda_graphs=cuda_graphs, gdn_kernel=gdn_kernel)
+        kw = dict(cuda_graphs=cuda_graphs, gdn_kernel=gdn_kernel, compile=compile)
         self.backend = make_backend(backend, model, concurrency, capacity, **kw)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         meta = getattr(model, "flare_meta", None)

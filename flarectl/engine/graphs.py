@@ -38,7 +38,14 @@ class GraphedStep:
     def __call__(self, ids, counts, wlen, commit, width_clean: int) -> torch.Tensor:
         key = (width_clean, ids.shape[1] - width_clean)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
+            try:
+                self.graphs[key] = self._capture(*key)
+            except Exception as exc:  # noqa: BLE001 - a compiled step that cannot be captured: capture it eager
+                if not getattr(self.step, "compiled", False):
+                    raise
+                self.step.fallback_eager(f"CUDA graph capture of the compiled step failed: {exc}")
+                torch.cuda.synchronize()
+                self.graphs[key] = self._capture(*key)
         graph, bufs, out = self.graphs[key]
         bufs["ids"].copy_(ids)
         bufs["counts"].copy_(counts)

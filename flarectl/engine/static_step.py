@@ -13,9 +13,20 @@ No host sync, no data-dependent shape: attention runs over the whole capacity wi
 values are scattered at each slot's length, the Gated DeltaNet layers run a W-token recurrence (padding tokens
 are identity updates: decay 1, beta 0) and the convolution state is gathered at ``counts``. So on CUDA each
 (C, Wc, Ww) shape is captured once as a CUDA graph and replayed.
+
+The step is cut into pure functions — a prologue (positions, embedding, RoPE, mask), one block per decoder layer
+(``gdn_block`` / ``attention_block``: norm, mixer, residual, MLP, cache update) and the head — so that with
+``compile=True`` (the default on CUDA) each is ``torch.compile``d (inductor, ``dynamic=False``; the same code
+serves every layer of a kind) and the CUDA graph captures the fused kernels: eager, a decoder layer is ~90 small
+kernels, which made the step cost ~4x the weight-bandwidth roofline (docs/perf/engine.md). The GDN recurrence is
+one opaque op (``flarectl::gdn_recurrence[_keep]``: fla's fused recurrent kernel on CUDA, with the q/k L2 norm and the
+scale inside it and the final state written straight into the step's kept-state buffer; a torch loop elsewhere).
 """
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +34,14 @@ import torch.nn.functional as F
 from flarectl.models.adapter import ATTENTION
 from flarectl.models.attention import _project, apply_rope
 from flarectl.models.cache import HybridCache
-from flarectl.models.gdn import _conv, _gates, _output, _prepare_qk, _split_heads, _step
+from flarectl.models.gdn import _gates, _l2norm, _split_heads, _step
 
+
+# -- the GDN recurrence as one op -----------------------------------------------------------------------------------
 
 def torch_recurrence(state, q, k, v, g, beta):
-    """Gated delta rule over T tokens (pure torch). state [C,HV,K,V]; q,k [C,T,HV,K]; v [C,T,HV,V];
-    g, beta [C,T,HV] -> (outputs [C,T,HV,V], final state)."""
+    """Gated delta rule over T tokens (pure torch). state [C,HV,K,V]; q,k [C,T,HV,K] (normalised, scaled);
+    v [C,T,HV,V]; g, beta [C,T,HV] -> (outputs [C,T,HV,V], final state)."""
     outs = []
     for t in range(q.shape[1]):
         state, o = _step(state, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t])
@@ -38,16 +51,87 @@ def torch_recurrence(state, q, k, v, g, beta):
     return torch.stack(outs, 1), state
 
 
-def fla_recurrence(state, q, k, v, g, beta):
-    """Same contract as ``torch_recurrence`` through fla's fused recurrent kernel (CUDA)."""
+def _recurrence_torch(q, k, v, g, beta, initial, final, scale):
+    r = v.shape[2] // q.shape[2]
+    q, k = _l2norm(q) * scale, _l2norm(k)
+    if r > 1:
+        q, k = q.repeat_interleave(r, dim=-2), k.repeat_interleave(r, dim=-2)
+    o, state = torch_recurrence(initial, q, k, v, g, beta)
+    if final is not None:
+        final.copy_(state)
+    return o.to(v.dtype)
+
+
+_FLA_DIRECT = [True]  # call fla's kernel with our own final-state buffer; off after the first failure
+
+
+def _recurrence_fla(q, k, v, g, beta, initial, final, scale):
+    """fla's fused recurrent kernel (0.6.0) launched directly so that the final state lands in ``final`` (no extra
+    allocation and copy); the public API (plus a copy) if that kernel's signature ever changes."""
+    q, k, v, g, beta, initial = (t.contiguous() for t in (q, k, v, g, beta, initial))
+    if q.shape[1] == 0:
+        if final is not None:
+            final.copy_(initial)
+        return torch.zeros_like(v)
+    if _FLA_DIRECT[0]:
+        try:
+            import triton
+            from fla.ops.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_fwd_kernel as kern
+
+            B, T, H, K = k.shape
+            HV, V = v.shape[2], v.shape[3]
+            BK, BV = triton.next_power_of_2(K), min(8, triton.next_power_of_2(V))
+            o = torch.empty_like(v)
+            kern[(triton.cdiv(V, BV) * B * HV,)](
+                q=q, k=k, v=v, g=g, gk=None, gv=None, beta=beta, A_log=None, dt_bias=None, o=o, h0=initial,
+                ht=final, cu_seqlens=None, scale=scale, T=T, H=H, HV=HV, K=K, V=V, BK=BK, BV=BV,
+                USE_QK_L2NORM_IN_KERNEL=True, IS_BETA_HEADWISE=True, STATE_V_FIRST=False, APPLY_BETA_SIGMOID=False,
+                ALLOW_NEG_EIGVAL=False, num_warps=1, num_stages=3)
+            return o
+        except Exception as exc:  # noqa: BLE001 - another fla version: its public API below
+            warnings.warn(f"fla fused-recurrent kernel not callable directly ({exc}); using its public API")
+            _FLA_DIRECT[0] = False
     from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
 
-    if q.shape[1] == 0:
-        return v.new_zeros(v.shape), state
-    q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
-    o, final = fused_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, scale=1.0, initial_state=state.contiguous(),
-                                                output_final_state=True, use_qk_l2norm_in_kernel=False)
-    return o, final
+    o, ht = fused_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial,
+                                             output_final_state=final is not None, use_qk_l2norm_in_kernel=True)
+    if final is not None:
+        final.copy_(ht)
+    return o
+
+
+def _recurrence(q, k, v, g, beta, initial, final, scale, kernel):
+    if kernel == "fla":
+        return _recurrence_fla(q, k, v, g, beta, initial, final, scale)
+    return _recurrence_torch(q, k, v, g, beta, initial, final, scale)
+
+
+@torch.library.custom_op("flarectl::gdn_recurrence_keep", mutates_args=("final",))
+def gdn_recurrence_keep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                        initial: torch.Tensor, final: torch.Tensor, scale: float, kernel: str) -> torch.Tensor:
+    """Gated delta rule over T tokens from ``initial`` [C,HV,K,V]. q,k [C,T,H,K] raw (L2-normalised and q scaled by
+    ``scale`` here; HV a multiple of H, v-head j reads k-head j // (HV/H)); v [C,T,HV,V]; g (log decay), beta
+    [C,T,HV]. Returns o [C,T,HV,V] (v's dtype) and writes the state after the T tokens into ``final``.
+    kernel: 'fla' (CUDA) or 'torch'."""
+    return _recurrence(q, k, v, g, beta, initial, final, scale, kernel)
+
+
+@gdn_recurrence_keep.register_fake
+def _(q, k, v, g, beta, initial, final, scale, kernel):
+    return torch.empty_like(v)
+
+
+@torch.library.custom_op("flarectl::gdn_recurrence", mutates_args=())
+def gdn_recurrence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                   initial: torch.Tensor, scale: float, kernel: str) -> torch.Tensor:
+    """``gdn_recurrence_keep`` without keeping the final state (a window's recurrence). (Two ops, not one with an
+    optional ``final``: inductor (torch 2.13) fails on a mutated argument passed as None.)"""
+    return _recurrence(q, k, v, g, beta, initial, None, scale, kernel)
+
+
+@gdn_recurrence.register_fake
+def _(q, k, v, g, beta, initial, scale, kernel):
+    return torch.empty_like(v)
 
 
 def resolve_gdn_kernel(kernel: str, device: torch.device) -> str:
@@ -65,13 +149,198 @@ def resolve_gdn_kernel(kernel: str, device: torch.device) -> str:
     return "fla"
 
 
-class StaticStep:
-    """``step(ids, counts, wlen, commit, width_clean)`` -> logits [C, W, V] on a fixed slot cache."""
+def resolve_compile(compile: bool | None, device: torch.device) -> bool:
+    """None -> on for CUDA (env ``FLARECTL_ENGINE_COMPILE=0`` turns it off), off elsewhere (CPU stays eager)."""
+    if compile is None:
+        env = os.environ.get("FLARECTL_ENGINE_COMPILE")
+        if env is not None:
+            return env.strip().lower() not in ("0", "false", "no", "off", "")
+        return device.type == "cuda"
+    return bool(compile)
 
-    def __init__(self, model, cache: HybridCache, *, gdn_kernel: str = "auto"):
+
+# -- the step's pieces (pure functions of modules and tensors: compiled as they are) --------------------------------
+
+def _conv_taps(inputs: torch.Tensor, weight: torch.Tensor, bias, n_out: int, dt: torch.dtype) -> torch.Tensor:
+    """Depthwise causal conv + SiLU as a sum over the taps: inputs [C, k-1+n, D] (left context first), weight
+    [D, k] -> [C, n, D] in ``dt``. Same values as ``gdn._conv`` (F.conv1d), but pointwise (fuses when compiled)."""
+    taps = weight.shape[-1]
+    if n_out == 0:
+        return inputs.new_zeros(inputs.shape[0], 0, inputs.shape[-1], dtype=dt)
+    x, w = inputs[:, -(n_out + taps - 1):].to(dt), weight.to(dt)
+    out = x[:, :n_out] * w[:, 0]
+    for j in range(1, taps):
+        out = out + x[:, j:j + n_out] * w[:, j]
+    if bias is not None:
+        out = out + bias.to(dt)
+    return F.silu(out)
+
+
+def _plain_linears(linears) -> bool:
+    return all(type(lin) is torch.nn.Linear and lin.bias is None and type(lin.weight.data) is torch.Tensor
+               for lin in linears)
+
+
+def fuse_weights(linears) -> torch.Tensor | None:
+    """One [sum(out), in] copy of the weights of bias-free linears that read the same input (one GEMM instead of
+    several: fewer kernels per layer), or None where that does not apply."""
+    if not _plain_linears(linears):
+        return None
+    return torch.cat([lin.weight.detach() for lin in linears], 0)
+
+
+def _mlp(mlp, x, w_gate_up):
+    if w_gate_up is None:
+        return mlp(x)
+    gate, up = F.linear(x, w_gate_up).chunk(2, -1)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit, wc: int, kernel: str,
+              w_in=None, w_gate_up=None):
+    """One Gated DeltaNet decoder layer of the step: hidden [C, W, hidden] -> [C, W, hidden]. Writes the state and
+    conv context after each row's clean tokens into ``last_state`` / ``last_conv`` and into the cache
+    (``state`` / ``conv``) for rows with ``commit``. ``w_in`` / ``w_gate_up``: fused copies of the input
+    projections [qkv | z | b | a] and of the MLP's [gate | up] (``fuse_weights``), or None."""
+    module = layer.linear_attn
+    x = layer.input_layernorm(hidden)
+    width = x.shape[1]
+    ww = width - wc
+    dt = torch.promote_types(x.dtype, torch.float32)
+    if w_in is None:
+        mixed, z = module.in_proj_qkv(x), module.in_proj_z(x)
+        g, beta = _gates(module, x)
+    else:
+        nv = module.num_v_heads
+        mixed, z, b, a = F.linear(x, w_in).split([w_in.shape[0] - module.value_dim - 2 * nv, module.value_dim, nv,
+                                                  nv], -1)
+        beta = b.sigmoid()
+        g = -module.A_log.float().exp() * F.softplus(a.float() + module.dt_bias)  # as gdn._gates
+    g, beta = g.to(dt), beta.to(dt)
+    weight, bias = module.conv1d.weight.squeeze(1), module.conv1d.bias
+    span = conv.shape[-1]
+    ctx = torch.cat([conv.transpose(1, 2).to(mixed.dtype), mixed[:, :wc]], 1)  # [C, k-1+Wc, D]
+    idx = counts[:, None] + torch.arange(span, device=x.device)[None]
+    left = ctx.gather(1, idx[:, :, None].expand(-1, -1, ctx.shape[-1]))  # conv context after the clean tokens
+    scale = module.head_k_dim ** -0.5
+
+    q, k, v = _split_heads(module, _conv_taps(ctx, weight, bias, wc, dt))
+    real = (torch.arange(wc, device=x.device)[None] < counts[:, None])[..., None]  # [C, Wc, 1]
+    gc, bc = g[:, :wc] * real, beta[:, :wc] * real  # padding: decay 1, no write
+    core = gdn_recurrence_keep(q.contiguous(), k.contiguous(), v.contiguous(), gc, bc, state.to(dt), last_state,
+                               scale, kernel)
+    if ww:
+        yn = _conv_taps(torch.cat([left, mixed[:, wc:]], 1), weight, bias, ww, dt)
+        qn, kn, vn = _split_heads(module, yn)
+        o_win = gdn_recurrence(qn.contiguous(), kn.contiguous(), vn.contiguous(), g[:, wc:].contiguous(),
+                               beta[:, wc:].contiguous(), last_state.to(dt), scale, kernel)
+        core = torch.cat([core, o_win], 1)
+    last_conv.copy_(left.transpose(1, 2))
+    state.copy_(torch.where(commit[:, None, None, None], last_state, state))
+    conv.copy_(torch.where(commit[:, None, None], last_conv, conv))
+    hv = module.head_v_dim  # gated RMSNorm with z, out_proj: as gdn._output
+    normed = module.norm(core.reshape(-1, hv).to(x.dtype), z.reshape(-1, hv))
+    hidden = hidden + module.out_proj(normed.reshape(*x.shape[:2], -1))
+    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up)
+
+
+def _project_fused(module, x, gated: bool, w_qkv):
+    """``attention._project`` with one GEMM for q|k|v."""
+    bsz, length, _ = x.shape
+    head_dim = module.head_dim
+    q, k, v = F.linear(x, w_qkv).split([module.q_proj.out_features, module.k_proj.out_features,
+                                        module.v_proj.out_features], -1)
+    gate = None
+    if gated:
+        q, gate = torch.chunk(q.reshape(bsz, length, -1, head_dim * 2), 2, dim=-1)
+        gate = gate.reshape(bsz, length, -1)
+    q = q.reshape(bsz, length, -1, head_dim)
+    k, v = k.reshape(bsz, length, -1, head_dim), v.reshape(bsz, length, -1, head_dim)
+    if getattr(module, "q_norm", None) is not None:
+        q, k = module.q_norm(q), module.k_norm(k)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate
+
+
+def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int, cap: int, gated: bool,
+                    w_qkv=None, w_gate_up=None):
+    """One softmax-attention decoder layer of the step (keys/values of the clean tokens written at each row's
+    length; attention over the first ``cap`` slots plus the window). ``w_qkv`` / ``w_gate_up``: fused weights or
+    None."""
+    module = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    bsz, width, _ = x.shape
+    q, k, v, gate = _project(module, x, gated) if w_qkv is None else _project_fused(module, x, gated, w_qkv)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if wc:
+        pos = (lengths[:, None] + torch.arange(wc, device=x.device)).clamp(max=key.shape[2] - 1)
+        rows = torch.arange(bsz, device=x.device)[:, None]
+        key[rows, :, pos] = k[:, :, :wc].transpose(1, 2).to(key.dtype)  # [C, Wc, Hkv, D] at (row, :, pos)
+        value[rows, :, pos] = v[:, :, :wc].transpose(1, 2).to(value.dtype)
+    keys, values = key[:, :, :cap].to(k.dtype), value[:, :, :cap].to(v.dtype)
+    if width > wc:
+        keys, values = torch.cat([keys, k[:, :, wc:]], 2), torch.cat([values, v[:, :, wc:]], 2)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=module.scaling,
+                                         enable_gqa=q.shape[1] != keys.shape[1])
+    out = out.transpose(1, 2).reshape(bsz, width, -1)
+    if gate is not None:
+        out = out * torch.sigmoid(gate)
+    hidden = hidden + module.o_proj(out)
+    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up)
+
+
+def attention_mask(lengths, counts, wlen, wc: int, ww: int, cap: int) -> torch.Tensor:
+    """[C, Wc+Ww, cap+Ww] bool over the first ``cap`` slots: clean query i sees slots <= L+i; a window query
+    sees slots < L+counts and the real window tokens; padding window queries see themselves (no empty row)."""
+    dev = lengths.device
+    slots = torch.arange(cap, device=dev)
+    cols = torch.arange(wc + ww, device=dev)
+    in_win = cols >= wc
+    limit = torch.where(in_win[None], (lengths + counts)[:, None], lengths[:, None] + cols[None] + 1)
+    cached = slots[None, None] < limit[:, :, None]  # [C, W, cap]
+    if not ww:
+        return cached
+    j = torch.arange(ww, device=dev)
+    real = j[None] < wlen[:, None]  # [C, Ww]
+    win = (real[:, :, None] & real[:, None, :]) | torch.eye(ww, dtype=torch.bool, device=dev)[None]
+    win = torch.cat([torch.zeros(lengths.shape[0], wc, ww, dtype=torch.bool, device=dev),
+                     win.expand(lengths.shape[0], -1, -1)], 1)
+    return torch.cat([cached, win], 2)
+
+
+def positions(lengths, counts, wc: int, width: int) -> torch.Tensor:
+    cols = torch.arange(width, device=lengths.device)[None]
+    return torch.where(cols >= wc, (lengths + counts)[:, None] + cols - wc, lengths[:, None] + cols)
+
+
+def head(norm, lm_head, hidden):
+    return lm_head(norm(hidden))
+
+
+def _compile(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def _raise_recompile_limit(n: int = 256) -> None:
+    """Every (C, Wc, Ww) shape is its own compiled graph of the same code: allow many (default limit is 8)."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < n:
+            setattr(cfg, name, n)
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < 4 * n:
+            setattr(cfg, name, 4 * n)
+
+
+class StaticStep:
+    """``step(ids, counts, wlen, commit, width_clean)`` -> logits [C, W, V] on a fixed slot cache.
+    ``compile``: torch.compile the step's pieces (None: on for CUDA, see ``resolve_compile``)."""
+
+    def __init__(self, model, cache: HybridCache, *, gdn_kernel: str = "auto", compile: bool | None = None,
+                 fuse: bool | None = None):
         self.model, self.cache = model, cache
-        self.kernel = resolve_gdn_kernel(gdn_kernel, cache.lengths.device)
-        self.recurrence = fla_recurrence if self.kernel == "fla" else torch_recurrence
+        dev = cache.lengths.device
+        self.kernel = resolve_gdn_kernel(gdn_kernel, dev)
+        self.recurrence = "fla" if self.kernel == "fla" else "torch"
         # Speculative commit: every step also keeps, per row, the GDN state and conv context after its whole clean
         # section, so a row that did not commit in the step can commit it afterwards (``commit_last``) once the
         # caller knows it wants to (AR-Trust after a fully accepted verify) — no recomputation, no rollback.
@@ -79,6 +348,37 @@ class StaticStep:
         self.last_conv = {i: torch.empty_like(c.conv) for i, c in cache.gdn.items()}
         self.last_counts = torch.zeros_like(cache.lengths)
         self.last_commit = torch.zeros_like(cache.lengths, dtype=torch.bool)
+        self.compiled = resolve_compile(compile, dev)
+        self.compile_error: str | None = None
+        self.fused = self._fuse() if (self.compiled if fuse is None else fuse) else {}
+        self._set_fns()
+        self._seen: set[tuple[int, int]] = set()
+
+    def _set_fns(self) -> None:
+        if self.compiled:
+            _raise_recompile_limit()
+            self._gdn, self._attn, self._head = _compile(gdn_block), _compile(attention_block), _compile(head)
+            self._prologue = _compile(self.prologue)
+        else:
+            self._gdn, self._attn, self._head, self._prologue = gdn_block, attention_block, head, self.prologue
+
+    @torch.no_grad()
+    def _fuse(self) -> dict[int, dict]:
+        """Per layer: fused copies of the projections that read the same input (``fuse_weights``). A snapshot:
+        build a new step (engine) after changing the model's weights."""
+        out = {}
+        for i, (kind, layer) in enumerate(zip(self.model.layer_kinds, self.model.layers)):
+            if kind == ATTENTION:
+                a = layer.self_attn
+                w = {"w_qkv": fuse_weights([a.q_proj, a.k_proj, a.v_proj])}
+            else:
+                m = layer.linear_attn
+                w = {"w_in": fuse_weights([m.in_proj_qkv, m.in_proj_z, m.in_proj_b, m.in_proj_a])}
+            mlp = layer.mlp
+            if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+                w["w_gate_up"] = fuse_weights([mlp.gate_proj, mlp.up_proj])
+            out[i] = {k: v for k, v in w.items() if v is not None}
+        return out
 
     @torch.no_grad()
     def commit_last(self, rows: torch.Tensor) -> None:
@@ -89,7 +389,6 @@ class StaticStep:
             c.conv.copy_(torch.where(rows[:, None, None], self.last_conv[i], c.conv))
         self.cache.lengths.add_(torch.where(rows, self.last_counts, 0))
 
-    # -- masks ------------------------------------------------------------------------------------------------
     def _attended_slots(self, wc: int) -> int:
         """How many cache slots attention reads: the whole capacity on CUDA (static shapes for graph capture); on
         other devices (eager) only up to the longest slot plus this step's clean tokens, rounded up to 64 — every
@@ -101,101 +400,52 @@ class StaticStep:
         used = int(cache.lengths.max()) + wc
         return min(cache.capacity, -(-max(used, 1) // 64) * 64)
 
-    def _attention_mask(self, counts, wlen, wc: int, ww: int, cap: int) -> torch.Tensor:
-        """[C, Wc+Ww, cap+Ww] bool over the first ``cap`` slots: clean query i sees slots <= L+i; a window query
-        sees slots < L+counts and the real window tokens; padding window queries see themselves (no empty row)."""
-        lengths = self.cache.lengths
-        dev = lengths.device
-        slots = torch.arange(cap, device=dev)
-        cols = torch.arange(wc + ww, device=dev)
-        in_win = cols >= wc
-        limit = torch.where(in_win[None], (lengths + counts)[:, None], lengths[:, None] + cols[None] + 1)
-        cached = slots[None, None] < limit[:, :, None]  # [C, W, cap]
-        j = torch.arange(ww, device=dev)
-        real = j[None] < wlen[:, None]  # [C, Ww]
-        win = (real[:, :, None] & real[:, None, :]) | torch.eye(ww, dtype=torch.bool, device=dev)[None]
-        win = torch.cat([torch.zeros(lengths.shape[0], wc, ww, dtype=torch.bool, device=dev),
-                         win.expand(lengths.shape[0], -1, -1)], 1)
-        return torch.cat([cached, win], 2)
-
-    # -- layers -----------------------------------------------------------------------------------------------
-    def _attention(self, layer_idx, module, x, rope, mask, wc: int, cap: int):
-        cache = self.cache
-        kv = cache.attention[layer_idx]
-        bsz, width, _ = x.shape
-        q, k, v, gate = _project(module, x, self.model.family == "qwen3_5")
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if wc:
-            idx = (cache.lengths[:, None] + torch.arange(wc, device=x.device)).clamp(max=cache.capacity - 1)
-            idx = idx[:, None, :, None].expand(-1, kv.key.shape[1], -1, kv.key.shape[-1])
-            kv.key.scatter_(2, idx, k[:, :, :wc].to(kv.key.dtype))
-            kv.value.scatter_(2, idx, v[:, :, :wc].to(kv.value.dtype))
-        keys = torch.cat([kv.key[:, :, :cap].to(k.dtype), k[:, :, wc:]], 2)
-        values = torch.cat([kv.value[:, :, :cap].to(v.dtype), v[:, :, wc:]], 2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=module.scaling,
-                                             enable_gqa=q.shape[1] != keys.shape[1])
-        out = out.transpose(1, 2).reshape(bsz, width, -1)
-        if gate is not None:
-            out = out * torch.sigmoid(gate)
-        return module.o_proj(out)
-
-    def _gdn(self, layer_idx, module, x, counts, commit, wc: int):
-        c = self.cache.gdn[layer_idx]
-        bsz, width, _ = x.shape
-        ww = width - wc
-        dt = torch.promote_types(x.dtype, torch.float32)
-        mixed = module.in_proj_qkv(x)
-        g, beta = _gates(module, x)
-        g, beta = g.to(dt), beta.to(dt)
-        weight = module.conv1d.weight.squeeze(1)
-        span = c.conv.shape[-1]
-        ctx = torch.cat([c.conv.transpose(1, 2).to(mixed.dtype), mixed[:, :wc]], 1)  # [C, k-1+Wc, D]
-        idx = counts[:, None] + torch.arange(span, device=x.device)[None]
-        left = ctx.gather(1, idx[:, :, None].expand(-1, -1, ctx.shape[-1]))  # conv context after the clean tokens
-
-        y = _conv(ctx, weight, module.conv1d.bias, wc, dt)
-        q, k, v = _split_heads(module, y)
-        q, k = _prepare_qk(module, q, k, dt)
-        real = (torch.arange(wc, device=x.device)[None] < counts[:, None])[..., None]  # [C, Wc, 1]
-        gc, bc = g[:, :wc] * real, beta[:, :wc] * real  # padding: decay 1, no write
-        state0 = c.state.to(dt)
-        o_clean, state_clean = self.recurrence(state0, q, k, v, gc, bc)
-        core = [o_clean]
-        if ww:
-            yn = _conv(torch.cat([left, mixed[:, wc:]], 1), weight, module.conv1d.bias, ww, dt)
-            qn, kn, vn = _split_heads(module, yn)
-            qn, kn = _prepare_qk(module, qn, kn, dt)
-            o_win, _ = self.recurrence(state_clean, qn, kn, vn, g[:, wc:], beta[:, wc:])
-            core.append(o_win)
-        keep = commit[:, None, None, None]
-        self.last_state[layer_idx].copy_(state_clean.to(c.state.dtype))
-        self.last_conv[layer_idx].copy_(left.transpose(1, 2).to(c.conv.dtype))
-        c.state.copy_(torch.where(keep, self.last_state[layer_idx], c.state))
-        c.conv.copy_(torch.where(commit[:, None, None], self.last_conv[layer_idx], c.conv))
-        return _output(module, torch.cat(core, 1), x)
+    def prologue(self, ids, counts, wlen, wc: int, cap: int, need_mask: bool):
+        """Embedding, RoPE and (if the model has attention layers) the attention mask of one step."""
+        model, lengths = self.model, self.cache.lengths
+        width = ids.shape[1]
+        hidden = model.hf.model.embed_tokens(ids)
+        cos, sin = model._rope(hidden, positions(lengths, counts, wc, width))
+        mask = attention_mask(lengths, counts, wlen, wc, width - wc, cap) if need_mask else None
+        return hidden, cos, sin, mask
 
     # -- the step ---------------------------------------------------------------------------------------------
     def __call__(self, ids, counts, wlen, commit, width_clean: int) -> torch.Tensor:
         """ids [C, Wc+Ww] long; counts, wlen [C] long; commit [C] bool -> logits [C, Wc+Ww, V]."""
-        model, cache, wc = self.model, self.cache, width_clean
-        ww = ids.shape[1] - wc
-        lengths = cache.lengths
-        cols = torch.arange(ids.shape[1], device=ids.device)[None]
-        pos = torch.where(cols >= wc, (lengths + counts)[:, None] + cols - wc, lengths[:, None] + cols)
-        hidden = model.hf.model.embed_tokens(ids)
-        rope = model._rope(hidden, pos)
+        key = (width_clean, ids.shape[1])
+        if not self.compiled or key in self._seen:
+            return self._forward(ids, counts, wlen, commit, width_clean)
+        try:  # first call of a shape compiles; a compile failure falls back to eager (and says so)
+            out = self._forward(ids, counts, wlen, commit, width_clean)
+        except Exception as exc:  # noqa: BLE001
+            self.fallback_eager(f"torch.compile of the engine step failed: {type(exc).__name__}: {exc}")
+            return self._forward(ids, counts, wlen, commit, width_clean)
+        self._seen.add(key)
+        return out
+
+    def fallback_eager(self, why: str) -> None:
+        """Give up compiling (every later call runs eager); the reason stays in ``compile_error``."""
+        self.compile_error = why.splitlines()[0][:300]
+        warnings.warn(f"{self.compile_error}; the engine step runs eager")
+        self.compiled = False
+        self._set_fns()
+
+    @torch.no_grad()  # inference only: compiled as an inference graph whatever the caller's grad mode
+    def _forward(self, ids, counts, wlen, commit, wc: int) -> torch.Tensor:
+        model, cache = self.model, self.cache
         cap = self._attended_slots(wc)
-        mask = self._attention_mask(counts, wlen, wc, ww, cap) if ATTENTION in model.layer_kinds else None
+        gated = model.family == "qwen3_5"
+        hidden, cos, sin, mask = self._prologue(ids, counts, wlen, wc, cap, ATTENTION in model.layer_kinds)
         for i, (kind, layer) in enumerate(zip(model.layer_kinds, model.layers)):
-            x = layer.input_layernorm(hidden)
             if kind == ATTENTION:
-                x = self._attention(i, layer.self_attn, x, rope, mask, wc, cap)
+                kv = cache.attention[i]
+                hidden = self._attn(layer, hidden, kv.key, kv.value, cache.lengths, cos, sin, mask, wc, cap, gated,
+                                    **self.fused.get(i, {}))
             else:
-                x = self._gdn(i, layer.linear_attn, x, counts, commit, wc)
-            hidden = hidden + x
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+                c = cache.gdn[i]
+                hidden = self._gdn(layer, hidden, c.state, c.conv, self.last_state[i], self.last_conv[i], counts,
+                                   commit, wc, self.recurrence, **self.fused.get(i, {}))
         self.last_counts.copy_(counts)
         self.last_commit.copy_(commit)
-        lengths.add_(torch.where(commit, counts, 0))
-        return model.hf.lm_head(model.hf.model.norm(hidden))
+        cache.lengths.add_(torch.where(commit, counts, 0))
+        return self._head(model.hf.model.norm, model.hf.lm_head, hidden)
