@@ -356,7 +356,7 @@ def test_fused_gdn_vs_naive_random_windows(dtype, K, l2):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("window", ["chunk-f32", "loop"])
+@pytest.mark.parametrize("window", ["chunk-f32", "chunk-triton", "loop"])
 @pytest.mark.parametrize("layout", ["random", "block3"])
 def test_fused_window_variants_vs_naive(window, layout):
     """The other window implementations of the fused path (fp32-operand chunk map, per-window Triton loop)."""

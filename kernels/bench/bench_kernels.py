@@ -25,7 +25,7 @@ import torch.nn.functional as F
 VARIANTS = ("clean", "fused", "simple")
 # Optional rows: the fused path with fp32 matmul operands in the window map, and with the first window design
 # (one Triton program per window / per chunk walking its windows).
-EXTRA_VARIANTS = {"fused-f32": "chunk-f32", "fused-loop": "loop"}
+EXTRA_VARIANTS = {"fused-f32": "chunk-f32", "fused-loop": "loop", "fused-chunk-triton": "chunk-triton"}
 
 
 def _inputs(T, B, heads, dim, dtype, device, seed=0):

@@ -202,12 +202,16 @@ def _clean_forward(F, q, k, v, g, beta, scale, h0, cu, ci, output_final_state):
 def _matmul_dtype(mode, q):
     """Operand dtype of the chunk-parallel window map's large products: the inputs' half dtype (as fla's chunk
     kernels use bf16 operands with fp32 accumulation), or fp32 throughout for mode "fused-f32"."""
-    if mode == "fused" and q.dtype in (torch.bfloat16, torch.float16):
+    if mode != "fused-f32" and q.dtype in (torch.bfloat16, torch.float16):
         return q.dtype
     return None
 
 
-WINDOW_MODES = {"chunk": "fused", "chunk-f32": "fused-f32", "loop": "fused-loop"}
+# _window name -> autograd mode. "chunk-triton": the chunk map's forward as one Triton kernel (backward: the torch
+# map's); opt-in until measured on a GPU.
+WINDOW_MODES = {"chunk": "fused", "chunk-f32": "fused-f32", "chunk-triton": "fused-chunk-triton",
+                "loop": "fused-loop"}
+CHUNK_MODES = ("fused", "fused-f32", "fused-chunk-triton")
 
 
 class TwoStreamGDNFunction(torch.autograd.Function):
@@ -223,10 +227,16 @@ class TwoStreamGDNFunction(torch.autograd.Function):
         gc, A, h, v_new, o, ht = _clean_forward(F, q, k, v, g, beta, scale, h0, cu, ci, output_final_state)
         fused = mode != "states"
         slots = None
-        if mode in ("fused", "fused-f32"):
+        if mode in CHUNK_MODES:
             slots = window_slots(meta, qn.shape[1], qn.device)
-            on = window_forward_chunked(qn[0], kn[0], vn[0], gn[0], betan[0], k[0], v_new[0], gc[0], h[0], meta,
-                                        scale, slots=slots, matmul_dtype=_matmul_dtype(mode, q))
+            if mode == "fused-chunk-triton":
+                from .triton_chunk_windows import chunk_windows_forward_triton
+
+                on = chunk_windows_forward_triton(qn[0], kn[0], vn[0], gn[0], betan[0], k[0], v_new[0], gc[0], h[0],
+                                                  meta, scale, slots)
+            else:
+                on = window_forward_chunked(qn[0], kn[0], vn[0], gn[0], betan[0], k[0], v_new[0], gc[0], h[0],
+                                            meta, scale, slots=slots, matmul_dtype=_matmul_dtype(mode, q))
             s = None
         else:
             on, s = tk.window_forward(
@@ -250,7 +260,7 @@ class TwoStreamGDNFunction(torch.autograd.Function):
         h, v_new, _ = F["fwd_h"](k=k, w=w, u=u, g=gc, initial_state=h0, output_final_state=False,
                                  cu_seqlens=cu, chunk_indices=ci, chunk_size=64)
         dv = F["dv_local"](q=q, k=k, do=do, g=gc, scale=scale, cu_seqlens=cu, chunk_size=64, chunk_indices=ci)
-        if ctx.mode in ("fused", "fused-f32"):
+        if ctx.mode in CHUNK_MODES:
             inj = window_backward_chunked((qn[0], kn[0], vn[0], gn[0], betan[0]), d_second[0].contiguous(), k[0],
                                           v_new[0], gc[0], h[0], dv[0], meta, scale, slots=ctx.slots,
                                           matmul_dtype=_matmul_dtype(ctx.mode, q))
