@@ -111,28 +111,51 @@ else:
             assert rel(out["dgn"], ref[7]) < 1e-4
             assert rel(out["dbn"], ref[8]) < 1e-4
 
+    def chunk_case(case):
+        """Window layouts for the chunk-map kernels: random windows (GQA, 2 V blocks at BV=16), FLARE B=1 and B=4."""
+        from test_chunk_windows import flare_layout_problem
+
+        from flare_kernels.two_stream.chunk_windows import window_slots
+
+        P = {"random": lambda: problem(3, H=1, HV=2, K=32, V=16, max_win=3),
+             "random-gqa": lambda: problem(4, H=2, HV=4, K=16, V=32, max_win=8, with_h0=False),
+             "flare-b1": lambda: flare_layout_problem(5, T=131, B=1, views=1, V=16),
+             "flare-b4-2views": lambda: flare_layout_problem(6, T=150, B=4, views=2, V=16)}[case]()
+        scale = P["q"].shape[-1] ** -0.5
+        meta, ch = clean_chunks(P, scale)
+        f = lambda x: x.float().contiguous()  # noqa: E731
+        noisy = tuple(f(P[n][0]) for n in ("qn", "kn", "vn", "gn", "betan"))
+        clean = (f(P["k"][0]), f(ch["v_new"]), f(ch["gc"]), f(ch["h"]))
+        return P, noisy, clean, meta, scale, window_slots(meta, P["qn"].shape[1], "cpu")
+
     @pytest.mark.parametrize("case", ["random", "random-gqa", "flare-b1", "flare-b4-2views"])
     def test_chunk_windows_triton_forward_matches_torch_map(case):
         """The Triton forward of the chunk-parallel window map == the torch map (fp32 in, interpreter)."""
-        from flare_kernels.two_stream.chunk_windows import window_forward_chunked, window_slots
+        from flare_kernels.two_stream.chunk_windows import window_forward_chunked
         from flare_kernels.two_stream.triton_chunk_windows import chunk_windows_forward_triton
-        from test_chunk_windows import flare_layout_problem
 
-        P = {"random": lambda: problem(3, H=1, HV=2, K=32, V=16, max_win=3),
-             "random-gqa": lambda: problem(4, H=2, HV=4, K=16, V=16, max_win=8, with_h0=False),
-             "flare-b1": lambda: flare_layout_problem(5, T=131, B=1, views=1, V=16),
-             "flare-b4-2views": lambda: flare_layout_problem(6, T=150, B=4, views=2, V=16)}[case]()
-        K = P["q"].shape[-1]
-        scale = K**-0.5
-        meta, ch = clean_chunks(P, scale)
-        f = lambda x: x.float().contiguous()  # noqa: E731
-        args = (f(P["qn"][0]), f(P["kn"][0]), f(P["vn"][0]), f(P["gn"][0]), f(P["betan"][0]), f(P["k"][0]),
-                f(ch["v_new"]), f(ch["gc"]), f(ch["h"]), meta, scale)
-        slots = window_slots(meta, P["qn"].shape[1], "cpu")
+        _, noisy, clean, meta, scale, slots = chunk_case(case)
+        args = (*noisy, *clean, meta, scale)
         got = chunk_windows_forward_triton(*args, slots, BV=16)
         ref = window_forward_chunked(*args, slots=slots)
         assert torch.isfinite(got).all()
         assert rel(got, ref) < 1e-5, rel(got, ref)
+
+    @pytest.mark.parametrize("case", ["random", "random-gqa", "flare-b1", "flare-b4-2views"])
+    def test_chunk_windows_triton_backward_matches_torch_map(case):
+        """The Triton backward of the chunk-parallel window map == the torch map's autograd (interpreter)."""
+        from flare_kernels.two_stream.chunk_windows import window_backward_chunked
+        from flare_kernels.two_stream.triton_chunk_windows import chunk_windows_backward_triton
+
+        P, noisy, clean, meta, scale, slots = chunk_case(case)
+        don = torch.randn(P["vn"].shape[1:], generator=torch.Generator().manual_seed(1))
+        dv_got, dv_ref = torch.full_like(clean[1], 0.25), torch.full_like(clean[1], 0.25)
+        got = chunk_windows_backward_triton(noisy, don, *clean, dv_got, meta, scale, slots, BV=16)
+        ref = window_backward_chunked(noisy, don, *clean, dv_ref, meta, scale, slots=slots)
+        assert rel(dv_got, dv_ref) < 1e-5, "dv_clean"
+        for name in ref:
+            assert torch.isfinite(got[name]).all(), name
+            assert rel(got[name], ref[name]) < 1e-5, (name, rel(got[name], ref[name]))
 
 
     @pytest.mark.parametrize("K,V,with_h0", [(32, 16, True), (96, 32, False)])

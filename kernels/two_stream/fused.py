@@ -207,8 +207,8 @@ def _matmul_dtype(mode, q):
     return None
 
 
-# _window name -> autograd mode. "chunk-triton": the chunk map's forward as one Triton kernel (backward: the torch
-# map's); opt-in until measured on a GPU.
+# _window name -> autograd mode. "chunk-triton": the chunk map's forward and backward as Triton kernels
+# (triton_chunk_windows.py); opt-in until measured on a GPU.
 WINDOW_MODES = {"chunk": "fused", "chunk-f32": "fused-f32", "chunk-triton": "fused-chunk-triton",
                 "loop": "fused-loop"}
 CHUNK_MODES = ("fused", "fused-f32", "fused-chunk-triton")
@@ -260,7 +260,12 @@ class TwoStreamGDNFunction(torch.autograd.Function):
         h, v_new, _ = F["fwd_h"](k=k, w=w, u=u, g=gc, initial_state=h0, output_final_state=False,
                                  cu_seqlens=cu, chunk_indices=ci, chunk_size=64)
         dv = F["dv_local"](q=q, k=k, do=do, g=gc, scale=scale, cu_seqlens=cu, chunk_size=64, chunk_indices=ci)
-        if ctx.mode in CHUNK_MODES:
+        if ctx.mode == "fused-chunk-triton":
+            from .triton_chunk_windows import chunk_windows_backward_triton
+
+            inj = chunk_windows_backward_triton((qn[0], kn[0], vn[0], gn[0], betan[0]), d_second[0], k[0], v_new[0],
+                                                gc[0], h[0], dv[0], meta, scale, ctx.slots)
+        elif ctx.mode in CHUNK_MODES:
             inj = window_backward_chunked((qn[0], kn[0], vn[0], gn[0], betan[0]), d_second[0].contiguous(), k[0],
                                           v_new[0], gc[0], h[0], dv[0], meta, scale, slots=ctx.slots,
                                           matmul_dtype=_matmul_dtype(ctx.mode, q))

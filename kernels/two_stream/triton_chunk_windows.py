@@ -10,8 +10,9 @@ Per program (chunk c with checkpoint h_c; its NC noisy slots; log2 chunk-local c
     d    = (I + L)^{-1} β ∘ (V_n - e^Γ ∘ K_nS),  L_ij = [same window, j < i] β_i dec_ij (k_i . k_j)
     o    = scale * (e^Γ ∘ QS + ((Q K_n^T) ∘ dec) d)
 
-``(I + L)^{-1}`` by ``MAXW - 1`` substitution steps (exact: L is nilpotent within a window). The backward stays the
-torch map's (``chunk_windows.window_backward_chunked``).
+``(I + L)^{-1}`` by ``MAXW - 1`` substitution steps (exact: L is nilpotent within a window). The backward kernel
+recomputes these pieces on chip and runs the torch map's autograd written out; sums over V go through [NV, ...]
+partial buffers (no atomics). Opt-in (``_window="chunk-triton"``) until measured on a GPU.
 """
 
 from __future__ import annotations
@@ -23,16 +24,10 @@ from .triton_gdn import _alloc, _pow2
 
 
 @triton.jit
-def _chunk_windows_fwd_kernel(
-    qn, kn, vn, gn, bn, on,  # noisy stream [Tn, H|HV, K|V], gates [Tn, HV]
-    k, vnew, gc, h,  # clean stream: keys [T,H,K], new values [T,HV,V], log2 chunk cumsum [T,HV], h [NT,HV,K,V]
-    slot_tok, slot_win, slot_r, chunk_tok0, chunk_len,
-    scale, Tn, NC,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAXW: tl.constexpr,
-):
-    i_c, i_v, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_h = i_hv // (HV // H)
+def _program_layout(slot_tok, slot_win, slot_r, chunk_tok0, chunk_len, i_c, i_v, Tn, NC,
+                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr):
+    """A program's slots (token, validity, window, boundary r), its chunk's token range and its K/V index masks."""
     o_s = tl.arange(0, BC)
     m_s = o_s < NC
     st = tl.load(slot_tok + i_c * NC + o_s, mask=m_s, other=Tn).to(tl.int64)
@@ -47,6 +42,22 @@ def _chunk_windows_fwd_kernel(
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
+    return o_s, st, valid, sw, sr, tok0, o_t, m_t, o_k, m_k, o_v, m_v
+
+
+@triton.jit
+def _chunk_windows_fwd_kernel(
+    qn, kn, vn, gn, bn, on,  # noisy stream [Tn, H|HV, K|V], gates [Tn, HV]
+    k, vnew, gc, h,  # clean stream: keys [T,H,K], new values [T,HV,V], log2 chunk cumsum [T,HV], h [NT,HV,K,V]
+    slot_tok, slot_win, slot_r, chunk_tok0, chunk_len,
+    scale, Tn, NC,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAXW: tl.constexpr,
+):
+    i_c, i_v, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    o_s, st, valid, sw, sr, tok0, o_t, m_t, o_k, m_k, o_v, m_v = _program_layout(
+        slot_tok, slot_win, slot_r, chunk_tok0, chunk_len, i_c, i_v, Tn, NC, K, V, BT, BC, BK, BV)
 
     b_q = tl.load(qn + (st[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & m_k[None, :], other=0.0)
     b_kn = tl.load(kn + (st[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & m_k[None, :], other=0.0)
@@ -110,3 +121,160 @@ def chunk_windows_forward_triton(qn, kn, vn, gn, bn, k, v_new, gc, h, meta, scal
         num_warps=num_warps,
     )
     return on
+
+
+@triton.jit
+def _chunk_windows_bwd_kernel(
+    qn, kn, vn, gn, bn, don,  # noisy stream and the gradient of its outputs [Tn, HV, V]
+    k, vnew, gc, h,  # clean stream (as in the forward)
+    dqn_p, dkn_p, dgn_p, dbn_p,  # [NV, Tn, HV, (K)] f32 partial sums over V blocks
+    dvn,  # [Tn, HV, V] f32
+    dk_p, dg_p,  # [NV, T, HV, (K)] f32 partials: clean keys, natural-unit chunk cumsum
+    dvc,  # [T, HV, V] f32: gradient w.r.t. the clean new values
+    x_inj,  # [NT, HV, K, V] f32: gradient w.r.t. the state entering each chunk
+    slot_tok, slot_win, slot_r, chunk_tok0, chunk_len,
+    scale, T, Tn, NC,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAXW: tl.constexpr,
+):
+    """Backward of the map for one (chunk, V block, value head): recompute the forward pieces on chip, then the
+    reverse pass (the torch map's autograd, written out). Quantities that sum over V are written per V block."""
+    i_c, i_v, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    o_s, st, valid, sw, sr, tok0, o_t, m_t, o_k, m_k, o_v, m_v = _program_layout(
+        slot_tok, slot_win, slot_r, chunk_tok0, chunk_len, i_c, i_v, Tn, NC, K, V, BT, BC, BK, BV)
+    m_sk = valid[:, None] & m_k[None, :]
+    m_sv = valid[:, None] & m_v[None, :]
+    m_tk = m_t[:, None] & m_k[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+
+    b_q = tl.load(qn + (st[:, None] * H + i_h) * K + o_k[None, :], mask=m_sk, other=0.0).to(tl.float32)
+    b_kn = tl.load(kn + (st[:, None] * H + i_h) * K + o_k[None, :], mask=m_sk, other=0.0).to(tl.float32)
+    b_vn = tl.load(vn + (st[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_sv, other=0.0).to(tl.float32)
+    b_do = tl.load(don + (st[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_sv, other=0.0).to(tl.float32) * scale
+    b_gn = tl.load(gn + st * HV + i_hv, mask=valid, other=0.0).to(tl.float32)
+    b_bn = tl.load(bn + st * HV + i_hv, mask=valid, other=0.0).to(tl.float32)
+    b_kc = tl.load(k + ((tok0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_vc = tl.load(vnew + ((tok0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv,
+                   other=0.0).to(tl.float32)
+    b_gc = tl.load(gc + (tok0 + o_t) * HV + i_hv, mask=m_t, other=0.0).to(tl.float32) * 0.6931471805599453
+    b_h = tl.load(h + ((i_c.to(tl.int64) * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :],
+                  mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+
+    # ---- forward pieces (natural units) ----
+    g_r = tl.sum(tl.where(o_t[None, :] == sr[:, None] - 1, b_gc[None, :], 0.0), axis=1)
+    before = o_t[None, :] < sr[:, None]
+    coef = tl.where(before, tl.exp(tl.where(before, g_r[:, None] - b_gc[None, :], 0.0)), 0.0)  # [BC, BT]
+    e_r = tl.exp(g_r)
+    qkc = tl.dot(b_q, tl.trans(b_kc))  # [BC, BT]
+    kkc = tl.dot(b_kn, tl.trans(b_kc))
+    qh = tl.dot(b_q, b_h)  # [BC, BV]
+    kh = tl.dot(b_kn, b_h)
+    qs = e_r[:, None] * qh + tl.dot(qkc * coef, b_vc)
+    ks = e_r[:, None] * kh + tl.dot(kkc * coef, b_vc)
+    same = (sw[:, None] == sw[None, :]) & (sw[:, None] >= 0)
+    incl = same & (o_s[:, None] >= o_s[None, :])
+    strict = same & (o_s[:, None] > o_s[None, :])
+    gam = tl.sum(tl.where(incl, b_gn[None, :], 0.0), axis=1)
+    dec = tl.where(incl, tl.exp(tl.where(incl, gam[:, None] - gam[None, :], 0.0)), 0.0)
+    eg = tl.exp(gam)
+    knkn = tl.dot(b_kn, tl.trans(b_kn))
+    b_l = tl.where(strict, b_bn[:, None] * dec * knkn, 0.0)
+    vres = b_vn - eg[:, None] * ks  # V_n - e^Γ K_nS
+    rhs = b_bn[:, None] * vres
+    d = rhs
+    for _ in tl.static_range(MAXW - 1):
+        d = rhs - tl.dot(b_l, d)
+    qkn = tl.dot(b_q, tl.trans(b_kn))
+    p = qkn * dec
+
+    # ---- reverse ----
+    d_qs = eg[:, None] * b_do
+    d_eg = tl.sum(b_do * qs, axis=1)
+    d_p = tl.dot(b_do, tl.trans(d))  # [BC, BC]
+    d_d = tl.dot(tl.trans(p), b_do)  # [BC, BV]
+    d_rhs = d_d  # (I + L)^T x = d_d by substitution (L^T is nilpotent too)
+    for _ in tl.static_range(MAXW - 1):
+        d_rhs = d_d - tl.dot(tl.trans(b_l), d_rhs)
+    d_l = tl.where(strict, -tl.dot(d_rhs, tl.trans(d)), 0.0)
+    dvn_blk = b_bn[:, None] * d_rhs
+    d_bn = tl.sum(d_rhs * vres, axis=1) + tl.sum(d_l * dec * knkn, axis=1)
+    d_ks = -(b_bn * eg)[:, None] * d_rhs
+    d_eg += tl.sum(-b_bn[:, None] * d_rhs * ks, axis=1)
+    d_dec = d_l * b_bn[:, None] * knkn + d_p * qkn
+    d_knkn = d_l * b_bn[:, None] * dec
+    d_qkn = d_p * dec
+    d_q = tl.dot(d_qkn, b_kn)
+    d_kn = tl.dot(d_knkn + tl.trans(d_knkn), b_kn) + tl.dot(tl.trans(d_qkn), b_q)
+    w = d_dec * dec
+    d_gam = tl.sum(w, axis=1) - tl.sum(w, axis=0) + eg * d_eg
+    d_gn = tl.sum(tl.where(incl, d_gam[:, None], 0.0), axis=0)
+
+    # products with the boundary states, for X = Q (d_qs) and X = K_n (d_ks)
+    aq = e_r[:, None] * d_qs
+    ak = e_r[:, None] * d_ks
+    d_h = tl.dot(tl.trans(b_q), aq) + tl.dot(tl.trans(b_kn), ak)  # [BK, BV]
+    d_q += tl.dot(aq, tl.trans(b_h))
+    d_kn += tl.dot(ak, tl.trans(b_h))
+    d_gr = e_r * (tl.sum(d_qs * qh, axis=1) + tl.sum(d_ks * kh, axis=1))
+    dm_q = tl.dot(d_qs, tl.trans(b_vc))  # [BC, BT]
+    dm_k = tl.dot(d_ks, tl.trans(b_vc))
+    d_vc = tl.dot(tl.trans(qkc * coef), d_qs) + tl.dot(tl.trans(kkc * coef), d_ks)  # [BT, BV]
+    dx_q = dm_q * coef
+    dx_k = dm_k * coef
+    d_q += tl.dot(dx_q, b_kc)
+    d_kn += tl.dot(dx_k, b_kc)
+    d_kc = tl.dot(tl.trans(dx_q), b_q) + tl.dot(tl.trans(dx_k), b_kn)  # [BT, BK]
+    w2 = (dm_q * qkc + dm_k * kkc) * coef
+    d_gr += tl.sum(w2, axis=1)
+    d_gc = -tl.sum(w2, axis=0) + tl.sum(tl.where(o_t[None, :] == sr[:, None] - 1, d_gr[:, None], 0.0), axis=0)
+
+    # ---- stores ----
+    i_v64 = i_v.to(tl.int64)
+    tl.store(dqn_p + ((i_v64 * Tn + st[:, None]) * HV + i_hv) * K + o_k[None, :], d_q, mask=m_sk)
+    tl.store(dkn_p + ((i_v64 * Tn + st[:, None]) * HV + i_hv) * K + o_k[None, :], d_kn, mask=m_sk)
+    tl.store(dgn_p + (i_v64 * Tn + st) * HV + i_hv, d_gn, mask=valid)
+    tl.store(dbn_p + (i_v64 * Tn + st) * HV + i_hv, d_bn, mask=valid)
+    tl.store(dvn + (st[:, None] * HV + i_hv) * V + o_v[None, :], dvn_blk, mask=m_sv)
+    tl.store(dk_p + ((i_v64 * T + tok0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], d_kc, mask=m_tk)
+    tl.store(dg_p + (i_v64 * T + tok0 + o_t) * HV + i_hv, d_gc, mask=m_t)
+    tl.store(dvc + ((tok0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], d_vc, mask=m_tv)
+    tl.store(x_inj + ((i_c.to(tl.int64) * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :], d_h,
+             mask=m_k[:, None] & m_v[None, :])
+
+
+def chunk_windows_backward_triton(noisy, don, k, v_new, gc, h, dv_clean, meta, scale, slots, *, BV=64,
+                                  num_warps=4):
+    """Same contract as ``chunk_windows.window_backward_chunked``: dict(x_inj, dk, dg, dqn, dkn, dvn, dgn, dbn),
+    ``dv_clean`` increased in place."""
+    import torch
+
+    qn, kn, vn, gn, bn = noisy
+    T, H, K = k.shape
+    HV, V = v_new.shape[1], v_new.shape[2]
+    Tn = qn.shape[0]
+    dev = k.device
+    BV = min(BV, _pow2(V))
+    NV = triton.cdiv(V, BV)
+    f32 = torch.float32
+    NT = meta.n_chunks
+    # every clean token lies in one chunk and every noisy token in one slot: each element below is written exactly
+    # once (clean tokens of chunks without any window are written zeros by their own program)
+    x_inj = _alloc(NT, HV, K, V, dtype=f32, device=dev)
+    dk_p, dg_p = _alloc(NV, T, HV, K, dtype=f32, device=dev), _alloc(NV, T, HV, dtype=f32, device=dev)
+    dvc = _alloc(T, HV, V, dtype=f32, device=dev)
+    dqn_p, dkn_p = _alloc(NV, Tn, HV, K, dtype=f32, device=dev), _alloc(NV, Tn, HV, K, dtype=f32, device=dev)
+    dgn_p, dbn_p = _alloc(NV, Tn, HV, dtype=f32, device=dev), _alloc(NV, Tn, HV, dtype=f32, device=dev)
+    dvn = _alloc(Tn, HV, V, dtype=f32, device=dev)
+    NC = slots.n_slots
+    grid = (NT, NV, HV)
+    _chunk_windows_bwd_kernel[grid](
+        qn, kn, vn, gn, bn, don.contiguous(), k, v_new, gc, h, dqn_p, dkn_p, dgn_p, dbn_p, dvn, dk_p, dg_p, dvc,
+        x_inj, slots.slot_tok.contiguous(), slots.slot_win.contiguous(), slots.slot_r.contiguous(),
+        meta.chunk_tok0, meta.chunk_len, scale, T, Tn, NC,
+        H=H, HV=HV, K=K, V=V, BT=64, BC=_pow2(NC), BK=_pow2(K), BV=BV, MAXW=max(int(slots.max_window), 1),
+        num_warps=num_warps,
+    )
+    dv_clean += dvc.to(dv_clean.dtype)
+    return dict(x_inj=x_inj, dk=dk_p.sum(0), dg=dg_p.sum(0), dqn=dqn_p.sum(0), dkn=dkn_p.sum(0),
+                dvn=dvn.to(vn.dtype), dgn=dgn_p.sum(0), dbn=dbn_p.sum(0))
