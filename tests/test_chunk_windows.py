@@ -129,3 +129,16 @@ def test_chunk_groups_give_the_same_result(monkeypatch):
     split = run()
     for a, b in zip(whole, split):
         assert rel(a, b) < 1e-12
+
+
+def test_meta_and_slots_are_built_once_per_index_tensors():
+    """Every GDN layer of a forward passes the same index tensors: the meta (and its slots) is built once."""
+    from flare_kernels.two_stream._meta import build_meta
+
+    P = problem(13, lens=(70, 5, 130))
+    args = (P["cu_seqlens"], P["window_doc"], P["window_prefix"], P["window_offsets"])
+    m1 = build_meta(205, *args, "cpu")
+    assert build_meta(205, *args, "cpu") is m1
+    assert window_slots(m1, P["qn"].shape[1], "cpu") is window_slots(m1, P["qn"].shape[1], "cpu")
+    m2 = build_meta(205, P["cu_seqlens"].clone(), *args[1:], "cpu")  # equal values, other tensor: rebuilt
+    assert m2 is not m1 and torch.equal(m2.win_chunk, m1.win_chunk)

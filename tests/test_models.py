@@ -104,3 +104,20 @@ def test_layout_visibility_rules():
     vis = visibility(lay, lay)[0].int().tolist()
     assert vis == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0],
                    [1, 1, 0, 0, 1, 1], [1, 1, 0, 0, 1, 1]]
+
+
+def test_gdn_index_plan_is_built_once_per_layout():
+    """All GDN layers of a forward share the layout: the packed plan is built once (memoised by identity), never
+    reused for another layout or for cached (decoding) calls."""
+    from flarectl.models import gdn
+
+    def layout():
+        return StreamLayout(torch.tensor([[0, 1, 2, 3, 2, 3]]), torch.tensor([[0, 0, 0, 0, 0, 0]]),
+                            torch.tensor([[-1, -1, -1, -1, 0, 0]]), torch.tensor([[0, 1, 2, 3, 2, 2]]))
+
+    a, b = layout(), layout()
+    plan_a = gdn._pack(a, None)
+    assert gdn._pack(a, None) is plan_a
+    plan_b = gdn._pack(b, None)
+    assert plan_b is not plan_a and all(torch.equal(x, y) for x, y in zip(plan_a[1:3], plan_b[1:3]))
+    assert gdn._pack(b, torch.tensor([4])) is not plan_b

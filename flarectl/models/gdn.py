@@ -58,12 +58,26 @@ def _output(module: nn.Module, core: torch.Tensor, hidden: torch.Tensor) -> torc
 # packed path
 
 
+# The plan depends only on the layout, which every GDN layer of one forward (and its gradient-checkpoint
+# recomputation) shares: build it once, not once per layer (each build syncs with the device several times).
+_LAST_PLAN: list = []  # [(layout, plan)] for the most recent cache-free layout
+
+
 def _pack(layout: StreamLayout, cache_lengths: torch.Tensor | None):
-    """Index plan for the packed two-stream op.
+    """Index plan for the packed two-stream op (memoised for the last layout seen without a cache).
 
     Returns (clean_idx [Tc,2], cu_seqlens [N+1], doc_rows [N], noisy_idx [Tn,2], window_offsets [W+1],
     window_doc [W], window_prefix [W]) — ``*_idx`` are (row, col) pairs into the [B, L] layout.
     """
+    if cache_lengths is None and _LAST_PLAN and _LAST_PLAN[0][0] is layout:
+        return _LAST_PLAN[0][1]
+    plan = _build_plan(layout, cache_lengths)
+    if cache_lengths is None:
+        _LAST_PLAN[:] = [(layout, plan)]
+    return plan
+
+
+def _build_plan(layout: StreamLayout, cache_lengths: torch.Tensor | None):
     device = layout.doc_ids.device
     clean = layout.is_clean
     rows, cols = clean.nonzero(as_tuple=True)

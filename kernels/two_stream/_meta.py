@@ -6,7 +6,7 @@ of clean chunks (from ``cu_seqlens`` on the host, as fla needs too) and the numb
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,9 +29,27 @@ class ChunkMeta:
     chunk_wstart: torch.Tensor  # [NT] int32: start of each chunk's windows in win_order
     chunk_wcount: torch.Tensor  # [NT] int32: number of windows whose checkpoint is this chunk
     win_order: torch.Tensor  # [W] int32: windows sorted by checkpoint chunk
+    derived: dict = field(default_factory=dict)  # layouts computed from this meta (e.g. window slots), by key
+
+
+# Every GDN layer of one forward passes the same index tensors (the model builds its plan once per layout): build
+# the meta once for them (each build syncs with the device), keyed by the tensors' identity.
+_LAST_META: list = []  # [(key tensors, T, device, meta)]
 
 
 def build_meta(T: int, cu_seqlens, window_doc, window_prefix, window_offsets, device) -> ChunkMeta:
+    """Chunk and window bookkeeping (memoised for the last identical set of index tensors)."""
+    keys = (cu_seqlens, window_doc, window_prefix, window_offsets)
+    if _LAST_META:
+        k0, T0, d0, meta = _LAST_META[0]
+        if T0 == T and str(d0) == str(device) and all(a is b for a, b in zip(k0, keys)):
+            return meta
+    meta = _build_meta(T, cu_seqlens, window_doc, window_prefix, window_offsets, device)
+    _LAST_META[:] = [(keys, T, device, meta)]
+    return meta
+
+
+def _build_meta(T: int, cu_seqlens, window_doc, window_prefix, window_offsets, device) -> ChunkMeta:
     if cu_seqlens is None:
         cu = torch.tensor([0, T], dtype=torch.long, device=device)
         cu_host = [0, T]

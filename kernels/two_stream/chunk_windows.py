@@ -48,7 +48,14 @@ class WindowSlots:
 
 
 def window_slots(meta, Tn: int, device) -> WindowSlots:
-    """Slot layout from the chunk meta (one host sync: the slot count)."""
+    """Slot layout from the chunk meta (one host sync: the slot count; cached on the meta)."""
+    key = ("window_slots", Tn, str(device))
+    if key not in meta.derived:
+        meta.derived[key] = _window_slots(meta, Tn, device)
+    return meta.derived[key]
+
+
+def _window_slots(meta, Tn: int, device) -> WindowSlots:
     NT = meta.n_chunks
     W = meta.win_r.shape[0]
     off = meta.win_off.to(device=device, dtype=torch.long)
