@@ -108,6 +108,67 @@ def test_compile_defaults(monkeypatch):
     assert not SlotBackend(m, 2, 32).eager.compiled
 
 
+def _assert_same_cache(a, b):
+    """Two slot caches hold the same committed sequences: lengths, GDN states and conv contexts, and the attention
+    keys/values of every committed position (slots past a row's length are free and may differ)."""
+    assert torch.equal(a.lengths, b.lengths)
+    for i in a.gdn:
+        torch.testing.assert_close(a.gdn[i].state, b.gdn[i].state, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(a.gdn[i].conv, b.gdn[i].conv, rtol=1e-9, atol=1e-9)
+    for i in a.attention:
+        for r, n in enumerate(a.lengths.tolist()):
+            torch.testing.assert_close(a.attention[i].key[r, :, :n], b.attention[i].key[r, :, :n], rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(a.attention[i].value[r, :, :n], b.attention[i].value[r, :, :n], rtol=1e-9,
+                                       atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["debug-hybrid", "debug-llama"])
+@pytest.mark.parametrize("fixed_width", [False, True])
+def test_static_prefill_equals_adapter_prefill(debug_models, monkeypatch, name, fixed_width):
+    """Prefill through the static step (chunks of PREFILL_CHUNK tokens, no LM head; ``fixed_width``: every chunk
+    full width, as when compiled) == ``prefill_into`` (the adapter path), also for slots joining while the others
+    are mid-sequence (their caches must be left alone) and for slots that held an earlier request."""
+    from flarectl.engine import backends
+
+    monkeypatch.setattr(backends, "PREFILL_CHUNK", 8)  # several chunks per prompt
+    m = debug_models[name]
+    static, adapter = SlotBackend(m, 4, 64), SlotBackend(m, 4, 64, prefill="adapter")
+    if fixed_width:
+        static.eager.compiled = True  # fixed-width chunks (the pieces stay eager: nothing is compiled here)
+        assert static.eager.prefill_widths(19, 8) == [8, 8, 8]
+    else:
+        assert static.eager.prefill_widths(19, 8) == [8, 8, 3]
+    for b in (static, adapter):
+        b.prefill([0, 1, 2, 3], [list(range(5, 24)), [], [3], list(range(40, 57))])
+    _assert_same_cache(static.cache, adapter.cache)
+    _random_steps([static, adapter], STEPS[:3], 4, seed=3)  # the caches move on (some rows committed)
+    for b in (static, adapter):  # two slots get new requests while slots 1 and 3 keep theirs
+        b.prefill([2, 0], [list(range(100, 130)), [7, 8]])
+    _assert_same_cache(static.cache, adapter.cache)
+    _random_steps([static, adapter], STEPS[3:], 4, seed=4)
+    _assert_same_cache(static.cache, adapter.cache)
+
+
+def test_step_inputs_pack_plans():
+    """The engine's packed input upload: ids right-padded per section, counts, window lengths and commit flags."""
+    from flarectl.engine.engine import StepInputs
+
+    inputs = StepInputs(3, torch.device("cpu"))
+    for _ in range(2):  # the second upload reuses (and must clear) the staging buffer
+        ids, counts, wlen, commit = inputs.upload({0: ([4, 5], [6, 7, 8], True), 2: ([9], [], False)}, 2, 3)
+        assert ids.tolist() == [[4, 5, 6, 7, 8], [0] * 5, [9, 0, 0, 0, 0]]
+        assert counts.tolist() == [2, 0, 1] and wlen.tolist() == [3, 0, 0] and commit.tolist() == [True, False, False]
+        ids, *_ = inputs.upload({1: ([1] * 12, [], True)}, 12, 0)  # wider than the buffer: it grows
+        assert ids.tolist() == [[0] * 12, [1] * 12, [0] * 12]
+
+
+def test_engine_rows_index(debug_models):
+    engine = Engine(debug_models["debug-llama"], concurrency=4, capacity=32)
+    assert engine._rows_index([1, 2, 3]) == slice(1, 4)
+    idx = engine._rows_index([3, 0])
+    assert idx.tolist() == [3, 0] and engine._rows_index([3, 0]) is idx  # cached, not uploaded again
+
+
 MIX = [  # (prompt, mode, block, max_new, threshold)
     ([60, 61, 62, 63, 64], "ar", None, 9, 0.9),
     ([70, 71], "ar-trust", 4, 13, 0.9),
@@ -144,6 +205,19 @@ def test_engine_greedy_equals_single_request_under_joins_and_leaves(sharp, name)
             assert r.token_ids == _alone(m, prompt, "ar", None, max_new, thr).token_ids
             accepted += sum(k * c for k, c in enumerate(r.acceptance_histogram))
     assert accepted > 0  # some drafts were accepted: the verify path was exercised beyond rejections
+
+
+def test_engine_static_backend_equals_adapter_backend(sharp):
+    """The whole engine on the static backend (static prefill, packed inputs, greedy argmax) == on the adapter
+    backend (``prefill_into`` and ``FlareModel.forward``): the CPU twin of the CUDA test below."""
+    m = sharp["debug-hybrid"]
+    outs = []
+    for backend in ("static", "adapter"):  # the adapter backend needs one block size per step: B = 4 for all
+        engine = Engine(m, concurrency=3, capacity=64, backend=backend, mask_token_id=MASK, block_size=4)
+        for prompt, mode, _, max_new, thr in MIX:
+            engine.submit(Request(prompt, mode, max_new_tokens=max_new, threshold=thr, stop_ids=[]))
+        outs.append([(r.token_ids, r.forwards) for r in engine.run()])
+    assert outs[0] == outs[1]
 
 
 def test_sampled_request_is_batch_invariant(sharp):

@@ -2,8 +2,9 @@
 
 Every backend has ``prefill(slots, contexts)``, ``release(slot)``,
 ``step(ids [C, Wc+Ww], counts [C], wlen [C], commit [C], width_clean) -> logits [C, Wc+Ww, V]`` with the contract
-of ``StaticStep`` (see there), and ``finish_step(rows [C] bool)``, called once after every step, which also commits
-that step's clean tokens for ``rows`` (a decision taken from the step's logits: AR-Trust's full accepts). Three implementations give the same logits:
+of ``StaticStep`` (see there), and ``finish_step(rows [C] bool or None)``, called once after every step, which also commits
+that step's clean tokens for ``rows`` (a decision taken from the step's logits: AR-Trust's full accepts; None: no
+such row, which costs the static backend nothing). Three implementations give the same logits:
 
 * ``SlotBackend`` — static slot cache + ``StaticStep`` (CUDA graphs on CUDA): the fast path.
 * ``AdapterBackend`` — the same ``HybridCache`` driven through ``model.forward`` and ``HybridCache.commit`` (the
@@ -47,17 +48,27 @@ def prefill_into(model, cache: HybridCache, slots: list[int], contexts: list[lis
     cache.lengths[idx] = tmp.lengths
 
 
+PREFILL_CHUNK = 64
+"""Prompt tokens per slot and prefill step of the static backend (one compiled shape [C, 64] when compiled)."""
+
+
 class SlotBackend:
     """Static slot cache of ``slots`` x ``capacity`` tokens, stepped by ``StaticStep`` (graphed on CUDA;
     ``compile``: torch.compile the step's pieces before capture, default on for CUDA; ``fuse``: one GEMM per group
-    of projections that read the same input, default = ``compile``)."""
+    of projections that read the same input, default = ``compile``). ``prefill``: 'static' (default: prompts go
+    through the same static step, ungraphed, ``PREFILL_CHUNK`` tokens per step) or 'adapter' (``prefill_into``, the
+    adapter path; its reference twin)."""
 
     name = "static"
 
     def __init__(self, model, slots: int, capacity: int, *, cuda_graphs: bool | None = None,
-                 gdn_kernel: str = "auto", compile: bool | None = None, fuse: bool | None = None):
+                 gdn_kernel: str = "auto", compile: bool | None = None, fuse: bool | None = None,
+                 prefill: str = "static"):
+        if prefill not in ("static", "adapter"):
+            raise ValueError(f"prefill must be static or adapter; got {prefill!r}")
         self.model = model
         self.capacity = capacity
+        self.prefill_path = prefill
         self.cache = model.new_cache(slots, capacity)
         eager = StaticStep(model, self.cache, gdn_kernel=gdn_kernel, compile=compile, fuse=fuse)
         self.eager = eager
@@ -76,7 +87,10 @@ class SlotBackend:
         return self.eager.compiled
 
     def prefill(self, slots: list[int], contexts: list[list[int]]) -> None:
-        prefill_into(self.model, self.cache, slots, contexts)
+        if self.prefill_path == "adapter":
+            prefill_into(self.model, self.cache, slots, contexts)
+        else:
+            self.eager.prefill(slots, contexts, PREFILL_CHUNK)
 
     def release(self, slot: int) -> None:
         self.cache.lengths[slot] = 0
@@ -84,18 +98,22 @@ class SlotBackend:
     def step(self, ids, counts, wlen, commit, width_clean: int) -> torch.Tensor:
         return self._step(ids, counts, wlen, commit, width_clean)
 
-    def finish_step(self, rows: torch.Tensor) -> None:
-        if bool(rows.any()):
+    def finish_step(self, rows: torch.Tensor | None) -> None:
+        if rows is not None:
             self.eager.commit_last(rows)
 
     @torch.no_grad()
     def warmup(self, shapes: list[tuple[int, int]]) -> None:
-        """Run (and on CUDA capture) each (Wc, Ww) step shape once with nothing committed: the cache is unchanged."""
+        """Run (and on CUDA capture) each (Wc, Ww) step shape once, and compile the prefill shape, with nothing
+        committed: the cache is unchanged."""
         rows, dev = self.cache.batch_size, self.cache.lengths.device
         zeros = torch.zeros(rows, dtype=torch.long, device=dev)
         for wc, ww in shapes:
             ids = torch.zeros(rows, wc + ww, dtype=torch.long, device=dev)
             self.step(ids, zeros, zeros, zeros.bool(), wc)
+        if self.prefill_path == "static" and self.eager.compiled:  # compile the prefill shape too (not graphed)
+            ids = torch.zeros(rows, PREFILL_CHUNK, dtype=torch.long, device=dev)
+            self.eager(ids, zeros, zeros, zeros.bool(), PREFILL_CHUNK, logits=False)
 
 
 def _check_full_windows(wlen: torch.Tensor, width: int) -> None:
@@ -130,9 +148,9 @@ class AdapterBackend:
         self._last = (counts, commit)
         return logits[:, pad:]
 
-    def finish_step(self, rows: torch.Tensor) -> None:
+    def finish_step(self, rows: torch.Tensor | None) -> None:
         counts, commit = self._last
-        self.cache.commit(torch.where(commit | rows, counts, 0))
+        self.cache.commit(torch.where(commit if rows is None else commit | rows, counts, 0))
 
 
 class RecomputeBackend:
@@ -176,9 +194,9 @@ class RecomputeBackend:
         self._last = (rows, full, commit[sel].tolist())
         return out
 
-    def finish_step(self, rows_mask: torch.Tensor) -> None:
+    def finish_step(self, rows_mask: torch.Tensor | None) -> None:
         rows, full, commit = getattr(self, "_last", ([], [], []))
-        extra = rows_mask.tolist()
+        extra = [False] * len(self.committed) if rows_mask is None else rows_mask.tolist()
         for s, f, c in zip(rows, full, commit):
             if c or extra[s]:
                 self.committed[s] = f

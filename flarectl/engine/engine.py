@@ -24,6 +24,48 @@ from flarectl.engine.backends import make_backend
 from flarectl.engine.requests import MAX_BLOCK_SIZE, MODES, Request, RequestResult, Row, failed
 
 
+class StepInputs:
+    """The step's inputs ``ids [C, Wc+Ww] | counts | wlen | commit`` packed in one staging buffer (pinned on CUDA)
+    and sent with one asynchronous host->device copy per step; no tensor is built from Python lists. The returned
+    views stay valid until the next ``upload``."""
+
+    def __init__(self, rows: int, device: torch.device):
+        self.rows, self.device = rows, torch.device(device)
+        self.on_host = self.device.type == "cpu"
+        self.width = 0
+        self._uploaded = None  # CUDA event: the last upload has left the staging buffer
+
+    def _grow(self, width: int) -> None:
+        self.width = max(width, 2 * self.width, 8)
+        n = self.rows * (self.width + 3)
+        self.host = torch.zeros(n, dtype=torch.long, pin_memory=not self.on_host and torch.cuda.is_available())
+        self.host_np = self.host.numpy()
+        self.dev = self.host if self.on_host else torch.zeros(n, dtype=torch.long, device=self.device)
+
+    def upload(self, plans: dict[int, tuple[list[int], list[int], bool]], wc: int, ww: int):
+        """plans: slot -> (clean tokens, window tokens, commit) -> (ids, counts, wlen, commit) on the device."""
+        if wc + ww > self.width:
+            self._grow(wc + ww)
+        if self._uploaded is not None:
+            self._uploaded.synchronize()  # never overwrite the staging buffer while a copy still reads it
+        n = wc + ww + 3
+        table = self.host_np[:self.rows * n].reshape(self.rows, n)
+        table[:] = 0
+        for slot, (clean, window, commit) in plans.items():
+            row = table[slot]
+            row[:len(clean)] = clean
+            row[wc:wc + len(window)] = window
+            row[n - 3:] = (len(clean), len(window), commit)
+        packed = self.dev[:self.rows * n]
+        if not self.on_host:
+            packed.copy_(self.host[:self.rows * n], non_blocking=True)
+            if self._uploaded is None:
+                self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
+        packed = packed.view(self.rows, n)
+        return packed[:, :wc + ww], packed[:, n - 3], packed[:, n - 2], packed[:, n - 1].bool()
+
+
 class Engine:
     """Continuous-batching decoder. ``capacity``: tokens per slot (prompt + new tokens + 2 blocks + 2 must fit).
     ``block_size`` / ``mask_token_id``: defaults for trust-mode requests (else the checkpoint's FLARE metadata).
@@ -54,6 +96,8 @@ class Engine:
         self.done: dict[int, RequestResult] = {}
         self.submitted = 0
         self.steps = 0
+        self.inputs = StepInputs(concurrency, self.device)
+        self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     # -- requests ---------------------------------------------------------------------------------------------
     def _check(self, req: Request) -> int:
@@ -154,30 +198,42 @@ class Engine:
         plans = {slot: modes.plan(row) for slot, row in self.rows.items()}
         wc = max(len(c) for c, _, _ in plans.values())
         ww = max(len(w) for _, w, _ in plans.values())
-        host = [[0] * (wc + ww + 3) for _ in range(self.concurrency)]  # ids | counts, wlen, commit
-        for slot, (clean, window, commit) in plans.items():
-            row = host[slot]
-            row[:len(clean)] = clean
-            row[wc:wc + len(window)] = window
-            row[-3:] = [len(clean), len(window), int(commit)]
-        dev = torch.tensor(host, dtype=torch.long).to(self.device)
-        logits = self.backend.step(dev[:, :wc + ww], dev[:, -3], dev[:, -2], dev[:, -1].bool(), wc)
+        ids, counts, wlen, commit = self.inputs.upload(plans, wc, ww)
+        logits = self.backend.step(ids, counts, wlen, commit, wc)
         self.steps += 1
         groups: dict[tuple, list[Row]] = {}
         for row in self.rows.values():
             row.forwards += 1
             groups.setdefault(modes.group_key(row), []).append(row)
         for rows in groups.values():
-            modes.update(rows, logits, wc, rows[0].sampler)
-        late = [False] * self.concurrency  # rows that commit this step's clean tokens after all (full accepts)
-        for row in self.rows.values():
-            late[row.slot], row.commit_late = row.commit_late, False
-        self.backend.finish_step(torch.tensor(late, dtype=torch.bool, device=self.device))
+            modes.update(rows, logits, wc, rows[0].sampler, self._rows_index([r.slot for r in rows]))
+        late = [row.slot for row in self.rows.values() if row.commit_late]  # full accepts: commit after all
+        for slot in late:
+            self.rows[slot].commit_late = False
+        self.backend.finish_step(self._slot_mask(late) if late else None)
         for slot in [s for s, r in self.rows.items() if r.finish is not None]:
             row = self.rows.pop(slot)
             self.done[row.index] = row.result()
             self.backend.release(slot)
             self.free.append(slot)
+
+    def _rows_index(self, slots: list[int]) -> slice | torch.Tensor:
+        """Where a group's rows sit in the step's logits: a slice when the slots are consecutive (no copy), else a
+        device index tensor, cached by slot tuple (groups are stable between joins and leaves: no upload per step)."""
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            return slice(slots[0], slots[0] + len(slots))
+        key = tuple(slots)
+        idx = self._index_cache.get(key)
+        if idx is None:
+            if len(self._index_cache) > 256:
+                self._index_cache.clear()
+            idx = self._index_cache[key] = torch.tensor(slots, dtype=torch.long, device=self.device)
+        return idx
+
+    def _slot_mask(self, slots: list[int]) -> torch.Tensor:
+        mask = torch.zeros(self.concurrency, dtype=torch.bool)
+        mask[slots] = True
+        return mask.to(self.device)
 
     def run(self) -> list[RequestResult]:
         """Step until every submitted request is finished; results in submission order."""

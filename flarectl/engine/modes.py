@@ -47,11 +47,14 @@ def group_key(row: Row) -> tuple:
             row.req.threshold if row.mode == "diffusion-trust" else 0.0)
 
 
-def update(rows: list[Row], logits: torch.Tensor, width_clean: int, sampler: Sampler) -> None:
+def update(rows: list[Row], logits: torch.Tensor, width_clean: int, sampler: Sampler,
+           idx: slice | torch.Tensor | None = None) -> None:
     """Apply one step's logits [C, W, V] (all slots) to this group's rows: sample/accept/denoise and emit.
-    Only the group's rows and positions are read (gathered once)."""
+    Only the group's rows and positions are read (gathered once). ``idx``: the rows' slots in ``logits`` (a slice or
+    a device index tensor; default built from the rows)."""
     mode, block = rows[0].mode, rows[0].block
-    idx = torch.tensor([r.slot for r in rows], device=logits.device)
+    if idx is None:
+        idx = torch.tensor([r.slot for r in rows], device=logits.device)
     if mode == "ar":
         _update_ar(rows, logits[idx, 0], sampler)
     elif mode == "ar-trust" and rows[0].phase == "verify":
@@ -62,7 +65,8 @@ def update(rows: list[Row], logits: torch.Tensor, width_clean: int, sampler: Sam
 
 
 def _update_ar(rows, logits, sampler):
-    tokens = sampler.sample(sampler.probs(logits)).tolist()
+    # greedy: the argmax of the logits is the argmax of the one-hot ``sampler.probs`` (first maximum either way)
+    tokens = (logits.argmax(-1) if sampler.greedy else sampler.sample(sampler.probs(logits))).tolist()
     for row, t in zip(rows, tokens):
         row.pending = t
         row.emit([t])

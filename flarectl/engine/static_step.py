@@ -410,18 +410,49 @@ class StaticStep:
         return hidden, cos, sin, mask
 
     # -- the step ---------------------------------------------------------------------------------------------
-    def __call__(self, ids, counts, wlen, commit, width_clean: int) -> torch.Tensor:
-        """ids [C, Wc+Ww] long; counts, wlen [C] long; commit [C] bool -> logits [C, Wc+Ww, V]."""
-        key = (width_clean, ids.shape[1])
+    def __call__(self, ids, counts, wlen, commit, width_clean: int, logits: bool = True) -> torch.Tensor:
+        """ids [C, Wc+Ww] long; counts, wlen [C] long; commit [C] bool -> logits [C, Wc+Ww, V] (``logits=False``:
+        the final hidden states, the LM head skipped — a prefill step)."""
+        key = (width_clean, ids.shape[1], logits)
         if not self.compiled or key in self._seen:
-            return self._forward(ids, counts, wlen, commit, width_clean)
+            return self._forward(ids, counts, wlen, commit, width_clean, logits)
         try:  # first call of a shape compiles; a compile failure falls back to eager (and says so)
-            out = self._forward(ids, counts, wlen, commit, width_clean)
+            out = self._forward(ids, counts, wlen, commit, width_clean, logits)
         except Exception as exc:  # noqa: BLE001
             self.fallback_eager(f"torch.compile of the engine step failed: {type(exc).__name__}: {exc}")
-            return self._forward(ids, counts, wlen, commit, width_clean)
+            return self._forward(ids, counts, wlen, commit, width_clean, logits)
         self._seen.add(key)
         return out
+
+    def prefill_widths(self, longest: int, chunk: int) -> list[int]:
+        """Clean widths of the prefill steps for a longest context of ``longest`` tokens: fixed ``chunk``-wide steps
+        when compiled (one compiled shape serves every prompt), else exact (the last step only as wide as needed)."""
+        if self.compiled:
+            return [chunk] * -(-longest // chunk)
+        return [min(chunk, longest - start) for start in range(0, longest, chunk)]
+
+    @torch.no_grad()
+    def prefill(self, slots: list[int], contexts: list[list[int]], chunk: int = 64) -> None:
+        """Empty ``slots`` and commit ``contexts`` (token lists, may be empty) into them with static steps of at
+        most ``chunk`` clean tokens per slot (no LM head). Other slots take part with zero tokens, uncommitted:
+        their caches are left as they were. Same cache as ``backends.prefill_into`` (the adapter path)."""
+        cache = self.cache
+        rows, dev = cache.batch_size, cache.lengths.device
+        cache.reset_rows(torch.tensor(slots, dtype=torch.long, device=dev))
+        commit = torch.zeros(rows, dtype=torch.bool)
+        commit[slots] = True
+        commit = commit.to(dev)
+        longest = max((len(c) for c in contexts), default=0)
+        start = 0
+        for width in self.prefill_widths(longest, chunk):
+            ids = torch.zeros(rows, width, dtype=torch.long)
+            counts = torch.zeros(rows, dtype=torch.long)
+            for slot, ctx in zip(slots, contexts):
+                piece = ctx[start:start + width]
+                ids[slot, :len(piece)] = torch.tensor(piece, dtype=torch.long)
+                counts[slot] = len(piece)
+            self(ids.to(dev), counts.to(dev), torch.zeros_like(counts).to(dev), commit, width, logits=False)
+            start += width
 
     def fallback_eager(self, why: str) -> None:
         """Give up compiling (every later call runs eager); the reason stays in ``compile_error``."""
@@ -431,7 +462,7 @@ class StaticStep:
         self._set_fns()
 
     @torch.no_grad()  # inference only: compiled as an inference graph whatever the caller's grad mode
-    def _forward(self, ids, counts, wlen, commit, wc: int) -> torch.Tensor:
+    def _forward(self, ids, counts, wlen, commit, wc: int, logits: bool = True) -> torch.Tensor:
         model, cache = self.model, self.cache
         cap = self._attended_slots(wc)
         gated = model.family == "qwen3_5"
@@ -448,4 +479,4 @@ class StaticStep:
         self.last_counts.copy_(counts)
         self.last_commit.copy_(commit)
         cache.lengths.add_(torch.where(commit, counts, 0))
-        return self._head(model.hf.model.norm, model.hf.lm_head, hidden)
+        return self._head(model.hf.model.norm, model.hf.lm_head, hidden) if logits else hidden
