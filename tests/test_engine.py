@@ -169,6 +169,17 @@ def test_engine_rows_index(debug_models):
     assert idx.tolist() == [3, 0] and engine._rows_index([3, 0]) is idx  # cached, not uploaded again
 
 
+def test_compile_mode_option(debug_models):
+    """max-autotune (no inductor CUDA graphs) is an opt-in compile mode of the step; anything else is refused."""
+    from flarectl.engine.static_step import COMPILE_MODES
+
+    m = debug_models["debug-llama"]
+    assert SlotBackend(m, 2, 32).eager.compile_mode is None
+    assert SlotBackend(m, 2, 32, compile_mode="max-autotune-no-cudagraphs").eager.compile_mode in COMPILE_MODES
+    with pytest.raises(ValueError, match="compile mode"):
+        SlotBackend(m, 2, 32, compile_mode="max-autotune")  # inductor's own CUDA graphs would fight the engine's
+
+
 MIX = [  # (prompt, mode, block, max_new, threshold)
     ([60, 61, 62, 63, 64], "ar", None, 9, 0.9),
     ([70, 71], "ar-trust", 4, 13, 0.9),

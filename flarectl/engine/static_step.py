@@ -316,8 +316,13 @@ def head(norm, lm_head, hidden):
     return lm_head(norm(hidden))
 
 
-def _compile(fn):
-    return torch.compile(fn, dynamic=False)
+COMPILE_MODES = (None, "max-autotune-no-cudagraphs")
+"""Inductor modes for the step's pieces: default, or max-autotune without inductor's own CUDA graphs (the engine
+captures the step itself) — benchmarks Triton GEMM templates against cuBLAS for the skinny decode GEMMs."""
+
+
+def _compile(fn, mode: str | None = None):
+    return torch.compile(fn, dynamic=False, mode=mode)
 
 
 def _raise_recompile_limit(n: int = 256) -> None:
@@ -333,11 +338,15 @@ def _raise_recompile_limit(n: int = 256) -> None:
 
 class StaticStep:
     """``step(ids, counts, wlen, commit, width_clean)`` -> logits [C, W, V] on a fixed slot cache.
-    ``compile``: torch.compile the step's pieces (None: on for CUDA, see ``resolve_compile``)."""
+    ``compile``: torch.compile the step's pieces (None: on for CUDA, see ``resolve_compile``); ``compile_mode``: one
+    of ``COMPILE_MODES`` (default None: inductor's default)."""
 
     def __init__(self, model, cache: HybridCache, *, gdn_kernel: str = "auto", compile: bool | None = None,
-                 fuse: bool | None = None):
+                 fuse: bool | None = None, compile_mode: str | None = None):
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {COMPILE_MODES}; got {compile_mode!r}")
         self.model, self.cache = model, cache
+        self.compile_mode = compile_mode
         dev = cache.lengths.device
         self.kernel = resolve_gdn_kernel(gdn_kernel, dev)
         self.recurrence = "fla" if self.kernel == "fla" else "torch"
@@ -357,8 +366,9 @@ class StaticStep:
     def _set_fns(self) -> None:
         if self.compiled:
             _raise_recompile_limit()
-            self._gdn, self._attn, self._head = _compile(gdn_block), _compile(attention_block), _compile(head)
-            self._prologue = _compile(self.prologue)
+            mode = self.compile_mode
+            self._gdn, self._attn = _compile(gdn_block, mode), _compile(attention_block, mode)
+            self._head, self._prologue = _compile(head, mode), _compile(self.prologue, mode)
         else:
             self._gdn, self._attn, self._head, self._prologue = gdn_block, attention_block, head, self.prologue
 
