@@ -22,6 +22,12 @@ import triton.language as tl
 
 from .triton_gdn import _alloc, _pow2
 
+# Launch configurations (value-block width, warps). The backward recomputes the forward on chip, so it holds many
+# [slots x 128] tiles at once: BV=32 with 8 warps keeps its shared memory under the H100's 227 KiB (checked by
+# compiling for sm_90 offline; BV=64 / 4 warps needs 304 KiB with f32 tiles). Benchmarks may overwrite these.
+FWD_CONFIG = dict(BV=64, num_warps=8)
+BWD_CONFIG = dict(BV=32, num_warps=8)
+
 
 @triton.jit
 def _program_layout(slot_tok, slot_win, slot_r, chunk_tok0, chunk_len, i_c, i_v, Tn, NC,
@@ -101,7 +107,7 @@ def _chunk_windows_fwd_kernel(
              mask=valid[:, None] & m_v[None, :])
 
 
-def chunk_windows_forward_triton(qn, kn, vn, gn, bn, k, v_new, gc, h, meta, scale, slots, *, BV=64, num_warps=4):
+def chunk_windows_forward_triton(qn, kn, vn, gn, bn, k, v_new, gc, h, meta, scale, slots, *, BV=None, num_warps=None):
     """Same contract as ``chunk_windows.window_forward_chunked``: on [Tn,HV,V] (dtype of vn). ``slots``: the
     ``WindowSlots`` of this layout."""
     T, H, K = k.shape
@@ -111,7 +117,8 @@ def chunk_windows_forward_triton(qn, kn, vn, gn, bn, k, v_new, gc, h, meta, scal
     if Tn == 0:
         return on
     NC = slots.n_slots
-    BV = min(BV, _pow2(V))
+    BV = min(BV or FWD_CONFIG["BV"], _pow2(V))
+    num_warps = num_warps or FWD_CONFIG["num_warps"]
     grid = (meta.n_chunks, triton.cdiv(V, BV), HV)
     _chunk_windows_fwd_kernel[grid](
         qn, kn, vn, gn, bn, on, k, v_new, gc, h,
@@ -148,30 +155,32 @@ def _chunk_windows_bwd_kernel(
     m_tk = m_t[:, None] & m_k[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
 
-    b_q = tl.load(qn + (st[:, None] * H + i_h) * K + o_k[None, :], mask=m_sk, other=0.0).to(tl.float32)
-    b_kn = tl.load(kn + (st[:, None] * H + i_h) * K + o_k[None, :], mask=m_sk, other=0.0).to(tl.float32)
+    # tiles stay in the input dtype for the tensor-core products (bf16 on GPU); accumulation and the elementwise
+    # algebra are f32. ``dt`` casts f32 factors for those products.
+    b_q = tl.load(qn + (st[:, None] * H + i_h) * K + o_k[None, :], mask=m_sk, other=0.0)
+    b_kn = tl.load(kn + (st[:, None] * H + i_h) * K + o_k[None, :], mask=m_sk, other=0.0)
     b_vn = tl.load(vn + (st[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_sv, other=0.0).to(tl.float32)
     b_do = tl.load(don + (st[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_sv, other=0.0).to(tl.float32) * scale
     b_gn = tl.load(gn + st * HV + i_hv, mask=valid, other=0.0).to(tl.float32)
     b_bn = tl.load(bn + st * HV + i_hv, mask=valid, other=0.0).to(tl.float32)
-    b_kc = tl.load(k + ((tok0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_vc = tl.load(vnew + ((tok0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv,
-                   other=0.0).to(tl.float32)
+    b_kc = tl.load(k + ((tok0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_vc = tl.load(vnew + ((tok0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0.0)
     b_gc = tl.load(gc + (tok0 + o_t) * HV + i_hv, mask=m_t, other=0.0).to(tl.float32) * 0.6931471805599453
+    dt = b_kc.dtype
     b_h = tl.load(h + ((i_c.to(tl.int64) * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :],
-                  mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                  mask=m_k[:, None] & m_v[None, :], other=0.0).to(dt)
 
     # ---- forward pieces (natural units) ----
     g_r = tl.sum(tl.where(o_t[None, :] == sr[:, None] - 1, b_gc[None, :], 0.0), axis=1)
     before = o_t[None, :] < sr[:, None]
     coef = tl.where(before, tl.exp(tl.where(before, g_r[:, None] - b_gc[None, :], 0.0)), 0.0)  # [BC, BT]
     e_r = tl.exp(g_r)
-    qkc = tl.dot(b_q, tl.trans(b_kc))  # [BC, BT]
-    kkc = tl.dot(b_kn, tl.trans(b_kc))
+    qkc_c = tl.dot(b_q, tl.trans(b_kc)) * coef  # [BC, BT]
+    kkc_c = tl.dot(b_kn, tl.trans(b_kc)) * coef
     qh = tl.dot(b_q, b_h)  # [BC, BV]
     kh = tl.dot(b_kn, b_h)
-    qs = e_r[:, None] * qh + tl.dot(qkc * coef, b_vc)
-    ks = e_r[:, None] * kh + tl.dot(kkc * coef, b_vc)
+    qs = e_r[:, None] * qh + tl.dot(qkc_c.to(dt), b_vc)
+    ks = e_r[:, None] * kh + tl.dot(kkc_c.to(dt), b_vc)
     same = (sw[:, None] == sw[None, :]) & (sw[:, None] >= 0)
     incl = same & (o_s[:, None] >= o_s[None, :])
     strict = same & (o_s[:, None] > o_s[None, :])
@@ -186,13 +195,12 @@ def _chunk_windows_bwd_kernel(
     for _ in tl.static_range(MAXW - 1):
         d = rhs - tl.dot(b_l, d)
     qkn = tl.dot(b_q, tl.trans(b_kn))
-    p = qkn * dec
 
     # ---- reverse ----
     d_qs = eg[:, None] * b_do
     d_eg = tl.sum(b_do * qs, axis=1)
     d_p = tl.dot(b_do, tl.trans(d))  # [BC, BC]
-    d_d = tl.dot(tl.trans(p), b_do)  # [BC, BV]
+    d_d = tl.dot(tl.trans(qkn * dec), b_do)  # [BC, BV]
     d_rhs = d_d  # (I + L)^T x = d_d by substitution (L^T is nilpotent too)
     for _ in tl.static_range(MAXW - 1):
         d_rhs = d_d - tl.dot(tl.trans(b_l), d_rhs)
@@ -201,33 +209,34 @@ def _chunk_windows_bwd_kernel(
     d_bn = tl.sum(d_rhs * vres, axis=1) + tl.sum(d_l * dec * knkn, axis=1)
     d_ks = -(b_bn * eg)[:, None] * d_rhs
     d_eg += tl.sum(-b_bn[:, None] * d_rhs * ks, axis=1)
-    d_dec = d_l * b_bn[:, None] * knkn + d_p * qkn
     d_knkn = d_l * b_bn[:, None] * dec
     d_qkn = d_p * dec
-    d_q = tl.dot(d_qkn, b_kn)
-    d_kn = tl.dot(d_knkn + tl.trans(d_knkn), b_kn) + tl.dot(tl.trans(d_qkn), b_q)
-    w = d_dec * dec
+    w = (d_l * b_bn[:, None] * knkn + d_p * qkn) * dec
     d_gam = tl.sum(w, axis=1) - tl.sum(w, axis=0) + eg * d_eg
     d_gn = tl.sum(tl.where(incl, d_gam[:, None], 0.0), axis=0)
+    d_q = tl.dot(d_qkn.to(dt), b_kn)
+    d_kn = tl.dot((d_knkn + tl.trans(d_knkn)).to(dt), b_kn) + tl.dot(tl.trans(d_qkn).to(dt), b_q)
 
     # products with the boundary states, for X = Q (d_qs) and X = K_n (d_ks)
-    aq = e_r[:, None] * d_qs
-    ak = e_r[:, None] * d_ks
+    aq = (e_r[:, None] * d_qs).to(dt)
+    ak = (e_r[:, None] * d_ks).to(dt)
     d_h = tl.dot(tl.trans(b_q), aq) + tl.dot(tl.trans(b_kn), ak)  # [BK, BV]
     d_q += tl.dot(aq, tl.trans(b_h))
     d_kn += tl.dot(ak, tl.trans(b_h))
     d_gr = e_r * (tl.sum(d_qs * qh, axis=1) + tl.sum(d_ks * kh, axis=1))
-    dm_q = tl.dot(d_qs, tl.trans(b_vc))  # [BC, BT]
-    dm_k = tl.dot(d_ks, tl.trans(b_vc))
-    d_vc = tl.dot(tl.trans(qkc * coef), d_qs) + tl.dot(tl.trans(kkc * coef), d_ks)  # [BT, BV]
+    d_qs_t = d_qs.to(dt)
+    d_ks_t = d_ks.to(dt)
+    dm_q = tl.dot(d_qs_t, tl.trans(b_vc))  # [BC, BT]
+    dm_k = tl.dot(d_ks_t, tl.trans(b_vc))
+    d_vc = tl.dot(tl.trans(qkc_c).to(dt), d_qs_t) + tl.dot(tl.trans(kkc_c).to(dt), d_ks_t)  # [BT, BV]
+    w2 = dm_q * qkc_c + dm_k * kkc_c
     dx_q = dm_q * coef
     dx_k = dm_k * coef
-    d_q += tl.dot(dx_q, b_kc)
-    d_kn += tl.dot(dx_k, b_kc)
-    d_kc = tl.dot(tl.trans(dx_q), b_q) + tl.dot(tl.trans(dx_k), b_kn)  # [BT, BK]
-    w2 = (dm_q * qkc + dm_k * kkc) * coef
     d_gr += tl.sum(w2, axis=1)
     d_gc = -tl.sum(w2, axis=0) + tl.sum(tl.where(o_t[None, :] == sr[:, None] - 1, d_gr[:, None], 0.0), axis=0)
+    d_q += tl.dot(dx_q.to(dt), b_kc)
+    d_kn += tl.dot(dx_k.to(dt), b_kc)
+    d_kc = tl.dot(tl.trans(dx_q).to(dt), b_q) + tl.dot(tl.trans(dx_k).to(dt), b_kn)  # [BT, BK]
 
     # ---- stores ----
     i_v64 = i_v.to(tl.int64)
@@ -243,8 +252,8 @@ def _chunk_windows_bwd_kernel(
              mask=m_k[:, None] & m_v[None, :])
 
 
-def chunk_windows_backward_triton(noisy, don, k, v_new, gc, h, dv_clean, meta, scale, slots, *, BV=64,
-                                  num_warps=4):
+def chunk_windows_backward_triton(noisy, don, k, v_new, gc, h, dv_clean, meta, scale, slots, *, BV=None,
+                                  num_warps=None):
     """Same contract as ``chunk_windows.window_backward_chunked``: dict(x_inj, dk, dg, dqn, dkn, dvn, dgn, dbn),
     ``dv_clean`` increased in place."""
     import torch
@@ -254,7 +263,8 @@ def chunk_windows_backward_triton(noisy, don, k, v_new, gc, h, dv_clean, meta, s
     HV, V = v_new.shape[1], v_new.shape[2]
     Tn = qn.shape[0]
     dev = k.device
-    BV = min(BV, _pow2(V))
+    BV = min(BV or BWD_CONFIG["BV"], _pow2(V))
+    num_warps = num_warps or BWD_CONFIG["num_warps"]
     NV = triton.cdiv(V, BV)
     f32 = torch.float32
     NT = meta.n_chunks

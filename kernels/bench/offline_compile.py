@@ -1,0 +1,78 @@
+"""Compile the chunk-window Triton kernels for an NVIDIA target on a machine without a GPU and report shared memory,
+registers and spills (Triton's own compiler + the ptxas shipped in the triton wheel). Launch configurations that
+would fail with ``OutOfResources`` on the device, or spill heavily, show up here first.
+
+    python -m flare_kernels.bench.offline_compile --kernel bwd --BV 32 --num-warps 8 --maxw 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from flare_kernels.two_stream import triton_chunk_windows as tcw
+
+KERNELS = {"fwd": tcw._chunk_windows_fwd_kernel, "bwd": tcw._chunk_windows_bwd_kernel}
+BF16_ARGS = {"qn", "kn", "vn", "don", "k", "vnew", "on"}
+
+
+def compile_report(kernel="bwd", BV=32, num_warps=8, maxw=4, K=128, slots=64, arch=90) -> dict:
+    """{shared_bytes, registers, spill_stores, spill_loads} of one kernel at H=HV=16, K=V=``K``, bf16 inputs."""
+    fn = KERNELS[kernel]
+    consts = dict(H=16, HV=16, K=K, V=K, BT=64, BC=slots, BK=K, BV=BV, MAXW=maxw)
+    sig = {}
+    for n in fn.arg_names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n == "scale":
+            sig[n] = "fp32"
+        elif n in ("T", "Tn", "NC"):
+            sig[n] = "i32"
+        elif n in BF16_ARGS:
+            sig[n] = "*bf16"
+        elif n.startswith(("slot_", "chunk_")):
+            sig[n] = "*i32"
+        else:
+            sig[n] = "*fp32"
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    c = triton.compile(src, target=GPUTarget("cuda", arch, 128), options=dict(num_warps=num_warps, num_stages=1))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(c.asm["ptx"])
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    r = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull], capture_output=True,
+                       text=True)
+    os.unlink(f.name)
+    info = dict(shared_bytes=c.metadata.shared, registers=None, spill_stores=None, spill_loads=None)
+    for line in r.stderr.splitlines():
+        if "registers" in line:
+            info["registers"] = int(line.split("Used")[1].split("registers")[0])
+        if "spill stores" in line:
+            parts = line.split(",")
+            info["spill_stores"] = int(parts[-2].split()[0])
+            info["spill_loads"] = int(parts[-1].split()[0])
+    return info
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernel", choices=sorted(KERNELS), default="bwd")
+    ap.add_argument("--BV", type=int, nargs="+", default=[32])
+    ap.add_argument("--num-warps", type=int, nargs="+", default=[8])
+    ap.add_argument("--maxw", type=int, default=4)
+    a = ap.parse_args()
+    for bv in a.BV:
+        for nw in a.num_warps:
+            r = compile_report(a.kernel, bv, nw, a.maxw)
+            print(f"{a.kernel} BV={bv} warps={nw} maxw={a.maxw}: shared {r['shared_bytes'] / 1024:.0f} KiB, "
+                  f"{r['registers']} registers, spills {r['spill_stores']} B stored / {r['spill_loads']} B loaded",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
