@@ -2,9 +2,9 @@
 
 Every backend has ``prefill(slots, contexts)``, ``release(slot)``,
 ``step(ids [C, Wc+Ww], counts [C], wlen [C], commit [C], width_clean) -> logits [C, Wc+Ww, V]`` with the contract
-of ``StaticStep`` (see there), and ``finish_step(rows [C] bool or None)``, called once after every step, which also commits
-that step's clean tokens for ``rows`` (a decision taken from the step's logits: AR-Trust's full accepts; None: no
-such row, which costs the static backend nothing). Three implementations give the same logits:
+of ``StaticStep`` (see there), and ``finish_step(rows [C] bool or None)``, called once after every step, which
+also commits that step's clean tokens for ``rows`` (a decision taken from the step's logits: AR-Trust's full
+accepts; None: no such row, which costs the static backend nothing). Three implementations give the same logits:
 
 * ``SlotBackend`` — static slot cache + ``StaticStep`` (CUDA graphs on CUDA): the fast path.
 * ``AdapterBackend`` — the same ``HybridCache`` driven through ``model.forward`` and ``HybridCache.commit`` (the
