@@ -19,7 +19,7 @@ from triton.compiler import ASTSource
 from flare_kernels.two_stream import triton_chunk_windows as tcw
 
 KERNELS = {"fwd": tcw._chunk_windows_fwd_kernel, "bwd": tcw._chunk_windows_bwd_kernel}
-BF16_ARGS = {"qn", "kn", "vn", "don", "k", "vnew", "on"}
+BF16_ARGS = {"qn", "kn", "vn", "don", "k", "vnew", "on", "dvn", "dv_clean"}
 
 
 def compile_report(kernel="bwd", BV=32, num_warps=8, maxw=4, K=128, slots=64, arch=90) -> dict:

@@ -283,16 +283,18 @@ class TwoStreamGDNFunction(torch.autograd.Function):
                                          chunk_indices=ci)
         T, H, K = q.shape[1], q.shape[2], q.shape[3]
         HV = v.shape[2]
-        dk_inj = inj["dk"].view(T, H, HV // H, K).sum(2)
-        dk = dk.float() + dk2.float() + dk_inj[None]
-        dg = dg.float() + dg2.float() + inj["dg"][None]
+        # sums in place into the injected (f32, freshly allocated) terms: no further full-size f32 temporaries
+        dk_inj = inj["dk"] if HV == H else inj["dk"].view(T, H, HV // H, K).sum(2)
+        dk = dk_inj[None].add_(dk).add_(dk2)
+        dg = inj["dg"][None].add_(dg).add_(dg2)
         dg = F["cumsum"](dg, chunk_size=64, reverse=True, cu_seqlens=cu, chunk_indices=ci)
         grads = [dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), dg.to(ctx.g_dtype),
                  db.to(beta.dtype)]
         if fused:
             Tn = qn.shape[1]
-            dqn = inj["dqn"].view(Tn, H, HV // H, K).sum(2)[None].to(qn.dtype)
-            dkn = inj["dkn"].view(Tn, H, HV // H, K).sum(2)[None].to(kn.dtype)
+            per_h = (lambda x: x) if HV == H else (lambda x: x.view(Tn, H, HV // H, K).sum(2))  # noqa: E731
+            dqn = per_h(inj["dqn"])[None].to(qn.dtype)
+            dkn = per_h(inj["dkn"])[None].to(kn.dtype)
             ng = [dqn, dkn, inj["dvn"][None].to(vn.dtype), inj["dgn"][None].to(gn.dtype),
                   inj["dbn"][None].to(betan.dtype)]
         else:

@@ -135,9 +135,9 @@ def _chunk_windows_bwd_kernel(
     qn, kn, vn, gn, bn, don,  # noisy stream and the gradient of its outputs [Tn, HV, V]
     k, vnew, gc, h,  # clean stream (as in the forward)
     dqn_p, dkn_p, dgn_p, dbn_p,  # [NV, Tn, HV, (K)] f32 partial sums over V blocks
-    dvn,  # [Tn, HV, V] f32
+    dvn,  # [Tn, HV, V] (dtype of vn)
     dk_p, dg_p,  # [NV, T, HV, (K)] f32 partials: clean keys, natural-unit chunk cumsum
-    dvc,  # [T, HV, V] f32: gradient w.r.t. the clean new values
+    dv_clean,  # [T, HV, V]: gradient w.r.t. the clean new values, increased in place (each element by one program)
     x_inj,  # [NT, HV, K, V] f32: gradient w.r.t. the state entering each chunk
     slot_tok, slot_win, slot_r, chunk_tok0, chunk_len,
     scale, T, Tn, NC,
@@ -244,10 +244,12 @@ def _chunk_windows_bwd_kernel(
     tl.store(dkn_p + ((i_v64 * Tn + st[:, None]) * HV + i_hv) * K + o_k[None, :], d_kn, mask=m_sk)
     tl.store(dgn_p + (i_v64 * Tn + st) * HV + i_hv, d_gn, mask=valid)
     tl.store(dbn_p + (i_v64 * Tn + st) * HV + i_hv, d_bn, mask=valid)
-    tl.store(dvn + (st[:, None] * HV + i_hv) * V + o_v[None, :], dvn_blk, mask=m_sv)
+    tl.store(dvn + (st[:, None] * HV + i_hv) * V + o_v[None, :], dvn_blk.to(dvn.dtype.element_ty), mask=m_sv)
     tl.store(dk_p + ((i_v64 * T + tok0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], d_kc, mask=m_tk)
     tl.store(dg_p + (i_v64 * T + tok0 + o_t) * HV + i_hv, d_gc, mask=m_t)
-    tl.store(dvc + ((tok0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], d_vc, mask=m_tv)
+    p_dvc = dv_clean + ((tok0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
+    tl.store(p_dvc, (tl.load(p_dvc, mask=m_tv, other=0.0).to(tl.float32) + d_vc).to(p_dvc.dtype.element_ty),
+             mask=m_tv)
     tl.store(x_inj + ((i_c.to(tl.int64) * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :], d_h,
              mask=m_k[:, None] & m_v[None, :])
 
@@ -259,6 +261,7 @@ def chunk_windows_backward_triton(noisy, don, k, v_new, gc, h, dv_clean, meta, s
     import torch
 
     qn, kn, vn, gn, bn = noisy
+    assert dv_clean.is_contiguous(), "dv_clean is updated in place through raw pointers"
     T, H, K = k.shape
     HV, V = v_new.shape[1], v_new.shape[2]
     Tn = qn.shape[0]
@@ -272,19 +275,18 @@ def chunk_windows_backward_triton(noisy, don, k, v_new, gc, h, dv_clean, meta, s
     # once (clean tokens of chunks without any window are written zeros by their own program)
     x_inj = _alloc(NT, HV, K, V, dtype=f32, device=dev)
     dk_p, dg_p = _alloc(NV, T, HV, K, dtype=f32, device=dev), _alloc(NV, T, HV, dtype=f32, device=dev)
-    dvc = _alloc(T, HV, V, dtype=f32, device=dev)
     dqn_p, dkn_p = _alloc(NV, Tn, HV, K, dtype=f32, device=dev), _alloc(NV, Tn, HV, K, dtype=f32, device=dev)
     dgn_p, dbn_p = _alloc(NV, Tn, HV, dtype=f32, device=dev), _alloc(NV, Tn, HV, dtype=f32, device=dev)
-    dvn = _alloc(Tn, HV, V, dtype=f32, device=dev)
+    dvn = _alloc(Tn, HV, V, dtype=vn.dtype, device=dev)
     NC = slots.n_slots
     grid = (NT, NV, HV)
     _chunk_windows_bwd_kernel[grid](
-        qn, kn, vn, gn, bn, don.contiguous(), k, v_new, gc, h, dqn_p, dkn_p, dgn_p, dbn_p, dvn, dk_p, dg_p, dvc,
-        x_inj, slots.slot_tok.contiguous(), slots.slot_win.contiguous(), slots.slot_r.contiguous(),
+        qn, kn, vn, gn, bn, don.contiguous(), k, v_new, gc, h, dqn_p, dkn_p, dgn_p, dbn_p, dvn, dk_p, dg_p,
+        dv_clean, x_inj, slots.slot_tok.contiguous(), slots.slot_win.contiguous(), slots.slot_r.contiguous(),
         meta.chunk_tok0, meta.chunk_len, scale, T, Tn, NC,
         H=H, HV=HV, K=K, V=V, BT=64, BC=_pow2(NC), BK=_pow2(K), BV=BV, MAXW=max(int(slots.max_window), 1),
         num_warps=num_warps,
     )
-    dv_clean += dvc.to(dv_clean.dtype)
-    return dict(x_inj=x_inj, dk=dk_p.sum(0), dg=dg_p.sum(0), dqn=dqn_p.sum(0), dkn=dkn_p.sum(0),
-                dvn=dvn.to(vn.dtype), dgn=dgn_p.sum(0), dbn=dbn_p.sum(0))
+    red = (lambda x: x[0]) if NV == 1 else (lambda x: x.sum(0))  # noqa: E731  (one V block: nothing to sum)
+    return dict(x_inj=x_inj, dk=red(dk_p), dg=red(dg_p), dqn=red(dqn_p), dkn=red(dkn_p), dvn=dvn, dgn=red(dgn_p),
+                dbn=red(dbn_p))
