@@ -89,8 +89,9 @@ def _update_verify(rows, clean_logits, window_logits, sampler):
         n, nxt = ar_trust.accept_greedy(p, drafts)
     else:
         n, nxt = ar_trust.accept_speculative(p, torch.stack([r.q for r in rows]), drafts, sampler)
-    full = [r for r, k in zip(rows, n.tolist()) if k == r.block]
-    for row, k, t in zip(rows, n.tolist(), nxt.tolist()):
+    accepted, nxt = torch.stack([n, nxt]).tolist()  # one device->host copy
+    full = [r for r, k in zip(rows, accepted) if k == r.block]
+    for row, k, t in zip(rows, accepted, nxt):
         row.hist[k] += 1
         if k == row.block:  # all drafts are final; d_B is the new pending token, the window drafted what follows
             row.commit_late, row.pending = True, row.drafts[-1]
@@ -106,7 +107,10 @@ def _update_verify(rows, clean_logits, window_logits, sampler):
 
 def _update_denoise(rows, window_logits, sampler):
     tok, conf = diffusion_trust.propose(window_logits, sampler)
-    undecided = torch.tensor([[not d for d in r.decided] for r in rows], device=conf.device)
+    # one device->host copy (token ids < 2^24 are exact in float32); the selection runs on the host copies
+    tok, conf = torch.stack([tok.to(conf.dtype), conf]).cpu().unbind(0)
+    tok = tok.long()
+    undecided = torch.tensor([[not d for d in r.decided] for r in rows])
     newly = diffusion_trust.select_confident(conf, undecided, rows[0].req.threshold)
     for row, toks, new in zip(rows, tok.tolist(), newly.tolist()):
         for j, chosen in enumerate(new):
