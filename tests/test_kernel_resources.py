@@ -10,13 +10,15 @@ H100_SHARED_BYTES = 232448  # per-block opt-in limit reported by the H100
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+@pytest.mark.parametrize("kernel", ["fwd", "bwd-values", "bwd-keys"])  # the defaults (V <= 128)
 def test_chunk_window_kernels_fit_h100_shared_memory(kernel):
     pytest.importorskip("triton")
     from flare_kernels.bench.offline_compile import compile_report
     from flare_kernels.two_stream import triton_chunk_windows as tcw
+    from flare_kernels.two_stream import triton_chunk_windows_bwd as tcwb
 
-    cfg = tcw.FWD_CONFIG if kernel == "fwd" else tcw.BWD_CONFIG
+    cfg = {"fwd": tcw.FWD_CONFIG, "bwd": tcw.BWD_CONFIG, "bwd-values": tcwb.VALUES_CONFIG,
+           "bwd-keys": dict(BV=tcwb.KEYS_CONFIG["BK"], num_warps=tcwb.KEYS_CONFIG["num_warps"])}[kernel]
     r = compile_report(kernel, cfg["BV"], cfg["num_warps"], maxw=8)  # block size 8: the longest substitution
     assert 0 < r["shared_bytes"] <= H100_SHARED_BYTES, r
     assert r["registers"] is not None and r["registers"] <= 255, r

@@ -356,16 +356,25 @@ def test_fused_gdn_vs_naive_random_windows(dtype, K, l2):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("window", ["chunk-f32", "chunk-triton", "loop"])
+@pytest.mark.parametrize("window", ["chunk", "chunk-f32", "loop", "chunk-triton-one-kernel-bwd"])
 @pytest.mark.parametrize("layout", ["random", "block3"])
 def test_fused_window_variants_vs_naive(window, layout):
-    """The other window implementations of the fused path (fp32-operand chunk map, per-window Triton loop)."""
+    """The other window implementations of the fused path (the torch chunk map with bf16 / fp32 operands, the
+    per-window Triton loop, the Triton map with its one-kernel backward)."""
+    from flare_kernels.two_stream import triton_chunk_windows as tcw
+
     if layout == "random":
         P, seed = make_problem((150, 64, 99), 1, 2, 128, 128, max_win=8, dtype=torch.bfloat16, device="cuda")
     else:
         P, seed = make_problem((200, 37, 131), 2, 4, 64, 64, block=3, dtype=torch.bfloat16, device="cuda")
-    _check(compare_gdn(P, f"fused:{window}", torch.bfloat16, l2=layout == "random", seed=seed), torch.bfloat16,
-           seed)
+    split = tcw.BWD_SPLIT
+    tcw.BWD_SPLIT = window != "chunk-triton-one-kernel-bwd"
+    try:
+        errs = compare_gdn(P, f"fused:{window.replace('-one-kernel-bwd', '')}", torch.bfloat16,
+                           l2=layout == "random", seed=seed)
+    finally:
+        tcw.BWD_SPLIT = split
+    _check(errs, torch.bfloat16, seed)
 
 
 @pytest.mark.gpu

@@ -141,16 +141,29 @@ else:
         assert torch.isfinite(got).all()
         assert rel(got, ref) < 1e-5, rel(got, ref)
 
+    @pytest.mark.parametrize("impl", ["one-kernel", "split", "split-blocks"])
     @pytest.mark.parametrize("case", ["random", "random-gqa", "flare-b1", "flare-b4-2views"])
-    def test_chunk_windows_triton_backward_matches_torch_map(case):
-        """The Triton backward of the chunk-parallel window map == the torch map's autograd (interpreter)."""
+    def test_chunk_windows_triton_backward_matches_torch_map(case, impl):
+        """The Triton backward of the chunk-parallel window map == the torch map's autograd (interpreter): the
+        one-kernel backward (V blocks of 16) and the two-kernel one (default blocks; K and V blocks of 16)."""
+        from flare_kernels.two_stream import triton_chunk_windows_bwd as split
         from flare_kernels.two_stream.chunk_windows import window_backward_chunked
         from flare_kernels.two_stream.triton_chunk_windows import chunk_windows_backward_triton
 
         P, noisy, clean, meta, scale, slots = chunk_case(case)
         don = torch.randn(P["vn"].shape[1:], generator=torch.Generator().manual_seed(1))
         dv_got, dv_ref = torch.full_like(clean[1], 0.25), torch.full_like(clean[1], 0.25)
-        got = chunk_windows_backward_triton(noisy, don, *clean, dv_got, meta, scale, slots, BV=16)
+        if impl == "one-kernel":
+            got = chunk_windows_backward_triton(noisy, don, *clean, dv_got, meta, scale, slots, BV=16)
+        else:
+            saved = dict(split.KEYS_CONFIG), dict(split.VALUES_CONFIG)
+            if impl == "split-blocks":  # several K blocks in the keys kernel, several V blocks (random-gqa)
+                split.KEYS_CONFIG["BK"], split.VALUES_CONFIG["BV"] = 16, 16
+            try:
+                got = chunk_windows_backward_triton(noisy, don, *clean, dv_got, meta, scale, slots)
+            finally:
+                split.KEYS_CONFIG.update(saved[0])
+                split.VALUES_CONFIG.update(saved[1])
         ref = window_backward_chunked(noisy, don, *clean, dv_ref, meta, scale, slots=slots)
         assert rel(dv_got, dv_ref) < 1e-5, "dv_clean"
         for name in ref:

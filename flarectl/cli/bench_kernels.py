@@ -45,15 +45,15 @@ def kernels(
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32."),
     repeats: int = typer.Option(20, help="Timed runs per measurement (median reported)."),
     variants: List[str] = typer.Option(["clean", "fused", "simple"], "--variant",
-                                       help="clean (fla chunk, clean stream only) | fused | simple | fused-f32 | "
-                                            "fused-loop | fused-chunk-triton (repeatable)."),
+                                       help="clean (fla chunk, clean stream only) | fused | simple | fused-torch-map | "
+                                            "fused-f32 | fused-loop (repeatable)."),
     out_dir: Path = typer.Option(Path("docs/perf"), "--out", help="Folder for kernels.json and kernels.png."),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON document instead of the table."),
 ) -> None:
     """Latency (fwd, fwd+bwd; median, CUDA events) and peak memory of the two-stream gated delta rule."""
     if dtype not in DTYPES:
         raise FlareError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    known = ("clean", "fused", "simple", "fused-f32", "fused-loop", "fused-chunk-triton")
+    known = ("clean", "fused", "simple", "fused-torch-map", "fused-f32", "fused-loop", "fused-chunk-triton")
     bad = [v for v in variants if v not in known]
     if bad:
         raise FlareError(f"--variant must be one of {', '.join(known)}, got '{bad[0]}'")

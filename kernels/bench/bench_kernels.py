@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 VARIANTS = ("clean", "fused", "simple")
-# Optional rows: the fused path with fp32 matmul operands in the window map, and with the first window design
-# (one Triton program per window / per chunk walking its windows).
-EXTRA_VARIANTS = {"fused-f32": "chunk-f32", "fused-loop": "loop", "fused-chunk-triton": "chunk-triton"}
+# Optional rows: the fused path with the window map in torch (bf16 / fp32 operands), and with the first window
+# design (one Triton program per window / per chunk walking its windows). "fused" itself is the Triton map.
+EXTRA_VARIANTS = {"fused-torch-map": "chunk", "fused-f32": "chunk-f32", "fused-loop": "loop",
+                  "fused-chunk-triton": "chunk-triton"}
 
 
 def _inputs(T, B, heads, dim, dtype, device, seed=0):

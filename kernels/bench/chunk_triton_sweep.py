@@ -19,6 +19,7 @@ import torch
 
 from flare_kernels.bench.bench_kernels import _call, _inputs, bench_one
 from flare_kernels.two_stream import triton_chunk_windows as tcw
+from flare_kernels.two_stream import triton_chunk_windows_bwd as tcwb
 
 GRADS = ("q", "k", "v", "g", "beta", "qn", "kn", "vn", "gn", "betan")
 
@@ -59,7 +60,8 @@ def main():
     ap.add_argument("--B", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--fwd-configs", default="64/8,32/8,64/4", help="BV/warps,... of the forward kernel")
-    ap.add_argument("--bwd-configs", default="32/8,16/8,64/8,16/4,32/4", help="BV/warps,... of the backward")
+    ap.add_argument("--bwd-configs", default="s64/8:64/8,s128/8:64/8,s64/8:32/8,128/8",
+                    help="backward configs: BV/warps (one kernel) or sBV/warps:BK/warps (two kernels: values, keys)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of one fwd+bwd per B (first "
                     "configs)")
     a = ap.parse_args()
@@ -77,7 +79,7 @@ def main():
             log(f"accuracy T={a.T} B={B} {v:20s} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
     json.dump(result, open(f"{a.out}/chunk_triton_sweep.json", "w"), indent=1)
     parse = lambda spec: [tuple(int(x) for x in c.split("/")) for c in spec.split(",")]  # noqa: E731
-    fwd_cfgs, bwd_cfgs = parse(a.fwd_configs), parse(a.bwd_configs)
+    fwd_cfgs, bwd_cfgs = parse(a.fwd_configs), a.bwd_configs.split(",")
     for B in a.B:
         for v in ("clean", "fused"):
             r = bench_one(v, a.T, B, repeats=a.repeats, log=lambda s: None)
@@ -87,8 +89,8 @@ def main():
         cfgs = [(f, bwd_cfgs[0]) for f in fwd_cfgs] + [(fwd_cfgs[0], b) for b in bwd_cfgs[1:]]
         for fc, bc in cfgs:
             tcw.FWD_CONFIG.update(BV=fc[0], num_warps=fc[1])
-            tcw.BWD_CONFIG.update(BV=bc[0], num_warps=bc[1])
-            name = f"chunk-triton f{fc[0]}/{fc[1]} b{bc[0]}/{bc[1]}"
+            set_bwd_config(bc)
+            name = f"chunk-triton f{fc[0]}/{fc[1]} b{bc}"
             try:
                 r = bench_one("fused-chunk-triton", a.T, B, repeats=a.repeats, log=lambda s: None)
             except Exception as e:  # noqa: BLE001
@@ -101,11 +103,24 @@ def main():
             json.dump(result, open(f"{a.out}/chunk_triton_sweep.json", "w"), indent=1)
     if a.profile:
         tcw.FWD_CONFIG.update(BV=fwd_cfgs[0][0], num_warps=fwd_cfgs[0][1])
-        tcw.BWD_CONFIG.update(BV=bwd_cfgs[0][0], num_warps=bwd_cfgs[0][1])
+        set_bwd_config(bwd_cfgs[0])
         for B in a.B:
             table = profile_fwd_bwd("fused-chunk-triton", a.T, B)
             open(f"{a.out}/profile_chunk_triton_B{B}.txt", "w").write(table)
             print(table[-5000:], flush=True)
+
+
+def set_bwd_config(spec):
+    """"BV/warps": the one-kernel backward; "sBV/warps:BK/warps": the two-kernel one (values, keys)."""
+    if spec.startswith("s"):
+        (bv, vw), (bk, kw) = [tuple(int(x) for x in p.split("/")) for p in spec[1:].split(":")]
+        tcw.BWD_SPLIT = True
+        tcwb.VALUES_CONFIG.update(BV=bv, num_warps=vw)
+        tcwb.KEYS_CONFIG.update(BK=bk, num_warps=kw)
+    else:
+        bv, w = (int(x) for x in spec.split("/"))
+        tcw.BWD_SPLIT = False
+        tcw.BWD_CONFIG.update(BV=bv, num_warps=w)
 
 
 def profile_fwd_bwd(variant, T, B):

@@ -1,13 +1,15 @@
 #!/bin/bash
 # One device run: install fla wheels, Hopper self-check, GPU tests (errors logged), benchmark.
-# Usage (device tool, carry [".whl"]): bash kernels/bench/gpu_run.sh [tests|bench|sweep|all]
+# Usage (device tool, carry [".whl", ".gpucache"]): bash kernels/bench/gpu_run.sh [tests|bench|sweep|all]
 # sweep: fused fwd+bwd latency and peak memory vs the chunk-group size of the window map (FLARE_WINDOW_GROUP_MB).
 set -o pipefail
 WHAT=${1:-all}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/pkgs && ln -sfn "$PWD/kernels" /tmp/pkgs/flare_kernels
 export PYTHONPATH=/tmp/pkgs:/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton_cache
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/triton_cache
+# fla's autotune results from an earlier run (carry ".gpucache"): saves minutes of autotuning on a fresh machine
+[ -f .gpucache/triton_autotune.tgz ] && tar -xzf .gpucache/triton_autotune.tgz -C /tmp/triton_cache && echo "restored autotune cache"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 [ -z "$SKIP_SELFCHECK" ] && python3 -c "
@@ -65,3 +67,4 @@ open(os.environ.get("OUT", "/tmp/out") + "/profile_fused_b4.txt", "w").write(tab
 print(tab[-6000:])
 PY
 fi
+(cd /tmp/triton_cache && find . -name "*.autotune.json" | tar -czf "$OUT/triton_autotune.tgz" -T -)

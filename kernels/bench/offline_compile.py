@@ -17,22 +17,27 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from flare_kernels.two_stream import triton_chunk_windows as tcw
+from flare_kernels.two_stream import triton_chunk_windows_bwd as tcwb
 
-KERNELS = {"fwd": tcw._chunk_windows_fwd_kernel, "bwd": tcw._chunk_windows_bwd_kernel}
-BF16_ARGS = {"qn", "kn", "vn", "don", "k", "vnew", "on", "dvn", "dv_clean"}
+KERNELS = {"fwd": tcw._chunk_windows_fwd_kernel, "bwd": tcw._chunk_windows_bwd_kernel,
+           "bwd-values": tcwb._bwd_values_kernel, "bwd-keys": tcwb._bwd_keys_kernel}
+BF16_ARGS = {"qn", "kn", "vn", "don", "k", "vnew", "on", "dvn", "dv_clean", "mat_ss", "mat_st", "aq_out", "ak_out",
+             "aq_in", "ak_in"}
 
 
 def compile_report(kernel="bwd", BV=32, num_warps=8, maxw=4, K=128, slots=64, arch=90) -> dict:
     """{shared_bytes, registers, spill_stores, spill_loads} of one kernel at H=HV=16, K=V=``K``, bf16 inputs."""
     fn = KERNELS[kernel]
-    consts = dict(H=16, HV=16, K=K, V=K, BT=64, BC=slots, BK=K, BV=BV, MAXW=maxw)
+    consts = dict(H=16, HV=16, K=K, V=K, BT=64, BC=slots, BK=BV if kernel == "bwd-keys" else K, BV=BV, MAXW=maxw,
+                  NV=2, BVF=K, PREC="tf32")
+    consts = {n: v for n, v in consts.items() if n in fn.arg_names}
     sig = {}
     for n in fn.arg_names:
         if n in consts:
             sig[n] = "constexpr"
         elif n == "scale":
             sig[n] = "fp32"
-        elif n in ("T", "Tn", "NC"):
+        elif n in ("T", "Tn", "NC", "NT"):  # (bwd-keys: --BV is its K block)
             sig[n] = "i32"
         elif n in BF16_ARGS:
             sig[n] = "*bf16"

@@ -12,7 +12,8 @@ Per program (chunk c with checkpoint h_c; its NC noisy slots; log2 chunk-local c
 
 ``(I + L)^{-1}`` by ``MAXW - 1`` substitution steps (exact: L is nilpotent within a window). The backward kernel
 recomputes these pieces on chip and runs the torch map's autograd written out; sums over V go through [NV, ...]
-partial buffers (no atomics). Opt-in (``_window="chunk-triton"``) until measured on a GPU.
+partial buffers (no atomics). The default window path of the fused op (``_window="chunk-triton"``); for V <= 128
+the backward runs as two smaller kernels instead (``triton_chunk_windows_bwd``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,23 @@ from .triton_gdn import _alloc, _pow2
 # [slots x 128] tiles at once: BV=32 with 8 warps keeps its shared memory under the H100's 227 KiB (checked by
 # compiling for sm_90 offline; BV=64 / 4 warps needs 304 KiB with f32 tiles). Benchmarks may overwrite these.
 FWD_CONFIG = dict(BV=64, num_warps=8)
-BWD_CONFIG = dict(BV=32, num_warps=8)
+BWD_CONFIG = dict(BV=128, num_warps=8)
+# V <= 128: the backward runs as two kernels (triton_chunk_windows_bwd.py: fewer live tiles, no spills); False
+# forces the one-kernel backward below (kept for V > 128 and as its twin in the tests).
+BWD_SPLIT = True
+
+
+def dot_precision(dtype) -> str:
+    """Products of f32 inputs run as 3-pass TF32 (about fp32 accuracy on tensor cores); half inputs are exact
+    operands already, and the f32 x f32 substitution products next to them stay single-pass TF32."""
+    import torch
+
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _dot(PREC: tl.constexpr, a, b):
+    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -59,6 +76,7 @@ def _chunk_windows_fwd_kernel(
     scale, Tn, NC,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAXW: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     i_c, i_v, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h = i_hv // (HV // H)
@@ -86,8 +104,10 @@ def _chunk_windows_fwd_kernel(
     coef = tl.where(before, tl.exp2(tl.where(before, g_r[:, None] - b_gc[None, :], 0.0)), 0.0)  # [BC, BT]
     e_r = tl.exp2(g_r)
     b_hd = b_h.to(dt)
-    qs = e_r[:, None] * tl.dot(b_q.to(dt), b_hd) + tl.dot((tl.dot(b_q.to(dt), tl.trans(b_kc)) * coef).to(dt), b_vc)
-    ks = e_r[:, None] * tl.dot(b_kn.to(dt), b_hd) + tl.dot((tl.dot(b_kn.to(dt), tl.trans(b_kc)) * coef).to(dt), b_vc)
+    qkc_c = (_dot(PREC, b_q.to(dt), tl.trans(b_kc)) * coef).to(dt)
+    kkc_c = (_dot(PREC, b_kn.to(dt), tl.trans(b_kc)) * coef).to(dt)
+    qs = e_r[:, None] * _dot(PREC, b_q.to(dt), b_hd) + _dot(PREC, qkc_c, b_vc)
+    ks = e_r[:, None] * _dot(PREC, b_kn.to(dt), b_hd) + _dot(PREC, kkc_c, b_vc)
 
     # each window's delta rule from its boundary state (block-diagonal WY form)
     same = (sw[:, None] == sw[None, :]) & (sw[:, None] >= 0)
@@ -99,10 +119,10 @@ def _chunk_windows_fwd_kernel(
     d = rhs
     if MAXW > 1:
         strict = same & (o_s[:, None] > o_s[None, :])
-        b_l = tl.where(strict, b_bn[:, None] * dec * tl.dot(b_kn, tl.trans(b_kn)).to(tl.float32), 0.0)
+        b_l = tl.where(strict, b_bn[:, None] * dec * _dot(PREC, b_kn, tl.trans(b_kn)).to(tl.float32), 0.0)
         for _ in tl.static_range(MAXW - 1):
-            d = rhs - tl.dot(b_l, d)
-    o = eg[:, None] * qs + tl.dot(tl.dot(b_q, tl.trans(b_kn)).to(tl.float32) * dec, d)
+            d = rhs - _dot(PREC, b_l, d)
+    o = eg[:, None] * qs + _dot(PREC, _dot(PREC, b_q, tl.trans(b_kn)).to(tl.float32) * dec, d)
     tl.store(on + (st[:, None] * HV + i_hv) * V + o_v[None, :], (o * scale).to(on.dtype.element_ty),
              mask=valid[:, None] & m_v[None, :])
 
@@ -125,6 +145,7 @@ def chunk_windows_forward_triton(qn, kn, vn, gn, bn, k, v_new, gc, h, meta, scal
         slots.slot_tok.contiguous(), slots.slot_win.contiguous(), slots.slot_r.contiguous(),
         meta.chunk_tok0, meta.chunk_len, scale, Tn, NC,
         H=H, HV=HV, K=K, V=V, BT=64, BC=_pow2(NC), BK=_pow2(K), BV=BV, MAXW=max(int(slots.max_window), 1),
+        PREC=dot_precision(k.dtype),
         num_warps=num_warps,
     )
     return on
@@ -143,6 +164,7 @@ def _chunk_windows_bwd_kernel(
     scale, T, Tn, NC,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAXW: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Backward of the map for one (chunk, V block, value head): recompute the forward pieces on chip, then the
     reverse pass (the torch map's autograd, written out). Quantities that sum over V are written per V block."""
@@ -175,36 +197,36 @@ def _chunk_windows_bwd_kernel(
     before = o_t[None, :] < sr[:, None]
     coef = tl.where(before, tl.exp(tl.where(before, g_r[:, None] - b_gc[None, :], 0.0)), 0.0)  # [BC, BT]
     e_r = tl.exp(g_r)
-    qkc_c = tl.dot(b_q, tl.trans(b_kc)) * coef  # [BC, BT]
-    kkc_c = tl.dot(b_kn, tl.trans(b_kc)) * coef
-    qh = tl.dot(b_q, b_h)  # [BC, BV]
-    kh = tl.dot(b_kn, b_h)
-    qs = e_r[:, None] * qh + tl.dot(qkc_c.to(dt), b_vc)
-    ks = e_r[:, None] * kh + tl.dot(kkc_c.to(dt), b_vc)
+    qkc_c = _dot(PREC, b_q, tl.trans(b_kc)) * coef  # [BC, BT]
+    kkc_c = _dot(PREC, b_kn, tl.trans(b_kc)) * coef
+    qh = _dot(PREC, b_q, b_h)  # [BC, BV]
+    kh = _dot(PREC, b_kn, b_h)
+    qs = e_r[:, None] * qh + _dot(PREC, qkc_c.to(dt), b_vc)
+    ks = e_r[:, None] * kh + _dot(PREC, kkc_c.to(dt), b_vc)
     same = (sw[:, None] == sw[None, :]) & (sw[:, None] >= 0)
     incl = same & (o_s[:, None] >= o_s[None, :])
     strict = same & (o_s[:, None] > o_s[None, :])
     gam = tl.sum(tl.where(incl, b_gn[None, :], 0.0), axis=1)
     dec = tl.where(incl, tl.exp(tl.where(incl, gam[:, None] - gam[None, :], 0.0)), 0.0)
     eg = tl.exp(gam)
-    knkn = tl.dot(b_kn, tl.trans(b_kn))
+    knkn = _dot(PREC, b_kn, tl.trans(b_kn))
     b_l = tl.where(strict, b_bn[:, None] * dec * knkn, 0.0)
     vres = b_vn - eg[:, None] * ks  # V_n - e^Γ K_nS
     rhs = b_bn[:, None] * vres
     d = rhs
     for _ in tl.static_range(MAXW - 1):
-        d = rhs - tl.dot(b_l, d)
-    qkn = tl.dot(b_q, tl.trans(b_kn))
+        d = rhs - _dot(PREC, b_l, d)
+    qkn = _dot(PREC, b_q, tl.trans(b_kn))
 
     # ---- reverse ----
     d_qs = eg[:, None] * b_do
     d_eg = tl.sum(b_do * qs, axis=1)
-    d_p = tl.dot(b_do, tl.trans(d))  # [BC, BC]
-    d_d = tl.dot(tl.trans(qkn * dec), b_do)  # [BC, BV]
+    d_p = _dot(PREC, b_do, tl.trans(d))  # [BC, BC]
+    d_d = _dot(PREC, tl.trans(qkn * dec), b_do)  # [BC, BV]
     d_rhs = d_d  # (I + L)^T x = d_d by substitution (L^T is nilpotent too)
     for _ in tl.static_range(MAXW - 1):
-        d_rhs = d_d - tl.dot(tl.trans(b_l), d_rhs)
-    d_l = tl.where(strict, -tl.dot(d_rhs, tl.trans(d)), 0.0)
+        d_rhs = d_d - _dot(PREC, tl.trans(b_l), d_rhs)
+    d_l = tl.where(strict, -_dot(PREC, d_rhs, tl.trans(d)), 0.0)
     dvn_blk = b_bn[:, None] * d_rhs
     d_bn = tl.sum(d_rhs * vres, axis=1) + tl.sum(d_l * dec * knkn, axis=1)
     d_ks = -(b_bn * eg)[:, None] * d_rhs
@@ -214,29 +236,29 @@ def _chunk_windows_bwd_kernel(
     w = (d_l * b_bn[:, None] * knkn + d_p * qkn) * dec
     d_gam = tl.sum(w, axis=1) - tl.sum(w, axis=0) + eg * d_eg
     d_gn = tl.sum(tl.where(incl, d_gam[:, None], 0.0), axis=0)
-    d_q = tl.dot(d_qkn.to(dt), b_kn)
-    d_kn = tl.dot((d_knkn + tl.trans(d_knkn)).to(dt), b_kn) + tl.dot(tl.trans(d_qkn).to(dt), b_q)
+    d_q = _dot(PREC, d_qkn.to(dt), b_kn)
+    d_kn = _dot(PREC, (d_knkn + tl.trans(d_knkn)).to(dt), b_kn) + _dot(PREC, tl.trans(d_qkn).to(dt), b_q)
 
     # products with the boundary states, for X = Q (d_qs) and X = K_n (d_ks)
     aq = (e_r[:, None] * d_qs).to(dt)
     ak = (e_r[:, None] * d_ks).to(dt)
-    d_h = tl.dot(tl.trans(b_q), aq) + tl.dot(tl.trans(b_kn), ak)  # [BK, BV]
-    d_q += tl.dot(aq, tl.trans(b_h))
-    d_kn += tl.dot(ak, tl.trans(b_h))
+    d_h = _dot(PREC, tl.trans(b_q), aq) + _dot(PREC, tl.trans(b_kn), ak)  # [BK, BV]
+    d_q += _dot(PREC, aq, tl.trans(b_h))
+    d_kn += _dot(PREC, ak, tl.trans(b_h))
     d_gr = e_r * (tl.sum(d_qs * qh, axis=1) + tl.sum(d_ks * kh, axis=1))
     d_qs_t = d_qs.to(dt)
     d_ks_t = d_ks.to(dt)
-    dm_q = tl.dot(d_qs_t, tl.trans(b_vc))  # [BC, BT]
-    dm_k = tl.dot(d_ks_t, tl.trans(b_vc))
-    d_vc = tl.dot(tl.trans(qkc_c).to(dt), d_qs_t) + tl.dot(tl.trans(kkc_c).to(dt), d_ks_t)  # [BT, BV]
+    dm_q = _dot(PREC, d_qs_t, tl.trans(b_vc))  # [BC, BT]
+    dm_k = _dot(PREC, d_ks_t, tl.trans(b_vc))
+    d_vc = _dot(PREC, tl.trans(qkc_c).to(dt), d_qs_t) + _dot(PREC, tl.trans(kkc_c).to(dt), d_ks_t)  # [BT, BV]
     w2 = dm_q * qkc_c + dm_k * kkc_c
     dx_q = dm_q * coef
     dx_k = dm_k * coef
     d_gr += tl.sum(w2, axis=1)
     d_gc = -tl.sum(w2, axis=0) + tl.sum(tl.where(o_t[None, :] == sr[:, None] - 1, d_gr[:, None], 0.0), axis=0)
-    d_q += tl.dot(dx_q.to(dt), b_kc)
-    d_kn += tl.dot(dx_k.to(dt), b_kc)
-    d_kc = tl.dot(tl.trans(dx_q).to(dt), b_q) + tl.dot(tl.trans(dx_k).to(dt), b_kn)  # [BT, BK]
+    d_q += _dot(PREC, dx_q.to(dt), b_kc)
+    d_kn += _dot(PREC, dx_k.to(dt), b_kc)
+    d_kc = _dot(PREC, tl.trans(dx_q).to(dt), b_q) + _dot(PREC, tl.trans(dx_k).to(dt), b_kn)  # [BT, BK]
 
     # ---- stores ----
     i_v64 = i_v.to(tl.int64)
@@ -264,6 +286,10 @@ def chunk_windows_backward_triton(noisy, don, k, v_new, gc, h, dv_clean, meta, s
     assert dv_clean.is_contiguous(), "dv_clean is updated in place through raw pointers"
     T, H, K = k.shape
     HV, V = v_new.shape[1], v_new.shape[2]
+    if BWD_SPLIT and BV is None and _pow2(V) <= 128:
+        from .triton_chunk_windows_bwd import chunk_windows_backward_split
+
+        return chunk_windows_backward_split(noisy, don, k, v_new, gc, h, dv_clean, meta, scale, slots)
     Tn = qn.shape[0]
     dev = k.device
     BV = min(BV or BWD_CONFIG["BV"], _pow2(V))
@@ -285,6 +311,7 @@ def chunk_windows_backward_triton(noisy, don, k, v_new, gc, h, dv_clean, meta, s
         dv_clean, x_inj, slots.slot_tok.contiguous(), slots.slot_win.contiguous(), slots.slot_r.contiguous(),
         meta.chunk_tok0, meta.chunk_len, scale, T, Tn, NC,
         H=H, HV=HV, K=K, V=V, BT=64, BC=_pow2(NC), BK=_pow2(K), BV=BV, MAXW=max(int(slots.max_window), 1),
+        PREC=dot_precision(k.dtype),
         num_warps=num_warps,
     )
     red = (lambda x: x[0]) if NV == 1 else (lambda x: x.sum(0))  # noqa: E731  (one V block: nothing to sum)
