@@ -31,6 +31,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from flarectl.engine.gemv import linear, module_linear, resolve_gemv
 from flarectl.models.adapter import ATTENTION
 from flarectl.models.attention import _project, apply_rope
 from flarectl.models.cache import HybridCache
@@ -189,19 +190,20 @@ def fuse_weights(linears) -> torch.Tensor | None:
     return torch.cat([lin.weight.detach() for lin in linears], 0)
 
 
-def _mlp(mlp, x, w_gate_up):
+def _mlp(mlp, x, w_gate_up, gemv: bool = False):
     if w_gate_up is None:
         return mlp(x)
-    gate, up = F.linear(x, w_gate_up).chunk(2, -1)
-    return mlp.down_proj(mlp.act_fn(gate) * up)
+    gate, up = linear(x, w_gate_up, gemv).chunk(2, -1)
+    return module_linear(mlp.act_fn(gate) * up, mlp.down_proj, gemv)
 
 
 def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit, wc: int, kernel: str,
-              w_in=None, w_gate_up=None):
+              w_in=None, w_gate_up=None, gemv: bool = False):
     """One Gated DeltaNet decoder layer of the step: hidden [C, W, hidden] -> [C, W, hidden]. Writes the state and
     conv context after each row's clean tokens into ``last_state`` / ``last_conv`` and into the cache
     (``state`` / ``conv``) for rows with ``commit``. ``w_in`` / ``w_gate_up``: fused copies of the input
-    projections [qkv | z | b | a] and of the MLP's [gate | up] (``fuse_weights``), or None."""
+    projections [qkv | z | b | a] and of the MLP's [gate | up] (``fuse_weights``), or None. ``gemv``: skinny
+    projections (M <= 16 rows) through ``gemv.skinny_linear`` (the fused ones and the plain output linears)."""
     module = layer.linear_attn
     x = layer.input_layernorm(hidden)
     width = x.shape[1]
@@ -212,8 +214,8 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
         g, beta = _gates(module, x)
     else:
         nv = module.num_v_heads
-        mixed, z, b, a = F.linear(x, w_in).split([w_in.shape[0] - module.value_dim - 2 * nv, module.value_dim, nv,
-                                                  nv], -1)
+        mixed, z, b, a = linear(x, w_in, gemv).split(
+            [w_in.shape[0] - module.value_dim - 2 * nv, module.value_dim, nv, nv], -1)
         beta = b.sigmoid()
         g = -module.A_log.float().exp() * F.softplus(a.float() + module.dt_bias)  # as gdn._gates
     g, beta = g.to(dt), beta.to(dt)
@@ -240,15 +242,15 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
     conv.copy_(torch.where(commit[:, None, None], last_conv, conv))
     hv = module.head_v_dim  # gated RMSNorm with z, out_proj: as gdn._output
     normed = module.norm(core.reshape(-1, hv).to(x.dtype), z.reshape(-1, hv))
-    hidden = hidden + module.out_proj(normed.reshape(*x.shape[:2], -1))
-    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up)
+    hidden = hidden + module_linear(normed.reshape(*x.shape[:2], -1), module.out_proj, gemv)
+    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv)
 
 
-def _project_fused(module, x, gated: bool, w_qkv):
+def _project_fused(module, x, gated: bool, w_qkv, gemv: bool = False):
     """``attention._project`` with one GEMM for q|k|v."""
     bsz, length, _ = x.shape
     head_dim = module.head_dim
-    q, k, v = F.linear(x, w_qkv).split([module.q_proj.out_features, module.k_proj.out_features,
+    q, k, v = linear(x, w_qkv, gemv).split([module.q_proj.out_features, module.k_proj.out_features,
                                         module.v_proj.out_features], -1)
     gate = None
     if gated:
@@ -262,14 +264,15 @@ def _project_fused(module, x, gated: bool, w_qkv):
 
 
 def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int, cap: int, gated: bool,
-                    w_qkv=None, w_gate_up=None):
+                    w_qkv=None, w_gate_up=None, gemv: bool = False):
     """One softmax-attention decoder layer of the step (keys/values of the clean tokens written at each row's
     length; attention over the first ``cap`` slots plus the window). ``w_qkv`` / ``w_gate_up``: fused weights or
     None."""
     module = layer.self_attn
     x = layer.input_layernorm(hidden)
     bsz, width, _ = x.shape
-    q, k, v, gate = _project(module, x, gated) if w_qkv is None else _project_fused(module, x, gated, w_qkv)
+    q, k, v, gate = (_project(module, x, gated) if w_qkv is None
+                     else _project_fused(module, x, gated, w_qkv, gemv))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if wc:
         pos = (lengths[:, None] + torch.arange(wc, device=x.device)).clamp(max=key.shape[2] - 1)
@@ -284,8 +287,8 @@ def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int,
     out = out.transpose(1, 2).reshape(bsz, width, -1)
     if gate is not None:
         out = out * torch.sigmoid(gate)
-    hidden = hidden + module.o_proj(out)
-    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up)
+    hidden = hidden + module_linear(out, module.o_proj, gemv)
+    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv)
 
 
 def attention_mask(lengths, counts, wlen, wc: int, ww: int, cap: int) -> torch.Tensor:
@@ -312,8 +315,8 @@ def positions(lengths, counts, wc: int, width: int) -> torch.Tensor:
     return torch.where(cols >= wc, (lengths + counts)[:, None] + cols - wc, lengths[:, None] + cols)
 
 
-def head(norm, lm_head, hidden):
-    return lm_head(norm(hidden))
+def head(norm, lm_head, hidden, gemv: bool = False):
+    return module_linear(norm(hidden), lm_head, gemv)
 
 
 COMPILE_MODES = (None, "max-autotune-no-cudagraphs")
@@ -339,10 +342,12 @@ def _raise_recompile_limit(n: int = 256) -> None:
 class StaticStep:
     """``step(ids, counts, wlen, commit, width_clean)`` -> logits [C, W, V] on a fixed slot cache.
     ``compile``: torch.compile the step's pieces (None: on for CUDA, see ``resolve_compile``); ``compile_mode``: one
-    of ``COMPILE_MODES`` (default None: inductor's default)."""
+    of ``COMPILE_MODES`` (default None: inductor's default); ``gemv``: projections of at most ``gemv.MAX_ROWS``
+    rows (C x W tokens) through the skinny Triton kernel ``gemv.skinny_linear`` (None: on for CUDA, see
+    ``gemv.resolve_gemv``)."""
 
     def __init__(self, model, cache: HybridCache, *, gdn_kernel: str = "auto", compile: bool | None = None,
-                 fuse: bool | None = None, compile_mode: str | None = None):
+                 fuse: bool | None = None, compile_mode: str | None = None, gemv: bool | None = None):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}; got {compile_mode!r}")
         self.model, self.cache = model, cache
@@ -358,6 +363,7 @@ class StaticStep:
         self.last_counts = torch.zeros_like(cache.lengths)
         self.last_commit = torch.zeros_like(cache.lengths, dtype=torch.bool)
         self.compiled = resolve_compile(compile, dev)
+        self.gemv = resolve_gemv(gemv, dev)
         self.compile_error: str | None = None
         self.fused = self._fuse() if (self.compiled if fuse is None else fuse) else {}
         self._set_fns()
@@ -481,12 +487,12 @@ class StaticStep:
             if kind == ATTENTION:
                 kv = cache.attention[i]
                 hidden = self._attn(layer, hidden, kv.key, kv.value, cache.lengths, cos, sin, mask, wc, cap, gated,
-                                    **self.fused.get(i, {}))
+                                    gemv=self.gemv, **self.fused.get(i, {}))
             else:
                 c = cache.gdn[i]
                 hidden = self._gdn(layer, hidden, c.state, c.conv, self.last_state[i], self.last_conv[i], counts,
-                                   commit, wc, self.recurrence, **self.fused.get(i, {}))
+                                   commit, wc, self.recurrence, gemv=self.gemv, **self.fused.get(i, {}))
         self.last_counts.copy_(counts)
         self.last_commit.copy_(commit)
         cache.lengths.add_(torch.where(commit, counts, 0))
-        return self._head(model.hf.model.norm, model.hf.lm_head, hidden) if logits else hidden
+        return self._head(model.hf.model.norm, model.hf.lm_head, hidden, self.gemv) if logits else hidden

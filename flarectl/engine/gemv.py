@@ -1,0 +1,298 @@
+"""Skinny GEMMs for decode steps: ``y[M, N] = x[M, K] @ w[N, K]^T`` with M <= ``MAX_ROWS`` (a few tokens).
+
+At M = 8 (an AR step of 8 slots) a projection is a matrix-vector product in all but name: every weight is read
+once and used M times, so the time is the weight bytes over the memory bandwidth. cuBLAS reached ~74% of the copy
+bandwidth at these shapes on an H100 (docs/perf/engine.md); this is a GEMV-class Triton kernel for them:
+
+* one program per ``BN`` output columns and K split (``SPLIT`` programs share the K range of a column block, so
+  projections with few columns, such as 2048, still fill every SM);
+* the M <= 16 rows of x ride in one ``tl.dot`` tile (BM = 16), accumulated in fp32 (bf16/fp16 inputs; fp32 inputs
+  use IEEE products, no TF32);
+* split-K is **deterministic**: each split writes its fp32 partial [SPLIT, M, N] and a second small kernel sums
+  them in a fixed order and casts (no atomics: the same inputs give the same bits, replay after replay).
+
+The launch configuration (BN, BK, SPLIT, warps, stages) is chosen per (M, N, K, dtype) the first time a shape runs
+outside CUDA-graph capture by timing a few candidates (``tune``, ~10 launches each; env ``FLARECTL_GEMV_TUNE=0``:
+the heuristic ``default_config`` instead), and kept for the process.
+
+``skinny_linear`` (the op ``flarectl::skinny_linear``, opaque to torch.compile and capturable in a CUDA graph,
+registered like ``flarectl::gdn_recurrence``) is the fast path; ``skinny_linear_reference`` is its pure-torch
+twin with the same signature (fp32 products, cast to x's dtype). On CPU the op runs the twin unless Triton's
+interpreter is on (``TRITON_INTERPRET=1``, which the tests use to run the kernel itself at tiny sizes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MAX_ROWS = 16
+"""Largest M served by the kernel (one 16-row dot tile); larger inputs go to ``F.linear`` (cuBLAS)."""
+
+NAN_FILL = False
+"""Tests: allocate outputs and partials NaN-filled, so an element the kernels leave unwritten fails the check."""
+
+
+@dataclass(frozen=True)
+class Config:
+    bn: int
+    bk: int
+    split: int
+    warps: int = 4
+    stages: int = 4
+
+
+def skinny_linear_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The twin: x [M, K] @ w [N, K]^T with fp32 products and sums (fp64 stays fp64), cast to x's dtype."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(acc) @ w.to(acc).t()).to(x.dtype)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Shapes and dtypes the Triton kernel takes: x [..., K] with at most MAX_ROWS rows, bf16/fp16/fp32, w [N, K]
+    of the same dtype and unit stride along K, on CUDA (or CPU under the interpreter)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return (0 < rows <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and w.dtype == x.dtype and w.dim() == 2 and w.shape[1] == x.shape[-1] and w.stride(1) == 1
+            and (x.is_cuda or _interpreting()) and x.device == w.device)
+
+
+# -- kernels ----------------------------------------------------------------------------------------------------
+
+_KERNELS = None
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is not None:
+        return _KERNELS
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, k_per_split,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                    EVEN_N: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rm = tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        k0 = pid_s * k_per_split
+        p_x = x + rm[:, None] * stride_xm + (k0 + rk)[None, :]
+        p_w = w + rn[None, :].to(tl.int64) * stride_wn + (k0 + rk)[:, None]  # [BK, BN] tile of w^T
+        m_mask = rm[:, None] < M
+        n_mask = rn[None, :] < N
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for kk in range(0, k_per_split, BK):
+            if EVEN_K:
+                a = tl.load(p_x, mask=m_mask, other=0.0)
+                if EVEN_N:
+                    b = tl.load(p_w)
+                else:
+                    b = tl.load(p_w, mask=n_mask, other=0.0)
+            else:
+                k_ok = (k0 + kk + rk) < K
+                a = tl.load(p_x, mask=m_mask & k_ok[None, :], other=0.0)
+                b = tl.load(p_w, mask=n_mask & k_ok[:, None], other=0.0)
+            if UPCAST:  # the interpreter's bf16 dot is wrong: exact fp32 products of the same bf16 values instead
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            elif IEEE:
+                acc += tl.dot(a, b, input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
+            p_x += BK
+            p_w += BK
+        out_mask = m_mask & n_mask
+        if PARTIAL:  # fp32 partial of this K split: [SPLIT, M, N]
+            tl.store(y + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=out_mask)
+        else:
+            tl.store(y + rm[:, None] * N + rn[None, :], acc.to(y.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def reduce_kernel(ws, y, total, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < total
+        acc = tl.load(ws + offs, mask=mask, other=0.0)
+        for s in tl.static_range(1, SPLIT):  # fixed order: deterministic
+            acc += tl.load(ws + s * total + offs, mask=mask, other=0.0)
+        tl.store(y + offs, acc.to(y.dtype.element_ty), mask=mask)
+
+    _KERNELS = (gemv_kernel, reduce_kernel)
+    return _KERNELS
+
+
+def _empty(shape, dtype, device):
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if NAN_FILL else out
+
+
+def split_plan(K: int, bk: int, split: int) -> tuple[int, int]:
+    """(splits actually used, K per split): K per split a multiple of ``bk``, no split left empty."""
+    blocks = -(-K // bk)
+    split = max(1, min(split, blocks))
+    per = -(-blocks // split) * bk
+    return -(-K // per), per
+
+
+def launch(x: torch.Tensor, w: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """The kernel with one launch configuration: x [M, K] (M <= MAX_ROWS), w [N, K] -> [M, N] in x's dtype."""
+    gemv_kernel, reduce_kernel = _kernels()
+    x = x.contiguous()
+    M, K = x.shape
+    N = w.shape[0]
+    split, per = split_plan(K, cfg.bk, cfg.split)
+    y = _empty((M, N), x.dtype, x.device)
+    even_k = split * per == K
+    grid = (-(-N // cfg.bn), split)
+    f32 = x.dtype == torch.float32
+    common = dict(BM=16, BN=cfg.bn, BK=cfg.bk, EVEN_K=even_k, EVEN_N=N % cfg.bn == 0, IEEE=f32,
+                  UPCAST=_interpreting() and not f32,
+                  num_warps=cfg.warps, num_stages=min(cfg.stages, 2) if f32 else cfg.stages)  # fp32 tiles: 2x smem
+    if split == 1:
+        gemv_kernel[grid](x, w, y, M, N, K, x.stride(0), w.stride(0), per, PARTIAL=False, **common)
+        return y
+    ws = _empty((split, M, N), torch.float32, x.device)
+    gemv_kernel[grid](x, w, ws, M, N, K, x.stride(0), w.stride(0), per, PARTIAL=True, **common)
+    block = 1024
+    reduce_kernel[(-(-M * N // block),)](ws, y, M * N, SPLIT=split, BLOCK=block, num_warps=4)
+    return y
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def default_config(M: int, N: int, K: int, device: torch.device, bn: int = 64, bk: int = 128) -> Config:
+    """Heuristic: ``bn`` columns per program, and as many K splits as it takes to put ~2 programs on every SM
+    (each split at least two ``bk`` blocks)."""
+    programs = -(-N // bn)
+    want = max(1, -(-2 * _sm_count(device) // programs))
+    split = 1
+    while split * 2 <= want and K // (split * 2) >= 2 * bk:
+        split *= 2
+    return Config(bn, bk, split, 4, 4 if bk <= 128 else 3)
+
+
+def candidates(M: int, N: int, K: int, device: torch.device) -> list[Config]:
+    """The configurations ``tune`` times: a few column widths and K blocks at their heuristic split, plus the
+    default's split halved and doubled."""
+    out = []
+    for bn in (16, 32, 64, 128):
+        for bk in (128, 256):
+            out.append(default_config(M, N, K, device, bn, bk))
+    d = default_config(M, N, K, device)
+    for s in (d.split // 2, d.split * 2):
+        if s >= 1 and K // s >= d.bk:
+            out.append(Config(d.bn, d.bk, s, d.warps, d.stages))
+    seen, uniq = set(), []
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            uniq.append(c)
+    return uniq
+
+
+_CHOSEN: dict[tuple, Config] = {}
+TIMINGS: dict[tuple, list[tuple[Config, float]]] = {}
+"""Per tuned shape key (M, N, K, dtype): every candidate's median ms (for benchmarks and reports)."""
+
+
+def _key(x, w):
+    return (x.shape[0], w.shape[0], x.shape[1], str(x.dtype), str(x.device))
+
+
+def tune(x: torch.Tensor, w: torch.Tensor, repeats: int = 10) -> Config:
+    """Time every candidate (CUDA events, median of ``repeats``) and keep the fastest for this shape."""
+    key = _key(x, w)
+    M, K = x.shape
+    N = w.shape[0]
+    results = []
+    for cfg in candidates(M, N, K, x.device):
+        try:
+            launch(x, w, cfg)  # compile + warm
+            times = []
+            for _ in range(repeats):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                launch(x, w, cfg)
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            results.append((cfg, sorted(times)[len(times) // 2]))
+        except Exception:  # noqa: BLE001 - a config that does not fit (resources): skip it
+            continue
+    if not results:
+        return default_config(M, N, K, x.device)
+    TIMINGS[key] = results
+    return min(results, key=lambda r: r[1])[0]
+
+
+def config_for(x: torch.Tensor, w: torch.Tensor) -> Config:
+    key = _key(x, w)
+    cfg = _CHOSEN.get(key)
+    if cfg is not None:
+        return cfg
+    M, K = x.shape
+    N = w.shape[0]
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if x.is_cuda and not capturing and os.environ.get("FLARECTL_GEMV_TUNE", "1") != "0":
+        cfg = tune(x, w)
+    else:
+        cfg = default_config(M, N, K, x.device)
+    if not capturing:
+        _CHOSEN[key] = cfg
+    return cfg
+
+
+def _skinny(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if not (x.is_cuda or _interpreting()):
+        return skinny_linear_reference(x, w)
+    return launch(x, w, config_for(x.contiguous(), w))
+
+
+@torch.library.custom_op("flarectl::skinny_linear", mutates_args=())
+def skinny_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS) @ w [N, K]^T -> [M, N] in x's dtype, fp32 accumulation (the Triton kernel on CUDA
+    or under the interpreter; ``skinny_linear_reference`` elsewhere)."""
+    return _skinny(x, w)
+
+
+@skinny_linear.register_fake
+def _(x, w):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, use_kernel: bool) -> torch.Tensor:
+    """``F.linear(x, w)`` for x [..., K]; through ``skinny_linear`` when ``use_kernel`` and ``kernel_applies``
+    (decided from shapes and dtypes: static under torch.compile)."""
+    if use_kernel and kernel_applies(x, w):
+        return skinny_linear(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)
+
+
+def module_linear(x: torch.Tensor, module, use_kernel: bool) -> torch.Tensor:
+    """``module(x)``, through ``linear`` when the module is a plain bias-free ``nn.Linear``."""
+    if use_kernel and type(module) is torch.nn.Linear and module.bias is None \
+            and type(module.weight.data) is torch.Tensor:
+        return linear(x, module.weight, True)
+    return module(x)
+
+
+def resolve_gemv(gemv: bool | None, device: torch.device) -> bool:
+    """None -> on for CUDA (env ``FLARECTL_ENGINE_GEMV=0`` turns it off), off elsewhere."""
+    if gemv is None:
+        env = os.environ.get("FLARECTL_ENGINE_GEMV")
+        if env is not None:
+            return env.strip().lower() not in ("0", "false", "no", "off", "")
+        return device.type == "cuda"
+    return bool(gemv)
