@@ -297,7 +297,8 @@ def test_engine_rejects_bad_settings(debug_models):
 # -- GPU: CUDA graphs and fla's fused recurrent kernel against the eager torch step ---------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel,compile", [("torch", False), ("fla", False), ("fla", True)])
+@pytest.mark.parametrize("kernel,compile", [("torch", False), ("fla", False), ("fla", True), ("triton", False),
+                                            ("triton", True)])
 def test_graphed_step_equals_eager_on_cuda(kernel, compile):
     pytest.importorskip("fla") if kernel == "fla" else None
     m = load_model("debug-hybrid", dtype="float32", device="cuda", seed=1)

@@ -51,8 +51,11 @@ def skinny_linear_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x.to(acc) @ w.to(acc).t()).to(x.dtype)
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once (the interpreter is chosen at import)
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 def kernel_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -280,11 +283,18 @@ def linear(x: torch.Tensor, w: torch.Tensor, use_kernel: bool) -> torch.Tensor:
     return F.linear(x, w)
 
 
-def module_linear(x: torch.Tensor, module, use_kernel: bool) -> torch.Tensor:
-    """``module(x)``, through ``linear`` when the module is a plain bias-free ``nn.Linear``."""
-    if use_kernel and type(module) is torch.nn.Linear and module.bias is None \
-            and type(module.weight.data) is torch.Tensor:
-        return linear(x, module.weight, True)
+def plain_weight(module) -> torch.Tensor | None:
+    """The weight of a plain bias-free ``nn.Linear`` (which ``linear`` may replace), else None. Decided once,
+    outside compiled code."""
+    if type(module) is torch.nn.Linear and module.bias is None and type(module.weight.data) is torch.Tensor:
+        return module.weight
+    return None
+
+
+def module_linear(x: torch.Tensor, module, w: torch.Tensor | None, use_kernel: bool) -> torch.Tensor:
+    """``module(x)``; ``linear(x, w)`` instead when ``w`` (the module's ``plain_weight``) is given."""
+    if use_kernel and w is not None:
+        return linear(x, w, True)
     return module(x)
 
 

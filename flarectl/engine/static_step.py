@@ -19,8 +19,10 @@ The step is cut into pure functions — a prologue (positions, embedding, RoPE, 
 ``compile=True`` (the default on CUDA) each is ``torch.compile``d (inductor, ``dynamic=False``; the same code
 serves every layer of a kind) and the CUDA graph captures the fused kernels: eager, a decoder layer is ~90 small
 kernels, which made the step cost ~4x the weight-bandwidth roofline (docs/perf/engine.md). The GDN recurrence is
-one opaque op (``flarectl::gdn_recurrence[_keep]``: fla's fused recurrent kernel on CUDA, with the q/k L2 norm and the
-scale inside it and the final state written straight into the step's kept-state buffer; a torch loop elsewhere).
+one opaque op (``flarectl::gdn_recurrence_commit`` / ``_from``: on CUDA the engine's own Triton kernel
+(``recurrence.py``), q/k L2 norm and scale inside it, each row's final state stored straight into the cache when the
+row commits and into the step's kept-state buffer when not; fla's kernel plus a commit pass on request; a torch loop
+elsewhere).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from flarectl.engine.gemv import linear, module_linear, resolve_gemv
+from flarectl.engine.gemv import linear, module_linear, plain_weight, resolve_gemv
 from flarectl.models.adapter import ATTENTION
 from flarectl.models.attention import _project, apply_rope
 from flarectl.models.cache import HybridCache
@@ -107,47 +109,70 @@ def _recurrence(q, k, v, g, beta, initial, final, scale, kernel):
     return _recurrence_torch(q, k, v, g, beta, initial, final, scale)
 
 
-@torch.library.custom_op("flarectl::gdn_recurrence_keep", mutates_args=("final",))
-def gdn_recurrence_keep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                        initial: torch.Tensor, final: torch.Tensor, scale: float, kernel: str) -> torch.Tensor:
-    """Gated delta rule over T tokens from ``initial`` [C,HV,K,V]. q,k [C,T,H,K] raw (L2-normalised and q scaled by
-    ``scale`` here; HV a multiple of H, v-head j reads k-head j // (HV/H)); v [C,T,HV,V]; g (log decay), beta
-    [C,T,HV]. Returns o [C,T,HV,V] (v's dtype) and writes the state after the T tokens into ``final``.
-    kernel: 'fla' (CUDA) or 'torch'."""
-    return _recurrence(q, k, v, g, beta, initial, final, scale, kernel)
+def _from_rows(state, last, commit):
+    """Per row: ``state`` where ``commit`` else ``last`` (the state after a step's clean tokens)."""
+    return torch.where(commit[:, None, None, None], state, last)
 
 
-@gdn_recurrence_keep.register_fake
-def _(q, k, v, g, beta, initial, final, scale, kernel):
+@torch.library.custom_op("flarectl::gdn_recurrence_commit", mutates_args=("state", "last"))
+def gdn_recurrence_commit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                          state: torch.Tensor, last: torch.Tensor, commit: torch.Tensor, scale: float,
+                          kernel: str) -> torch.Tensor:
+    """Gated delta rule over T tokens from ``state`` [C,HV,K,V] (the cache). q,k [C,T,H,K] raw (L2-normalised and q
+    scaled by ``scale`` here; HV a multiple of H, v-head j reads k-head j // (HV/H)); v [C,T,HV,V]; g (log decay),
+    beta [C,T,HV]; commit [C] bool. Returns o [C,T,HV,V] (v's dtype). The state after the T tokens goes into
+    ``state`` for rows with ``commit`` and into ``last`` for the others (whose ``state`` is left as it was);
+    ``last`` of a committing row is unspecified. kernel: 'triton' (``recurrence.py``: each row's state stored once,
+    where it belongs), 'fla' (fla's kernel writes ``last`` for every row, then a ``where`` pass commits) or 'torch'
+    (the twin, same passes as 'fla')."""
+    if kernel == "triton":
+        from flarectl.engine import recurrence
+
+        return recurrence.launch(q, k, v, g, beta, state, last, commit, scale, 0)
+    dt = torch.promote_types(v.dtype, torch.float32)
+    o = _recurrence(q, k, v, g, beta, state.to(dt), last, scale, kernel)
+    state.copy_(_from_rows(last, state, commit))
+    return o
+
+
+@gdn_recurrence_commit.register_fake
+def _(q, k, v, g, beta, state, last, commit, scale, kernel):
     return torch.empty_like(v)
 
 
-@torch.library.custom_op("flarectl::gdn_recurrence", mutates_args=())
-def gdn_recurrence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                   initial: torch.Tensor, scale: float, kernel: str) -> torch.Tensor:
-    """``gdn_recurrence_keep`` without keeping the final state (a window's recurrence). (Two ops, not one with an
-    optional ``final``: inductor (torch 2.13) fails on a mutated argument passed as None.)"""
-    return _recurrence(q, k, v, g, beta, initial, None, scale, kernel)
+@torch.library.custom_op("flarectl::gdn_recurrence_from", mutates_args=())
+def gdn_recurrence_from(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                        state: torch.Tensor, last: torch.Tensor, commit: torch.Tensor, scale: float,
+                        kernel: str) -> torch.Tensor:
+    """A window's recurrence (no state kept) from each row's state after the step's clean tokens: ``state`` for
+    rows with ``commit``, ``last`` for the others (as ``gdn_recurrence_commit`` left them)."""
+    if kernel == "triton":
+        from flarectl.engine import recurrence
+
+        return recurrence.launch(q, k, v, g, beta, state, last, commit, scale, 1)
+    dt = torch.promote_types(v.dtype, torch.float32)
+    return _recurrence(q, k, v, g, beta, _from_rows(state, last, commit).to(dt), None, scale, kernel)
 
 
-@gdn_recurrence.register_fake
-def _(q, k, v, g, beta, initial, scale, kernel):
+@gdn_recurrence_from.register_fake
+def _(q, k, v, g, beta, state, last, commit, scale, kernel):
     return torch.empty_like(v)
 
 
 def resolve_gdn_kernel(kernel: str, device: torch.device) -> str:
-    """'auto' -> 'fla' on CUDA when fla imports, else 'torch'."""
+    """'auto' -> 'triton' (the engine's own kernel, ``recurrence.py``) on CUDA when triton imports, else 'torch'.
+    'fla': fla's fused recurrent kernel plus a ``where`` commit pass (the earlier default)."""
     if kernel != "auto":
-        if kernel not in ("torch", "fla"):
-            raise ValueError(f"gdn kernel must be auto, torch or fla; got {kernel!r}")
+        if kernel not in ("torch", "fla", "triton"):
+            raise ValueError(f"gdn kernel must be auto, torch, fla or triton; got {kernel!r}")
         return kernel
     if device.type != "cuda":
         return "torch"
     try:
-        import fla.ops.gated_delta_rule  # noqa: F401
-    except Exception:  # noqa: BLE001 - fla missing or broken: the torch recurrence is always there
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - triton missing or broken: the torch recurrence is always there
         return "torch"
-    return "fla"
+    return "triton"
 
 
 def resolve_compile(compile: bool | None, device: torch.device) -> bool:
@@ -190,20 +215,21 @@ def fuse_weights(linears) -> torch.Tensor | None:
     return torch.cat([lin.weight.detach() for lin in linears], 0)
 
 
-def _mlp(mlp, x, w_gate_up, gemv: bool = False):
+def _mlp(mlp, x, w_gate_up, gemv: bool = False, w_down=None):
     if w_gate_up is None:
         return mlp(x)
     gate, up = linear(x, w_gate_up, gemv).chunk(2, -1)
-    return module_linear(mlp.act_fn(gate) * up, mlp.down_proj, gemv)
+    return module_linear(mlp.act_fn(gate) * up, mlp.down_proj, w_down, gemv)
 
 
 def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit, wc: int, kernel: str,
-              w_in=None, w_gate_up=None, gemv: bool = False):
+              w_in=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None):
     """One Gated DeltaNet decoder layer of the step: hidden [C, W, hidden] -> [C, W, hidden]. Writes the state and
     conv context after each row's clean tokens into ``last_state`` / ``last_conv`` and into the cache
     (``state`` / ``conv``) for rows with ``commit``. ``w_in`` / ``w_gate_up``: fused copies of the input
     projections [qkv | z | b | a] and of the MLP's [gate | up] (``fuse_weights``), or None. ``gemv``: skinny
-    projections (M <= 16 rows) through ``gemv.skinny_linear`` (the fused ones and the plain output linears)."""
+    projections (M <= 16 rows) through ``gemv.skinny_linear``: the fused ones, and ``w_out`` / ``w_down`` (the
+    plain weights of out_proj / down_proj, ``gemv.plain_weight``) when given."""
     module = layer.linear_attn
     x = layer.input_layernorm(hidden)
     width = x.shape[1]
@@ -229,21 +255,20 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
     q, k, v = _split_heads(module, _conv_taps(ctx, weight, bias, wc, dt))
     real = (torch.arange(wc, device=x.device)[None] < counts[:, None])[..., None]  # [C, Wc, 1]
     gc, bc = g[:, :wc] * real, beta[:, :wc] * real  # padding: decay 1, no write
-    core = gdn_recurrence_keep(q.contiguous(), k.contiguous(), v.contiguous(), gc, bc, state.to(dt), last_state,
-                               scale, kernel)
+    core = gdn_recurrence_commit(q.contiguous(), k.contiguous(), v.contiguous(), gc, bc, state, last_state, commit,
+                                 scale, kernel)  # commits the state of the committing rows in place
     if ww:
         yn = _conv_taps(torch.cat([left, mixed[:, wc:]], 1), weight, bias, ww, dt)
         qn, kn, vn = _split_heads(module, yn)
-        o_win = gdn_recurrence(qn.contiguous(), kn.contiguous(), vn.contiguous(), g[:, wc:].contiguous(),
-                               beta[:, wc:].contiguous(), last_state.to(dt), scale, kernel)
+        o_win = gdn_recurrence_from(qn.contiguous(), kn.contiguous(), vn.contiguous(), g[:, wc:].contiguous(),
+                                    beta[:, wc:].contiguous(), state, last_state, commit, scale, kernel)
         core = torch.cat([core, o_win], 1)
     last_conv.copy_(left.transpose(1, 2))
-    state.copy_(torch.where(commit[:, None, None, None], last_state, state))
     conv.copy_(torch.where(commit[:, None, None], last_conv, conv))
     hv = module.head_v_dim  # gated RMSNorm with z, out_proj: as gdn._output
     normed = module.norm(core.reshape(-1, hv).to(x.dtype), z.reshape(-1, hv))
-    hidden = hidden + module_linear(normed.reshape(*x.shape[:2], -1), module.out_proj, gemv)
-    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv)
+    hidden = hidden + module_linear(normed.reshape(*x.shape[:2], -1), module.out_proj, w_out, gemv)
+    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down)
 
 
 def _project_fused(module, x, gated: bool, w_qkv, gemv: bool = False):
@@ -264,7 +289,7 @@ def _project_fused(module, x, gated: bool, w_qkv, gemv: bool = False):
 
 
 def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int, cap: int, gated: bool,
-                    w_qkv=None, w_gate_up=None, gemv: bool = False):
+                    w_qkv=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None):
     """One softmax-attention decoder layer of the step (keys/values of the clean tokens written at each row's
     length; attention over the first ``cap`` slots plus the window). ``w_qkv`` / ``w_gate_up``: fused weights or
     None."""
@@ -287,8 +312,8 @@ def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int,
     out = out.transpose(1, 2).reshape(bsz, width, -1)
     if gate is not None:
         out = out * torch.sigmoid(gate)
-    hidden = hidden + module_linear(out, module.o_proj, gemv)
-    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv)
+    hidden = hidden + module_linear(out, module.o_proj, w_out, gemv)
+    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down)
 
 
 def attention_mask(lengths, counts, wlen, wc: int, ww: int, cap: int) -> torch.Tensor:
@@ -315,8 +340,8 @@ def positions(lengths, counts, wc: int, width: int) -> torch.Tensor:
     return torch.where(cols >= wc, (lengths + counts)[:, None] + cols - wc, lengths[:, None] + cols)
 
 
-def head(norm, lm_head, hidden, gemv: bool = False):
-    return module_linear(norm(hidden), lm_head, gemv)
+def head(norm, lm_head, hidden, gemv: bool = False, w_head=None):
+    return module_linear(norm(hidden), lm_head, w_head, gemv)
 
 
 COMPILE_MODES = (None, "max-autotune-no-cudagraphs")
@@ -354,10 +379,11 @@ class StaticStep:
         self.compile_mode = compile_mode
         dev = cache.lengths.device
         self.kernel = resolve_gdn_kernel(gdn_kernel, dev)
-        self.recurrence = "fla" if self.kernel == "fla" else "torch"
-        # Speculative commit: every step also keeps, per row, the GDN state and conv context after its whole clean
-        # section, so a row that did not commit in the step can commit it afterwards (``commit_last``) once the
-        # caller knows it wants to (AR-Trust after a fully accepted verify) — no recomputation, no rollback.
+        self.recurrence = self.kernel
+        # Speculative commit: every step also keeps, per row that does not commit, the GDN state and conv context
+        # after its whole clean section, so it can commit them afterwards (``commit_last``) once the caller knows
+        # it wants to (AR-Trust after a fully accepted verify) — no recomputation, no rollback. (With the 'triton'
+        # recurrence a committing row's state goes straight into the cache; its ``last_state`` is stale.)
         self.last_state = {i: torch.empty_like(c.state) for i, c in cache.gdn.items()}
         self.last_conv = {i: torch.empty_like(c.conv) for i, c in cache.gdn.items()}
         self.last_counts = torch.zeros_like(cache.lengths)
@@ -366,6 +392,13 @@ class StaticStep:
         self.gemv = resolve_gemv(gemv, dev)
         self.compile_error: str | None = None
         self.fused = self._fuse() if (self.compiled if fuse is None else fuse) else {}
+        self.w_head = plain_weight(model.hf.lm_head) if self.gemv else None
+        if self.gemv:  # the plain output linears' weights (no copies), for the skinny kernel
+            for i, (kind, layer) in enumerate(zip(model.layer_kinds, model.layers)):
+                out = layer.self_attn.o_proj if kind == ATTENTION else layer.linear_attn.out_proj
+                down = getattr(layer.mlp, "down_proj", None)
+                w = {"w_out": plain_weight(out), "w_down": plain_weight(down) if down is not None else None}
+                self.fused[i] = self.fused.get(i, {}) | {k: v for k, v in w.items() if v is not None}
         self._set_fns()
         self._seen: set[tuple[int, int]] = set()
 
@@ -495,4 +528,4 @@ class StaticStep:
         self.last_counts.copy_(counts)
         self.last_commit.copy_(commit)
         cache.lengths.add_(torch.where(commit, counts, 0))
-        return self._head(model.hf.model.norm, model.hf.lm_head, hidden, self.gemv) if logits else hidden
+        return self._head(model.hf.model.norm, model.hf.lm_head, hidden, self.gemv, self.w_head) if logits else hidden

@@ -1,0 +1,314 @@
+"""The engine's own Triton kernels against their pure-torch twins: the skinny GEMM (``flarectl.engine.gemv``) and
+the GDN decode recurrence that commits states in place (``flarectl.engine.recurrence``).
+
+The kernels run on CPU under Triton's interpreter, at tiny sizes, in a child process (the interpreter must be on
+before triton is imported; same pattern as tests/test_kernels_interpret.py). Outputs and split-K partials are
+NaN-filled first (``gemv.NAN_FILL``, ``recurrence.NAN_FILL``), so an element the kernels leave unwritten fails. In this process: the op's
+registration (``torch.library.opcheck``), the dispatch rules, and the twin on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CHILD = os.environ.get("FLARE_ENGINE_KERNELS_CHILD") == "1"
+
+if not CHILD:
+    from flarectl.engine import gemv
+
+    def test_interpreter_suite():
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            pytest.skip("triton not installed")
+        env = {**os.environ, "FLARE_ENGINE_KERNELS_CHILD": "1", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+
+    def test_op_registration_and_cpu_twin():
+        """The custom op passes opcheck (schema, fake tensor, autograd registration) and on CPU without the
+        interpreter it is the twin."""
+        x, w = torch.randn(5, 24), torch.randn(7, 24)
+        torch.library.opcheck(gemv.skinny_linear, (x, w))
+        torch.testing.assert_close(gemv.skinny_linear(x, w), x @ w.t())
+        xb, wb = x.bfloat16(), w.bfloat16()
+        ref = (xb.float() @ wb.float().t()).bfloat16()
+        assert torch.equal(gemv.skinny_linear_reference(xb, wb), ref)
+
+    def test_dispatch_rules():
+        """``linear`` takes the kernel only for <= MAX_ROWS rows of bf16/fp16/fp32 on CUDA (or interpreted);
+        everything else is F.linear, same values."""
+        w = torch.randn(6, 8)
+        assert not gemv.kernel_applies(torch.randn(3, 8), w)  # CPU, not interpreting
+        assert not gemv.kernel_applies(torch.randn(3, 8).double(), w.double())
+        x = torch.randn(2, 9, 8)  # 18 rows > MAX_ROWS
+        torch.testing.assert_close(gemv.linear(x, w, True), torch.nn.functional.linear(x, w))
+        lin = torch.nn.Linear(8, 6, bias=True)
+        torch.testing.assert_close(gemv.module_linear(x, lin, True), lin(x))  # biased: the module itself
+
+    def test_split_plan_and_configs():
+        assert gemv.split_plan(300, 32, 3) == (3, 128)  # 10 blocks -> 4 per split -> 3 splits (last short)
+        assert gemv.split_plan(64, 32, 8) == (2, 32)  # never more splits than K blocks
+        for M, N, K in [(8, 2048, 2048), (8, 2048, 6144), (8, 248320, 2048), (1, 17, 40)]:
+            d = gemv.default_config(M, N, K, torch.device("cpu"))
+            assert d.split >= 1 and K // d.split >= 1
+            assert d in gemv.candidates(M, N, K, torch.device("cpu"))
+
+    def _rec_problem(seed, C=3, T=4, H=2, HV=4, K=16, V=8, dtype=torch.float32, device="cpu"):
+        g = torch.Generator().manual_seed(seed)
+        r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        q, k, v = r(C, T, H, K), r(C, T, H, K), r(C, T, HV, V)
+        gate = -torch.rand(C, T, HV, generator=g) * 0.5
+        beta = torch.rand(C, T, HV, generator=g)
+        state = r(C, HV, K, V) * 0.3
+        commit = torch.tensor([True, False, True, False, True][:C])
+        out = (q, k, v, gate, beta, state, commit)
+        return tuple(t.to(device) for t in out[:5]) + (state.to(device), commit.to(device))
+
+    def test_recurrence_commit_twin_semantics():
+        """The torch twin of ``gdn_recurrence_commit``: committing rows get the new state in the cache, the others
+        keep theirs and get the new state in ``last``; ``gdn_recurrence_from`` starts from exactly that."""
+        from flarectl.engine.static_step import (_recurrence_torch, gdn_recurrence_commit, gdn_recurrence_from)
+
+        q, k, v, g, b, state, commit = _rec_problem(0)
+        scale = 16 ** -0.5
+        full = torch.empty_like(state)
+        o_ref = _recurrence_torch(q, k, v, g, b, state.clone(), full, scale)
+        st, last = state.clone(), torch.full_like(state, float("nan"))
+        o = gdn_recurrence_commit(q, k, v, g, b, st, last, commit, scale, "torch")
+        torch.testing.assert_close(o, o_ref)
+        torch.testing.assert_close(st[commit], full[commit])
+        assert torch.equal(st[~commit], state[~commit])
+        torch.testing.assert_close(last[~commit], full[~commit])
+        ow = gdn_recurrence_from(q, k, v, g, b, st, last, commit, scale, "torch")
+        torch.testing.assert_close(ow, _recurrence_torch(q, k, v, g, b, full.clone(), None, scale))
+        torch.library.opcheck(gdn_recurrence_from, (q, k, v, g, b, st, last, commit, scale, "torch"))
+
+    @pytest.mark.gpu
+    def test_recurrence_kernel_on_cuda_matches_twin():
+        from flarectl.engine import recurrence
+        from flarectl.engine.static_step import gdn_recurrence_commit, gdn_recurrence_from
+
+        recurrence.NAN_FILL = True
+        try:
+            for T in (1, 5):
+                q, k, v, g, b, state, commit = _rec_problem(T, C=5, T=T, H=4, HV=8, K=128, V=128, device="cuda")
+                outs = []
+                for kern in ("triton", "torch"):
+                    st, last = state.clone(), torch.full_like(state, float("nan"))
+                    o = gdn_recurrence_commit(q, k, v, g, b, st, last, commit, 128 ** -0.5, kern)
+                    ow = gdn_recurrence_from(q, k, v, g, b, st, last, commit, 128 ** -0.5, kern)
+                    outs.append((o, ow, st, last[~commit]))
+                for a, r in zip(outs[0], outs[1]):
+                    torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+        finally:
+            recurrence.NAN_FILL = False
+
+    def test_resolve_gemv(monkeypatch):
+        monkeypatch.delenv("FLARECTL_ENGINE_GEMV", raising=False)
+        assert gemv.resolve_gemv(None, torch.device("cuda")) and not gemv.resolve_gemv(None, torch.device("cpu"))
+        monkeypatch.setenv("FLARECTL_ENGINE_GEMV", "0")
+        assert not gemv.resolve_gemv(None, torch.device("cuda"))
+        assert gemv.resolve_gemv(True, torch.device("cpu"))
+
+    @pytest.mark.gpu
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    def test_kernel_on_cuda_matches_twin(dtype):
+        """Odd shapes, every candidate config (split-K included), deterministic across calls."""
+        gemv.NAN_FILL = True
+        try:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            for M, N, K in [(1, 17, 40), (8, 2048, 2048), (8, 1000, 6144), (16, 8224, 2048), (3, 513, 777)]:
+                x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
+                w = torch.randn(N, K, device="cuda", generator=g).to(dtype)
+                ref = (x.double() @ w.double().t())
+                tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+                for cfg in gemv.candidates(M, N, K, x.device):
+                    y = gemv.launch(x, w, cfg)
+                    assert y.dtype == dtype and not y.isnan().any(), cfg
+                    err = float((y.double() - ref).norm() / ref.norm())
+                    assert err < tol, (M, N, K, cfg, err)
+                    assert torch.equal(y, gemv.launch(x, w, cfg)), cfg  # no atomics: same bits
+                y = gemv.skinny_linear(x, w)
+                torch.testing.assert_close(y.float(), gemv.skinny_linear_reference(x, w).float(),
+                                           rtol=tol, atol=tol * float(ref.abs().max()))
+        finally:
+            gemv.NAN_FILL = False
+
+else:
+    import triton.runtime.interpreter as _ti
+
+    # numpy >= 2.4 refuses int() of a 1-element 1-d array, which the interpreter does for run-time loop bounds
+    _orig_patch = _ti._patch_lang_tensor
+
+    def _patch(tensor, scope):
+        _orig_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _ti._patch_lang_tensor = _patch
+
+    from flarectl.engine import gemv, recurrence
+
+    gemv.NAN_FILL = True
+    recurrence.NAN_FILL = True
+
+    SHAPES = [(1, 1, 1), (1, 17, 40), (3, 33, 130), (8, 40, 64), (16, 100, 300), (5, 64, 33), (13, 7, 257)]
+    CONFIGS = [gemv.Config(16, 16, 1), gemv.Config(32, 32, 1), gemv.Config(16, 32, 3), gemv.Config(32, 16, 4),
+               gemv.Config(64, 64, 2)]
+
+    @pytest.mark.parametrize("M,N,K", SHAPES)
+    def test_kernel_matches_twin(M, N, K):
+        """Every config (one pass and split-K, even and ragged N/K) == the fp64 product, bf16 and fp32 inputs."""
+        g = torch.Generator().manual_seed(M * 1000 + N + K)
+        x32, w32 = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            x, w = x32.to(dtype), w32.to(dtype)
+            ref = x.double() @ w.double().t()
+            twin = gemv.skinny_linear_reference(x, w)
+            for cfg in CONFIGS:
+                y = gemv.launch(x, w, cfg)
+                assert y.shape == (M, N) and y.dtype == dtype
+                assert not y.isnan().any(), cfg
+                torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * max(1.0, float(ref.abs().max())))
+                torch.testing.assert_close(y.float(), twin.float(), rtol=tol, atol=tol * max(1.0, float(ref.abs().max())))
+
+    def test_mutations_are_caught():
+        """The check has teeth: a wrong split plan (one K block dropped) fails it."""
+        x, w = torch.randn(4, 96), torch.randn(24, 96)
+        good = gemv.launch(x, w, gemv.Config(16, 32, 3))
+        torch.testing.assert_close(good, x @ w.t(), rtol=1e-5, atol=1e-4)
+        orig = gemv.split_plan
+        try:
+            gemv.split_plan = lambda K, bk, split: (split - 1, -(-K // bk) // split * bk) if split > 1 else (1, K)
+            bad = gemv.launch(x, w, gemv.Config(16, 32, 3))
+        finally:
+            gemv.split_plan = orig
+        assert not torch.allclose(bad, x @ w.t(), rtol=1e-3, atol=1e-3)
+
+    def test_op_and_linear_dispatch_interpreted():
+        """Under the interpreter the op runs the kernel (CPU tensors), with leading dims flattened by ``linear``."""
+        x, w = torch.randn(2, 3, 40), torch.randn(17, 40)
+        assert gemv.kernel_applies(x, w)
+        y = gemv.linear(x, w, True)
+        assert y.shape == (2, 3, 17)
+        torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-4)
+
+    def test_static_step_with_gemv_equals_without():
+        """The engine step with the kernel in its projections and LM head == the step without (fp32 debug hybrid,
+        fused projections; AR-width steps take the kernel, wider ones fall back to F.linear)."""
+        from flarectl.engine.backends import SlotBackend
+        from flarectl.models.loading import load_model
+
+        m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+        backends = [SlotBackend(m, 4, 64, fuse=True, gemv=True), SlotBackend(m, 4, 64, fuse=True, gemv=False)]
+        assert backends[0].eager.gemv and not backends[1].eager.gemv
+        for b in backends:
+            b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
+        g = torch.Generator().manual_seed(0)
+        calls = []
+        orig = gemv.launch
+        gemv.launch = lambda *a, **k: calls.append(1) or orig(*a, **k)
+        try:
+            for wc, ww in [(1, 0), (1, 0), (0, 4), (1, 3), (5, 0), (1, 0)]:
+                ids = torch.randint(0, 250, (4, wc + ww), generator=g)
+                counts = torch.full((4,), wc)
+                wlen = torch.full((4,), ww)
+                commit = torch.tensor([True, False, True, True])
+                outs = [b.step(ids, counts, wlen, commit, wc) for b in backends]
+                for b in backends:
+                    b.finish_step(None)
+                torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+        finally:
+            gemv.launch = orig
+        assert calls, "the kernel never ran"
+        assert torch.equal(backends[0].cache.lengths, backends[1].cache.lengths)
+
+
+    @pytest.mark.parametrize("T,H,HV,K,V", [(1, 2, 4, 16, 8), (3, 1, 2, 16, 16), (2, 2, 2, 8, 24), (0, 1, 2, 8, 8)])
+    def test_recurrence_kernel_matches_twin(T, H, HV, K, V):
+        """The commit kernel (mode 0) and the window kernel (mode 1) == the torch twin: outputs, the cache state
+        (new for committing rows, bitwise untouched for the others) and ``last`` of the non-committing rows. V=24
+        with 8-column programs covers several V blocks; NaN-filled ``last`` catches a read of the wrong buffer."""
+        from flarectl.engine.static_step import _recurrence_torch, gdn_recurrence_commit, gdn_recurrence_from
+
+        g = torch.Generator().manual_seed(T * 100 + K + V)
+        C = 4
+        q, k, v = torch.randn(C, T, H, K, generator=g), torch.randn(C, T, H, K, generator=g), \
+            torch.randn(C, T, HV, V, generator=g)
+        gate, beta = -torch.rand(C, T, HV, generator=g), torch.rand(C, T, HV, generator=g)
+        state = torch.randn(C, HV, K, V, generator=g) * 0.3
+        commit = torch.tensor([True, False, False, True])
+        scale = K ** -0.5
+        full = torch.empty_like(state)
+        o_ref = _recurrence_torch(q, k, v, gate, beta, state.clone(), full, scale)
+        st, last = state.clone(), torch.full_like(state, float("nan"))
+        o = gdn_recurrence_commit(q, k, v, gate, beta, st, last, commit, scale, "triton")
+        torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(st[commit], full[commit], rtol=1e-5, atol=1e-5)
+        assert torch.equal(st[~commit], state[~commit])
+        assert last[commit].isnan().all()  # never written: the committing rows' state went to the cache only
+        torch.testing.assert_close(last[~commit], full[~commit], rtol=1e-5, atol=1e-5)
+        qw, kw, vw = q[:, :2] * 0.5 + 0.1, k[:, :2], v[:, :2]  # a window after the clean tokens (T=0: none)
+        ow = gdn_recurrence_from(qw, kw, vw, gate[:, :2], beta[:, :2], st, last, commit, scale, "triton")
+        ref_w = _recurrence_torch(qw, kw, vw, gate[:, :2], beta[:, :2], full.clone(), None, scale)
+        torch.testing.assert_close(ow, ref_w, rtol=1e-5, atol=1e-5)
+        assert torch.equal(st[~commit], state[~commit])
+
+    def test_static_step_triton_recurrence_equals_adapter_path():
+        """The engine step with the in-place-commit recurrence kernel == the adapter path (fp32 debug hybrid),
+        through mixed clean/window steps, commits, late commits (``finish_step``) and prefill."""
+        from flarectl.engine.backends import AdapterBackend, SlotBackend
+        from flarectl.models.loading import load_model
+
+        m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+        recurrence.BV = 64  # one V block per program: fewer interpreted programs (the unit test above covers 8)
+        backends = [SlotBackend(m, 4, 64, gdn_kernel="triton", gemv=False), AdapterBackend(m, 4, 64)]
+        assert backends[0].gdn_kernel == "triton"
+        for b in backends:
+            b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
+        g = torch.Generator().manual_seed(3)
+        for wc, ww in [(1, 0), (0, 2), (2, 2), (1, 0)]:  # (0, 2): no clean token, the state moves to ``last``
+            ids = torch.randint(0, 250, (4, wc + ww), generator=g)
+            counts = torch.randint(0 if ww else 1, wc + 1, (4,), generator=g) if wc else torch.zeros(4).long()
+            wlen = torch.full((4,), ww)
+            commit = torch.rand(4, generator=g) < 0.6
+            late = (torch.rand(4, generator=g) < 0.5) & ~commit
+            outs = [b.step(ids, counts, wlen, commit, wc) for b in backends]
+            for b in backends:
+                b.finish_step(late)
+            for r in range(4):
+                c = int(counts[r])
+                torch.testing.assert_close(outs[0][r, :c], outs[1][r, :c], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(outs[0][r, wc:], outs[1][r, wc:], rtol=1e-4, atol=1e-4)
+            assert torch.equal(backends[0].cache.lengths, backends[1].cache.lengths)
+
+    def test_ops_trace_under_torch_compile():
+        """Both ops trace through dynamo/AOT (fake impls, the mutated cache state) and give the eager values."""
+        from flarectl.engine.static_step import gdn_recurrence_commit, gdn_recurrence_from
+
+        def fn(x, w, q, k, v, g, b, st, last, commit):
+            y = gemv.linear(x, w, True) * 2
+            o = gdn_recurrence_commit(q, k, v, g, b, st, last, commit, 0.25, "triton")
+            ow = gdn_recurrence_from(q, k, v, g, b, st, last, commit, 0.25, "triton")
+            return y, o + 1, ow
+
+        gen = torch.Generator().manual_seed(0)
+        r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+        x, w = r(2, 3, 40), r(17, 40)
+        q, k, v = r(2, 1, 1, 16), r(2, 1, 1, 16), r(2, 1, 2, 8)
+        g, b = -torch.rand(2, 1, 2, generator=gen), torch.rand(2, 1, 2, generator=gen)
+        state, commit = r(2, 2, 16, 8), torch.tensor([True, False])
+        args = lambda: (x, w, q, k, v, g, b, state.clone(), torch.zeros_like(state), commit)  # noqa: E731
+        a1, a2 = args(), args()
+        ref = fn(*a1)
+        got = torch.compile(fn, backend="aot_eager", fullgraph=True)(*a2)
+        for u, t in zip(got, ref):
+            torch.testing.assert_close(u, t)
+        torch.testing.assert_close(a2[7], a1[7])  # the cache state mutated in place the same way
+        torch.testing.assert_close(a2[8][1], a1[8][1])
