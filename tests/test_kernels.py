@@ -356,6 +356,24 @@ def test_fused_gdn_vs_naive_random_windows(dtype, K, l2):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("block", [1, 4])
+def test_fused_gdn_vs_naive_scratch_ranges_bf16(block):
+    """H == HV (the noisy q/k gradients are cast in the keys kernel, nothing summed after) and the backward's
+    scratch forced to one chunk per launch (the launches walk the chunks in ranges, as at long T)."""
+    from flare_kernels.two_stream import triton_chunk_windows_bwd as split
+
+    P, seed = make_problem((200, 37, 131), 2, 2, 128, 128, block=block, dtype=torch.bfloat16, device="cuda")
+    saved = split.SCRATCH_BUDGET
+    split.SCRATCH_BUDGET = 1
+    try:
+        errs = compare_gdn(P, "fused", torch.bfloat16, seed=seed)
+    finally:
+        split.SCRATCH_BUDGET = saved
+    _check(errs, torch.bfloat16, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("window", ["chunk", "chunk-f32", "loop", "chunk-triton-one-kernel-bwd"])
 @pytest.mark.parametrize("layout", ["random", "block3"])
 def test_fused_window_variants_vs_naive(window, layout):

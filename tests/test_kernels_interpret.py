@@ -141,11 +141,12 @@ else:
         assert torch.isfinite(got).all()
         assert rel(got, ref) < 1e-5, rel(got, ref)
 
-    @pytest.mark.parametrize("impl", ["one-kernel", "split", "split-blocks"])
+    @pytest.mark.parametrize("impl", ["one-kernel", "split", "split-blocks", "split-ranges"])
     @pytest.mark.parametrize("case", ["random", "random-gqa", "flare-b1", "flare-b4-2views"])
     def test_chunk_windows_triton_backward_matches_torch_map(case, impl):
         """The Triton backward of the chunk-parallel window map == the torch map's autograd (interpreter): the
-        one-kernel backward (V blocks of 16) and the two-kernel one (default blocks; K and V blocks of 16)."""
+        one-kernel backward (V blocks of 16) and the two-kernel one (default blocks, one launch; K and V blocks of 16
+        with one chunk per launch; launches of all chunks but one, then a partial one)."""
         from flare_kernels.two_stream import triton_chunk_windows_bwd as split
         from flare_kernels.two_stream.chunk_windows import window_backward_chunked
         from flare_kernels.two_stream.triton_chunk_windows import chunk_windows_backward_triton
@@ -156,20 +157,34 @@ else:
         if impl == "one-kernel":
             got = chunk_windows_backward_triton(noisy, don, *clean, dv_got, meta, scale, slots, BV=16)
         else:
-            saved = dict(split.KEYS_CONFIG), dict(split.VALUES_CONFIG)
+            saved = dict(split.KEYS_CONFIG), dict(split.VALUES_CONFIG), split.SCRATCH_BUDGET, split.scratch_chunks
             if impl == "split-blocks":  # several K blocks in the keys kernel, several V blocks (random-gqa)
                 split.KEYS_CONFIG["BK"], split.VALUES_CONFIG["BV"] = 16, 16
+                split.SCRATCH_BUDGET = 1  # -> one chunk per launch
+            if impl == "split-ranges":
+                split.scratch_chunks = lambda n_chunks, per_chunk, budget: n_chunks - 1  # the last launch partial
             try:
                 got = chunk_windows_backward_triton(noisy, don, *clean, dv_got, meta, scale, slots)
             finally:
                 split.KEYS_CONFIG.update(saved[0])
                 split.VALUES_CONFIG.update(saved[1])
+                split.SCRATCH_BUDGET, split.scratch_chunks = saved[2], saved[3]
+            assert meta.n_chunks >= 3
         ref = window_backward_chunked(noisy, don, *clean, dv_ref, meta, scale, slots=slots)
         assert rel(dv_got, dv_ref) < 1e-5, "dv_clean"
         for name in ref:
             assert torch.isfinite(got[name]).all(), name
             assert rel(got[name], ref[name]) < 1e-5, (name, rel(got[name], ref[name]))
 
+
+    def test_scratch_chunks_spreads_launches_evenly():
+        from flare_kernels.two_stream.triton_chunk_windows_bwd import scratch_chunks
+
+        mib = 1 << 20
+        assert scratch_chunks(128, 3 * mib // 2, 64 * mib) == 32  # T=8192, B=1: 4 launches of 32 chunks
+        assert scratch_chunks(128, mib, 1 << 30) == 128  # fits: one launch
+        assert scratch_chunks(9, 1, 8) == 5  # 8 fit per launch: 2 launches, 5 + 4 chunks rather than 8 + 1
+        assert scratch_chunks(5, 10**9, 1) == 1  # a chunk over the budget still runs, one per launch
 
     @pytest.mark.parametrize("K,V,with_h0", [(32, 16, True), (96, 32, False)])
     def test_bwd_dhu_injection_matches_autograd(K, V, with_h0):

@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device run (device tool, carry [".whl"]): optional kernel GPU tests, optional `flarectl bench kernels`,
+# One device run (device tool, carry [".whl", ".gpucache"]): optional kernel GPU tests, optional `flarectl bench kernels`,
 # then `flarectl bench train` with the given options.
 #   [GPU_TESTS=1] [KERNEL_BENCH="--T 8192 --repeats 10"] bash kernels/bench/gpu_train.sh [bench-train options]
 #   (SKIP_TRAIN=1 skips the training benchmark.) On a fresh machine (cold Triton cache) the Hopper gradient
@@ -9,7 +9,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 mkdir -p /tmp/pkgs && ln -sfn "$PWD/kernels" /tmp/pkgs/flare_kernels
 [ -e flarectl/recipes ] || ln -s ../recipes flarectl/recipes  # the package-dir mapping of pyproject.toml
 export PYTHONPATH=/tmp/pkgs:/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton_cache
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/triton_cache
+# fla's autotune results from an earlier run (carry ".gpucache" too): saves minutes of autotuning on a fresh machine
+[ -f .gpucache/triton_autotune.tgz ] && tar -xzf .gpucache/triton_autotune.tgz -C /tmp/triton_cache && echo "restored autotune cache"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton, accelerate, typer, rich, safetensors, yaml, matplotlib, transformers as t; print('torch', torch.__version__, 'triton', triton.__version__, 'accelerate', accelerate.__version__, 'transformers', t.__version__)" 2>&1 | tee -a "$OUT/device.txt"
 if [ -n "$GPU_TESTS" ]; then
@@ -26,4 +28,5 @@ if [ -z "$SKIP_TRAIN" ]; then
   timeout ${TRAIN_TIMEOUT:-540} python3 -m flarectl.cli bench train --out "$OUT/t" "$@" 2>&1 | tee "$OUT/t/train_bench.log"
   [ -n "$NO_TRAIN_PNG" ] && rm -f "$OUT/t/training.png"
 fi
+(cd /tmp/triton_cache && find . -name "*.autotune.json" | tar -czf "$OUT/triton_autotune.tgz" -T -)
 true

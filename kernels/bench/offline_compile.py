@@ -23,6 +23,9 @@ KERNELS = {"fwd": tcw._chunk_windows_fwd_kernel, "bwd": tcw._chunk_windows_bwd_k
            "bwd-values": tcwb._bwd_values_kernel, "bwd-keys": tcwb._bwd_keys_kernel}
 BF16_ARGS = {"qn", "kn", "vn", "don", "k", "vnew", "on", "dvn", "dv_clean", "mat_ss", "mat_st", "aq_out", "ak_out",
              "aq_in", "ak_in"}
+# the keys kernel's outputs at H == HV in bf16: dq/dk of the noisy stream cast in the kernel, the injection stored
+# in the states' dtype (the one-kernel backward "bwd" keeps fp32 partials and an fp32 injection)
+BF16_ARGS_KEYS = {"dqn", "dkn", "x_inj"}
 
 
 def compile_report(kernel="bwd", BV=32, num_warps=8, maxw=4, K=128, slots=64, arch=90) -> dict:
@@ -37,9 +40,9 @@ def compile_report(kernel="bwd", BV=32, num_warps=8, maxw=4, K=128, slots=64, ar
             sig[n] = "constexpr"
         elif n == "scale":
             sig[n] = "fp32"
-        elif n in ("T", "Tn", "NC", "NT"):  # (bwd-keys: --BV is its K block)
+        elif n in ("T", "Tn", "NC", "NT", "c0", "NL"):  # (bwd-keys: --BV is its K block)
             sig[n] = "i32"
-        elif n in BF16_ARGS:
+        elif n in BF16_ARGS or (kernel == "bwd-keys" and n in BF16_ARGS_KEYS):
             sig[n] = "*bf16"
         elif n.startswith(("slot_", "chunk_")):
             sig[n] = "*i32"
@@ -55,7 +58,7 @@ def compile_report(kernel="bwd", BV=32, num_warps=8, maxw=4, K=128, slots=64, ar
     os.unlink(f.name)
     info = dict(shared_bytes=c.metadata.shared, registers=None, spill_stores=None, spill_loads=None)
     for line in r.stderr.splitlines():
-        if "registers" in line:
+        if "Used" in line and "registers" in line:
             info["registers"] = int(line.split("Used")[1].split("registers")[0])
         if "spill stores" in line:
             parts = line.split(",")

@@ -259,9 +259,13 @@ class TwoStreamGDNFunction(torch.autograd.Function):
         meta, scale, cu, ci = ctx.meta, ctx.scale, ctx.cu, ctx.ci
         fused = ctx.mode != "states"
         do = do.contiguous()
+        # Peak memory: every full-size temporary is dropped as soon as its last reader has run (u after fwd_h, the
+        # injection after the dh recurrence, h / v_new / dh / w after dqkwg), and the noisy gradients are final
+        # (input dtype) before the clean stream's backward allocates its own.
         w, u = F["recompute_w_u"](k=k, v=v, beta=beta, A=A, g=gc, cu_seqlens=cu, chunk_indices=ci)
         h, v_new, _ = F["fwd_h"](k=k, w=w, u=u, g=gc, initial_state=h0, output_final_state=False,
                                  cu_seqlens=cu, chunk_indices=ci, chunk_size=64)
+        del u
         dv = F["dv_local"](q=q, k=k, do=do, g=gc, scale=scale, cu_seqlens=cu, chunk_size=64, chunk_indices=ci)
         if ctx.mode == "fused-chunk-triton":
             from .triton_chunk_windows import chunk_windows_backward_triton
@@ -278,30 +282,34 @@ class TwoStreamGDNFunction(torch.autograd.Function):
         else:
             inj = tk.window_backward(None, None, d_second.contiguous(), k[0], v_new[0], gc[0], h[0], dv[0],
                                      meta, scale)
-        dh, dh0, dv2 = tk.bwd_dhu_inj(q[0], k[0], w[0], gc[0], h0, dht.contiguous() if dht is not None else None,
-                                      do[0], dv[0], inj["x_inj"], scale, meta)
-        dq, dk, dw, dg = _dqkwg(F, meta, q=q, k=k, v=v_new, w=w, g=gc, h=h, dv=dv2[None], do=do, dh=dh[None],
-                                scale=scale, cu_seqlens=cu, chunk_indices=ci, chunk_size=64)
-        dk2, dvv, db, dg2 = F["wy_bwd"](k=k, v=v, beta=beta, A=A, dw=dw, du=dv2[None], g=gc, cu_seqlens=cu,
-                                         chunk_indices=ci)
         T, H, K = q.shape[1], q.shape[2], q.shape[3]
         HV = v.shape[2]
-        # sums in place into the injected (f32, freshly allocated) terms: no further full-size f32 temporaries
-        dk_inj = inj["dk"] if HV == H else inj["dk"].view(T, H, HV // H, K).sum(2)
-        dk = dk_inj[None].add_(dk).add_(dk2)
-        dg = inj["dg"][None].add_(dg).add_(dg2)
-        dg = F["cumsum"](dg, chunk_size=64, reverse=True, cu_seqlens=cu, chunk_indices=ci)
-        grads = [dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), dg.to(ctx.g_dtype),
-                 db.to(beta.dtype)]
         if fused:
             Tn = qn.shape[1]
             per_h = (lambda x: x) if HV == H else (lambda x: x.view(Tn, H, HV // H, K).sum(2))  # noqa: E731
-            dqn = per_h(inj["dqn"])[None].to(qn.dtype)
-            dkn = per_h(inj["dkn"])[None].to(kn.dtype)
-            ng = [dqn, dkn, inj["dvn"][None].to(vn.dtype), inj["dgn"][None].to(gn.dtype),
-                  inj["dbn"][None].to(betan.dtype)]
+            ng = [per_h(inj.pop("dqn"))[None].to(qn.dtype), per_h(inj.pop("dkn"))[None].to(kn.dtype),
+                  inj.pop("dvn")[None].to(vn.dtype), inj.pop("dgn")[None].to(gn.dtype),
+                  inj.pop("dbn")[None].to(betan.dtype)]
         else:
             ng = [None] * 5
+        dh, dh0, dv2 = tk.bwd_dhu_inj(q[0], k[0], w[0], gc[0], h0, dht.contiguous() if dht is not None else None,
+                                      do[0], dv[0], inj.pop("x_inj"), scale, meta)
+        del dv
+        dq, dk, dw, dg = _dqkwg(F, meta, q=q, k=k, v=v_new, w=w, g=gc, h=h, dv=dv2[None], do=do, dh=dh[None],
+                                scale=scale, cu_seqlens=cu, chunk_indices=ci, chunk_size=64)
+        del h, v_new, dh, w
+        dk2, dvv, db, dg2 = F["wy_bwd"](k=k, v=v, beta=beta, A=A, dw=dw, du=dv2[None], g=gc, cu_seqlens=cu,
+                                         chunk_indices=ci)
+        del dw, dv2
+        # sums in place into the injected (f32, freshly allocated) terms: no further full-size f32 temporaries
+        dk_inj = inj.pop("dk")
+        dk_inj = dk_inj if HV == H else dk_inj.view(T, H, HV // H, K).sum(2)
+        dk = dk_inj[None].add_(dk).add_(dk2)
+        del dk2
+        dg = inj.pop("dg")[None].add_(dg).add_(dg2)
+        dg = F["cumsum"](dg, chunk_size=64, reverse=True, cu_seqlens=cu, chunk_indices=ci)
+        grads = [dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), dg.to(ctx.g_dtype),
+                 db.to(beta.dtype)]
         return (*grads, *ng, dh0, None, None, None, None)
 
 

@@ -14,9 +14,9 @@ and three [slots x K] gradient accumulators live in one program and spills heavi
    ``dq = G kn + Xq kc + Aq hᵀ``, ``dkn = D kn + Gᵀ q + Xk kc + Ak hᵀ``, ``dkc = Xqᵀ q + Xkᵀ kn`` and the
    gradient of the state entering the chunk ``qᵀ Aq + knᵀ Ak``.
 
-Same contract and the same maths as the one-kernel backward (the interpreter tests compare both with the torch
-map). Scratch: Aq, Ak (2 x Tn x HV x V) and the matrices (NV x 2 x (slots² + slots x 64) per chunk and head),
-in the product dtype.
+Same maths as the one-kernel backward (the interpreter tests compare both with the torch map). Scratch: Aq, Ak
+(2 x slots x V per chunk and head) and the matrices (NV x 2 x (slots² + slots x 64) per chunk and head), in the
+product dtype, for one range of chunks at a time (``SCRATCH_BUDGET``): the launches walk the chunks in ranges.
 """
 
 from __future__ import annotations
@@ -29,25 +29,29 @@ from .triton_gdn import _alloc, _pow2
 
 VALUES_CONFIG = dict(BV=64, num_warps=8)
 KEYS_CONFIG = dict(BK=64, num_warps=8)
+# Scratch per launch (Aq, Ak, matrices). At T=8192, K=V=128, 16 heads, block size 1 the whole map's scratch is
+# 192 MiB (1.5 MiB per chunk): within 64 MiB it runs as 4 launches of 32 chunks (each still 1024+ programs).
+SCRATCH_BUDGET = 64 << 20
 
 
 @triton.jit
 def _bwd_values_kernel(
     qn, kn, vn, gn, bn, don,  # noisy stream [Tn, H|HV, K|V] and the gradient of its outputs [Tn, HV, V]
     k, vnew, gc, h,  # clean stream: keys [T,H,K], new values [T,HV,V], log2 chunk cumsum [T,HV], h [NT,HV,K,V]
-    aq_out, ak_out,  # [Tn, HV, V] (product dtype)
+    aq_out, ak_out,  # [NL, HV, BC, V] (product dtype): per chunk of this launch, head and slot
     dgn_p, dbn_p,  # [NV, Tn, HV] f32 partials
     dvn,  # [Tn, HV, V] (dtype of vn)
     dg_p,  # [NV, T, HV] f32 partials: natural-unit chunk cumsum
     dv_clean,  # [T, HV, V]: increased in place (each element by one program)
-    mat_ss, mat_st,  # [NV, NT, HV, 2, BC, BC] / [NV, NT, HV, 2, BC, BT] (product dtype): (G, D) / (Xq, Xk)
+    mat_ss, mat_st,  # [NV, NL, HV, 2, BC, BC] / [NV, NL, HV, 2, BC, BT] (product dtype): (G, D) / (Xq, Xk)
     slot_tok, slot_win, slot_r, chunk_tok0, chunk_len,
-    scale, T, Tn, NC, NT,
+    scale, T, Tn, NC, c0, NL,  # this launch covers chunks c0 .. c0 + NL - 1
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAXW: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    i_c, i_v, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_l, i_v, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c = c0 + i_l
     i_h = i_hv // (HV // H)
     o_s, st, valid, sw, sr, tok0, o_t, m_t, o_k, m_k, o_v, m_v = _program_layout(
         slot_tok, slot_win, slot_r, chunk_tok0, chunk_len, i_c, i_v, Tn, NC, K, V, BT, BC, BK, BV)
@@ -116,9 +120,9 @@ def _bwd_values_kernel(
     # value-side gradients against the chunk state (the keys kernel takes their products with q, kn and h)
     d_qs_t = (eg[:, None] * b_do).to(dt)
     d_ks_t = d_ks.to(dt)
-    tl.store(aq_out + (st[:, None] * HV + i_hv) * V + o_v[None, :], (e_r[:, None] * eg[:, None] * b_do).to(dt),
-             mask=m_sv)
-    tl.store(ak_out + (st[:, None] * HV + i_hv) * V + o_v[None, :], (e_r[:, None] * d_ks).to(dt), mask=m_sv)
+    o_a = ((i_l.to(tl.int64) * HV + i_hv) * BC + o_s[:, None]) * V + o_v[None, :]
+    tl.store(aq_out + o_a, (e_r[:, None] * eg[:, None] * b_do).to(dt), mask=m_sv)
+    tl.store(ak_out + o_a, (e_r[:, None] * d_ks).to(dt), mask=m_sv)
 
     # clean new values and the chunk-side matrices
     p_dvc = dv_clean + ((tok0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
@@ -141,7 +145,7 @@ def _bwd_values_kernel(
 
     # ---- matrices for the key-side products ----
     d_lb = d_l * b_bn[:, None] * dec
-    base = ((i_v64 * NT + i_c) * HV + i_hv) * 2
+    base = ((i_v64 * NL + i_l) * HV + i_hv) * 2
     o_ss = o_s[:, None] * BC + o_s[None, :]
     o_st = o_s[:, None] * BT + o_t[None, :]
     mdt = mat_ss.dtype.element_ty
@@ -154,15 +158,16 @@ def _bwd_values_kernel(
 @triton.jit
 def _bwd_keys_kernel(
     qn, kn, k, h, aq_in, ak_in, mat_ss, mat_st,
-    dqn, dkn,  # [Tn, HV, K] f32
+    dqn, dkn,  # [Tn, HV, K] (f32, or the noisy dtype when nothing is summed after)
     dk,  # [T, HV, K] f32
-    x_inj,  # [NT, HV, K, V] f32: gradient w.r.t. the state entering each chunk
+    x_inj,  # [NT, HV, K, V] (f32 or the states' dtype): gradient w.r.t. the state entering each chunk
     slot_tok, chunk_tok0, chunk_len,
-    Tn, NC, NT,
+    Tn, NC, c0, NL,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, NV: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_c, i_k, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_l, i_k, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c = c0 + i_l
     i_h = i_hv // (HV // H)
     o_s = tl.arange(0, BC)
     st = tl.load(slot_tok + i_c * NC + o_s, mask=o_s < NC, other=Tn).to(tl.int64)
@@ -189,7 +194,7 @@ def _bwd_keys_kernel(
     xq = tl.zeros([BC, BT], dtype=tl.float32)
     xk = tl.zeros([BC, BT], dtype=tl.float32)
     for i_v in tl.static_range(NV):  # sum the V-block partials
-        base = (((i_v * NT + i_c).to(tl.int64)) * HV + i_hv) * 2
+        base = (((i_v * NL + i_l).to(tl.int64)) * HV + i_hv) * 2
         g += tl.load(mat_ss + base * BC * BC + o_ss).to(tl.float32)
         dd += tl.load(mat_ss + (base + 1) * BC * BC + o_ss).to(tl.float32)
         xq += tl.load(mat_st + base * BC * BT + o_st).to(tl.float32)
@@ -198,20 +203,37 @@ def _bwd_keys_kernel(
 
     b_h = tl.load(h + ((i_c.to(tl.int64) * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :],
                   mask=m_k[:, None] & m_v[None, :], other=0.0).to(dt)  # [BK, BVF]
-    aq = tl.load(aq_in + (st[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_sv, other=0.0)  # [BC, BVF]
-    ak = tl.load(ak_in + (st[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_sv, other=0.0)
+    o_a = ((i_l.to(tl.int64) * HV + i_hv) * BC + o_s[:, None]) * V + o_v[None, :]
+    aq = tl.load(aq_in + o_a, mask=m_sv, other=0.0)  # [BC, BVF]
+    ak = tl.load(ak_in + o_a, mask=m_sv, other=0.0)
     d_q = _dot(PREC, g, b_kn) + _dot(PREC, xq, b_kc) + _dot(PREC, aq, tl.trans(b_h))
-    tl.store(dqn + (st[:, None] * HV + i_hv) * K + o_k[None, :], d_q, mask=m_sk)
+    tl.store(dqn + (st[:, None] * HV + i_hv) * K + o_k[None, :], d_q.to(dqn.dtype.element_ty), mask=m_sk)
     d_kn = _dot(PREC, dd, b_kn) + _dot(PREC, tl.trans(g), b_q) + _dot(PREC, xk, b_kc) + _dot(PREC, ak, tl.trans(b_h))
-    tl.store(dkn + (st[:, None] * HV + i_hv) * K + o_k[None, :], d_kn, mask=m_sk)
+    tl.store(dkn + (st[:, None] * HV + i_hv) * K + o_k[None, :], d_kn.to(dkn.dtype.element_ty), mask=m_sk)
     tl.store(dk + ((tok0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :],
              _dot(PREC, tl.trans(xq), b_q) + _dot(PREC, tl.trans(xk), b_kn), mask=m_tk)
     tl.store(x_inj + ((i_c.to(tl.int64) * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :],
-             _dot(PREC, tl.trans(b_q), aq) + _dot(PREC, tl.trans(b_kn), ak), mask=m_k[:, None] & m_v[None, :])
+             (_dot(PREC, tl.trans(b_q), aq) + _dot(PREC, tl.trans(b_kn), ak)).to(x_inj.dtype.element_ty),
+             mask=m_k[:, None] & m_v[None, :])
 
 
-def chunk_windows_backward_split(noisy, don, k, v_new, gc, h, dv_clean, meta, scale, slots):
-    """Same contract as ``triton_chunk_windows.chunk_windows_backward_triton`` (V <= 128)."""
+def scratch_chunks(n_chunks: int, bytes_per_chunk: int, budget: int) -> int:
+    """Chunks per launch so that the scratch stays within ``budget`` bytes: the fewest launches that fit, with
+    the chunks spread evenly over them (at least one chunk per launch)."""
+    per_launch = max(1, budget // max(bytes_per_chunk, 1))
+    launches = -(-n_chunks // per_launch)
+    return -(-n_chunks // launches)
+
+
+def chunk_windows_backward_split(noisy, don, k, v_new, gc, h, dv_clean, meta, scale, slots, *,
+                                 scratch_budget=None, inj_dtype=None):
+    """Same contract as ``triton_chunk_windows.chunk_windows_backward_triton`` (V <= 128), except the dtypes:
+    ``dqn``/``dkn`` come in the noisy inputs' dtype when HV == H (nothing is summed after, the kernel casts its
+    fp32 result) and ``x_inj`` in ``inj_dtype`` (default: the dtype of ``h``, as fla keeps states and their
+    gradients; the dh recurrence adds it in fp32).
+
+    Memory: the scratch (Aq, Ak and the matrices) is per launch; launches cover consecutive chunk ranges so that
+    it stays within ``scratch_budget`` bytes (default ``SCRATCH_BUDGET``)."""
     import torch
 
     qn, kn, vn, gn, bn = noisy
@@ -227,28 +249,35 @@ def chunk_windows_backward_split(noisy, don, k, v_new, gc, h, dv_clean, meta, sc
     BV = min(VALUES_CONFIG["BV"], BVF)
     NV = triton.cdiv(V, BV)
     mdt = k.dtype if k.dtype in (torch.bfloat16, torch.float16) else f32  # the dtype of the products' operands
-    aq, ak = _alloc(Tn, HV, V, dtype=mdt, device=dev), _alloc(Tn, HV, V, dtype=mdt, device=dev)
-    mat_ss = torch.empty(NV, NT, HV, 2, BC, BC, dtype=mdt, device=dev)
-    mat_st = torch.empty(NV, NT, HV, 2, BC, BT, dtype=mdt, device=dev)
+    esz = torch.empty((), dtype=mdt).element_size()
+    per_chunk = HV * esz * (2 * BC * V + NV * 2 * (BC * BC + BC * BT))
+    NL = scratch_chunks(NT, per_chunk, SCRATCH_BUDGET if scratch_budget is None else scratch_budget)
+    aq, ak = torch.empty(NL, HV, BC, V, dtype=mdt, device=dev), torch.empty(NL, HV, BC, V, dtype=mdt, device=dev)
+    mat_ss = torch.empty(NV, NL, HV, 2, BC, BC, dtype=mdt, device=dev)
+    mat_st = torch.empty(NV, NL, HV, 2, BC, BT, dtype=mdt, device=dev)
     dgn_p, dbn_p = _alloc(NV, Tn, HV, dtype=f32, device=dev), _alloc(NV, Tn, HV, dtype=f32, device=dev)
     dg_p = _alloc(NV, T, HV, dtype=f32, device=dev)
     dvn = _alloc(Tn, HV, V, dtype=vn.dtype, device=dev)
+    x_inj = _alloc(NT, HV, K, V, dtype=inj_dtype or h.dtype, device=dev)
+    dk = _alloc(T, HV, K, dtype=f32, device=dev)
+    dn_dtype = qn.dtype if HV == H else f32
+    dqn, dkn = _alloc(Tn, HV, K, dtype=dn_dtype, device=dev), _alloc(Tn, HV, K, dtype=dn_dtype, device=dev)
     sl = (slots.slot_tok.contiguous(), slots.slot_win.contiguous(), slots.slot_r.contiguous(), meta.chunk_tok0,
           meta.chunk_len)
-    _bwd_values_kernel[(NT, NV, HV)](
-        qn, kn, vn, gn, bn, don.contiguous(), k, v_new, gc, h, aq, ak, dgn_p, dbn_p, dvn, dg_p, dv_clean,
-        mat_ss, mat_st, *sl, scale, T, Tn, NC, NT,
-        H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=_pow2(K), BV=BV, MAXW=max(int(slots.max_window), 1),
-        PREC=dot_precision(k.dtype), num_warps=VALUES_CONFIG["num_warps"],
-    )
-    x_inj = _alloc(NT, HV, K, V, dtype=f32, device=dev)
-    dk = _alloc(T, HV, K, dtype=f32, device=dev)
-    dqn, dkn = _alloc(Tn, HV, K, dtype=f32, device=dev), _alloc(Tn, HV, K, dtype=f32, device=dev)
+    don = don.contiguous()
     BK = min(KEYS_CONFIG["BK"], _pow2(K))
-    _bwd_keys_kernel[(NT, triton.cdiv(K, BK), HV)](
-        qn, kn, k, h, aq, ak, mat_ss, mat_st, dqn, dkn, dk, x_inj, sl[0], sl[3], sl[4], Tn, NC, NT,
-        H=H, HV=HV, K=K, V=V, NV=NV, BT=BT, BC=BC, BK=BK, BVF=BVF, PREC=dot_precision(k.dtype),
-        num_warps=KEYS_CONFIG["num_warps"],
-    )
+    for c0 in range(0, NT, NL):
+        n = min(NL, NT - c0)
+        _bwd_values_kernel[(n, NV, HV)](
+            qn, kn, vn, gn, bn, don, k, v_new, gc, h, aq, ak, dgn_p, dbn_p, dvn, dg_p, dv_clean,
+            mat_ss, mat_st, *sl, scale, T, Tn, NC, c0, NL,
+            H=H, HV=HV, K=K, V=V, BT=BT, BC=BC, BK=_pow2(K), BV=BV, MAXW=max(int(slots.max_window), 1),
+            PREC=dot_precision(k.dtype), num_warps=VALUES_CONFIG["num_warps"],
+        )
+        _bwd_keys_kernel[(n, triton.cdiv(K, BK), HV)](
+            qn, kn, k, h, aq, ak, mat_ss, mat_st, dqn, dkn, dk, x_inj, sl[0], sl[3], sl[4], Tn, NC, c0, NL,
+            H=H, HV=HV, K=K, V=V, NV=NV, BT=BT, BC=BC, BK=BK, BVF=BVF, PREC=dot_precision(k.dtype),
+            num_warps=KEYS_CONFIG["num_warps"],
+        )
     red = (lambda x: x[0]) if NV == 1 else (lambda x: x.sum(0))  # noqa: E731
     return dict(x_inj=x_inj, dk=dk, dg=red(dg_p), dqn=dqn, dkn=dkn, dvn=dvn, dgn=red(dgn_p), dbn=red(dbn_p))

@@ -298,7 +298,7 @@ def _bwd_dhu_inj_kernel(
             - tl.dot(b_w, b_dv.to(b_w.dtype))
         if USE_INJ:
             b_dh1 += tl.load(x_inj + ((i_tg * HV + i_hv) * K + o_k1[:, None]) * V + o_v[None, :],
-                             mask=m_k1[:, None] & m_v[None, :], other=0.0)
+                             mask=m_k1[:, None] & m_v[None, :], other=0.0).to(tl.float32)
         if K > 64:
             b_w = tl.load(w + ((bos + o_t[None, :]) * HV + i_hv) * K + o_k2[:, None],
                           mask=m_k2[:, None] & m_t[None, :], other=0.0)
@@ -309,7 +309,7 @@ def _bwd_dhu_inj_kernel(
                 - tl.dot(b_w, b_dv.to(b_w.dtype))
             if USE_INJ:
                 b_dh2 += tl.load(x_inj + ((i_tg * HV + i_hv) * K + o_k2[:, None]) * V + o_v[None, :],
-                                 mask=m_k2[:, None] & m_v[None, :], other=0.0)
+                                 mask=m_k2[:, None] & m_v[None, :], other=0.0).to(tl.float32)
 
     if USE_INITIAL_STATE:
         tl.store(dh0 + (i_nh * K + o_k1[:, None]) * V + o_v[None, :], b_dh1, mask=m_k1[:, None] & m_v[None, :])
@@ -406,7 +406,8 @@ def window_backward(noisy, don, ds_in, k, v_new, gc, h, dv_clean, meta, scale, *
 def bwd_dhu_inj(q, k, w, gc, h0, dht, do, dv, x_inj, scale, meta, *, BV=32, num_warps=8):
     """fla-compatible chunk_gated_delta_rule_bwd_dhu with an additive per-chunk state-gradient injection.
 
-    q, k [T,H,K]; w [T,HV,K]; gc [T,HV]; do, dv [T,HV,V]. Returns dh [NT,HV,K,V] (dtype of q), dh0 [N,HV,K,V]
+    q, k [T,H,K]; w [T,HV,K]; gc [T,HV]; do, dv [T,HV,V]; x_inj [NT,HV,K,V] (any float dtype, added in fp32) or
+    None. Returns dh [NT,HV,K,V] (dtype of q), dh0 [N,HV,K,V]
     f32 or None, dv2 [T,HV,V]."""
     import torch
 
