@@ -17,6 +17,8 @@ import typer
 from flarectl.cli import MODEL_HELP, MODES, app, err, out
 from flarectl.errors import FlareError
 
+GDN_KERNELS = ("auto", "triton", "fla", "torch")  # flarectl.engine.static_step.resolve_gdn_kernel
+
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Benchmarks: results as a table, JSON and a PNG chart.")
 app.add_typer(bench_app, name="bench")
@@ -80,8 +82,9 @@ def serve(
     step_cost: bool = typer.Option(False, "--step-cost", help="Time engine steps vs the weight-bandwidth roofline "
                                                               "instead (C x 1 AR, C x block verify/denoise)."),
     context: int = typer.Option(512, help="--step-cost: committed tokens per slot."),
-    gdn_kernel: str = typer.Option("auto", help="Engine GDN recurrence: auto (fla on CUDA if installed) | torch | fla "
-                                                "(--step-cost: a comma list, e.g. fla,torch)."),
+    gdn_kernel: str = typer.Option("auto", help="Engine GDN recurrence: auto (triton on CUDA) | triton (ours: commits "
+                                                "the state in place) | fla | torch (--step-cost: a comma list, e.g. "
+                                                "triton,fla)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="torch.compile the engine step (default: on for CUDA)."),
     out_dir: Path = typer.Option(Path("bench-out"), "--out", help="Directory for JSON and PNG."),
@@ -98,8 +101,9 @@ def serve(
     if not 0 < threshold <= 1:
         raise FlareError(f"--threshold must be in (0, 1], got {threshold}")
     kernels = [k.strip() for k in gdn_kernel.split(",") if k.strip()]
-    if not kernels or any(k not in ("auto", "torch", "fla") for k in kernels) or (len(kernels) > 1 and not step_cost):
-        raise FlareError(f"--gdn-kernel must be auto, torch or fla (a comma list with --step-cost); got {gdn_kernel!r}")
+    if not kernels or any(k not in GDN_KERNELS for k in kernels) or (len(kernels) > 1 and not step_cost):
+        raise FlareError(f"--gdn-kernel must be one of {', '.join(GDN_KERNELS)} (a comma list with --step-cost); "
+                         f"got {gdn_kernel!r}")
     if context < 1:
         raise FlareError(f"--context must be >= 1, got {context}")
 
