@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from flarectl.engine.gemv import linear, module_linear, plain_weight, resolve_gemv
+from flarectl.engine.prefetch import l2_prefetch
 from flarectl.models.adapter import ATTENTION
 from flarectl.models.attention import _project, apply_rope
 from flarectl.models.cache import HybridCache
@@ -215,21 +216,33 @@ def fuse_weights(linears) -> torch.Tensor | None:
     return torch.cat([lin.weight.detach() for lin in linears], 0)
 
 
-def _mlp(mlp, x, w_gate_up, gemv: bool = False, w_down=None):
+def _pf(x, pf, j: int) -> None:
+    """Before a layer's GEMM ``j``: fork an L2 prefetch of the next GEMM's weight (``pf = (views, token, method,
+    grid)``, see ``StaticStep(prefetch_mb=)``) onto the side stream. A hint: no value changes."""
+    if pf is not None:
+        views, token, method, grid = pf
+        l2_prefetch(x, views[j], token, method, grid)
+
+
+def _mlp(mlp, x, w_gate_up, gemv: bool = False, w_down=None, pf=None):
     if w_gate_up is None:
         return mlp(x)
+    _pf(x, pf, 2)
     gate, up = linear(x, w_gate_up, gemv).chunk(2, -1)
-    return module_linear(mlp.act_fn(gate) * up, mlp.down_proj, w_down, gemv)
+    h = mlp.act_fn(gate) * up
+    _pf(h, pf, 3)
+    return module_linear(h, mlp.down_proj, w_down, gemv)
 
 
 def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit, wc: int, kernel: str,
-              w_in=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None):
+              w_in=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None, pf=None):
     """One Gated DeltaNet decoder layer of the step: hidden [C, W, hidden] -> [C, W, hidden]. Writes the state and
     conv context after each row's clean tokens into ``last_state`` / ``last_conv`` and into the cache
     (``state`` / ``conv``) for rows with ``commit``. ``w_in`` / ``w_gate_up``: fused copies of the input
     projections [qkv | z | b | a] and of the MLP's [gate | up] (``fuse_weights``), or None. ``gemv``: skinny
     projections (M <= 16 rows) through ``gemv.skinny_linear``: the fused ones, and ``w_out`` / ``w_down`` (the
-    plain weights of out_proj / down_proj, ``gemv.plain_weight``) when given."""
+    plain weights of out_proj / down_proj, ``gemv.plain_weight``) when given. ``pf``: L2 prefetch of the next
+    GEMM's weight before each of the layer's four GEMMs (``_pf``), or None."""
     module = layer.linear_attn
     x = layer.input_layernorm(hidden)
     width = x.shape[1]
@@ -240,6 +253,7 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
         g, beta = _gates(module, x)
     else:
         nv = module.num_v_heads
+        _pf(x, pf, 0)
         mixed, z, b, a = linear(x, w_in, gemv).split(
             [w_in.shape[0] - module.value_dim - 2 * nv, module.value_dim, nv, nv], -1)
         beta = b.sigmoid()
@@ -266,9 +280,10 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
     last_conv.copy_(left.transpose(1, 2))
     conv.copy_(torch.where(commit[:, None, None], last_conv, conv))
     hv = module.head_v_dim  # gated RMSNorm with z, out_proj: as gdn._output
-    normed = module.norm(core.reshape(-1, hv).to(x.dtype), z.reshape(-1, hv))
-    hidden = hidden + module_linear(normed.reshape(*x.shape[:2], -1), module.out_proj, w_out, gemv)
-    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down)
+    normed = module.norm(core.reshape(-1, hv).to(x.dtype), z.reshape(-1, hv)).reshape(*x.shape[:2], -1)
+    _pf(normed, pf, 1)
+    hidden = hidden + module_linear(normed, module.out_proj, w_out, gemv)
+    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf)
 
 
 def _project_fused(module, x, gated: bool, w_qkv, gemv: bool = False):
@@ -289,13 +304,15 @@ def _project_fused(module, x, gated: bool, w_qkv, gemv: bool = False):
 
 
 def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int, cap: int, gated: bool,
-                    w_qkv=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None):
+                    w_qkv=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None, pf=None):
     """One softmax-attention decoder layer of the step (keys/values of the clean tokens written at each row's
     length; attention over the first ``cap`` slots plus the window). ``w_qkv`` / ``w_gate_up``: fused weights or
-    None."""
+    None. ``pf``: as ``gdn_block``."""
     module = layer.self_attn
     x = layer.input_layernorm(hidden)
     bsz, width, _ = x.shape
+    if w_qkv is not None:
+        _pf(x, pf, 0)
     q, k, v, gate = (_project(module, x, gated) if w_qkv is None
                      else _project_fused(module, x, gated, w_qkv, gemv))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -312,8 +329,9 @@ def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int,
     out = out.transpose(1, 2).reshape(bsz, width, -1)
     if gate is not None:
         out = out * torch.sigmoid(gate)
+    _pf(out, pf, 1)
     hidden = hidden + module_linear(out, module.o_proj, w_out, gemv)
-    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down)
+    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf)
 
 
 def attention_mask(lengths, counts, wlen, wc: int, ww: int, cap: int) -> torch.Tensor:
@@ -349,6 +367,24 @@ COMPILE_MODES = (None, "max-autotune-no-cudagraphs")
 captures the step itself) — benchmarks Triton GEMM templates against cuBLAS for the skinny decode GEMMs."""
 
 
+PREFETCH_GRID = {"bulk": 8, "line": 32, "line_last": 32, "load": 64}
+"""Programs of the prefetch kernel per method (``prefetch.launch``)."""
+
+
+def resolve_prefetch(mb: float | None, device: torch.device) -> float:
+    """None -> env ``FLARECTL_ENGINE_PREFETCH_MB`` (MB of each next GEMM weight to prefetch; 0 off) on CUDA, else
+    the default (0: off) — an explicit value is taken as it is on any device (off CUDA the prefetch does nothing)."""
+    if mb is None:
+        env = os.environ.get("FLARECTL_ENGINE_PREFETCH_MB")
+        if env is not None and device.type == "cuda":
+            return max(0.0, float(env))
+        return DEFAULT_PREFETCH_MB if device.type == "cuda" else 0.0
+    return max(0.0, float(mb))
+
+
+DEFAULT_PREFETCH_MB = 0.0
+
+
 def _compile(fn, mode: str | None = None):
     return torch.compile(fn, dynamic=False, mode=mode)
 
@@ -369,10 +405,14 @@ class StaticStep:
     ``compile``: torch.compile the step's pieces (None: on for CUDA, see ``resolve_compile``); ``compile_mode``: one
     of ``COMPILE_MODES`` (default None: inductor's default); ``gemv``: projections of at most ``gemv.MAX_ROWS``
     rows (C x W tokens) through the skinny Triton kernel ``gemv.skinny_linear`` (None: on for CUDA, see
-    ``gemv.resolve_gemv``)."""
+    ``gemv.resolve_gemv``); ``prefetch_mb``: before each GEMM, prefetch (the first ``prefetch_mb`` MB of) the next
+    GEMM's weight into L2 on a side stream (``prefetch.py``; 0 off, None: ``resolve_prefetch``; needs the fused
+    projections, else off), with ``prefetch_method`` (one of ``prefetch.METHODS``). Timing only: the values are
+    those of the step without it."""
 
     def __init__(self, model, cache: HybridCache, *, gdn_kernel: str = "auto", compile: bool | None = None,
-                 fuse: bool | None = None, compile_mode: str | None = None, gemv: bool | None = None):
+                 fuse: bool | None = None, compile_mode: str | None = None, gemv: bool | None = None,
+                 prefetch_mb: float | None = None, prefetch_method: str = "bulk"):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}; got {compile_mode!r}")
         self.model, self.cache = model, cache
@@ -399,6 +439,7 @@ class StaticStep:
                 down = getattr(layer.mlp, "down_proj", None)
                 w = {"w_out": plain_weight(out), "w_down": plain_weight(down) if down is not None else None}
                 self.fused[i] = self.fused.get(i, {}) | {k: v for k, v in w.items() if v is not None}
+        self._plan_prefetch(resolve_prefetch(prefetch_mb, dev), prefetch_method)
         self._set_fns()
         self._seen: set[tuple[int, int]] = set()
 
@@ -428,6 +469,36 @@ class StaticStep:
                 w["w_gate_up"] = fuse_weights([mlp.gate_proj, mlp.up_proj])
             out[i] = {k: v for k, v in w.items() if v is not None}
         return out
+
+    def _plan_prefetch(self, mb: float, method: str) -> None:
+        """The GEMM weights of the step in launch order (per layer: fused input projection, out_proj/o_proj, fused
+        gate|up, down_proj; then the LM head) and, per layer, prefix views of the next GEMM's weight for each of its
+        four GEMMs (``_pf``). Off (``prefetch_mb`` 0) where a weight is not a plain tensor of the step."""
+        from flarectl.engine import prefetch
+
+        if method not in prefetch.METHODS:
+            raise ValueError(f"prefetch method must be one of {prefetch.METHODS}; got {method!r}")
+        self.prefetch_mb, self.prefetch_method = 0.0, method
+        self._pf_first, self._pf = None, {}
+        if mb <= 0:
+            return
+        seq = []
+        for i, (kind, layer) in enumerate(zip(self.model.layer_kinds, self.model.layers)):
+            f = self.fused.get(i, {})
+            out = layer.self_attn.o_proj if kind == ATTENTION else layer.linear_attn.out_proj
+            seq += [f.get("w_qkv" if kind == ATTENTION else "w_in"), plain_weight(out), f.get("w_gate_up"),
+                    plain_weight(getattr(layer.mlp, "down_proj", None))]
+        seq.append(plain_weight(self.model.hf.lm_head))
+        if any(w is None or not w.is_contiguous() for w in seq):
+            return
+        nbytes = int(mb * 2**20)
+        views = prefetch.plan(seq, nbytes)
+        token = torch.zeros(1024, dtype=torch.int32, device=self.cache.lengths.device)
+        grid = PREFETCH_GRID[method]
+        self._pf_first = (views[0], token, method, grid)
+        self._pf = {i: (tuple(views[4 * i + 1:4 * i + 5]), token, method, grid)
+                    for i in range(len(self.model.layers))}
+        self.prefetch_mb = float(mb)
 
     @torch.no_grad()
     def commit_last(self, rows: torch.Tensor) -> None:
@@ -515,17 +586,26 @@ class StaticStep:
         model, cache = self.model, self.cache
         cap = self._attended_slots(wc)
         gated = model.family == "qwen3_5"
+        if self._pf_first is not None:  # the first layer's first GEMM weight, while the prologue runs
+            view, token, method, grid = self._pf_first
+            l2_prefetch(ids, view, token, method, grid)
         hidden, cos, sin, mask = self._prologue(ids, counts, wlen, wc, cap, ATTENTION in model.layer_kinds)
         for i, (kind, layer) in enumerate(zip(model.layer_kinds, model.layers)):
             if kind == ATTENTION:
                 kv = cache.attention[i]
                 hidden = self._attn(layer, hidden, kv.key, kv.value, cache.lengths, cos, sin, mask, wc, cap, gated,
-                                    gemv=self.gemv, **self.fused.get(i, {}))
+                                    gemv=self.gemv, pf=self._pf.get(i), **self.fused.get(i, {}))
             else:
                 c = cache.gdn[i]
                 hidden = self._gdn(layer, hidden, c.state, c.conv, self.last_state[i], self.last_conv[i], counts,
-                                   commit, wc, self.recurrence, gemv=self.gemv, **self.fused.get(i, {}))
+                                   commit, wc, self.recurrence, gemv=self.gemv, pf=self._pf.get(i),
+                                   **self.fused.get(i, {}))
         self.last_counts.copy_(counts)
         self.last_commit.copy_(commit)
         cache.lengths.add_(torch.where(commit, counts, 0))
-        return self._head(model.hf.model.norm, model.hf.lm_head, hidden, self.gemv, self.w_head) if logits else hidden
+        out = self._head(model.hf.model.norm, model.hf.lm_head, hidden, self.gemv, self.w_head) if logits else hidden
+        if self._pf_first is not None:
+            from flarectl.engine import prefetch
+
+            prefetch.join(cache.lengths.device)  # the side stream rejoins once per step (and before capture ends)
+        return out
