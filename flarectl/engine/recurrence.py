@@ -50,17 +50,20 @@ def _kernel():
         i_n, i_hv = i_nh // HV, i_nh % HV
         i_h = i_hv // (HV // H)
         flag = tl.load(commit + i_n)
-        c, nc = flag != 0, flag == 0
         o_k = tl.arange(0, BK)
         o_v = i_v * BV + tl.arange(0, BV)
         mask_k, mask_v = o_k < K, o_v < V
         mask_h = mask_k[:, None] & mask_v[None, :]
+        # the row's commit flag broadcast to a block mask (a scalar bool in a mask is refused by Triton 3.9's
+        # interpreter: "mask has unsupported dtype")
+        flag_h = tl.zeros([BK, BV], dtype=tl.int32) + flag.to(tl.int32)
+        c, nc = mask_h & (flag_h != 0), mask_h & (flag_h == 0)
         off_h = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
         if MODE == 0:
             h = tl.load(state + off_h, mask=mask_h, other=0.0).to(tl.float32)
         else:  # masked loads: only the selected buffer is read
-            h = (tl.load(state + off_h, mask=mask_h & c, other=0.0).to(tl.float32)
-                 + tl.load(last + off_h, mask=mask_h & nc, other=0.0).to(tl.float32))
+            h = (tl.load(state + off_h, mask=c, other=0.0).to(tl.float32)
+                 + tl.load(last + off_h, mask=nc, other=0.0).to(tl.float32))
         p_q = q + (i_n * T * H + i_h) * K + o_k
         p_k = k + (i_n * T * H + i_h) * K + o_k
         p_v = v + (i_n * T * HV + i_hv) * V + o_v
@@ -86,8 +89,8 @@ def _kernel():
             p_g += HV
             p_b += HV
         if MODE == 0:
-            tl.store(state + off_h, h.to(state.dtype.element_ty), mask=mask_h & c)
-            tl.store(last + off_h, h.to(last.dtype.element_ty), mask=mask_h & nc)
+            tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c)
+            tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc)
 
     _KERNEL = gdn_commit_kernel
     return _KERNEL
