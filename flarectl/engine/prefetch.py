@@ -10,7 +10,9 @@ prefetch writes (the ``token`` buffer, only for the 'load' method): it changes t
 
 Methods (``METHODS``): 'bulk' (Hopper's ``cp.async.bulk.prefetch.L2.global``: one instruction per ``CHUNK`` bytes,
 no registers, no SM time to speak of), 'line' (``prefetch.global.L2`` per 128-byte line), 'line_last' (the same
-with ``::evict_last``), 'load' (plain loads, their XOR stored in ``token``: portable, the only one Triton's interpreter runs).
+with ``::evict_last``), 'load' (plain loads, their XOR stored in ``token``: portable, the only one Triton's interpreter runs;
+4 KB per program and iteration), 'load_wide' (the same, 64 KB per program and iteration, 8 warps: more bytes in
+flight).
 
 ``l2_prefetch`` (the op ``flarectl::l2_prefetch``) is opaque to torch.compile and capturable in a CUDA graph; it
 does nothing off CUDA (and under the interpreter only the 'load' kernel runs, on the current stream).
@@ -22,7 +24,7 @@ import os
 
 import torch
 
-METHODS = ("bulk", "line", "line_last", "load")
+METHODS = ("bulk", "line", "line_last", "load", "load_wide")
 CHUNK = 16384
 """Bytes per bulk prefetch instruction ('bulk')."""
 LINE = 128
@@ -101,11 +103,12 @@ def launch(w: torch.Tensor, method: str, grid: int, token: torch.Tensor | None =
     nbytes = w.numel() * w.element_size()
     if nbytes == 0:
         return
-    if method == "load":
+    if method in ("load", "load_wide"):
         x = words(w)
+        block, warps = (1024, 4) if method == "load" else (16384, 8)
         per = -(-x.numel() // grid)
-        per = -(-per // 1024) * 1024
-        load_kernel[(-(-x.numel() // per),)](x, x.numel(), per, token, BLOCK=1024, num_warps=4)
+        per = -(-per // block) * block
+        load_kernel[(-(-x.numel() // per),)](x, x.numel(), per, token, BLOCK=block, num_warps=warps)
         return
     base = w.data_ptr()
     if method == "bulk":
@@ -133,7 +136,7 @@ def _side(device: torch.device) -> torch.cuda.Stream:
 
 def _prefetch(x: torch.Tensor, w: torch.Tensor, token: torch.Tensor, method: str, grid: int) -> None:
     if not w.is_cuda:
-        if _INTERPRET and method == "load":  # tests: the portable kernel's logic, on the current stream
+        if _INTERPRET and method in ("load", "load_wide"):  # tests: the portable kernel's logic, on the current stream
             launch(w, method, grid, token)
         return
     main = torch.cuda.current_stream(w.device)
