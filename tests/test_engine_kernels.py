@@ -1,5 +1,6 @@
 """The engine's own Triton kernels against their pure-torch twins: the skinny GEMM (``flarectl.engine.gemv``) and
-the GDN decode recurrence that commits states in place (``flarectl.engine.recurrence``).
+the GDN decode recurrence that commits states in place (``flarectl.engine.recurrence``); the L2 prefetch
+(``flarectl.engine.prefetch``: a timing hint, so the step's values must not change with it).
 
 The kernels run on CPU under Triton's interpreter, at tiny sizes, in a child process (the interpreter must be on
 before triton is imported; same pattern as tests/test_kernels_interpret.py). Outputs and split-K partials are
@@ -117,6 +118,102 @@ if not CHILD:
         monkeypatch.setenv("FLARECTL_ENGINE_GEMV", "0")
         assert not gemv.resolve_gemv(None, torch.device("cuda"))
         assert gemv.resolve_gemv(True, torch.device("cpu"))
+
+    def test_prefetch_op_registration_and_cpu_noop():
+        """``flarectl::l2_prefetch`` passes opcheck; off CUDA (no interpreter) it does nothing at all."""
+        from flarectl.engine import prefetch
+
+        x, w = torch.randn(3, 8), torch.randn(40, 8).bfloat16()
+        token = torch.full((16,), 7, dtype=torch.int32)
+        for method in prefetch.METHODS:
+            torch.library.opcheck(prefetch.l2_prefetch, (x, prefetch.words(w, 100), token, method, 4))
+        assert (token == 7).all()
+        v = prefetch.words(w, 50)  # a prefix view of the weight's bytes as int32 words, no copy
+        assert v.numel() == 12 and v.data_ptr() == w.data_ptr()
+        assert prefetch.words(w).numel() * 4 == w.numel() * 2
+
+    def test_static_step_prefetch_is_a_noop_numerically():
+        """The step with the L2 prefetch planned (``prefetch_mb`` > 0) gives bitwise the same logits, cache and kept
+        states as without, through clean/window/commit steps (fp32 debug hybrid, fused projections; on CPU the op
+        does nothing). The plan prefetches, before each GEMM, a prefix of the next GEMM's weight, in launch order."""
+        from flarectl.engine.backends import SlotBackend
+        from flarectl.models.adapter import ATTENTION
+        from flarectl.models.loading import load_model
+
+        m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+        on, off = SlotBackend(m, 4, 64, fuse=True, prefetch_mb=0.01), SlotBackend(m, 4, 64, fuse=True)
+        assert on.eager.prefetch_mb == 0.01 and off.eager.prefetch_mb == 0.0 and not off.eager._pf
+        step = on.eager
+        cap = int(0.01 * 2**20) // 4
+        for i, kind in enumerate(m.layer_kinds):  # GEMM after each of layer i's four: out, gate|up, down, next
+            layer, f = m.layers[i], step.fused[i]
+            out = layer.self_attn.o_proj if kind == ATTENTION else layer.linear_attn.out_proj
+            nxt = (step.fused[i + 1].get("w_qkv", step.fused[i + 1].get("w_in")) if i + 1 < len(m.layers)
+                   else m.hf.lm_head.weight)
+            views = step._pf[i][0]
+            for v, w in zip(views, (out.weight, f["w_gate_up"], layer.mlp.down_proj.weight, nxt)):
+                assert v.data_ptr() == w.data_ptr() and v.numel() == min(cap, w.numel() * w.element_size() // 4)
+        with pytest.raises(ValueError):
+            SlotBackend(m, 2, 16, fuse=True, prefetch_mb=1, prefetch_method="nope")
+        assert SlotBackend(m, 2, 16, fuse=False, prefetch_mb=1).eager.prefetch_mb == 0.0  # unfused: off
+        for b in (on, off):
+            b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
+        g = torch.Generator().manual_seed(0)
+        for wc, ww in [(1, 0), (0, 4), (1, 3), (5, 0), (1, 0)]:
+            ids = torch.randint(0, 250, (4, wc + ww), generator=g)
+            counts, wlen = torch.full((4,), wc), torch.full((4,), ww)
+            commit = torch.tensor([True, False, True, True])
+            outs = [b.step(ids, counts, wlen, commit, wc) for b in (on, off)]
+            for b in (on, off):
+                b.finish_step(torch.tensor([False, True, False, False]))
+            assert torch.equal(outs[0], outs[1])
+        assert torch.equal(on.cache.lengths, off.cache.lengths)
+        for i in on.cache.gdn:
+            assert torch.equal(on.cache.gdn[i].state, off.cache.gdn[i].state)
+            assert torch.equal(on.cache.gdn[i].conv, off.cache.gdn[i].conv)
+
+    def test_prefetch_op_traces_under_torch_compile():
+        """The prefetch op traces (fullgraph) between ops of a compiled function and leaves its values alone."""
+        from flarectl.engine import prefetch
+
+        def fn(x, w, views, token):
+            prefetch.l2_prefetch(x, views, token, "bulk", 8)
+            return torch.nn.functional.linear(x, w) * 2
+
+        x, w = torch.randn(3, 8), torch.randn(6, 8)
+        token = torch.zeros(8, dtype=torch.int32)
+        got = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, w, prefetch.words(w, 64), token)
+        torch.testing.assert_close(got, fn(x, w, prefetch.words(w, 64), token))
+
+    def test_resolve_prefetch(monkeypatch):
+        from flarectl.engine.static_step import resolve_prefetch
+
+        monkeypatch.delenv("FLARECTL_ENGINE_PREFETCH_MB", raising=False)
+        assert resolve_prefetch(None, torch.device("cuda")) == 0.0  # off by default (it did not pay)
+        monkeypatch.setenv("FLARECTL_ENGINE_PREFETCH_MB", "24")
+        assert resolve_prefetch(None, torch.device("cuda")) == 24.0
+        assert resolve_prefetch(None, torch.device("cpu")) == 0.0
+        assert resolve_prefetch(2, torch.device("cpu")) == 2.0
+
+    @pytest.mark.gpu
+    def test_static_step_prefetch_on_cuda_equals_off():
+        """Graphed and compiled (the CUDA default) with the side-stream prefetch: logits bitwise equal to off."""
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA")
+        from flarectl.engine.backends import SlotBackend
+        from flarectl.models.loading import load_model
+
+        m = load_model("debug-hybrid", dtype="bfloat16", device="cuda", seed=1)
+        outs = []
+        for mb, method in ((0, "bulk"), (1, "bulk"), (1, "load_wide")):
+            b = SlotBackend(m, 4, 64, prefetch_mb=mb, prefetch_method=method)
+            b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
+            ids = torch.arange(4, device="cuda")[:, None] + 3
+            ones = torch.ones(4, dtype=torch.long, device="cuda")
+            outs.append([b.step(ids, ones, ones * 0, ones.bool(), 1).clone() for _ in range(3)])
+        for o in outs[1:]:
+            for a, r in zip(o, outs[0]):
+                assert torch.equal(a, r)
 
     @pytest.mark.gpu
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -328,3 +425,24 @@ else:
             torch.testing.assert_close(u, t)
         torch.testing.assert_close(a2[7], a1[7])  # the cache state mutated in place the same way
         torch.testing.assert_close(a2[8][1], a1[8][1])
+
+    @pytest.mark.parametrize("n,nbytes,grid", [(1, None, 1), (37, None, 3), (1000 * 37, 10_000, 5),
+                                               (4097 * 5, None, 7), (16384 + 3, None, 2)])
+    def test_prefetch_load_kernel_reads_every_word(n, nbytes, grid):
+        """The portable prefetch kernel ('load'; 'load_wide' takes 16384-word blocks) reads exactly the requested
+        prefix: the XOR of the words its programs store equals the XOR of the prefix (odd sizes, ragged last
+        program; untouched token entries keep their NaN-like sentinel)."""
+        import numpy as np
+
+        from flarectl.engine import prefetch
+
+        w = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+        v = prefetch.words(w, nbytes)
+        for method, block in (("load", 1024), ("load_wide", 16384)):
+            token = torch.full((64,), -7, dtype=torch.int32)
+            prefetch.l2_prefetch(torch.zeros(1), v, token, method, grid)
+            per = -(-(-(-v.numel() // grid)) // block) * block
+            progs = -(-v.numel() // per) if v.numel() else 0
+            assert (token[progs:] == -7).all()
+            got = np.bitwise_xor.reduce(token[:progs].numpy()) if progs else 0
+            assert got == (np.bitwise_xor.reduce(v.numpy()) if v.numel() else 0)

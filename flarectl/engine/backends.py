@@ -65,8 +65,7 @@ class SlotBackend:
     def __init__(self, model, slots: int, capacity: int, *, cuda_graphs: bool | None = None,
                  gdn_kernel: str = "auto", compile: bool | None = None, fuse: bool | None = None,
                  prefill: str = "static", compile_mode: str | None = None, gemv: bool | None = None,
-                 prefetch_mb: float | None = None, prefetch_method: str | None = None,
-                 prefetch_fork: str | None = None):
+                 prefetch_mb: float | None = None, prefetch_method: str | None = None):
         if prefill not in ("static", "adapter"):
             raise ValueError(f"prefill must be static or adapter; got {prefill!r}")
         self.model = model
@@ -75,7 +74,7 @@ class SlotBackend:
         self.cache = model.new_cache(slots, capacity)
         eager = StaticStep(model, self.cache, gdn_kernel=gdn_kernel, compile=compile, fuse=fuse,
                            compile_mode=compile_mode, gemv=gemv, prefetch_mb=prefetch_mb,
-                           prefetch_method=prefetch_method, prefetch_fork=prefetch_fork)
+                           prefetch_method=prefetch_method)
         self.eager = eager
         self.gdn_kernel = eager.kernel
         use_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs

@@ -10,9 +10,12 @@ prefetch writes (the ``token`` buffer, only for the 'load' method): it changes t
 
 Methods (``METHODS``): 'bulk' (Hopper's ``cp.async.bulk.prefetch.L2.global``: one instruction per ``CHUNK`` bytes,
 no registers, no SM time to speak of), 'line' (``prefetch.global.L2`` per 128-byte line), 'line_last' (the same
-with ``::evict_last``), 'load' (plain loads, their XOR stored in ``token``: portable, the only one Triton's interpreter runs;
-4 KB per program and iteration), 'load_wide' (the same, 64 KB per program and iteration, 8 warps: more bytes in
-flight).
+with ``::evict_last``), 'load' (plain loads, their XOR stored in ``token``: portable, the only ones Triton's
+interpreter runs; 4 KB per program and iteration), 'load_wide' (the same, 64 KB per program and iteration, 8
+warps: more bytes in flight).
+
+Measured on an H100 (docs/perf/engine.md, session 6): it does not pay — the step is no faster with any method or
+budget, so ``StaticStep`` leaves it off by default (``prefetch_mb=0``).
 
 ``l2_prefetch`` (the op ``flarectl::l2_prefetch``) is opaque to torch.compile and capturable in a CUDA graph; it
 does nothing off CUDA (and under the interpreter only the 'load' kernel runs, on the current stream).

@@ -216,13 +216,13 @@ def fuse_weights(linears) -> torch.Tensor | None:
     return torch.cat([lin.weight.detach() for lin in linears], 0)
 
 
-def _pf(x, pf, j: int, after: bool = False) -> None:
-    """Around a layer's GEMM ``j``: fork an L2 prefetch of the next GEMM's weight (``pf = (views, token, method,
-    grid, fork_after)``, see ``StaticStep(prefetch_mb=)``) onto the side stream — before GEMM j (``x`` its input)
-    or, with ``fork_after``, after it (``x`` its output: the prefetch waits for GEMM j and runs during the small
-    kernels that follow). A hint: no value changes."""
-    if pf is not None and pf[4] == after:
-        views, token, method, grid, _ = pf
+def _pf(x, pf, j: int) -> None:
+    """Before a layer's GEMM ``j`` (``x`` its input): fork an L2 prefetch of the next GEMM's weight (``pf = (views,
+    token, method, grid)``, see ``StaticStep(prefetch_mb=)``) onto the side stream. A hint: no value changes.
+    (Forking after GEMM j instead, with its output as the dependency, was measured too — session 6, run 5 — but
+    that changes inductor's fusion around the GEMM outputs and so the bf16 rounding of the logits: not offered.)"""
+    if pf is not None:
+        views, token, method, grid = pf
         l2_prefetch(x, views[j], token, method, grid)
 
 
@@ -230,14 +230,10 @@ def _mlp(mlp, x, w_gate_up, gemv: bool = False, w_down=None, pf=None):
     if w_gate_up is None:
         return mlp(x)
     _pf(x, pf, 2)
-    gu = linear(x, w_gate_up, gemv)
-    _pf(gu, pf, 2, True)
-    gate, up = gu.chunk(2, -1)
+    gate, up = linear(x, w_gate_up, gemv).chunk(2, -1)
     h = mlp.act_fn(gate) * up
     _pf(h, pf, 3)
-    out = module_linear(h, mlp.down_proj, w_down, gemv)
-    _pf(out, pf, 3, True)
-    return out
+    return module_linear(h, mlp.down_proj, w_down, gemv)
 
 
 def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit, wc: int, kernel: str,
@@ -260,9 +256,7 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
     else:
         nv = module.num_v_heads
         _pf(x, pf, 0)
-        proj = linear(x, w_in, gemv)
-        _pf(proj, pf, 0, True)
-        mixed, z, b, a = proj.split(
+        mixed, z, b, a = linear(x, w_in, gemv).split(
             [w_in.shape[0] - module.value_dim - 2 * nv, module.value_dim, nv, nv], -1)
         beta = b.sigmoid()
         g = -module.A_log.float().exp() * F.softplus(a.float() + module.dt_bias)  # as gdn._gates
@@ -290,9 +284,7 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
     hv = module.head_v_dim  # gated RMSNorm with z, out_proj: as gdn._output
     normed = module.norm(core.reshape(-1, hv).to(x.dtype), z.reshape(-1, hv)).reshape(*x.shape[:2], -1)
     _pf(normed, pf, 1)
-    o = module_linear(normed, module.out_proj, w_out, gemv)
-    _pf(o, pf, 1, True)
-    hidden = hidden + o
+    hidden = hidden + module_linear(normed, module.out_proj, w_out, gemv)
     return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf)
 
 
@@ -325,8 +317,6 @@ def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int,
         _pf(x, pf, 0)
     q, k, v, gate = (_project(module, x, gated) if w_qkv is None
                      else _project_fused(module, x, gated, w_qkv, gemv))
-    if w_qkv is not None:
-        _pf(q, pf, 0, True)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if wc:
         pos = (lengths[:, None] + torch.arange(wc, device=x.device)).clamp(max=key.shape[2] - 1)
@@ -342,9 +332,7 @@ def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int,
     if gate is not None:
         out = out * torch.sigmoid(gate)
     _pf(out, pf, 1)
-    o = module_linear(out, module.o_proj, w_out, gemv)
-    _pf(o, pf, 1, True)
-    hidden = hidden + o
+    hidden = hidden + module_linear(out, module.o_proj, w_out, gemv)
     return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf)
 
 
@@ -397,8 +385,8 @@ def resolve_prefetch(mb: float | None, device: torch.device) -> float:
 
 
 DEFAULT_PREFETCH_MB = 0.0
+"""Off: on the H100 no prefetch variant made the step faster (docs/perf/engine.md, session 6)."""
 DEFAULT_PREFETCH_METHOD = "bulk"
-DEFAULT_PREFETCH_FORK = "start"
 
 
 def _compile(fn, mode: str | None = None):
@@ -423,14 +411,12 @@ class StaticStep:
     rows (C x W tokens) through the skinny Triton kernel ``gemv.skinny_linear`` (None: on for CUDA, see
     ``gemv.resolve_gemv``); ``prefetch_mb``: before each GEMM, prefetch (the first ``prefetch_mb`` MB of) the next
     GEMM's weight into L2 on a side stream (``prefetch.py``; 0 off, None: ``resolve_prefetch``; needs the fused
-    projections, else off), with ``prefetch_method`` (one of ``prefetch.METHODS``), forked before each GEMM
-    (``prefetch_fork='start'``) or after the previous one ('after'). Timing only: the values are those of the step
-    without it."""
+    projections, else off), with ``prefetch_method`` (one of ``prefetch.METHODS``). Timing only: the values are
+    those of the step without it. Measured on an H100 (session 6): it does not pay, so it is off by default."""
 
     def __init__(self, model, cache: HybridCache, *, gdn_kernel: str = "auto", compile: bool | None = None,
                  fuse: bool | None = None, compile_mode: str | None = None, gemv: bool | None = None,
-                 prefetch_mb: float | None = None, prefetch_method: str | None = None,
-                 prefetch_fork: str | None = None):
+                 prefetch_mb: float | None = None, prefetch_method: str | None = None):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}; got {compile_mode!r}")
         self.model, self.cache = model, cache
@@ -457,8 +443,7 @@ class StaticStep:
                 down = getattr(layer.mlp, "down_proj", None)
                 w = {"w_out": plain_weight(out), "w_down": plain_weight(down) if down is not None else None}
                 self.fused[i] = self.fused.get(i, {}) | {k: v for k, v in w.items() if v is not None}
-        self._plan_prefetch(resolve_prefetch(prefetch_mb, dev), prefetch_method or DEFAULT_PREFETCH_METHOD,
-                            prefetch_fork or DEFAULT_PREFETCH_FORK)
+        self._plan_prefetch(resolve_prefetch(prefetch_mb, dev), prefetch_method or DEFAULT_PREFETCH_METHOD)
         self._set_fns()
         self._seen: set[tuple[int, int]] = set()
 
@@ -489,7 +474,7 @@ class StaticStep:
             out[i] = {k: v for k, v in w.items() if v is not None}
         return out
 
-    def _plan_prefetch(self, mb: float, method: str, fork: str = "start") -> None:
+    def _plan_prefetch(self, mb: float, method: str) -> None:
         """The GEMM weights of the step in launch order (per layer: fused input projection, out_proj/o_proj, fused
         gate|up, down_proj; then the LM head) and, per layer, prefix views of the next GEMM's weight for each of its
         four GEMMs (``_pf``). Off (``prefetch_mb`` 0) where a weight is not a plain tensor of the step."""
@@ -497,9 +482,7 @@ class StaticStep:
 
         if method not in prefetch.METHODS:
             raise ValueError(f"prefetch method must be one of {prefetch.METHODS}; got {method!r}")
-        if fork not in ("start", "after"):
-            raise ValueError(f"prefetch fork must be start or after; got {fork!r}")
-        self.prefetch_mb, self.prefetch_method, self.prefetch_fork = 0.0, method, fork
+        self.prefetch_mb, self.prefetch_method = 0.0, method
         self._pf_first, self._pf = None, {}
         if mb <= 0:
             return
@@ -516,8 +499,8 @@ class StaticStep:
         views = prefetch.plan(seq, nbytes)
         token = torch.zeros(1024, dtype=torch.int32, device=self.cache.lengths.device)
         grid = PREFETCH_GRID[method]
-        self._pf_first = (views[0], token, method, grid, False)
-        self._pf = {i: (tuple(views[4 * i + 1:4 * i + 5]), token, method, grid, fork == "after")
+        self._pf_first = (views[0], token, method, grid)
+        self._pf = {i: (tuple(views[4 * i + 1:4 * i + 5]), token, method, grid)
                     for i in range(len(self.model.layers))}
         self.prefetch_mb = float(mb)
 
@@ -608,7 +591,7 @@ class StaticStep:
         cap = self._attended_slots(wc)
         gated = model.family == "qwen3_5"
         if self._pf_first is not None:  # the first layer's first GEMM weight, while the prologue runs
-            view, token, method, grid, _ = self._pf_first
+            view, token, method, grid = self._pf_first
             l2_prefetch(ids, view, token, method, grid)
         hidden, cos, sin, mask = self._prologue(ids, counts, wlen, wc, cap, ATTENTION in model.layer_kinds)
         for i, (kind, layer) in enumerate(zip(model.layer_kinds, model.layers)):

@@ -10,7 +10,8 @@ decode step? One process, one GPU, random weights (Qwen3.5-2B shapes, bf16, M=8)
    side-stream prefetch of the next GEMM's weight forked before each GEMM (several methods and MB budgets), for
    cuBLAS and for the engine's ``gemv.linear`` choice. Ratio vs no prefetch.
 4. the engine's graphed AR step (C=8, context 512, commit=True) with ``prefetch_mb`` 0 vs on (methods/budgets),
-   logits compared bitwise with the 'off' step; optionally AR serving at C=8 off vs the best.
+   logits compared bitwise with the 'off' step; AR serving at C=8 off vs the best, if that step was >3% faster.
+   (Variants name:MB:method[:fork]; fork 'after' needs the tree of run 5, df6af67: the engine no longer has it.)
 Writes engine_l2_prefetch.json, prints a table last.
 
     python3 scripts/gpu/engine_l2_prefetch.py --out $OUT [--skip kernels,single,chain,engine,serving]
@@ -228,11 +229,12 @@ def engine(res, variants, serving):
     res["engine"] = dict(weight_gb=wbytes / 1e9, roofline_ms=roof, rows=[])
     base = None
     for label, mb, method, fork in variants:
-        wall, rep, setup, logits, be = step_times(model, True, prefetch_mb=mb, prefetch_method=method,
-                                                  prefetch_fork=fork)
+        kw = dict(prefetch_mb=mb, prefetch_method=method) | ({} if fork == "start" else dict(prefetch_fork=fork))
+        wall, rep, setup, logits, be = step_times(model, True, **kw)  # 'after': run 5's tree (df6af67) only
         if base is None:
             base = logits
-        row = dict(variant=label, prefetch_mb=be.eager.prefetch_mb, method=method, fork=fork, wall_ms=wall, replay_ms=rep,
+        row = dict(variant=label, prefetch_mb=be.eager.prefetch_mb, method=method, fork=fork, wall_ms=wall,
+                   replay_ms=rep,
                    setup_s=setup, compiled=be.compiled, compile_error=be.eager.compile_error,
                    x_roofline=wall / roof, logits_identical=bool(torch.equal(logits, base)),
                    logits_rel_diff=float((logits - base).norm() / base.norm()),
@@ -251,8 +253,7 @@ def engine(res, variants, serving):
         prompts = bench.encode_prompts(model.tokenizer, bench.load_prompt_texts("gsm8k"), 16)
         res["serving"] = {}
         for name, mb in (("off", 0.0), (best["variant"], best["prefetch_mb"])):
-            st.DEFAULT_PREFETCH_MB, st.DEFAULT_PREFETCH_METHOD, st.DEFAULT_PREFETCH_FORK = \
-                mb, best["method"], best["fork"]
+            st.DEFAULT_PREFETCH_MB, st.DEFAULT_PREFETCH_METHOD = mb, best["method"]
             runs = []
             for i in range(2):
                 point, info = bench.engine_point(model, prompts, "ar", 8, max_new_tokens=128, block_size=None,
@@ -268,7 +269,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--skip", default="")
-    ap.add_argument("--chain-set", default="1", help="1: run 4's chain variants; 2: fork start/after, wide loads")
+    ap.add_argument("--chain-set", default="1",
+                    help="1: run 4's chain variants; 2: fork start/after, wide loads")
     ap.add_argument("--engine", default="off:0:bulk,bulk16:16:bulk,bulk24:24:bulk,bulk8:8:bulk,line16:16:line,"
                                         "load16:16:load,off2:0:bulk")
     a = ap.parse_args()
