@@ -298,7 +298,7 @@ def test_engine_rejects_bad_settings(debug_models):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel,compile", [("torch", False), ("fla", False), ("fla", True), ("triton", False),
-                                            ("triton", True)])
+                                            ("triton", True), ("mixer", True)])
 def test_graphed_step_equals_eager_on_cuda(kernel, compile):
     pytest.importorskip("fla") if kernel == "fla" else None
     m = load_model("debug-hybrid", dtype="float32", device="cuda", seed=1)

@@ -19,6 +19,32 @@ import torch
 
 CHILD = os.environ.get("FLARE_ENGINE_KERNELS_CHILD") == "1"
 
+def _mixer_problem(seed, C, W, wc, H, HV, K, V, S=3, bias=False, dtype=torch.float32, device="cpu"):
+    """Random inputs of ``gdn_mixer``: proj [C, W, 2HK + 2HV*V + 2HV], conv weights/state, gates' parameters,
+    GDN state, counts <= wc (some rows with padding), commit flags."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    D = 2 * H * K + HV * V
+    proj = r(C, W, D + HV * V + 2 * HV)
+    args = dict(proj=proj, conv_w=r(D, S + 1) * 0.5, conv_b=r(D) * 0.1 if bias else None,
+                A_log=r(HV) * 0.3, dt_bias=r(HV) * 0.3, norm_w=1 + 0.1 * r(V),
+                state=r(C, HV, K, V) * 0.3, conv=r(C, D, S),
+                counts=torch.randint(0, wc + 1, (C,), generator=g) if wc else torch.zeros(C, dtype=torch.long),
+                commit=torch.rand(C, generator=g) < 0.5)
+    args["commit"][0], args["commit"][-1] = True, False
+    return {k: (v.to(device, dtype) if v is not None and v.is_floating_point() else
+                v.to(device) if v is not None else None) for k, v in args.items()}
+
+def _run_mixer(fn, a, wc, H, HV, K, V, eps=1e-6):
+    """Calls ``fn`` (the op, the chain or ``mixer.launch``) on copies: (out, state, conv, last_state,
+    last_conv), with ``last_*`` NaN-filled first."""
+    st, cv = a["state"].clone(), a["conv"].clone()
+    ls, lc = torch.full_like(st, float("nan")), torch.full_like(cv, float("nan"))
+    out = fn(a["proj"], a["conv_w"], a["conv_b"], a["A_log"], a["dt_bias"], a["norm_w"], st, cv, ls, lc,
+             a["counts"], a["commit"], wc, H, HV, K, V, eps)
+    return out, st, cv, ls, lc
+
+
 if not CHILD:
     from flarectl.engine import gemv
 
@@ -111,6 +137,82 @@ if not CHILD:
                     torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
         finally:
             recurrence.NAN_FILL = False
+
+    def test_mixer_op_registration_and_cpu_twin():
+        """``flarectl::gdn_mixer`` passes opcheck (schema, fake tensor, the four mutated buffers) and on CPU without
+        the interpreter it is the torch chain ``gdn_mixer_chain``."""
+        from flarectl.engine.static_step import gdn_mixer, gdn_mixer_chain
+
+        a = _mixer_problem(0, C=3, W=3, wc=2, H=1, HV=2, K=8, V=8)
+        got, ref = _run_mixer(gdn_mixer, a, 2, 1, 2, 8, 8), _run_mixer(gdn_mixer_chain, a, 2, 1, 2, 8, 8)
+        c = a["commit"]
+        for u, t in zip(got[:3], ref[:3]):
+            assert torch.equal(u, t)
+        assert torch.equal(got[3][~c], ref[3][~c]) and torch.equal(got[4], ref[4])
+        st, cv = a["state"].clone(), a["conv"].clone()
+        torch.library.opcheck(gdn_mixer, (a["proj"], a["conv_w"], a["conv_b"], a["A_log"], a["dt_bias"],
+                                          a["norm_w"], st, cv, torch.zeros_like(st), torch.zeros_like(cv),
+                                          a["counts"], a["commit"], 2, 1, 2, 8, 8, 1e-6))
+
+    def test_static_step_mixer_twin_equals_chain():
+        """The step with gdn_kernel='mixer' (on CPU: the op's torch chain) == 'torch' (gdn_block's own chain) to
+        1e-5 (fp32 debug hybrid, fused projections), caches included, through clean / window / late-commit steps."""
+        from flarectl.engine.backends import SlotBackend
+        from flarectl.models.loading import load_model
+
+        m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+        backends = [SlotBackend(m, 4, 64, gdn_kernel=k, fuse=True, gemv=False) for k in ("mixer", "torch")]
+        assert backends[0].gdn_kernel == "mixer"
+        for b in backends:
+            b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
+        g = torch.Generator().manual_seed(5)
+        for wc, ww in [(1, 0), (0, 2), (2, 2), (1, 0)]:
+            ids = torch.randint(0, 250, (4, wc + ww), generator=g)
+            counts = torch.randint(0 if ww else 1, wc + 1, (4,), generator=g) if wc else torch.zeros(4).long()
+            commit = torch.rand(4, generator=g) < 0.6
+            late = (torch.rand(4, generator=g) < 0.5) & ~commit
+            outs = [b.step(ids, counts, torch.full((4,), ww), commit, wc) for b in backends]
+            for b in backends:
+                b.finish_step(late)
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+            for i, c in backends[1].cache.gdn.items():
+                torch.testing.assert_close(backends[0].cache.gdn[i].state, c.state, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(backends[0].cache.gdn[i].conv, c.conv, rtol=1e-5, atol=1e-5)
+
+    def test_resolve_gdn_kernel_mixer(monkeypatch):
+        from flarectl.engine.static_step import resolve_gdn_kernel
+
+        assert resolve_gdn_kernel("mixer", torch.device("cpu")) == "mixer"
+        assert resolve_gdn_kernel("auto", torch.device("cpu")) == "torch"
+        with pytest.raises(ValueError):
+            resolve_gdn_kernel("nope", torch.device("cpu"))
+
+    @pytest.mark.gpu
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_mixer_kernel_on_cuda_matches_twin(dtype):
+        """The one-kernel mixer on CUDA at the Qwen3.5-2B GDN shape (H = HV = 16, K = V = 128, C = 8) == the torch
+        chain: AR (W 1) and clean + window (W 5, wc 3) steps; NaN-filled output."""
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA")
+        from flarectl.engine import mixer
+        from flarectl.engine.static_step import gdn_mixer_chain
+
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        mixer.NAN_FILL = True
+        try:
+            for W, wc in ((1, 1), (5, 3)):
+                a = _mixer_problem(W, 8, W, wc, 16, 16, 128, 128, 3, False, dtype, "cuda")
+                a["state"] = a["state"].float()
+                got = _run_mixer(mixer.launch, a, wc, 16, 16, 128, 128)
+                ref = _run_mixer(gdn_mixer_chain, a, wc, 16, 16, 128, 128)
+                c = a["commit"]
+                assert not got[0].isnan().any()
+                torch.testing.assert_close(got[0].float(), ref[0].float(), rtol=tol, atol=tol)
+                torch.testing.assert_close(got[1], ref[1], rtol=tol, atol=tol)
+                torch.testing.assert_close(got[3][~c], ref[3][~c], rtol=tol, atol=tol)
+                assert torch.equal(got[2], ref[2]) and torch.equal(got[4], ref[4])
+        finally:
+            mixer.NAN_FILL = False
 
     def test_resolve_gemv(monkeypatch):
         monkeypatch.delenv("FLARECTL_ENGINE_GEMV", raising=False)
@@ -372,6 +474,59 @@ else:
         ref_w = _recurrence_torch(qw, kw, vw, gate[:, :2], beta[:, :2], full.clone(), None, scale)
         torch.testing.assert_close(ow, ref_w, rtol=1e-5, atol=1e-5)
         assert torch.equal(st[~commit], state[~commit])
+
+    MIXER_SHAPES = [  # C, W, wc, H, HV, K, V, S, bias
+        (3, 1, 1, 1, 1, 8, 8, 3, False), (4, 3, 2, 2, 4, 16, 8, 3, True), (2, 4, 0, 1, 2, 12, 24, 3, False),
+        (3, 5, 3, 1, 3, 8, 5, 2, True)]
+
+    @pytest.mark.parametrize("C,W,wc,H,HV,K,V,S,bias", MIXER_SHAPES)
+    def test_mixer_kernel_matches_twin(C, W, wc, H, HV, K, V, S, bias):
+        """The one-kernel mixer (``mixer.launch``, NaN-filled output) == the torch chain: the normed output, the
+        cache state (new for committing rows, bitwise untouched for the others), ``last_state`` of the others,
+        the conv state and ``last_conv``; odd K/V (masked lanes), HV = 1..3 x H, padding, window only (wc 0)."""
+        from flarectl.engine import mixer
+        from flarectl.engine.static_step import gdn_mixer_chain
+
+        mixer.NAN_FILL = True
+        a = _mixer_problem(C * 7 + W, C, W, wc, H, HV, K, V, S, bias)
+        got = _run_mixer(mixer.launch, a, wc, H, HV, K, V)
+        ref = _run_mixer(gdn_mixer_chain, a, wc, H, HV, K, V)
+        c = a["commit"]
+        assert got[0].shape == (C, W, HV * V) and not got[0].isnan().any()
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[1][~c], a["state"][~c])
+        assert got[3][c].isnan().all()  # the committing rows' state went to the cache only
+        torch.testing.assert_close(got[3][~c], ref[3][~c], rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[2], ref[2]) and torch.equal(got[4], ref[4])
+
+    def test_static_step_mixer_equals_adapter_path_and_chain():
+        """The engine step with the one-kernel mixer (interpreted) == the adapter path and == the step without it
+        ('torch', 1e-5) (fp32 debug hybrid: H=2, HV=4), through clean / window / commit / late-commit steps."""
+        from flarectl.engine.backends import AdapterBackend, SlotBackend
+        from flarectl.models.loading import load_model
+
+        m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+        backends = [SlotBackend(m, 4, 64, gdn_kernel="mixer", fuse=True, gemv=False),
+                    SlotBackend(m, 4, 64, gdn_kernel="torch", fuse=True, gemv=False), AdapterBackend(m, 4, 64)]
+        for b in backends:
+            b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
+        g = torch.Generator().manual_seed(3)
+        for wc, ww in [(1, 0), (0, 2), (2, 2), (1, 0)]:
+            ids = torch.randint(0, 250, (4, wc + ww), generator=g)
+            counts = torch.randint(0 if ww else 1, wc + 1, (4,), generator=g) if wc else torch.zeros(4).long()
+            wlen = torch.full((4,), ww)
+            commit = torch.rand(4, generator=g) < 0.6
+            late = (torch.rand(4, generator=g) < 0.5) & ~commit
+            outs = [b.step(ids, counts, wlen, commit, wc) for b in backends]
+            for b in backends:
+                b.finish_step(late)
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+            for r in range(4):
+                c = int(counts[r])
+                torch.testing.assert_close(outs[0][r, :c], outs[2][r, :c], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(outs[0][r, wc:], outs[2][r, wc:], rtol=1e-4, atol=1e-4)
+            assert torch.equal(backends[0].cache.lengths, backends[2].cache.lengths)
 
     def test_static_step_triton_recurrence_equals_adapter_path():
         """The engine step with the in-place-commit recurrence kernel == the adapter path (fp32 debug hybrid),

@@ -160,12 +160,20 @@ def _(q, k, v, g, beta, state, last, commit, scale, kernel):
     return torch.empty_like(v)
 
 
+GDN_KERNELS = ("auto", "torch", "fla", "triton", "mixer")
+
+MIXER_DEFAULT = True
+"""Whether 'auto' picks 'mixer' on CUDA (env ``FLARECTL_ENGINE_MIXER=0`` turns it off: 'triton' then)."""
+
+
 def resolve_gdn_kernel(kernel: str, device: torch.device) -> str:
-    """'auto' -> 'triton' (the engine's own kernel, ``recurrence.py``) on CUDA when triton imports, else 'torch'.
+    """'auto' -> 'mixer' on CUDA when triton imports (the whole GDN mixer in one Triton kernel, ``mixer.py``; layers
+    without fused projections take the 'triton' recurrence), or 'triton' (the engine's own recurrence kernel,
+    ``recurrence.py``) when ``MIXER_DEFAULT`` is off or ``FLARECTL_ENGINE_MIXER=0``; else 'torch'.
     'fla': fla's fused recurrent kernel plus a ``where`` commit pass (the earlier default)."""
     if kernel != "auto":
-        if kernel not in ("torch", "fla", "triton"):
-            raise ValueError(f"gdn kernel must be auto, torch, fla or triton; got {kernel!r}")
+        if kernel not in GDN_KERNELS:
+            raise ValueError(f"gdn kernel must be one of {GDN_KERNELS}; got {kernel!r}")
         return kernel
     if device.type != "cuda":
         return "torch"
@@ -173,7 +181,92 @@ def resolve_gdn_kernel(kernel: str, device: torch.device) -> str:
         import triton  # noqa: F401
     except Exception:  # noqa: BLE001 - triton missing or broken: the torch recurrence is always there
         return "torch"
-    return "triton"
+    env = os.environ.get("FLARECTL_ENGINE_MIXER")
+    on = MIXER_DEFAULT if env is None else env.strip().lower() not in ("0", "false", "no", "off", "")
+    return "mixer" if on else "triton"
+
+
+# -- the whole GDN mixer (conv, gates, recurrence, gated norm) as one op ---------------------------------------------
+
+def gdn_mixer_chain(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv, counts,
+                    commit, wc: int, H: int, HV: int, K: int, V: int, eps: float, kernel: str = "torch"):
+    """The static step's GDN mixer as a chain of torch ops (the reference twin of ``gdn_mixer``; ``gdn_block``'s
+    chain with its recurrence ``kernel``). proj [C, W, 2HK + HV*V | HV*V (z) | HV (b) | HV (a)] -> [C, W, HV*V]."""
+    C, W, _ = proj.shape
+    wc = int(wc)
+    ww = W - wc
+    dt = torch.promote_types(proj.dtype, torch.float32)
+    key_dim, value_dim = H * K, HV * V
+    mixed, z, b, a = proj.split([2 * key_dim + value_dim, value_dim, HV, HV], -1)
+    beta = b.sigmoid()
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias)  # as gdn._gates
+    g, beta = g.to(dt), beta.to(dt)
+    span = conv.shape[-1]
+    ctx = torch.cat([conv.transpose(1, 2).to(mixed.dtype), mixed[:, :wc]], 1)  # [C, k-1+Wc, D]
+    idx = counts[:, None] + torch.arange(span, device=proj.device)[None]
+    left = ctx.gather(1, idx[:, :, None].expand(-1, -1, ctx.shape[-1]))  # conv context after the clean tokens
+    scale = K ** -0.5
+
+    def heads(y):
+        q, k, v = torch.split(y, [key_dim, key_dim, value_dim], dim=-1)
+        lead = y.shape[:-1]
+        return q.reshape(*lead, H, K), k.reshape(*lead, H, K), v.reshape(*lead, HV, V)
+
+    q, k, v = heads(_conv_taps(ctx, conv_w, conv_b, wc, dt))
+    real = (torch.arange(wc, device=proj.device)[None] < counts[:, None])[..., None]  # [C, Wc, 1]
+    gc, bc = g[:, :wc] * real, beta[:, :wc] * real  # padding: decay 1, no write
+    core = gdn_recurrence_commit(q.contiguous(), k.contiguous(), v.contiguous(), gc, bc, state, last_state, commit,
+                                 scale, kernel)
+    if ww:
+        qn, kn, vn = heads(_conv_taps(torch.cat([left, mixed[:, wc:]], 1), conv_w, conv_b, ww, dt))
+        o_win = gdn_recurrence_from(qn.contiguous(), kn.contiguous(), vn.contiguous(), g[:, wc:].contiguous(),
+                                    beta[:, wc:].contiguous(), state, last_state, commit, scale, kernel)
+        core = torch.cat([core, o_win], 1)
+    last_conv.copy_(left.transpose(1, 2))
+    conv.copy_(torch.where(commit[:, None, None], last_conv, conv))
+    o = core.reshape(-1, V).to(proj.dtype).float()  # gated RMSNorm with z: HF's RMSNormGated
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps)
+    o = norm_w * o.to(proj.dtype)
+    o = o * F.silu(z.reshape(-1, V).float())
+    return o.to(proj.dtype).reshape(C, W, value_dim)
+
+
+@torch.library.custom_op("flarectl::gdn_mixer", mutates_args=("state", "conv", "last_state", "last_conv"))
+def gdn_mixer(proj: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor | None, A_log: torch.Tensor,
+              dt_bias: torch.Tensor, norm_w: torch.Tensor, state: torch.Tensor, conv: torch.Tensor,
+              last_state: torch.Tensor, last_conv: torch.Tensor, counts: torch.Tensor, commit: torch.Tensor,
+              wc: int, H: int, HV: int, K: int, V: int, eps: float) -> torch.Tensor:
+    """A GDN layer's mixer over the step's tokens, from the fused input projection's output ``proj`` [C, W, N]
+    (per token [q k v (2HK + HV*V) | z (HV*V) | b (HV) | a (HV)]) to the out_proj input [C, W, HV*V] (proj's
+    dtype): causal conv (``conv_w`` [D, S+1], ``conv_b``) over the conv state [C, D, S] and the clean tokens, the
+    window's over the conv context after each row's ``counts`` clean tokens; SiLU; g, beta from a / ``A_log`` /
+    ``dt_bias`` and b; q/k L2 norm and scale K^-0.5; the gated delta rule (padding clean tokens: identity), its
+    state after the clean tokens into ``state`` (rows with ``commit``) or ``last_state`` (others), the conv
+    context after them into ``last_conv`` and, for committing rows, ``conv``; RMSNormGated(o, z) with ``norm_w``,
+    ``eps``. The Triton kernel (``mixer.py``) on CUDA or under Triton's interpreter, else the torch chain
+    (``gdn_mixer_chain``)."""
+    from flarectl.engine import recurrence
+
+    if recurrence.applies(proj.device):
+        from flarectl.engine import mixer
+
+        return mixer.launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv,
+                            counts, commit, wc, H, HV, K, V, eps)
+    return gdn_mixer_chain(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv,
+                           counts, commit, wc, H, HV, K, V, eps)
+
+
+@gdn_mixer.register_fake
+def _(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv, counts, commit, wc, H, HV,
+      K, V, eps):
+    return proj.new_empty(proj.shape[0], proj.shape[1], HV * V)
+
+
+def mixer_applies(module, w_in) -> bool:
+    """The one-kernel mixer needs the fused input projection and HF's RMSNormGated (weight, variance_epsilon)."""
+    norm = getattr(module, "norm", None)
+    return (w_in is not None and norm is not None and type(norm).__name__.endswith("RMSNormGated")
+            and getattr(norm, "activation", "silu") == "silu" and hasattr(norm, "variance_epsilon"))
 
 
 def resolve_compile(compile: bool | None, device: torch.device) -> bool:
@@ -247,6 +340,18 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
     GEMM's weight before each of the layer's four GEMMs (``_pf``), or None."""
     module = layer.linear_attn
     x = layer.input_layernorm(hidden)
+    if kernel == "mixer" and mixer_applies(module, w_in):  # the whole mixer as one op (one Triton kernel on CUDA)
+        _pf(x, pf, 0)
+        proj = linear(x, w_in, gemv)
+        normed = gdn_mixer(proj, module.conv1d.weight.squeeze(1), module.conv1d.bias, module.A_log, module.dt_bias,
+                           module.norm.weight, state, conv, last_state, last_conv, counts, commit, wc,
+                           module.num_k_heads, module.num_v_heads, module.head_k_dim, module.head_v_dim,
+                           float(module.norm.variance_epsilon))
+        _pf(normed, pf, 1)
+        hidden = hidden + module_linear(normed, module.out_proj, w_out, gemv)
+        return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf)
+    if kernel == "mixer":
+        kernel = "triton" if x.device.type == "cuda" else "torch"
     width = x.shape[1]
     ww = width - wc
     dt = torch.promote_types(x.dtype, torch.float32)

@@ -26,7 +26,10 @@ from pathlib import Path
 import torch
 
 VARIANTS = {"before": dict(gdn_kernel="fla", gemv=False), "gemv": dict(gdn_kernel="fla", gemv=True),
-            "triton-rec": dict(gdn_kernel="triton", gemv=False), "both": dict(gdn_kernel="triton", gemv=True)}
+            "triton-rec": dict(gdn_kernel="triton", gemv=False), "both": dict(gdn_kernel="triton", gemv=True),
+            # session 7: the whole GDN mixer (conv, gates, recurrence, gated norm) in one Triton kernel
+            "mixer": dict(gdn_kernel="mixer", gemv=True), "both2": dict(gdn_kernel="triton", gemv=True),
+            "mixer2": dict(gdn_kernel="mixer", gemv=True)}
 
 
 def log(*a):
@@ -168,6 +171,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--skip", default="", help="comma list of: gemm,steps,profile,serving")
+    ap.add_argument("--variants", default="before,gemv,triton-rec,both", help="step variants, in this order "
+                    "(logits compared with the first)")
+    ap.add_argument("--profile", default="before,both", help="variants profiled (ungraphed, compiled)")
     a = ap.parse_args()
     skip = set(a.skip.split(","))
     from flarectl.engine import bench
@@ -192,7 +198,8 @@ def main():
     base = None
     res["steps"] = {}
     if "steps" not in skip:
-        for name, kw in VARIANTS.items():
+        for name in a.variants.split(","):
+            kw = VARIANTS[name]
             r = {}
             for commit in (False, True):
                 wall, rep, setup, logits, be = step_times(model, commit, **kw)
@@ -213,7 +220,7 @@ def main():
 
     if "profile" not in skip:
         res["profile"] = {}
-        for name in ("before", "both"):
+        for name in a.profile.split(","):
             p = profile_step(model, **VARIANTS[name])
             res["profile"][name] = p
             log(f"profile {name}: {p['kernels']} kernels, {p['kernel_ms']:.3f} ms summed")

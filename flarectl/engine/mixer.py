@@ -1,0 +1,185 @@
+"""The static step's whole GDN mixer in one Triton kernel (issue 6, lever B: fewer kernels per layer).
+
+Between the fused input projection GEMM (``proj`` = [qkv | z | b | a] per token) and the output projection GEMM, the
+step used to run the conv-context gather and commit, the depthwise causal conv + SiLU, the gates, the recurrence
+(``recurrence.py``) and the gated RMSNorm as several kernels per layer (inductor's fusions plus the recurrence). Here
+one program per (row, k-head) does all of it for the step's tokens: the short causal conv over the conv state and the
+clean tokens (window tokens over the conv context after each row's clean tokens), SiLU, g = -exp(A_log) *
+softplus(a + dt_bias) and beta = sigmoid(b) (padding clean tokens: decay 1, beta 0), q/k L2 norm (eps 1e-6) and
+scale, the gated delta rule with the state after the clean tokens stored where it belongs (the cache ``state`` for
+rows that commit, ``last_state`` for the others — as ``recurrence.py``), the window continuing from it, and
+norm(o) * silu(z) with the RMSNormGated weight; the conv context after the clean tokens goes to ``last_conv`` (all
+rows) and ``conv`` (rows that commit). A program owns its q/k channels and its v-heads' channels (HV/H v-heads, one
+after the other), so the in-place conv-state commit races with nothing. One program holds a whole [K, V] state (the
+gated norm needs all V columns of a head): C*H programs.
+
+Same arithmetic and roundings as the torch chain (``static_step.gdn_mixer_chain``, the reference twin: conv in fp32
+from inputs in the projection's dtype, beta rounded to it, o rounded to it before the norm, as HF's RMSNormGated).
+Launch: ``launch(...)``; op: ``static_step.gdn_mixer``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAN_FILL = False
+"""Tests: the output allocated NaN-filled, so unwritten elements fail."""
+
+NUM_WARPS: int | None = None
+"""None: 4 warps for states up to 4096 elements, else 8."""
+
+_KERNEL = None
+
+
+def _kernel():
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _ctx(proj_row, conv_row, ch, mask, m, s_pt, S: tl.constexpr):
+        # The conv context at index m (a scalar: < S the conv state, else token m - S of proj) for channels ch,
+        # in proj's dtype, as fp32. The flag is broadcast to the block before it enters a mask (Triton 3.9).
+        mb = tl.zeros_like(ch) + m
+        xc = tl.load(conv_row + ch * S + tl.minimum(m, S - 1), mask=mask & (mb < S), other=0.0)
+        xp = tl.load(proj_row + tl.maximum(m - S, 0) * s_pt + ch, mask=mask & (mb >= S), other=0.0)
+        return xc.to(proj_row.dtype.element_ty).to(tl.float32) + xp.to(tl.float32)
+
+    @triton.jit
+    def _conv_silu(proj_row, conv_row, cw, cb, ch, mask, t, wc, cnt, s_pt,
+                   S: tl.constexpr, HAS_BIAS: tl.constexpr):
+        acc = tl.zeros_like(ch).to(tl.float32)
+        for p in tl.static_range(S + 1):
+            # clean token t: context t + p; window token t: its context starts at the row's clean-end context
+            i = t - wc + p
+            m = tl.where((t >= wc) & (i < S), cnt + i, t + p)
+            x = _ctx(proj_row, conv_row, ch, mask, m, s_pt, S)
+            w = tl.load(cw + ch * (S + 1) + p, mask=mask, other=0.0).to(tl.float32)
+            if p == 0:
+                acc = x * w
+            else:
+                acc = acc + x * w
+        if HAS_BIAS:
+            acc = acc + tl.load(cb + ch, mask=mask, other=0.0).to(tl.float32)
+        return acc / (1.0 + tl.exp(-acc))
+
+    @triton.jit
+    def _commit_conv(proj_row, conv_row, lconv_row, ch, mask, cnt, flag, s_pt,
+                     S: tl.constexpr, BS: tl.constexpr):
+        # conv context after the clean tokens (ctx[cnt : cnt + S]) -> last_conv (all rows), conv (committing rows)
+        o_s = tl.arange(0, BS)
+        mb = cnt + o_s[:, None] + tl.zeros_like(ch)[None, :]
+        m2 = (o_s < S)[:, None] & mask[None, :]
+        xc = tl.load(conv_row + ch[None, :] * S + tl.minimum(mb, S - 1), mask=m2 & (mb < S), other=0.0)
+        xp = tl.load(proj_row + tl.maximum(mb - S, 0) * s_pt + ch[None, :], mask=m2 & (mb >= S), other=0.0)
+        left = xc.to(proj_row.dtype.element_ty) + xp
+        tl.debug_barrier()  # every read of the old conv state before any write of the new one
+        dst = ch[None, :] * S + o_s[:, None]
+        tl.store(lconv_row + dst, left.to(lconv_row.dtype.element_ty), mask=m2)
+        flag2 = tl.zeros_like(mb) + flag
+        tl.store(conv_row + dst, left.to(conv_row.dtype.element_ty), mask=m2 & (flag2 != 0))
+
+    # the helpers as module globals: a jitted function resolves the functions it calls through its globals
+    globals().update(_ctx=_ctx, _conv_silu=_conv_silu, _commit_conv=_commit_conv)
+
+    @triton.jit
+    def gdn_mixer_kernel(proj, cw, cb, A_log, dt_bias, nw, out, state, last, conv, lconv, counts, commit,
+                         scale, eps, W, wc, s_pc, s_pt, s_oc, s_ot,
+                         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, S: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         ROUND_PROD: tl.constexpr):
+        pid = tl.program_id(0)
+        i_n, i_h = pid // H, pid % H
+        R: tl.constexpr = HV // H
+        D: tl.constexpr = 2 * H * K + HV * V
+        cnt = tl.load(counts + i_n).to(tl.int32)
+        flag = tl.load(commit + i_n).to(tl.int32)
+        o_k = tl.arange(0, BK)
+        o_v = tl.arange(0, BV)
+        mask_k, mask_v = o_k < K, o_v < V
+        mask_h = mask_k[:, None] & mask_v[None, :]
+        flag_h = tl.zeros([BK, BV], dtype=tl.int32) + flag
+        c_h, nc_h = mask_h & (flag_h != 0), mask_h & (flag_h == 0)
+        proj_row = proj + i_n.to(tl.int64) * s_pc
+        conv_row = conv + i_n.to(tl.int64) * D * S
+        lconv_row = lconv + i_n.to(tl.int64) * D * S
+        ch_q = i_h * K + o_k
+        ch_k = H * K + i_h * K + o_k
+        nwv = tl.load(nw + o_v, mask=mask_v, other=0.0)
+        for j in range(R):
+            hv = i_h * R + j
+            ch_v = 2 * H * K + hv * V + o_v
+            off_h = (i_n * HV + hv).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+            h = tl.load(state + off_h, mask=mask_h, other=0.0).to(tl.float32)
+            neg_a = -tl.exp(tl.load(A_log + hv).to(tl.float32))
+            dtb = tl.load(dt_bias + hv).to(tl.float32)
+            if wc == 0:  # no clean token: the state moves to ``last`` for the rows that do not commit
+                tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
+                tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
+            for t in range(W):
+                b_q = _conv_silu(proj_row, conv_row, cw, cb, ch_q, mask_k, t, wc, cnt, s_pt, S, HAS_BIAS)
+                b_k = _conv_silu(proj_row, conv_row, cw, cb, ch_k, mask_k, t, wc, cnt, s_pt, S, HAS_BIAS)
+                b_v = _conv_silu(proj_row, conv_row, cw, cb, ch_v, mask_v, t, wc, cnt, s_pt, S, HAS_BIAS)
+                b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6) * scale
+                b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+                p_tok = proj_row + t * s_pt
+                b_raw = tl.load(p_tok + D + HV * V + hv).to(tl.float32)
+                beta = (1.0 / (1.0 + tl.exp(-b_raw))).to(proj.dtype.element_ty).to(tl.float32)
+                xa = tl.load(p_tok + D + HV * V + HV + hv).to(tl.float32) + dtb
+                g = neg_a * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
+                real = tl.where((t >= wc) | (t < cnt), 1.0, 0.0)  # padding clean token: decay 1, no write
+                g = g * real
+                beta = beta * real
+                h *= tl.exp(g)
+                b_v = beta * (b_v - tl.sum(h * b_k[:, None], 0))
+                h += b_k[:, None] * b_v[None, :]
+                o = tl.sum(h * b_q[:, None], 0)
+                if t == wc - 1:  # the state after the clean tokens: cache (commit) or ``last`` (not)
+                    tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
+                    tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
+                # gated RMSNorm (HF RMSNormGated): o in proj's dtype, normed, rounded, * weight, * silu(z)
+                o = o.to(proj.dtype.element_ty).to(tl.float32)
+                var = tl.sum(o * o) / V
+                y = (o * tl.rsqrt(var + eps)).to(proj.dtype.element_ty).to(tl.float32)
+                y = y * nwv.to(tl.float32)
+                if ROUND_PROD:
+                    y = y.to(proj.dtype.element_ty).to(tl.float32)
+                z = tl.load(p_tok + D + hv * V + o_v, mask=mask_v, other=0.0).to(tl.float32)
+                y = y * (z / (1.0 + tl.exp(-z)))
+                p_o = out + i_n.to(tl.int64) * s_oc + t * s_ot + hv * V + o_v
+                tl.store(p_o, y.to(out.dtype.element_ty), mask=mask_v)
+            _commit_conv(proj_row, conv_row, lconv_row, ch_v, mask_v, cnt, flag, s_pt, S, BS)
+        _commit_conv(proj_row, conv_row, lconv_row, ch_q, mask_k, cnt, flag, s_pt, S, BS)
+        _commit_conv(proj_row, conv_row, lconv_row, ch_k, mask_k, cnt, flag, s_pt, S, BS)
+
+    _KERNEL = gdn_mixer_kernel
+    return _KERNEL
+
+
+def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv, counts, commit,
+           wc: int, H: int, HV: int, K: int, V: int, eps: float) -> torch.Tensor:
+    """See ``static_step.gdn_mixer``. proj [C, W, 2HK + 2HV*V + 2HV] (last stride 1); conv / last_conv [C, D, S]
+    and state / last_state [C, HV, K, V] contiguous. Returns [C, W, HV*V] in proj's dtype."""
+    import triton
+
+    C, W, _ = proj.shape
+    if proj.stride(-1) != 1:
+        proj = proj.contiguous()
+    for t in (state, conv, last_state, last_conv):
+        assert t.is_contiguous()
+    S = conv.shape[-1]
+    out = torch.empty(C, W, HV * V, device=proj.device, dtype=proj.dtype)
+    if NAN_FILL and out.is_floating_point():
+        out.fill_(float("nan"))
+    bk, bv = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    warps = NUM_WARPS or (4 if bk * bv <= 4096 else 8)
+    round_prod = torch.promote_types(norm_w.dtype, proj.dtype) == proj.dtype
+    cb = conv_b if conv_b is not None else conv_w
+    _kernel()[(C * H,)](
+        proj, conv_w.contiguous(), cb, A_log, dt_bias, norm_w, out, state, last_state, conv, last_conv,
+        counts, commit, K ** -0.5, eps, W, wc, proj.stride(0), proj.stride(1), out.stride(0), out.stride(1),
+        H=H, HV=HV, K=K, V=V, S=S, BK=bk, BV=bv, BS=triton.next_power_of_2(max(S, 1)),
+        HAS_BIAS=conv_b is not None, ROUND_PROD=round_prod, num_warps=warps)
+    return out
