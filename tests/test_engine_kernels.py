@@ -507,12 +507,13 @@ else:
         from flarectl.models.loading import load_model
 
         m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
-        backends = [SlotBackend(m, 4, 64, gdn_kernel="mixer", fuse=True, gemv=False),
-                    SlotBackend(m, 4, 64, gdn_kernel="torch", fuse=True, gemv=False), AdapterBackend(m, 4, 64)]
+        backends = [SlotBackend(m, 4, 64, gdn_kernel=k, fuse=True, gemv=False) for k in ("torch", "torch")]
+        backends.append(AdapterBackend(m, 4, 64))
         for b in backends:
             b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
+        backends[0].eager.recurrence = "mixer"  # after the prefill (64-token chunks: slow when interpreted)
         g = torch.Generator().manual_seed(3)
-        for wc, ww in [(1, 0), (0, 2), (2, 2), (1, 0)]:
+        for wc, ww in [(2, 1), (1, 0)]:  # (window only: the kernel tests, wc 0; interpreted steps are slow)
             ids = torch.randint(0, 250, (4, wc + ww), generator=g)
             counts = torch.randint(0 if ww else 1, wc + 1, (4,), generator=g) if wc else torch.zeros(4).long()
             wlen = torch.full((4,), ww)

@@ -162,14 +162,16 @@ def _(q, k, v, g, beta, state, last, commit, scale, kernel):
 
 GDN_KERNELS = ("auto", "torch", "fla", "triton", "mixer")
 
-MIXER_DEFAULT = True
-"""Whether 'auto' picks 'mixer' on CUDA (env ``FLARECTL_ENGINE_MIXER=0`` turns it off: 'triton' then)."""
+MIXER_DEFAULT = False
+"""Whether 'auto' picks 'mixer' on CUDA (env ``FLARECTL_ENGINE_MIXER=1`` / ``0`` overrides). Off: on the H100
+(session 7, run 7) the one-kernel mixer made the AR step faster (2.51 -> 2.35 ms at C=8) but its bf16 logits are
+not bitwise those of the default chain (rel 3.9e-2, argmax equal; fp32 equal to 1e-5 / the adapter path)."""
 
 
 def resolve_gdn_kernel(kernel: str, device: torch.device) -> str:
-    """'auto' -> 'mixer' on CUDA when triton imports (the whole GDN mixer in one Triton kernel, ``mixer.py``; layers
-    without fused projections take the 'triton' recurrence), or 'triton' (the engine's own recurrence kernel,
-    ``recurrence.py``) when ``MIXER_DEFAULT`` is off or ``FLARECTL_ENGINE_MIXER=0``; else 'torch'.
+    """'auto' -> on CUDA when triton imports: 'triton' (the engine's own recurrence kernel, ``recurrence.py``), or
+    'mixer' (the whole GDN mixer in one Triton kernel, ``mixer.py``; layers without fused projections take the
+    'triton' recurrence) when ``MIXER_DEFAULT`` is on or ``FLARECTL_ENGINE_MIXER=1``; else 'torch'.
     'fla': fla's fused recurrent kernel plus a ``where`` commit pass (the earlier default)."""
     if kernel != "auto":
         if kernel not in GDN_KERNELS:
