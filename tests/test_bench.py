@@ -49,7 +49,7 @@ def test_step_cost_cli(tmp_path):
     (["--concurrency", "a"], "comma-separated integers"),
     (["--prompts", "/nonexistent.txt"], "--prompts must be"),
     (["--threshold", "2"], "--threshold"),
-    (["--gdn-kernel", "cuda"], "--gdn-kernel must be one of auto, triton, fla, torch"),
+    (["--gdn-kernel", "cuda"], "--gdn-kernel must be one of auto, triton, mixer, fla, torch"),
     (["--gdn-kernel", "triton,fla"], "a comma list with --step-cost"),
 ])
 def test_bad_options_are_one_line_errors(args, message):
