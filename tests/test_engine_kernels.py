@@ -68,6 +68,27 @@ if not CHILD:
         ref = (xb.float() @ wb.float().t()).bfloat16()
         assert torch.equal(gemv.skinny_linear_reference(xb, wb), ref)
 
+    def test_fused_op_registration_and_cpu_twin(monkeypatch):
+        """``flarectl::skinny_linear_fused`` passes opcheck (both fusions, residual or None); on CPU without the
+        interpreter it is the twin: residual + (silu(gate) * up) @ w^T with eager torch's roundings."""
+        import torch.nn.functional as F
+
+        x, w, r = torch.randn(3, 16), torch.randn(5, 8), torch.randn(3, 5)
+        torch.library.opcheck(gemv.skinny_linear_fused, (x, w, r, True))
+        torch.library.opcheck(gemv.skinny_linear_fused, (x[:, :8].contiguous(), w, None, False))
+        torch.testing.assert_close(gemv.skinny_linear_fused(x, w, r, True), r + (F.silu(x[:, :8]) * x[:, 8:]) @ w.t())
+        xb, wb, rb = x.bfloat16(), w.bfloat16(), r.bfloat16()
+        hb = F.silu(xb[:, :8]) * xb[:, 8:]
+        assert torch.equal(gemv.skinny_linear_fused_reference(xb, wb, rb, True),
+                           rb + (hb.float() @ wb.float().t()).bfloat16())
+        assert gemv.fused_applies(x, w, True) and not gemv.fused_applies(x, w, False)
+        assert not gemv.fused_applies(torch.randn(17, 16), w, True) and not gemv.fused_applies(x, None, True)
+        assert gemv.resolve_fuse_down(None, True) == gemv.FUSE_DOWN_DEFAULT and not gemv.resolve_fuse_down(None, False)
+        monkeypatch.setenv("FLARECTL_ENGINE_FUSE_DOWN", "1")
+        assert gemv.resolve_fuse_down(None, True) and not gemv.resolve_fuse_down(None, False)
+        monkeypatch.setenv("FLARECTL_ENGINE_FUSE_DOWN", "0")
+        assert not gemv.resolve_fuse_down(None, True) and gemv.resolve_fuse_down(True, False)
+
     def test_dispatch_rules():
         """``linear`` takes the kernel only for <= MAX_ROWS rows of bf16/fp16/fp32 on CUDA (or interpreted);
         everything else is F.linear, same values."""
@@ -188,22 +209,30 @@ if not CHILD:
             resolve_gdn_kernel("nope", torch.device("cpu"))
 
     @pytest.mark.gpu
+    @pytest.mark.parametrize("v_block", [None, 32])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    def test_mixer_kernel_on_cuda_matches_twin(dtype):
+    def test_mixer_kernel_on_cuda_matches_twin(dtype, v_block):
         """The one-kernel mixer on CUDA at the Qwen3.5-2B GDN shape (H = HV = 16, K = V = 128, C = 8) == the torch
-        chain: AR (W 1) and clean + window (W 5, wc 3) steps; NaN-filled output."""
+        chain: AR (W 1) and clean + window (W 5, wc 3) steps; NaN-filled output; whole states or 32-column blocks
+        (the group's last program norms; counters back at zero, repeated launches give the same bits)."""
         if not torch.cuda.is_available():
             pytest.skip("no CUDA")
+        import functools
+
         from flarectl.engine import mixer
         from flarectl.engine.static_step import gdn_mixer_chain
 
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         mixer.NAN_FILL = True
+        launch = functools.partial(mixer.launch, v_block=v_block)
         try:
             for W, wc in ((1, 1), (5, 3)):
                 a = _mixer_problem(W, 8, W, wc, 16, 16, 128, 128, 3, False, dtype, "cuda")
                 a["state"] = a["state"].float()
-                got = _run_mixer(mixer.launch, a, wc, 16, 16, 128, 128)
+                got = _run_mixer(launch, a, wc, 16, 16, 128, 128)
+                again = _run_mixer(launch, a, wc, 16, 16, 128, 128)
+                assert all(torch.equal(u.nan_to_num(), v.nan_to_num()) for u, v in zip(got, again))  # deterministic
+                assert not gemv.arrival_counters(torch.device("cuda"), 1).any()
                 ref = _run_mixer(gdn_mixer_chain, a, wc, 16, 16, 128, 128)
                 c = a["commit"]
                 assert not got[0].isnan().any()
@@ -343,6 +372,32 @@ if not CHILD:
         finally:
             gemv.NAN_FILL = False
 
+    @pytest.mark.gpu
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    def test_fused_kernel_on_cuda_matches_twin(dtype):
+        """``launch_fused`` at the Qwen3.5-2B down projection (M 8, N 2048, K 6144) and an odd shape: split-K
+        finished in-kernel (8 and 4 splits) and one pass == the twin, the same bits on a repeat, counters back at zero; the
+        tuned op too."""
+        gemv.NAN_FILL = True
+        try:
+            g = torch.Generator(device="cuda").manual_seed(1)
+            for M, N, K in [(8, 2048, 6144), (3, 513, 777)]:
+                x = torch.randn(M, 2 * K, device="cuda", generator=g).to(dtype)
+                w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).to(dtype)
+                r = torch.randn(M, N, device="cuda", generator=g).to(dtype)
+                ref = gemv.skinny_linear_fused_reference(x, w, r, True).float()
+                tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+                for cfg in (gemv.Config(128, 128, 8), gemv.Config(32, 256, 4, 8, 3), gemv.Config(16, 128, 1)):
+                    y = gemv.launch_fused(x, w, r, True, cfg)
+                    assert y.dtype == dtype and not y.isnan().any(), cfg
+                    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+                    assert torch.equal(y, gemv.launch_fused(x, w, r, True, cfg)), cfg
+                assert not gemv.arrival_counters(x.device, 1).any()
+                y = gemv.skinny_linear_fused(x, w, r, True)
+                torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+        finally:
+            gemv.NAN_FILL = False
+
 else:
     import triton.runtime.interpreter as _ti
 
@@ -393,6 +448,41 @@ else:
             gemv.split_plan = orig
         assert not torch.allclose(bad, x @ w.t(), rtol=1e-3, atol=1e-3)
 
+    @pytest.mark.parametrize("M,N,K", [(1, 17, 40), (3, 40, 70), (8, 33, 64), (16, 100, 300), (5, 7, 257)])
+    def test_fused_kernel_matches_twin(M, N, K):
+        """``launch_fused`` (one launch, split-K finished by the last split) == its twin for every config and both
+        fusions (silu(gate) * up prologue, residual epilogue), fp32 and bf16; NaN-filled outputs and partials; the
+        same bits on a repeat (fixed summation order); arrival counters back at zero."""
+        g = torch.Generator().manual_seed(M * 1000 + N + K)
+        x32, w32, r32 = torch.randn(M, 2 * K, generator=g), torch.randn(N, K, generator=g) / K ** 0.5, \
+            torch.randn(M, N, generator=g)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            w, r = w32.to(dtype), r32.to(dtype)
+            for swiglu in (True, False):
+                x = x32.to(dtype) if swiglu else x32[:, :K].to(dtype)
+                for res in (r, None):
+                    ref = gemv.skinny_linear_fused_reference(x, w, res, swiglu)
+                    for cfg in CONFIGS:
+                        y = gemv.launch_fused(x, w, res, swiglu, cfg)
+                        assert y.shape == (M, N) and y.dtype == dtype and not y.isnan().any(), cfg
+                        torch.testing.assert_close(y.float(), ref.float(), rtol=tol,
+                                                   atol=tol * max(1.0, float(ref.float().abs().max())))
+                        assert torch.equal(y, gemv.launch_fused(x, w, res, swiglu, cfg)), cfg
+        assert not gemv.arrival_counters(torch.device("cpu"), 1).any()
+
+    def test_fused_mutation_is_caught():
+        """The check has teeth: a fixup that skips the last split's partial fails it."""
+        x, w = torch.randn(4, 96), torch.randn(24, 96)
+        good = gemv.launch_fused(x, w, None, False, gemv.Config(16, 32, 3))
+        torch.testing.assert_close(good, x @ w.t(), rtol=1e-5, atol=1e-4)
+        orig = gemv.split_plan
+        try:
+            gemv.split_plan = lambda K, bk, split: (split - 1, -(-K // bk) // split * bk) if split > 1 else (1, K)
+            bad = gemv.launch_fused(x, w, None, False, gemv.Config(16, 32, 3))
+        finally:
+            gemv.split_plan = orig
+        assert not torch.allclose(bad, x @ w.t(), rtol=1e-3, atol=1e-3)
+
     def test_cublas_choice_dispatches_to_f_linear():
         """A shape whose tuning picked cuBLAS runs ``F.linear`` (no kernel launch)."""
         x, w = torch.randn(3, 24), torch.randn(5, 24)
@@ -415,20 +505,24 @@ else:
         torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-4)
 
     def test_static_step_with_gemv_equals_without():
-        """The engine step with the kernel in its projections and LM head == the step without (fp32 debug hybrid,
-        fused projections; AR-width steps take the kernel, wider ones fall back to F.linear)."""
+        """The engine step with the kernel in its projections and LM head (and, ``fuse_down``, each MLP's
+        activation, down projection and residual add in one launch) == the step without (fp32 debug
+        hybrid, fused projections; AR-width steps take the kernel, wider ones fall back to F.linear)."""
         from flarectl.engine.backends import SlotBackend
         from flarectl.models.loading import load_model
 
         m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
-        backends = [SlotBackend(m, 4, 64, fuse=True, gemv=True), SlotBackend(m, 4, 64, fuse=True, gemv=False)]
+        backends = [SlotBackend(m, 4, 64, fuse=True, gemv=True, fuse_down=True),
+                    SlotBackend(m, 4, 64, fuse=True, gemv=False)]
         assert backends[0].eager.gemv and not backends[1].eager.gemv
+        assert backends[0].eager.fuse_down and all(f.get("fuse_down") for f in backends[0].eager.fused.values())
         for b in backends:
             b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
         g = torch.Generator().manual_seed(0)
-        calls = []
-        orig = gemv.launch
+        calls, fused_calls = [], []
+        orig, orig_fused = gemv.launch, gemv.launch_fused
         gemv.launch = lambda *a, **k: calls.append(1) or orig(*a, **k)
+        gemv.launch_fused = lambda *a, **k: fused_calls.append(1) or orig_fused(*a, **k)
         try:
             for wc, ww in [(1, 0), (1, 0), (0, 4), (1, 3), (5, 0), (1, 0)]:
                 ids = torch.randint(0, 250, (4, wc + ww), generator=g)
@@ -440,8 +534,9 @@ else:
                     b.finish_step(None)
                 torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
         finally:
-            gemv.launch = orig
+            gemv.launch, gemv.launch_fused = orig, orig_fused
         assert calls, "the kernel never ran"
+        assert fused_calls, "the fused down projection never ran"
         assert torch.equal(backends[0].cache.lengths, backends[1].cache.lengths)
 
 
@@ -475,21 +570,28 @@ else:
         torch.testing.assert_close(ow, ref_w, rtol=1e-5, atol=1e-5)
         assert torch.equal(st[~commit], state[~commit])
 
-    MIXER_SHAPES = [  # C, W, wc, H, HV, K, V, S, bias
-        (3, 1, 1, 1, 1, 8, 8, 3, False), (4, 3, 2, 2, 4, 16, 8, 3, True), (2, 4, 0, 1, 2, 12, 24, 3, False),
-        (3, 5, 3, 1, 3, 8, 5, 2, True)]
+    MIXER_SHAPES = [  # C, W, wc, H, HV, K, V, S, bias, v_block
+        (3, 1, 1, 1, 1, 8, 8, 3, False, None), (4, 3, 2, 2, 4, 16, 8, 3, True, None),
+        (2, 4, 0, 1, 2, 12, 24, 3, False, None), (3, 5, 3, 1, 3, 8, 5, 2, True, None),
+        (3, 2, 1, 2, 2, 16, 16, 3, True, 8), (2, 3, 1, 1, 2, 8, 24, 3, False, 8), (3, 5, 3, 1, 3, 8, 5, 2, True, 4),
+        (2, 1, 1, 1, 1, 8, 8, 3, False, 4)]
 
-    @pytest.mark.parametrize("C,W,wc,H,HV,K,V,S,bias", MIXER_SHAPES)
-    def test_mixer_kernel_matches_twin(C, W, wc, H, HV, K, V, S, bias):
+    @pytest.mark.parametrize("C,W,wc,H,HV,K,V,S,bias,v_block", MIXER_SHAPES)
+    def test_mixer_kernel_matches_twin(C, W, wc, H, HV, K, V, S, bias, v_block):
         """The one-kernel mixer (``mixer.launch``, NaN-filled output) == the torch chain: the normed output, the
         cache state (new for committing rows, bitwise untouched for the others), ``last_state`` of the others,
-        the conv state and ``last_conv``; odd K/V (masked lanes), HV = 1..3 x H, padding, window only (wc 0)."""
+        the conv state and ``last_conv``; odd K/V (masked lanes), HV = 1..3 x H, padding, window only (wc 0);
+        ``v_block``: the state's columns split over programs (the group's last program norms and commits q/k;
+        its arrival counters are left at zero for the next launch)."""
+        import functools
+
         from flarectl.engine import mixer
         from flarectl.engine.static_step import gdn_mixer_chain
 
         mixer.NAN_FILL = True
         a = _mixer_problem(C * 7 + W, C, W, wc, H, HV, K, V, S, bias)
-        got = _run_mixer(mixer.launch, a, wc, H, HV, K, V)
+        got = _run_mixer(functools.partial(mixer.launch, v_block=v_block), a, wc, H, HV, K, V)
+        assert not gemv.arrival_counters(torch.device("cpu"), 1).any()
         ref = _run_mixer(gdn_mixer_chain, a, wc, H, HV, K, V)
         c = a["commit"]
         assert got[0].shape == (C, W, HV * V) and not got[0].isnan().any()
@@ -512,8 +614,12 @@ else:
         for b in backends:
             b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
         backends[0].eager.recurrence = "mixer"  # after the prefill (64-token chunks: slow when interpreted)
+        from flarectl.engine import mixer
+
+        default_block = mixer.V_BLOCK
         g = torch.Generator().manual_seed(3)
-        for wc, ww in [(2, 1), (1, 0)]:  # (window only: the kernel tests, wc 0; interpreted steps are slow)
+        for (wc, ww), mixer.V_BLOCK in [((2, 1), None), ((1, 0), 8)]:  # (window only: the kernel tests, wc 0;
+            # interpreted steps are slow); V_BLOCK 8: two programs per v-head (V 16), four per k-head (HV = 2H)
             ids = torch.randint(0, 250, (4, wc + ww), generator=g)
             counts = torch.randint(0 if ww else 1, wc + 1, (4,), generator=g) if wc else torch.zeros(4).long()
             wlen = torch.full((4,), ww)
@@ -528,6 +634,7 @@ else:
                 torch.testing.assert_close(outs[0][r, :c], outs[2][r, :c], rtol=1e-4, atol=1e-4)
                 torch.testing.assert_close(outs[0][r, wc:], outs[2][r, wc:], rtol=1e-4, atol=1e-4)
             assert torch.equal(backends[0].cache.lengths, backends[2].cache.lengths)
+        mixer.V_BLOCK = default_block
 
     def test_static_step_triton_recurrence_equals_adapter_path():
         """The engine step with the in-place-commit recurrence kernel == the adapter path (fp32 debug hybrid),

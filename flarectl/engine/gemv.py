@@ -81,9 +81,20 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, k_per_split,
+    def _finish(acc, y, res, offs, mask, RESIDUAL: tl.constexpr):
+        out = acc.to(y.dtype.element_ty)
+        if RESIDUAL:  # residual + y, both in y's dtype, as eager torch adds them
+            r = tl.load(res + offs, mask=mask, other=0.0)
+            out = (r.to(tl.float32) + out.to(tl.float32)).to(y.dtype.element_ty)
+        tl.store(y + offs, out, mask=mask)
+
+    globals()["_finish"] = _finish  # a jitted function resolves the functions it calls through its globals
+
+    @triton.jit
+    def gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, k_per_split, res, ws, counter, up_off,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                    EVEN_N: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                    EVEN_N: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                    SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         rm = tl.arange(0, BM)
@@ -106,6 +117,13 @@ def _kernels():
                 k_ok = (k0 + kk + rk) < K
                 a = tl.load(p_x, mask=m_mask & k_ok[None, :], other=0.0)
                 b = tl.load(p_w, mask=n_mask & k_ok[:, None], other=0.0)
+            if SWIGLU:  # x = [gate | up] (up at +up_off): silu(gate) * up, rounded as eager torch rounds them
+                if EVEN_K:
+                    u = tl.load(p_x + up_off, mask=m_mask, other=0.0)
+                else:
+                    u = tl.load(p_x + up_off, mask=m_mask & k_ok[None, :], other=0.0)
+                gf = a.to(tl.float32)
+                a = ((gf / (1.0 + tl.exp(-gf))).to(a.dtype).to(tl.float32) * u.to(tl.float32)).to(a.dtype)
             if UPCAST:  # the interpreter's bf16 dot is wrong: exact fp32 products of the same bf16 values instead
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             elif IEEE:
@@ -115,10 +133,23 @@ def _kernels():
             p_x += BK
             p_w += BK
         out_mask = m_mask & n_mask
+        offs = rm[:, None] * N + rn[None, :]
         if PARTIAL:  # fp32 partial of this K split: [SPLIT, M, N]
-            tl.store(y + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=out_mask)
+            tl.store(y + pid_s * M * N + offs, acc, mask=out_mask)
+        elif SPLIT > 1:
+            # Split-K in one launch: every split stores its fp32 partial; the split that arrives last at this
+            # column block's counter sums them all in split order (deterministic), finishes, and resets the counter.
+            tl.store(ws + pid_s * M * N + offs, acc, mask=out_mask)
+            tl.debug_barrier()  # every thread's partial stored before the (release) arrival
+            arrived = tl.atomic_add(counter + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                acc = tl.load(ws + offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                for s in tl.static_range(1, SPLIT):
+                    acc += tl.load(ws + s * M * N + offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                _finish(acc, y, res, offs, out_mask, RESIDUAL)
+                tl.atomic_xchg(counter + pid_n, 0)
         else:
-            tl.store(y + rm[:, None] * N + rn[None, :], acc.to(y.dtype.element_ty), mask=out_mask)
+            _finish(acc, y, res, offs, out_mask, RESIDUAL)
 
     @triton.jit
     def reduce_kernel(ws, y, total, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
@@ -146,6 +177,13 @@ def split_plan(K: int, bk: int, split: int) -> tuple[int, int]:
     return -(-K // per), per
 
 
+def _common(x: torch.Tensor, N: int, even_k: bool, cfg: Config) -> dict:
+    f32 = x.dtype == torch.float32
+    return dict(BM=16, BN=cfg.bn, BK=cfg.bk, EVEN_K=even_k, EVEN_N=N % cfg.bn == 0, IEEE=f32,
+                UPCAST=_interpreting() and not f32,
+                num_warps=cfg.warps, num_stages=min(cfg.stages, 2) if f32 else cfg.stages)  # fp32 tiles: 2x smem
+
+
 def launch(x: torch.Tensor, w: torch.Tensor, cfg: Config) -> torch.Tensor:
     """The kernel with one launch configuration: x [M, K] (M <= MAX_ROWS), w [N, K] -> [M, N] in x's dtype."""
     gemv_kernel, reduce_kernel = _kernels()
@@ -154,19 +192,52 @@ def launch(x: torch.Tensor, w: torch.Tensor, cfg: Config) -> torch.Tensor:
     N = w.shape[0]
     split, per = split_plan(K, cfg.bk, cfg.split)
     y = _empty((M, N), x.dtype, x.device)
-    even_k = split * per == K
     grid = (-(-N // cfg.bn), split)
-    f32 = x.dtype == torch.float32
-    common = dict(BM=16, BN=cfg.bn, BK=cfg.bk, EVEN_K=even_k, EVEN_N=N % cfg.bn == 0, IEEE=f32,
-                  UPCAST=_interpreting() and not f32,
-                  num_warps=cfg.warps, num_stages=min(cfg.stages, 2) if f32 else cfg.stages)  # fp32 tiles: 2x smem
+    common = _common(x, N, split * per == K, cfg)
     if split == 1:
-        gemv_kernel[grid](x, w, y, M, N, K, x.stride(0), w.stride(0), per, PARTIAL=False, **common)
+        gemv_kernel[grid](x, w, y, M, N, K, x.stride(0), w.stride(0), per, y, y, y, 0, PARTIAL=False, SWIGLU=False, RESIDUAL=False, SPLIT=1,
+                          **common)
         return y
     ws = _empty((split, M, N), torch.float32, x.device)
-    gemv_kernel[grid](x, w, ws, M, N, K, x.stride(0), w.stride(0), per, PARTIAL=True, **common)
+    gemv_kernel[grid](x, w, ws, M, N, K, x.stride(0), w.stride(0), per, ws, ws, ws, 0, PARTIAL=True, SWIGLU=False,
+                      RESIDUAL=False, SPLIT=1, **common)
     block = 1024
     reduce_kernel[(-(-M * N // block),)](ws, y, M * N, SPLIT=split, BLOCK=block, num_warps=4)
+    return y
+
+
+_COUNTERS: dict[str, list[torch.Tensor]] = {}
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``n`` arrival counters, kept for the process (and every buffer it ever
+    handed out kept alive: CUDA graphs hold their addresses). Each fused launch leaves its counters at zero again
+    (the last split resets them), so launches that follow one another on a stream, or in a graph, share it."""
+    bufs = _COUNTERS.setdefault(str(device), [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
+def launch_fused(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None, swiglu: bool,
+                 cfg: Config) -> torch.Tensor:
+    """One launch, split-K finished in the kernel (the last split of a column block sums the fp32 partials in split
+    order): x [M, K] (``swiglu``: [M, 2K] = [gate | up], the input is silu(gate) * up), w [N, K], ``residual``
+    [M, N] or None -> (residual +) input @ w^T, [M, N] in x's dtype."""
+    gemv_kernel, _ = _kernels()
+    x = x.contiguous()
+    M = x.shape[0]
+    K = x.shape[1] // 2 if swiglu else x.shape[1]
+    N = w.shape[0]
+    split, per = split_plan(K, cfg.bk, cfg.split)
+    y = _empty((M, N), x.dtype, x.device)
+    grid = (-(-N // cfg.bn), split)
+    ws = _empty((split, M, N), torch.float32, x.device) if split > 1 else y
+    counter = arrival_counters(x.device, grid[0]) if split > 1 else y
+    res = residual.contiguous() if residual is not None else y
+    gemv_kernel[grid](x, w, y, M, N, K, x.stride(0), w.stride(0), per, res, ws, counter, K if swiglu else 0,
+                      PARTIAL=False, SWIGLU=swiglu, RESIDUAL=residual is not None, SPLIT=split,
+                      **_common(x, N, split * per == K, cfg))
     return y
 
 
@@ -216,8 +287,8 @@ TIMINGS: dict[tuple, list[tuple[Config, float]]] = {}
 _FLUSH: dict[str, torch.Tensor] = {}
 
 
-def _key(x, w):
-    return (x.shape[0], w.shape[0], x.shape[1], str(x.dtype), str(x.device))
+def _key(x, w, variant: str = ""):
+    return (x.shape[0], w.shape[0], x.shape[1], str(x.dtype), str(x.device)) + ((variant,) if variant else ())
 
 
 def cold_ms(fn, device: torch.device, repeats: int = 10) -> float:
@@ -240,32 +311,45 @@ def cold_ms(fn, device: torch.device, repeats: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def tune(x: torch.Tensor, w: torch.Tensor, repeats: int = 10) -> Config:
-    """Time every candidate and ``F.linear`` (cuBLAS) L2-cold (``cold_ms``) and keep the fastest for this shape
-    (``CUBLAS`` if cuBLAS wins: then the op calls ``F.linear``)."""
-    key = _key(x, w)
-    M, K = x.shape
+def _variant(residual, swiglu: bool) -> str:
+    return ("swiglu" if swiglu else "") + ("+res" if residual is not None else "")
+
+
+def tune(x: torch.Tensor, w: torch.Tensor, repeats: int = 10, residual: torch.Tensor | None = None,
+         swiglu: bool = False) -> Config:
+    """Time every candidate and (plain products only) ``F.linear`` (cuBLAS) L2-cold (``cold_ms``) and keep the
+    fastest for this shape (``CUBLAS`` if cuBLAS wins: then the op calls ``F.linear``). Fused products
+    (``residual`` / ``swiglu``, ``launch_fused``) choose among the kernel's configurations."""
+    variant = _variant(residual, swiglu)
+    key = _key(x, w, variant)
+    M = x.shape[0]
+    K = x.shape[1] // 2 if swiglu else x.shape[1]
     N = w.shape[0]
-    results = [(CUBLAS, cold_ms(lambda: F.linear(x, w), x.device, repeats))]
+    results = [] if variant else [(CUBLAS, cold_ms(lambda: F.linear(x, w), x.device, repeats))]
     for cfg in candidates(M, N, K, x.device):
+        run = ((lambda: launch_fused(x, w, residual, swiglu, cfg)) if variant  # noqa: B023
+               else (lambda: launch(x, w, cfg)))  # noqa: B023
         try:
-            results.append((cfg, cold_ms(lambda: launch(x, w, cfg), x.device, repeats)))  # noqa: B023
+            results.append((cfg, cold_ms(run, x.device, repeats)))
         except Exception:  # noqa: BLE001 - a config that does not fit (resources): skip it
             continue
     TIMINGS[key] = results
     return min(results, key=lambda r: r[1])[0]
 
 
-def config_for(x: torch.Tensor, w: torch.Tensor) -> Config:
-    key = _key(x, w)
+def config_for(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
+               swiglu: bool = False) -> Config:
+    variant = _variant(residual, swiglu)
+    key = _key(x, w, variant)
     cfg = _CHOSEN.get(key)
     if cfg is not None:
         return cfg
-    M, K = x.shape
+    M = x.shape[0]
+    K = x.shape[1] // 2 if swiglu else x.shape[1]
     N = w.shape[0]
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if x.is_cuda and not capturing and os.environ.get("FLARECTL_GEMV_TUNE", "1") != "0":
-        cfg = tune(x, w)
+        cfg = tune(x, w, residual=residual, swiglu=swiglu)
     else:
         cfg = default_config(M, N, K, x.device)
     if not capturing:
@@ -293,12 +377,70 @@ def _(x, w):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
+def skinny_linear_fused_reference(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None,
+                                  swiglu: bool) -> torch.Tensor:
+    """The twin of ``skinny_linear_fused``: eager torch's roundings (silu(gate), then * up, in x's dtype; the
+    product as ``skinny_linear_reference``; residual + y in x's dtype)."""
+    if swiglu:
+        gate, up = x.chunk(2, -1)
+        x = F.silu(gate) * up
+    y = skinny_linear_reference(x, w)
+    return y if residual is None else residual + y
+
+
+@torch.library.custom_op("flarectl::skinny_linear_fused", mutates_args=())
+def skinny_linear_fused(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None,
+                        swiglu: bool) -> torch.Tensor:
+    """(residual +) (silu(gate) * up if ``swiglu`` else x) @ w^T in one kernel launch: x [M, K] or [M, 2K] =
+    [gate | up] (M <= MAX_ROWS), w [N, K], residual [M, N] or None -> [M, N] in x's dtype (an MLP's down
+    projection with its activation and the residual add: three kernels of the step become one). The Triton kernel
+    on CUDA or under the interpreter; ``skinny_linear_fused_reference`` elsewhere."""
+    if not (x.is_cuda or _interpreting()):
+        return skinny_linear_fused_reference(x, w, residual, swiglu)
+    x = x.contiguous()
+    return launch_fused(x, w, residual, swiglu, config_for(x, w, residual, swiglu))
+
+
+@skinny_linear_fused.register_fake
+def _(x, w, residual, swiglu):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, use_kernel: bool) -> torch.Tensor:
     """``F.linear(x, w)`` for x [..., K]; through ``skinny_linear`` when ``use_kernel`` and ``kernel_applies``
     (decided from shapes and dtypes: static under torch.compile)."""
     if use_kernel and kernel_applies(x, w):
         return skinny_linear(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
+
+
+def fused_applies(x: torch.Tensor, w: torch.Tensor | None, swiglu: bool) -> bool:
+    """Shapes and dtypes ``skinny_linear_fused`` takes: x [..., K] (``swiglu``: [..., 2K]) with at most MAX_ROWS
+    rows, w [N, K] of x's dtype (bf16/fp16/fp32) with unit stride along K, on x's device (CPU: the op's twin)."""
+    if w is None or x.shape[-1] == 0:
+        return False
+    rows = x.numel() // x.shape[-1]
+    k = x.shape[-1] // 2 if swiglu else x.shape[-1]
+    return (0 < rows <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and w.dtype == x.dtype and w.dim() == 2 and w.shape[1] == k and (not swiglu or x.shape[-1] == 2 * k)
+            and w.stride(1) == 1 and x.device == w.device)
+
+
+FUSE_DOWN_DEFAULT = False
+"""Off: on the H100 (session 6, runs 2-3) the fused down projection is slower than what the compiled step does
+instead (compiled silu * up -> cuBLAS split-K -> residual add: 15.3 us per layer in a graph of 24 distinct weights,
+against 16.1 us for the best of 64 kernel configurations; AR step 2.32 -> 2.40 ms)."""
+
+
+def resolve_fuse_down(fuse_down: bool | None, gemv: bool) -> bool:
+    """None -> ``FUSE_DOWN_DEFAULT`` where the skinny kernels are (``gemv``); env ``FLARECTL_ENGINE_FUSE_DOWN=1`` /
+    ``0`` overrides."""
+    if fuse_down is None:
+        env = os.environ.get("FLARECTL_ENGINE_FUSE_DOWN")
+        if env is not None:
+            return gemv and env.strip().lower() not in ("0", "false", "no", "off", "")
+        return gemv and FUSE_DOWN_DEFAULT
+    return bool(fuse_down)
 
 
 def plain_weight(module) -> torch.Tensor | None:

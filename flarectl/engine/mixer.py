@@ -3,15 +3,20 @@
 Between the fused input projection GEMM (``proj`` = [qkv | z | b | a] per token) and the output projection GEMM, the
 step used to run the conv-context gather and commit, the depthwise causal conv + SiLU, the gates, the recurrence
 (``recurrence.py``) and the gated RMSNorm as several kernels per layer (inductor's fusions plus the recurrence). Here
-one program per (row, k-head) does all of it for the step's tokens: the short causal conv over the conv state and the
-clean tokens (window tokens over the conv context after each row's clean tokens), SiLU, g = -exp(A_log) *
-softplus(a + dt_bias) and beta = sigmoid(b) (padding clean tokens: decay 1, beta 0), q/k L2 norm (eps 1e-6) and
-scale, the gated delta rule with the state after the clean tokens stored where it belongs (the cache ``state`` for
-rows that commit, ``last_state`` for the others — as ``recurrence.py``), the window continuing from it, and
-norm(o) * silu(z) with the RMSNormGated weight; the conv context after the clean tokens goes to ``last_conv`` (all
-rows) and ``conv`` (rows that commit). A program owns its q/k channels and its v-heads' channels (HV/H v-heads, one
-after the other), so the in-place conv-state commit races with nothing. One program holds a whole [K, V] state (the
-gated norm needs all V columns of a head): C*H programs.
+one kernel does all of it for the step's tokens: the short causal conv over the conv state and the clean tokens
+(window tokens over the conv context after each row's clean tokens), SiLU, g = -exp(A_log) * softplus(a + dt_bias)
+and beta = sigmoid(b) (padding clean tokens: decay 1, beta 0), q/k L2 norm (eps 1e-6) and scale, the gated delta
+rule with the state after the clean tokens stored where it belongs (the cache ``state`` for rows that commit,
+``last_state`` for the others — as ``recurrence.py``), the window continuing from it, and norm(o) * silu(z) with the
+RMSNormGated weight; the conv context after the clean tokens goes to ``last_conv`` (all rows) and ``conv`` (rows
+that commit).
+
+One program per (row, v-head, block of ``V_BLOCK`` state columns): it holds a [K, V_BLOCK] slice of the state, and
+its v channels are its own, so it commits their conv context in place. The G = (HV/H) x (V / V_BLOCK) programs of
+one (row, k-head) share the q/k channels, and the gated norm needs whole v-heads: each program stores o (rounded,
+before the norm), then arrives at the group's counter (``gemv.arrival_counters``, acquire/release); the last to
+arrive norms the group's heads in place and commits the q/k conv context (every other program's reads of it are
+done), then resets the counter for the next launch. With G = 1 the program does all of it itself.
 
 Same arithmetic and roundings as the torch chain (``static_step.gdn_mixer_chain``, the reference twin: conv in fp32
 from inputs in the projection's dtype, beta rounded to it, o rounded to it before the norm, as HF's RMSNormGated).
@@ -26,7 +31,13 @@ NAN_FILL = False
 """Tests: the output allocated NaN-filled, so unwritten elements fail."""
 
 NUM_WARPS: int | None = None
-"""None: 4 warps for states up to 4096 elements, else 8."""
+"""None: 4 warps for state blocks up to 4096 elements, else 8."""
+
+V_BLOCK: int | None = 32
+"""State columns (of V) per program (None: all V, one program per (row, v-head) holds its whole state). 32: on the
+H100 (session 6, run 2) the Qwen3.5-2B mixer (V 128) went from 14.3 to 10.3 us per layer and the AR step at C=8
+from 2.319 to 2.253 ms (CUDA-event replay): 512 programs of [128, 32] states hide their latencies, one [128, 128]
+state per SM did not."""
 
 _KERNEL = None
 
@@ -81,23 +92,41 @@ def _kernel():
         flag2 = tl.zeros_like(mb) + flag
         tl.store(conv_row + dst, left.to(conv_row.dtype.element_ty), mask=m2 & (flag2 != 0))
 
+    @triton.jit
+    def _gated_norm(o, z, nwv, eps, proj, V: tl.constexpr, ROUND_PROD: tl.constexpr):
+        # HF RMSNormGated on one head: o (fp32 values already rounded to proj's dtype) normed, rounded, * weight,
+        # (rounded if the product is in proj's dtype), * silu(z); fp32
+        var = tl.sum(o * o) / V
+        y = (o * tl.rsqrt(var + eps)).to(proj.dtype.element_ty).to(tl.float32)
+        y = y * nwv
+        if ROUND_PROD:
+            y = y.to(proj.dtype.element_ty).to(tl.float32)
+        return y * (z / (1.0 + tl.exp(-z)))
+
     # the helpers as module globals: a jitted function resolves the functions it calls through its globals
-    globals().update(_ctx=_ctx, _conv_silu=_conv_silu, _commit_conv=_commit_conv)
+    globals().update(_ctx=_ctx, _conv_silu=_conv_silu, _commit_conv=_commit_conv, _gated_norm=_gated_norm)
 
     @triton.jit
-    def gdn_mixer_kernel(proj, cw, cb, A_log, dt_bias, nw, out, state, last, conv, lconv, counts, commit,
+    def gdn_mixer_kernel(proj, cw, cb, A_log, dt_bias, nw, out, state, last, conv, lconv, counts, commit, counter,
                          scale, eps, W, wc, s_pc, s_pt, s_oc, s_ot,
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, S: tl.constexpr,
-                         BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         ROUND_PROD: tl.constexpr):
+                         BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BVF: tl.constexpr,
+                         BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_PROD: tl.constexpr):
+        # program (row n, k-head h, v-head r of the head's R, v-block vb of NV): G = R * NV programs share the
+        # q/k channels of (n, h); the last of them to arrive (``counter``) commits their conv context and, with
+        # NV > 1, applies the gated norm (it needs whole v-heads)
         pid = tl.program_id(0)
-        i_n, i_h = pid // H, pid % H
         R: tl.constexpr = HV // H
+        G: tl.constexpr = R * NV
+        i_nh = pid // G
+        j = pid % G
+        i_n, i_h = i_nh // H, i_nh % H
+        hv = i_h * R + j // NV
         D: tl.constexpr = 2 * H * K + HV * V
         cnt = tl.load(counts + i_n).to(tl.int32)
         flag = tl.load(commit + i_n).to(tl.int32)
         o_k = tl.arange(0, BK)
-        o_v = tl.arange(0, BV)
+        o_v = (j % NV) * BV + tl.arange(0, BV)
         mask_k, mask_v = o_k < K, o_v < V
         mask_h = mask_k[:, None] & mask_v[None, :]
         flag_h = tl.zeros([BK, BV], dtype=tl.int32) + flag
@@ -107,62 +136,80 @@ def _kernel():
         lconv_row = lconv + i_n.to(tl.int64) * D * S
         ch_q = i_h * K + o_k
         ch_k = H * K + i_h * K + o_k
-        nwv = tl.load(nw + o_v, mask=mask_v, other=0.0)
-        for j in range(R):
-            hv = i_h * R + j
-            ch_v = 2 * H * K + hv * V + o_v
-            off_h = (i_n * HV + hv).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-            h = tl.load(state + off_h, mask=mask_h, other=0.0).to(tl.float32)
-            neg_a = -tl.exp(tl.load(A_log + hv).to(tl.float32))
-            dtb = tl.load(dt_bias + hv).to(tl.float32)
-            if wc == 0:  # no clean token: the state moves to ``last`` for the rows that do not commit
+        nwv = tl.load(nw + o_v, mask=mask_v, other=0.0).to(tl.float32)
+        ch_v = 2 * H * K + hv * V + o_v
+        off_h = (i_n * HV + hv).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+        h = tl.load(state + off_h, mask=mask_h, other=0.0).to(tl.float32)
+        neg_a = -tl.exp(tl.load(A_log + hv).to(tl.float32))
+        dtb = tl.load(dt_bias + hv).to(tl.float32)
+        if wc == 0:  # no clean token: the state moves to ``last`` for the rows that do not commit
+            tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
+            tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
+        for t in range(W):
+            b_q = _conv_silu(proj_row, conv_row, cw, cb, ch_q, mask_k, t, wc, cnt, s_pt, S, HAS_BIAS)
+            b_k = _conv_silu(proj_row, conv_row, cw, cb, ch_k, mask_k, t, wc, cnt, s_pt, S, HAS_BIAS)
+            b_v = _conv_silu(proj_row, conv_row, cw, cb, ch_v, mask_v, t, wc, cnt, s_pt, S, HAS_BIAS)
+            b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6) * scale
+            b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+            p_tok = proj_row + t * s_pt
+            b_raw = tl.load(p_tok + D + HV * V + hv).to(tl.float32)
+            beta = (1.0 / (1.0 + tl.exp(-b_raw))).to(proj.dtype.element_ty).to(tl.float32)
+            xa = tl.load(p_tok + D + HV * V + HV + hv).to(tl.float32) + dtb
+            g = neg_a * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
+            real = tl.where((t >= wc) | (t < cnt), 1.0, 0.0)  # padding clean token: decay 1, no write
+            g = g * real
+            beta = beta * real
+            h *= tl.exp(g)
+            b_v = beta * (b_v - tl.sum(h * b_k[:, None], 0))
+            h += b_k[:, None] * b_v[None, :]
+            o = tl.sum(h * b_q[:, None], 0)
+            if t == wc - 1:  # the state after the clean tokens: cache (commit) or ``last`` (not)
                 tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
                 tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
-            for t in range(W):
-                b_q = _conv_silu(proj_row, conv_row, cw, cb, ch_q, mask_k, t, wc, cnt, s_pt, S, HAS_BIAS)
-                b_k = _conv_silu(proj_row, conv_row, cw, cb, ch_k, mask_k, t, wc, cnt, s_pt, S, HAS_BIAS)
-                b_v = _conv_silu(proj_row, conv_row, cw, cb, ch_v, mask_v, t, wc, cnt, s_pt, S, HAS_BIAS)
-                b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6) * scale
-                b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
-                p_tok = proj_row + t * s_pt
-                b_raw = tl.load(p_tok + D + HV * V + hv).to(tl.float32)
-                beta = (1.0 / (1.0 + tl.exp(-b_raw))).to(proj.dtype.element_ty).to(tl.float32)
-                xa = tl.load(p_tok + D + HV * V + HV + hv).to(tl.float32) + dtb
-                g = neg_a * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
-                real = tl.where((t >= wc) | (t < cnt), 1.0, 0.0)  # padding clean token: decay 1, no write
-                g = g * real
-                beta = beta * real
-                h *= tl.exp(g)
-                b_v = beta * (b_v - tl.sum(h * b_k[:, None], 0))
-                h += b_k[:, None] * b_v[None, :]
-                o = tl.sum(h * b_q[:, None], 0)
-                if t == wc - 1:  # the state after the clean tokens: cache (commit) or ``last`` (not)
-                    tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
-                    tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
-                # gated RMSNorm (HF RMSNormGated): o in proj's dtype, normed, rounded, * weight, * silu(z)
-                o = o.to(proj.dtype.element_ty).to(tl.float32)
-                var = tl.sum(o * o) / V
-                y = (o * tl.rsqrt(var + eps)).to(proj.dtype.element_ty).to(tl.float32)
-                y = y * nwv.to(tl.float32)
-                if ROUND_PROD:
-                    y = y.to(proj.dtype.element_ty).to(tl.float32)
+            o = o.to(proj.dtype.element_ty).to(tl.float32)  # HF rounds o to the layer's dtype before the norm
+            p_o = out + i_n.to(tl.int64) * s_oc + t * s_ot + hv * V + o_v
+            if NV == 1:
                 z = tl.load(p_tok + D + hv * V + o_v, mask=mask_v, other=0.0).to(tl.float32)
-                y = y * (z / (1.0 + tl.exp(-z)))
-                p_o = out + i_n.to(tl.int64) * s_oc + t * s_ot + hv * V + o_v
-                tl.store(p_o, y.to(out.dtype.element_ty), mask=mask_v)
-            _commit_conv(proj_row, conv_row, lconv_row, ch_v, mask_v, cnt, flag, s_pt, S, BS)
-        _commit_conv(proj_row, conv_row, lconv_row, ch_q, mask_k, cnt, flag, s_pt, S, BS)
-        _commit_conv(proj_row, conv_row, lconv_row, ch_k, mask_k, cnt, flag, s_pt, S, BS)
+                tl.store(p_o, _gated_norm(o, z, nwv, eps, proj, V, ROUND_PROD).to(out.dtype.element_ty),
+                         mask=mask_v)
+            else:  # o as it enters the norm; the group's last program norms whole heads
+                tl.store(p_o, o.to(out.dtype.element_ty), mask=mask_v)
+        _commit_conv(proj_row, conv_row, lconv_row, ch_v, mask_v, cnt, flag, s_pt, S, BS)
+        if G == 1:
+            _commit_conv(proj_row, conv_row, lconv_row, ch_q, mask_k, cnt, flag, s_pt, S, BS)
+            _commit_conv(proj_row, conv_row, lconv_row, ch_k, mask_k, cnt, flag, s_pt, S, BS)
+        else:
+            tl.debug_barrier()  # this program's reads of the q/k conv state and its stores of o, before arriving
+            arrived = tl.atomic_add(counter + i_nh, 1, sem="acq_rel")
+            if arrived == G - 1:  # every program of the group is done: finish the group
+                if NV > 1:
+                    o_f = tl.arange(0, BVF)
+                    mask_f = o_f < V
+                    nwf = tl.load(nw + o_f, mask=mask_f, other=0.0).to(tl.float32)
+                    for r in range(R):
+                        hv2 = i_h * R + r
+                        for t in range(W):
+                            p_o = out + i_n.to(tl.int64) * s_oc + t * s_ot + hv2 * V + o_f
+                            o = tl.load(p_o, mask=mask_f, other=0.0, cache_modifier=".cg").to(tl.float32)
+                            z = tl.load(proj_row + t * s_pt + D + hv2 * V + o_f, mask=mask_f, other=0.0)
+                            y = _gated_norm(o, z.to(tl.float32), nwf, eps, proj, V, ROUND_PROD)
+                            tl.store(p_o, y.to(out.dtype.element_ty), mask=mask_f)
+                _commit_conv(proj_row, conv_row, lconv_row, ch_q, mask_k, cnt, flag, s_pt, S, BS)
+                _commit_conv(proj_row, conv_row, lconv_row, ch_k, mask_k, cnt, flag, s_pt, S, BS)
+                tl.atomic_xchg(counter + i_nh, 0)  # ready for the next launch
 
     _KERNEL = gdn_mixer_kernel
     return _KERNEL
 
 
 def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv, counts, commit,
-           wc: int, H: int, HV: int, K: int, V: int, eps: float) -> torch.Tensor:
+           wc: int, H: int, HV: int, K: int, V: int, eps: float, v_block: int | None = None) -> torch.Tensor:
     """See ``static_step.gdn_mixer``. proj [C, W, 2HK + 2HV*V + 2HV] (last stride 1); conv / last_conv [C, D, S]
-    and state / last_state [C, HV, K, V] contiguous. Returns [C, W, HV*V] in proj's dtype."""
+    and state / last_state [C, HV, K, V] contiguous. ``v_block``: state columns per program (None:
+    ``V_BLOCK``, or all V). Returns [C, W, HV*V] in proj's dtype."""
     import triton
+
+    from flarectl.engine.gemv import arrival_counters
 
     C, W, _ = proj.shape
     if proj.stride(-1) != 1:
@@ -173,13 +220,18 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
     out = torch.empty(C, W, HV * V, device=proj.device, dtype=proj.dtype)
     if NAN_FILL and out.is_floating_point():
         out.fill_(float("nan"))
-    bk, bv = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    bk, bvf = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    bv = min(triton.next_power_of_2(v_block or V_BLOCK or V), bvf)
+    nv = -(-V // bv)
+    groups = C * H
+    counter = arrival_counters(proj.device, groups) if nv * (HV // H) > 1 else counts
     warps = NUM_WARPS or (4 if bk * bv <= 4096 else 8)
     round_prod = torch.promote_types(norm_w.dtype, proj.dtype) == proj.dtype
     cb = conv_b if conv_b is not None else conv_w
-    _kernel()[(C * H,)](
+    _kernel()[(groups * (HV // H) * nv,)](
         proj, conv_w.contiguous(), cb, A_log, dt_bias, norm_w, out, state, last_state, conv, last_conv,
-        counts, commit, K ** -0.5, eps, W, wc, proj.stride(0), proj.stride(1), out.stride(0), out.stride(1),
-        H=H, HV=HV, K=K, V=V, S=S, BK=bk, BV=bv, BS=triton.next_power_of_2(max(S, 1)),
-        HAS_BIAS=conv_b is not None, ROUND_PROD=round_prod, num_warps=warps)
+        counts, commit, counter, K ** -0.5, eps, W, wc, proj.stride(0), proj.stride(1), out.stride(0),
+        out.stride(1), H=H, HV=HV, K=K, V=V, S=S, BK=bk, BV=bv, NV=nv, BVF=bvf,
+        BS=triton.next_power_of_2(max(S, 1)), HAS_BIAS=conv_b is not None, ROUND_PROD=round_prod,
+        num_warps=warps)
     return out

@@ -33,7 +33,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from flarectl.engine.gemv import linear, module_linear, plain_weight, resolve_gemv
+from flarectl.engine.gemv import (fused_applies, linear, module_linear, plain_weight, resolve_fuse_down, resolve_gemv,
+                                  skinny_linear_fused)
 from flarectl.engine.prefetch import l2_prefetch
 from flarectl.models.adapter import ATTENTION
 from flarectl.models.attention import _project, apply_rope
@@ -162,10 +163,11 @@ def _(q, k, v, g, beta, state, last, commit, scale, kernel):
 
 GDN_KERNELS = ("auto", "torch", "fla", "triton", "mixer")
 
-MIXER_DEFAULT = False
-"""Whether 'auto' picks 'mixer' on CUDA (env ``FLARECTL_ENGINE_MIXER=1`` / ``0`` overrides). Off: on the H100
-(session 7, run 7) the one-kernel mixer made the AR step faster (2.51 -> 2.35 ms at C=8) but its bf16 logits are
-not bitwise those of the default chain (rel 3.9e-2, argmax equal; fp32 equal to 1e-5 / the adapter path)."""
+MIXER_DEFAULT = True
+"""Whether 'auto' picks 'mixer' on CUDA (env ``FLARECTL_ENGINE_MIXER=1`` / ``0`` overrides). On since session 6: on the
+H100 the one-kernel mixer made the AR step faster (2.51 -> 2.35 ms at C=8, run 7) and the engine's CUDA tests pass
+with it as the default (session 6 run 1: 8 passed). Its bf16 logits are not bitwise those of the 'triton' chain
+(rel 3.9e-2, argmax equal) but equally far from an fp32 reference (5.37e-2 vs 5.29e-2, run 9); fp32 equal to 1e-5."""
 
 
 def resolve_gdn_kernel(kernel: str, device: torch.device) -> str:
@@ -321,25 +323,42 @@ def _pf(x, pf, j: int) -> None:
         l2_prefetch(x, views[j], token, method, grid)
 
 
-def _mlp(mlp, x, w_gate_up, gemv: bool = False, w_down=None, pf=None):
+def silu_mlp(mlp) -> bool:
+    """A gated MLP with SiLU (HF's ``SiLUActivation`` / ``nn.SiLU``): its down projection may take the activation
+    in its prologue (``gemv.skinny_linear_fused``)."""
+    return type(getattr(mlp, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU")
+
+
+def _mlp(mlp, x, w_gate_up, gemv: bool = False, w_down=None, pf=None, residual=None, fuse_down: bool = False):
+    """``residual + mlp(x)`` (``residual`` None: ``mlp(x)``). ``fuse_down``: silu(gate) * up, the down projection
+    and the residual add in one kernel (``gemv.skinny_linear_fused``) where it applies."""
     if w_gate_up is None:
-        return mlp(x)
+        out = mlp(x)
+        return out if residual is None else residual + out
     _pf(x, pf, 2)
-    gate, up = linear(x, w_gate_up, gemv).chunk(2, -1)
+    gate_up = linear(x, w_gate_up, gemv)
+    if fuse_down and residual is not None and fused_applies(gate_up, w_down, swiglu=True):
+        _pf(gate_up, pf, 3)
+        flat = residual.reshape(-1, residual.shape[-1])
+        return skinny_linear_fused(gate_up.reshape(-1, gate_up.shape[-1]), w_down, flat, True).view_as(residual)
+    gate, up = gate_up.chunk(2, -1)
     h = mlp.act_fn(gate) * up
     _pf(h, pf, 3)
-    return module_linear(h, mlp.down_proj, w_down, gemv)
+    out = module_linear(h, mlp.down_proj, w_down, gemv)
+    return out if residual is None else residual + out
 
 
 def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit, wc: int, kernel: str,
-              w_in=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None, pf=None):
+              w_in=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None, pf=None,
+              fuse_down: bool = False):
     """One Gated DeltaNet decoder layer of the step: hidden [C, W, hidden] -> [C, W, hidden]. Writes the state and
     conv context after each row's clean tokens into ``last_state`` / ``last_conv`` and into the cache
     (``state`` / ``conv``) for rows with ``commit``. ``w_in`` / ``w_gate_up``: fused copies of the input
     projections [qkv | z | b | a] and of the MLP's [gate | up] (``fuse_weights``), or None. ``gemv``: skinny
     projections (M <= 16 rows) through ``gemv.skinny_linear``: the fused ones, and ``w_out`` / ``w_down`` (the
     plain weights of out_proj / down_proj, ``gemv.plain_weight``) when given. ``pf``: L2 prefetch of the next
-    GEMM's weight before each of the layer's four GEMMs (``_pf``), or None."""
+    GEMM's weight before each of the layer's four GEMMs (``_pf``), or None. ``fuse_down``: the MLP's activation,
+    down projection and residual add as one kernel (``_mlp``)."""
     module = layer.linear_attn
     x = layer.input_layernorm(hidden)
     if kernel == "mixer" and mixer_applies(module, w_in):  # the whole mixer as one op (one Triton kernel on CUDA)
@@ -351,7 +370,8 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
                            float(module.norm.variance_epsilon))
         _pf(normed, pf, 1)
         hidden = hidden + module_linear(normed, module.out_proj, w_out, gemv)
-        return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf)
+        return _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf, hidden,
+                    fuse_down)
     if kernel == "mixer":
         kernel = "triton" if x.device.type == "cuda" else "torch"
     width = x.shape[1]
@@ -392,7 +412,7 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
     normed = module.norm(core.reshape(-1, hv).to(x.dtype), z.reshape(-1, hv)).reshape(*x.shape[:2], -1)
     _pf(normed, pf, 1)
     hidden = hidden + module_linear(normed, module.out_proj, w_out, gemv)
-    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf)
+    return _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf, hidden, fuse_down)
 
 
 def _project_fused(module, x, gated: bool, w_qkv, gemv: bool = False):
@@ -413,7 +433,8 @@ def _project_fused(module, x, gated: bool, w_qkv, gemv: bool = False):
 
 
 def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int, cap: int, gated: bool,
-                    w_qkv=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None, pf=None):
+                    w_qkv=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None, pf=None,
+                    fuse_down: bool = False):
     """One softmax-attention decoder layer of the step (keys/values of the clean tokens written at each row's
     length; attention over the first ``cap`` slots plus the window). ``w_qkv`` / ``w_gate_up``: fused weights or
     None. ``pf``: as ``gdn_block``."""
@@ -440,7 +461,7 @@ def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int,
         out = out * torch.sigmoid(gate)
     _pf(out, pf, 1)
     hidden = hidden + module_linear(out, module.o_proj, w_out, gemv)
-    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf)
+    return _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf, hidden, fuse_down)
 
 
 def attention_mask(lengths, counts, wlen, wc: int, ww: int, cap: int) -> torch.Tensor:
@@ -519,11 +540,14 @@ class StaticStep:
     ``gemv.resolve_gemv``); ``prefetch_mb``: before each GEMM, prefetch (the first ``prefetch_mb`` MB of) the next
     GEMM's weight into L2 on a side stream (``prefetch.py``; 0 off, None: ``resolve_prefetch``; needs the fused
     projections, else off), with ``prefetch_method`` (one of ``prefetch.METHODS``). Timing only: the values are
-    those of the step without it. Measured on an H100 (session 6): it does not pay, so it is off by default."""
+    those of the step without it. Measured on an H100 (session 6): it does not pay, so it is off by default.
+    ``fuse_down``: each MLP's silu(gate) * up, down projection and residual add as one kernel
+    (``gemv.skinny_linear_fused``; None: on with ``gemv``, see ``gemv.resolve_fuse_down``)."""
 
     def __init__(self, model, cache: HybridCache, *, gdn_kernel: str = "auto", compile: bool | None = None,
                  fuse: bool | None = None, compile_mode: str | None = None, gemv: bool | None = None,
-                 prefetch_mb: float | None = None, prefetch_method: str | None = None):
+                 prefetch_mb: float | None = None, prefetch_method: str | None = None,
+                 fuse_down: bool | None = None):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}; got {compile_mode!r}")
         self.model, self.cache = model, cache
@@ -550,6 +574,12 @@ class StaticStep:
                 down = getattr(layer.mlp, "down_proj", None)
                 w = {"w_out": plain_weight(out), "w_down": plain_weight(down) if down is not None else None}
                 self.fused[i] = self.fused.get(i, {}) | {k: v for k, v in w.items() if v is not None}
+        self.fuse_down = resolve_fuse_down(fuse_down, self.gemv)
+        if self.fuse_down:  # silu(gate) * up, down_proj and the residual add: one kernel (``_mlp``)
+            for i, layer in enumerate(model.layers):
+                f = self.fused.get(i, {})
+                if "w_gate_up" in f and f.get("w_down") is not None and silu_mlp(layer.mlp):
+                    f["fuse_down"] = True
         self._plan_prefetch(resolve_prefetch(prefetch_mb, dev), prefetch_method or DEFAULT_PREFETCH_METHOD)
         self._set_fns()
         self._seen: set[tuple[int, int]] = set()

@@ -29,7 +29,26 @@ VARIANTS = {"before": dict(gdn_kernel="fla", gemv=False), "gemv": dict(gdn_kerne
             "triton-rec": dict(gdn_kernel="triton", gemv=False), "both": dict(gdn_kernel="triton", gemv=True),
             # session 7: the whole GDN mixer (conv, gates, recurrence, gated norm) in one Triton kernel
             "mixer": dict(gdn_kernel="mixer", gemv=True), "both2": dict(gdn_kernel="triton", gemv=True),
-            "mixer2": dict(gdn_kernel="mixer", gemv=True)}
+            "mixer2": dict(gdn_kernel="mixer", gemv=True),
+            # session 6 (2026-11-23): mixer without the fused down projection (the session-5 default), with it (the
+            # new default), and the mixer's state split into v-blocks of 64 / 32 / 16 columns
+            "mixer-nofuse": dict(gdn_kernel="mixer", gemv=True, fuse_down=False),
+            "down": dict(gdn_kernel="mixer", gemv=True, fuse_down=True),
+            "vb64": dict(gdn_kernel="mixer", gemv=True, fuse_down=True, v_block=64),
+            "vb32": dict(gdn_kernel="mixer", gemv=True, fuse_down=True, v_block=32),
+            "vb16": dict(gdn_kernel="mixer", gemv=True, fuse_down=True, v_block=16),
+            "vb32-nofuse": dict(gdn_kernel="mixer", gemv=True, fuse_down=False, v_block=32)}
+
+
+def backend(model, c, capacity, **kw):
+    """A SlotBackend of the variant ``kw``; ``v_block`` (mixer.V_BLOCK) is a module setting, read at launch (and so
+    at graph capture)."""
+    from flarectl.engine import mixer
+    from flarectl.engine.backends import SlotBackend
+
+    kw = dict(kw)
+    mixer.V_BLOCK = kw.pop("v_block", None)
+    return SlotBackend(model, c, capacity, **kw)
 
 
 def log(*a):
@@ -104,9 +123,7 @@ def gemm_table(model, step):
 
 def step_times(model, commit: bool, c=8, context=512, repeats=50, **kw):
     """(median ms with perf_counter around inputs+replay+sync, median replay-only ms by CUDA events, logits, be)."""
-    from flarectl.engine.backends import SlotBackend
-
-    be = SlotBackend(model, c, context + 12, **kw)
+    be = backend(model, c, context + 12, **kw)
     dev = model.device
     ids = torch.zeros(c, 1, dtype=torch.long, device=dev)
     counts = torch.ones(c, dtype=torch.long, device=dev)
@@ -142,9 +159,8 @@ def step_times(model, commit: bool, c=8, context=512, repeats=50, **kw):
 def profile_step(model, c=8, context=512, **kw):
     from torch.profiler import ProfilerActivity, profile
 
-    from flarectl.engine.backends import SlotBackend
 
-    be = SlotBackend(model, c, context + 12, cuda_graphs=False, **kw)
+    be = backend(model, c, context + 12, cuda_graphs=False, **kw)
     be.cache.lengths.fill_(context)
     dev = model.device
     ids = torch.zeros(c, 1, dtype=torch.long, device=dev)
@@ -162,9 +178,9 @@ def profile_step(model, c=8, context=512, **kw):
     evs = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     total = sum(e.device_time_total for e in evs) / 1000
     count = sum(e.count for e in evs)
-    top = sorted(evs, key=lambda e: -e.device_time_total)[:12]
+    top = sorted(evs, key=lambda e: -e.device_time_total)[:int(os.environ.get("PROFILE_TOP", "12"))]
     return dict(kernels=count, kernel_ms=total,
-                top=[(e.key[:90], e.count, e.device_time_total / 1000) for e in top])
+                top=[(e.key[:110], e.count, e.device_time_total / 1000) for e in top])
 
 
 def main():
@@ -205,6 +221,7 @@ def main():
                 wall, rep, setup, logits, be = step_times(model, commit, **kw)
                 r[f"commit={commit}"] = dict(wall_ms=wall, replay_ms=rep, setup_s=setup, compiled=be.compiled,
                                              gemv=be.eager.gemv, kernel=be.gdn_kernel,
+                                             fuse_down=be.eager.fuse_down, v_block=kw.get("v_block"),
                                              compile_error=be.eager.compile_error)
                 if commit:
                     if base is None:
