@@ -88,13 +88,45 @@ def _kernels():
             out = (r.to(tl.float32) + out.to(tl.float32)).to(y.dtype.element_ty)
         tl.store(y + offs, out, mask=mask)
 
-    globals()["_finish"] = _finish  # a jitted function resolves the functions it calls through its globals
+    @triton.jit
+    def _w_tile(p_w, n_mask, k_ok, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+        if EVEN_K:
+            if EVEN_N:
+                return tl.load(p_w)
+            return tl.load(p_w, mask=n_mask, other=0.0)
+        return tl.load(p_w, mask=n_mask & k_ok[:, None], other=0.0)
+
+    @triton.jit
+    def _x_tile(p_x, m_mask, k_ok, up_off, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr):
+        if EVEN_K:
+            a = tl.load(p_x, mask=m_mask, other=0.0)
+        else:
+            a = tl.load(p_x, mask=m_mask & k_ok[None, :], other=0.0)
+        if SWIGLU:  # x = [gate | up] (up at +up_off): silu(gate) * up, rounded as eager torch rounds them
+            if EVEN_K:
+                u = tl.load(p_x + up_off, mask=m_mask, other=0.0)
+            else:
+                u = tl.load(p_x + up_off, mask=m_mask & k_ok[None, :], other=0.0)
+            gf = a.to(tl.float32)
+            a = ((gf / (1.0 + tl.exp(-gf))).to(a.dtype).to(tl.float32) * u.to(tl.float32)).to(a.dtype)
+        return a
+
+    @triton.jit
+    def _mma(acc, a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        if UPCAST:  # the interpreter's bf16 dot is wrong: exact fp32 products of the same bf16 values instead
+            return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        if IEEE:
+            return acc + tl.dot(a, b, input_precision="ieee")
+        return acc + tl.dot(a, b)
+
+    # jitted functions resolve the functions they call through their globals
+    globals().update(_finish=_finish, _w_tile=_w_tile, _x_tile=_x_tile, _mma=_mma)
 
     @triton.jit
     def gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, k_per_split, res, ws, counter, up_off,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                     EVEN_N: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                    SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr):
+                    SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         rm = tl.arange(0, BM)
@@ -106,30 +138,21 @@ def _kernels():
         m_mask = rm[:, None] < M
         n_mask = rn[None, :] < N
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for kk in range(0, k_per_split, BK):
-            if EVEN_K:
-                a = tl.load(p_x, mask=m_mask, other=0.0)
-                if EVEN_N:
-                    b = tl.load(p_w)
-                else:
-                    b = tl.load(p_w, mask=n_mask, other=0.0)
-            else:
-                k_ok = (k0 + kk + rk) < K
-                a = tl.load(p_x, mask=m_mask & k_ok[None, :], other=0.0)
-                b = tl.load(p_w, mask=n_mask & k_ok[:, None], other=0.0)
-            if SWIGLU:  # x = [gate | up] (up at +up_off): silu(gate) * up, rounded as eager torch rounds them
-                if EVEN_K:
-                    u = tl.load(p_x + up_off, mask=m_mask, other=0.0)
-                else:
-                    u = tl.load(p_x + up_off, mask=m_mask & k_ok[None, :], other=0.0)
-                gf = a.to(tl.float32)
-                a = ((gf / (1.0 + tl.exp(-gf))).to(a.dtype).to(tl.float32) * u.to(tl.float32)).to(a.dtype)
-            if UPCAST:  # the interpreter's bf16 dot is wrong: exact fp32 products of the same bf16 values instead
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-            elif IEEE:
-                acc += tl.dot(a, b, input_precision="ieee")
-            else:
-                acc += tl.dot(a, b)
+        if PDL:
+            # Programmatic dependent launch: this grid may start while the previous kernel still runs. The first
+            # weight tile does not depend on it, so it streams in first; then wait for the previous kernel (its
+            # output is x), and let the next kernel launch.
+            k_ok = (k0 + rk) < K
+            b = _w_tile(p_w, n_mask, k_ok, EVEN_K, EVEN_N)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+            acc = _mma(acc, _x_tile(p_x, m_mask, k_ok, up_off, EVEN_K, SWIGLU), b, IEEE, UPCAST)
+            p_x += BK
+            p_w += BK
+        for kk in range(BK * PDL, k_per_split, BK):
+            k_ok = (k0 + kk + rk) < K
+            b = _w_tile(p_w, n_mask, k_ok, EVEN_K, EVEN_N)
+            acc = _mma(acc, _x_tile(p_x, m_mask, k_ok, up_off, EVEN_K, SWIGLU), b, IEEE, UPCAST)
             p_x += BK
             p_w += BK
         out_mask = m_mask & n_mask
@@ -177,11 +200,34 @@ def split_plan(K: int, bk: int, split: int) -> tuple[int, int]:
     return -(-K // per), per
 
 
+PDL: bool | None = None
+"""Programmatic dependent launch of the kernels (Hopper+): each launch may start while the previous kernel runs,
+streams its first weight tile (the mixer: its state slice), then waits for it (``gdc_wait``). None: env
+``FLARECTL_ENGINE_PDL=1``, else off. Off because it does not pay: on the H100 (session 6, run 5) the AR step at C=8
+took 2.311 ms (replay) with it on the engine's kernels and 2.249 ms with inductor's too (``StaticStep(pdl=)``),
+against 2.209-2.222 ms without; the logits were bitwise the same."""
+
+
+def use_pdl(device: torch.device, want: bool | None = None) -> bool:
+    """Whether launches on ``device`` use programmatic dependent launch: ``want`` (None: ``PDL``, else env
+    ``FLARECTL_ENGINE_PDL=1``), and never interpreted, only CUDA sm90+."""
+    if want is None:
+        want = PDL if PDL is not None else os.environ.get("FLARECTL_ENGINE_PDL", "0").strip().lower() in (
+            "1", "true", "yes", "on")
+    return (bool(want) and device.type == "cuda" and not _interpreting()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def _common(x: torch.Tensor, N: int, even_k: bool, cfg: Config) -> dict:
     f32 = x.dtype == torch.float32
-    return dict(BM=16, BN=cfg.bn, BK=cfg.bk, EVEN_K=even_k, EVEN_N=N % cfg.bn == 0, IEEE=f32,
-                UPCAST=_interpreting() and not f32,
-                num_warps=cfg.warps, num_stages=min(cfg.stages, 2) if f32 else cfg.stages)  # fp32 tiles: 2x smem
+    out = dict(BM=16, BN=cfg.bn, BK=cfg.bk, EVEN_K=even_k, EVEN_N=N % cfg.bn == 0, IEEE=f32,
+               UPCAST=_interpreting() and not f32,
+               num_warps=cfg.warps, num_stages=min(cfg.stages, 2) if f32 else cfg.stages)  # fp32 tiles: 2x smem
+    pdl = use_pdl(x.device)
+    out["PDL"] = int(pdl)
+    if pdl:
+        out["launch_pdl"] = True
+    return out
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, cfg: Config) -> torch.Tensor:

@@ -111,7 +111,7 @@ def _kernel():
                          scale, eps, W, wc, s_pc, s_pt, s_oc, s_ot,
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, S: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BVF: tl.constexpr,
-                         BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_PROD: tl.constexpr):
+                         BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_PROD: tl.constexpr, PDL: tl.constexpr):
         # program (row n, k-head h, v-head r of the head's R, v-block vb of NV): G = R * NV programs share the
         # q/k channels of (n, h); the last of them to arrive (``counter``) commits their conv context and, with
         # NV > 1, applies the gated norm (it needs whole v-heads)
@@ -123,12 +123,17 @@ def _kernel():
         i_n, i_h = i_nh // H, i_nh % H
         hv = i_h * R + j // NV
         D: tl.constexpr = 2 * H * K + HV * V
-        cnt = tl.load(counts + i_n).to(tl.int32)
-        flag = tl.load(commit + i_n).to(tl.int32)
         o_k = tl.arange(0, BK)
         o_v = (j % NV) * BV + tl.arange(0, BV)
         mask_k, mask_v = o_k < K, o_v < V
         mask_h = mask_k[:, None] & mask_v[None, :]
+        off_h = (i_n * HV + hv).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+        h = tl.load(state + off_h, mask=mask_h, other=0.0).to(tl.float32)
+        if PDL:  # the state is no output of the previous kernel (the projection): loaded, now wait for that kernel
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        cnt = tl.load(counts + i_n).to(tl.int32)
+        flag = tl.load(commit + i_n).to(tl.int32)
         flag_h = tl.zeros([BK, BV], dtype=tl.int32) + flag
         c_h, nc_h = mask_h & (flag_h != 0), mask_h & (flag_h == 0)
         proj_row = proj + i_n.to(tl.int64) * s_pc
@@ -138,8 +143,6 @@ def _kernel():
         ch_k = H * K + i_h * K + o_k
         nwv = tl.load(nw + o_v, mask=mask_v, other=0.0).to(tl.float32)
         ch_v = 2 * H * K + hv * V + o_v
-        off_h = (i_n * HV + hv).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-        h = tl.load(state + off_h, mask=mask_h, other=0.0).to(tl.float32)
         neg_a = -tl.exp(tl.load(A_log + hv).to(tl.float32))
         dtb = tl.load(dt_bias + hv).to(tl.float32)
         if wc == 0:  # no clean token: the state moves to ``last`` for the rows that do not commit
@@ -209,7 +212,7 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
     ``V_BLOCK``, or all V). Returns [C, W, HV*V] in proj's dtype."""
     import triton
 
-    from flarectl.engine.gemv import arrival_counters
+    from flarectl.engine.gemv import arrival_counters, use_pdl
 
     C, W, _ = proj.shape
     if proj.stride(-1) != 1:
@@ -228,10 +231,11 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
     warps = NUM_WARPS or (4 if bk * bv <= 4096 else 8)
     round_prod = torch.promote_types(norm_w.dtype, proj.dtype) == proj.dtype
     cb = conv_b if conv_b is not None else conv_w
+    pdl = use_pdl(proj.device)
     _kernel()[(groups * (HV // H) * nv,)](
         proj, conv_w.contiguous(), cb, A_log, dt_bias, norm_w, out, state, last_state, conv, last_conv,
         counts, commit, counter, K ** -0.5, eps, W, wc, proj.stride(0), proj.stride(1), out.stride(0),
         out.stride(1), H=H, HV=HV, K=K, V=V, S=S, BK=bk, BV=bv, NV=nv, BVF=bvf,
-        BS=triton.next_power_of_2(max(S, 1)), HAS_BIAS=conv_b is not None, ROUND_PROD=round_prod,
-        num_warps=warps)
+        BS=triton.next_power_of_2(max(S, 1)), HAS_BIAS=conv_b is not None, ROUND_PROD=round_prod, PDL=pdl,
+        num_warps=warps, **({"launch_pdl": True} if pdl else {}))
     return out

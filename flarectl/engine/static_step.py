@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from flarectl.engine.gemv import (fused_applies, linear, module_linear, plain_weight, resolve_fuse_down, resolve_gemv,
-                                  skinny_linear_fused)
+                                  skinny_linear_fused, use_pdl)
 from flarectl.engine.prefetch import l2_prefetch
 from flarectl.models.adapter import ATTENTION
 from flarectl.models.attention import _project, apply_rope
@@ -517,7 +517,11 @@ DEFAULT_PREFETCH_MB = 0.0
 DEFAULT_PREFETCH_METHOD = "bulk"
 
 
-def _compile(fn, mode: str | None = None):
+def _compile(fn, mode: str | None = None, pdl: bool = False):
+    """``torch.compile`` of one step piece; ``pdl``: inductor's kernels with programmatic dependent launch
+    (``triton.enable_pdl``; only with the default mode: torch.compile takes a mode or options, not both)."""
+    if pdl and mode is None:
+        return torch.compile(fn, dynamic=False, options={"triton.enable_pdl": True})
     return torch.compile(fn, dynamic=False, mode=mode)
 
 
@@ -542,12 +546,13 @@ class StaticStep:
     projections, else off), with ``prefetch_method`` (one of ``prefetch.METHODS``). Timing only: the values are
     those of the step without it. Measured on an H100 (session 6): it does not pay, so it is off by default.
     ``fuse_down``: each MLP's silu(gate) * up, down projection and residual add as one kernel
-    (``gemv.skinny_linear_fused``; None: on with ``gemv``, see ``gemv.resolve_fuse_down``)."""
+    (``gemv.skinny_linear_fused``; None: ``gemv.resolve_fuse_down``). ``pdl``: inductor's kernels of the step with
+    programmatic dependent launch (None: as the engine's own kernels, ``gemv.use_pdl``)."""
 
     def __init__(self, model, cache: HybridCache, *, gdn_kernel: str = "auto", compile: bool | None = None,
                  fuse: bool | None = None, compile_mode: str | None = None, gemv: bool | None = None,
                  prefetch_mb: float | None = None, prefetch_method: str | None = None,
-                 fuse_down: bool | None = None):
+                 fuse_down: bool | None = None, pdl: bool | None = None):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}; got {compile_mode!r}")
         self.model, self.cache = model, cache
@@ -565,6 +570,7 @@ class StaticStep:
         self.last_commit = torch.zeros_like(cache.lengths, dtype=torch.bool)
         self.compiled = resolve_compile(compile, dev)
         self.gemv = resolve_gemv(gemv, dev)
+        self.pdl = use_pdl(dev) if pdl is None else bool(pdl) and use_pdl(dev, True)
         self.compile_error: str | None = None
         self.fused = self._fuse() if (self.compiled if fuse is None else fuse) else {}
         self.w_head = plain_weight(model.hf.lm_head) if self.gemv else None
@@ -587,9 +593,9 @@ class StaticStep:
     def _set_fns(self) -> None:
         if self.compiled:
             _raise_recompile_limit()
-            mode = self.compile_mode
-            self._gdn, self._attn = _compile(gdn_block, mode), _compile(attention_block, mode)
-            self._head, self._prologue = _compile(head, mode), _compile(self.prologue, mode)
+            mode, pdl = self.compile_mode, self.pdl
+            self._gdn, self._attn = _compile(gdn_block, mode, pdl), _compile(attention_block, mode, pdl)
+            self._head, self._prologue = _compile(head, mode, pdl), _compile(self.prologue, mode, pdl)
         else:
             self._gdn, self._attn, self._head, self._prologue = gdn_block, attention_block, head, self.prologue
 

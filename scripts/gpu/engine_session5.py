@@ -25,19 +25,28 @@ from pathlib import Path
 
 import torch
 
+from flarectl.engine import mixer as mixer_defaults
+
 VARIANTS = {"before": dict(gdn_kernel="fla", gemv=False), "gemv": dict(gdn_kernel="fla", gemv=True),
             "triton-rec": dict(gdn_kernel="triton", gemv=False), "both": dict(gdn_kernel="triton", gemv=True),
             # session 7: the whole GDN mixer (conv, gates, recurrence, gated norm) in one Triton kernel
-            "mixer": dict(gdn_kernel="mixer", gemv=True), "both2": dict(gdn_kernel="triton", gemv=True),
-            "mixer2": dict(gdn_kernel="mixer", gemv=True),
-            # session 6 (2026-11-23): mixer without the fused down projection (the session-5 default), with it (the
-            # new default), and the mixer's state split into v-blocks of 64 / 32 / 16 columns
-            "mixer-nofuse": dict(gdn_kernel="mixer", gemv=True, fuse_down=False),
-            "down": dict(gdn_kernel="mixer", gemv=True, fuse_down=True),
+            "mixer": dict(gdn_kernel="mixer", gemv=True, fuse_down=False, v_block=None),
+            "both2": dict(gdn_kernel="triton", gemv=True),
+            "mixer2": dict(gdn_kernel="mixer", gemv=True, fuse_down=False, v_block=None),
+            # session 6 (2026-11-23): mixer without the fused down projection (the session-5 mixer), with it, and
+            # the mixer's state split into v-blocks of 64 / 32 / 16 columns ("default": the defaults of the tree)
+            "mixer-nofuse": dict(gdn_kernel="mixer", gemv=True, fuse_down=False, v_block=None),
+            "down": dict(gdn_kernel="mixer", gemv=True, fuse_down=True, v_block=None),
             "vb64": dict(gdn_kernel="mixer", gemv=True, fuse_down=True, v_block=64),
             "vb32": dict(gdn_kernel="mixer", gemv=True, fuse_down=True, v_block=32),
             "vb16": dict(gdn_kernel="mixer", gemv=True, fuse_down=True, v_block=16),
-            "vb32-nofuse": dict(gdn_kernel="mixer", gemv=True, fuse_down=False, v_block=32)}
+            "vb32-nofuse": dict(gdn_kernel="mixer", gemv=True, fuse_down=False, v_block=32),
+            # programmatic dependent launch: of the engine's kernels only (gemv, mixer), and of inductor's too
+            "default": dict(), "default2": dict(),
+            "pdl-ours": dict(gemv_pdl=True, pdl=False), "pdl-all": dict(gemv_pdl=True, pdl=True)}
+
+
+DEFAULT_V_BLOCK = mixer_defaults.V_BLOCK
 
 
 def backend(model, c, capacity, **kw):
@@ -46,8 +55,11 @@ def backend(model, c, capacity, **kw):
     from flarectl.engine import mixer
     from flarectl.engine.backends import SlotBackend
 
+    from flarectl.engine import gemv
+
     kw = dict(kw)
-    mixer.V_BLOCK = kw.pop("v_block", None)
+    mixer.V_BLOCK = kw.pop("v_block", DEFAULT_V_BLOCK)
+    gemv.PDL = kw.pop("gemv_pdl", None)
     return SlotBackend(model, c, capacity, **kw)
 
 
@@ -222,6 +234,7 @@ def main():
                 r[f"commit={commit}"] = dict(wall_ms=wall, replay_ms=rep, setup_s=setup, compiled=be.compiled,
                                              gemv=be.eager.gemv, kernel=be.gdn_kernel,
                                              fuse_down=be.eager.fuse_down, v_block=kw.get("v_block"),
+                                             pdl=be.eager.pdl, gemv_pdl=kw.get("gemv_pdl"),
                                              compile_error=be.eager.compile_error)
                 if commit:
                     if base is None:
