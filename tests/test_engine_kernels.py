@@ -45,6 +45,27 @@ def _run_mixer(fn, a, wc, H, HV, K, V, eps=1e-6):
     return out, st, cv, ls, lc
 
 
+def _mixed_steps(backends, seed: int, random_wlen: bool = False):
+    """Prefills four slots in every backend, then runs clean / window-only / mixed / clean steps with random counts,
+    commits and late commits (``finish_step``) through all of them, asserting after each that every backend's
+    logits equal the first's (1e-5); yields after each step (for further checks)."""
+    for b in backends:
+        b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
+    g = torch.Generator().manual_seed(seed)
+    for wc, ww in [(1, 0), (0, 2), (2, 2), (1, 0)]:
+        ids = torch.randint(0, 250, (4, wc + ww), generator=g)
+        counts = torch.randint(0 if ww else 1, wc + 1, (4,), generator=g) if wc else torch.zeros(4).long()
+        wlen = torch.randint(0, ww + 1, (4,), generator=g) if random_wlen else torch.full((4,), ww)
+        commit = torch.rand(4, generator=g) < 0.6
+        late = (torch.rand(4, generator=g) < 0.5) & ~commit
+        outs = [b.step(ids, counts, wlen, commit, wc) for b in backends]
+        for b in backends:
+            b.finish_step(late)
+        for out in outs[1:]:
+            torch.testing.assert_close(outs[0], out, rtol=1e-5, atol=1e-5)
+        yield
+
+
 if not CHILD:
     from flarectl.engine import gemv
 
@@ -88,6 +109,23 @@ if not CHILD:
         assert gemv.resolve_fuse_down(None, True) and not gemv.resolve_fuse_down(None, False)
         monkeypatch.setenv("FLARECTL_ENGINE_FUSE_DOWN", "0")
         assert not gemv.resolve_fuse_down(None, True) and gemv.resolve_fuse_down(True, False)
+
+    def test_decode_attention_op_registration_and_cpu_twin(monkeypatch):
+        """``flarectl::decode_attention`` passes opcheck; on CPU without the interpreter it is the twin (the mask of
+        ``attention_mask`` and SDPA over the first ``cap`` slots plus the window); ``resolve``'s rules."""
+        from flarectl.engine import attention
+
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(2, 3, 4, 8, generator=g).transpose(1, 2)  # [C, Hq, W, D], W = 1 clean + 2 window
+        key, value = torch.randn(2, 1, 20, 8, generator=g), torch.randn(2, 1, 20, 8, generator=g)
+        kw, vw = torch.randn(2, 1, 2, 8, generator=g), torch.randn(2, 1, 2, 8, generator=g)
+        lengths, counts, wlen = torch.tensor([3, 9]), torch.tensor([1, 0]), torch.tensor([2, 1])
+        args = (q, key, value, kw, vw, lengths, counts, wlen, 1, 16, 0.35)
+        torch.library.opcheck(attention.decode_attention, args)
+        torch.testing.assert_close(attention.decode_attention(*args), attention.decode_attention_reference(*args))
+        assert attention.resolve(True, torch.device("cpu")) and not attention.resolve(None, torch.device("cpu"))
+        monkeypatch.setenv("FLARECTL_ENGINE_ATTN", "1")
+        assert attention.resolve(None, torch.device("cuda")) and not attention.resolve(None, torch.device("cpu"))
 
     def test_dispatch_rules():
         """``linear`` takes the kernel only for <= MAX_ROWS rows of bf16/fp16/fp32 on CUDA (or interpreted);
@@ -184,18 +222,7 @@ if not CHILD:
         m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
         backends = [SlotBackend(m, 4, 64, gdn_kernel=k, fuse=True, gemv=False) for k in ("mixer", "torch")]
         assert backends[0].gdn_kernel == "mixer"
-        for b in backends:
-            b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
-        g = torch.Generator().manual_seed(5)
-        for wc, ww in [(1, 0), (0, 2), (2, 2), (1, 0)]:
-            ids = torch.randint(0, 250, (4, wc + ww), generator=g)
-            counts = torch.randint(0 if ww else 1, wc + 1, (4,), generator=g) if wc else torch.zeros(4).long()
-            commit = torch.rand(4, generator=g) < 0.6
-            late = (torch.rand(4, generator=g) < 0.5) & ~commit
-            outs = [b.step(ids, counts, torch.full((4,), ww), commit, wc) for b in backends]
-            for b in backends:
-                b.finish_step(late)
-            torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+        for _ in _mixed_steps(backends, seed=5):
             for i, c in backends[1].cache.gdn.items():
                 torch.testing.assert_close(backends[0].cache.gdn[i].state, c.state, rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(backends[0].cache.gdn[i].conv, c.conv, rtol=1e-5, atol=1e-5)
@@ -397,6 +424,39 @@ if not CHILD:
                 torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
         finally:
             gemv.NAN_FILL = False
+
+    @pytest.mark.gpu
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    def test_decode_attention_on_cuda_matches_twin(dtype):
+        """The decode-attention kernel at the Qwen3.5-2B attention shape (C 8, 8 query / 2 kv heads, D 256, 524
+        slots): AR (W 1), verify (W 5) and draft (5 + 4) steps, every split count and the default, == the twin;
+        NaN-filled output, the same bits on a repeat, counters back at zero."""
+        from flarectl.engine import attention
+
+        attention.NAN_FILL = True
+        try:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            C, HQ, HKV, D, cap = 8, 8, 2, 256, 524
+            tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+            for wc, ww in ((1, 0), (5, 0), (5, 4)):
+                W = wc + ww
+                r = lambda *sh: torch.randn(*sh, device="cuda", generator=g).to(dtype)  # noqa: E731
+                q = r(C, W, HQ, D).transpose(1, 2)
+                key, value = r(C, HKV, cap, D), r(C, HKV, cap, D)
+                kw, vw = r(C, ww, HKV, D).transpose(1, 2), r(C, ww, HKV, D).transpose(1, 2)
+                lengths = torch.randint(0, cap - wc, (C,), device="cuda", generator=g)
+                counts = torch.randint(0, wc + 1, (C,), device="cuda", generator=g)
+                wlen = torch.randint(0, ww + 1, (C,), device="cuda", generator=g)
+                args = (q, key, value, kw, vw, lengths, counts, wlen, wc, cap, D ** -0.5)
+                ref = attention.decode_attention_reference(*args).float()
+                for splits in (1, 2, 8, None):
+                    out = attention.launch(*args, splits=splits)
+                    assert not out.isnan().any(), splits
+                    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+                    assert torch.equal(out, attention.launch(*args, splits=splits)), splits
+                assert not gemv.arrival_counters(q.device, 1).any()
+        finally:
+            attention.NAN_FILL = False
 
 else:
     import triton.runtime.interpreter as _ti
@@ -662,6 +722,52 @@ else:
                 c = int(counts[r])
                 torch.testing.assert_close(outs[0][r, :c], outs[1][r, :c], rtol=1e-4, atol=1e-4)
                 torch.testing.assert_close(outs[0][r, wc:], outs[1][r, wc:], rtol=1e-4, atol=1e-4)
+            assert torch.equal(backends[0].cache.lengths, backends[1].cache.lengths)
+
+    ATTN_SHAPES = [(3, 4, 2, 16, 40, 2, 3), (2, 2, 2, 24, 70, 1, 0), (4, 8, 2, 16, 33, 0, 4), (2, 4, 1, 16, 64, 5, 0)]
+
+    @pytest.mark.parametrize("C,HQ,HKV,D,cap,wc,ww", ATTN_SHAPES)
+    def test_decode_attention_kernel_matches_twin(C, HQ, HKV, D, cap, wc, ww):
+        """The decode-attention kernel (NaN-filled output; 1, 2 and 4 KV splits, the last split combining) == the
+        twin (mask + SDPA): clean, window-only and mixed steps, padding window queries, GQA 1-4, odd D and
+        capacity, non-contiguous q and window keys; counters back at zero."""
+        from flarectl.engine import attention
+
+        attention.NAN_FILL = True
+        block = attention.BLOCK_N
+        attention.BLOCK_N = 16  # several blocks per split at these sizes
+        try:
+            g = torch.Generator().manual_seed(C * 100 + cap)
+            W = wc + ww
+            for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+                r = lambda *sh: torch.randn(*sh, generator=g).to(dtype)  # noqa: E731
+                q = r(C, W, HQ, D).transpose(1, 2)
+                key, value = r(C, HKV, cap + 5, D), r(C, HKV, cap + 5, D)
+                kw, vw = r(C, ww, HKV, D).transpose(1, 2), r(C, ww, HKV, D).transpose(1, 2)
+                lengths = torch.randint(0, cap - wc, (C,), generator=g)
+                counts = torch.randint(0, wc + 1, (C,), generator=g)
+                wlen = torch.randint(0, ww + 1, (C,), generator=g)
+                args = (q, key, value, kw, vw, lengths, counts, wlen, wc, cap, D ** -0.5)
+                ref = attention.decode_attention_reference(*args).float()
+                for splits in (1, 2, 4):
+                    out = attention.launch(*args, splits=splits)
+                    assert out.shape == q.shape and not out.isnan().any(), splits
+                    torch.testing.assert_close(out.float(), ref, rtol=2 * tol, atol=2 * tol)
+            assert not gemv.arrival_counters(torch.device("cpu"), 1).any()
+        finally:
+            attention.NAN_FILL = False
+            attention.BLOCK_N = block
+
+    def test_static_step_decode_attention_equals_sdpa():
+        """The engine step with its attention layers through the kernel (interpreted) == the step with SDPA over
+        the masked capacity (fp32 debug hybrid, 1e-5), through clean / window / commit / late-commit steps."""
+        from flarectl.engine.backends import SlotBackend
+        from flarectl.models.loading import load_model
+
+        m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+        backends = [SlotBackend(m, 4, 64, gdn_kernel="torch", gemv=False, attn_kernel=k) for k in (True, False)]
+        assert backends[0].eager.attn_kernel and not backends[1].eager.attn_kernel
+        for _ in _mixed_steps(backends, seed=4, random_wlen=True):
             assert torch.equal(backends[0].cache.lengths, backends[1].cache.lengths)
 
     def test_ops_trace_under_torch_compile():

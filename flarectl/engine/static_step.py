@@ -35,6 +35,8 @@ import torch.nn.functional as F
 
 from flarectl.engine.gemv import (fused_applies, linear, module_linear, plain_weight, resolve_fuse_down, resolve_gemv,
                                   skinny_linear_fused, use_pdl)
+from flarectl.engine.attention import attention_mask, decode_attention
+from flarectl.engine.attention import resolve as resolve_attn
 from flarectl.engine.prefetch import l2_prefetch
 from flarectl.models.adapter import ATTENTION
 from flarectl.models.attention import _project, apply_rope
@@ -434,10 +436,11 @@ def _project_fused(module, x, gated: bool, w_qkv, gemv: bool = False):
 
 def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int, cap: int, gated: bool,
                     w_qkv=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None, pf=None,
-                    fuse_down: bool = False):
+                    fuse_down: bool = False, counts=None, wlen=None, attn_kernel: bool = False):
     """One softmax-attention decoder layer of the step (keys/values of the clean tokens written at each row's
     length; attention over the first ``cap`` slots plus the window). ``w_qkv`` / ``w_gate_up``: fused weights or
-    None. ``pf``: as ``gdn_block``."""
+    None. ``pf``: as ``gdn_block``. ``attn_kernel``: ``attention.decode_attention`` (visibility from ``lengths``,
+    ``counts``, ``wlen``; ``mask`` unused) instead of SDPA over the masked capacity."""
     module = layer.self_attn
     x = layer.input_layernorm(hidden)
     bsz, width, _ = x.shape
@@ -451,36 +454,23 @@ def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int,
         rows = torch.arange(bsz, device=x.device)[:, None]
         key[rows, :, pos] = k[:, :, :wc].transpose(1, 2).to(key.dtype)  # [C, Wc, Hkv, D] at (row, :, pos)
         value[rows, :, pos] = v[:, :, :wc].transpose(1, 2).to(value.dtype)
-    keys, values = key[:, :, :cap].to(k.dtype), value[:, :, :cap].to(v.dtype)
-    if width > wc:
-        keys, values = torch.cat([keys, k[:, :, wc:]], 2), torch.cat([values, v[:, :, wc:]], 2)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=module.scaling,
-                                         enable_gqa=q.shape[1] != keys.shape[1])
+    if attn_kernel and key.dtype == q.dtype:
+        out = decode_attention(q, key, value, k[:, :, wc:], v[:, :, wc:], lengths, counts, wlen, wc, cap,
+                               module.scaling)
+    else:
+        if mask is None:
+            mask = attention_mask(lengths, counts, wlen, wc, width - wc, cap)
+        keys, values = key[:, :, :cap].to(k.dtype), value[:, :, :cap].to(v.dtype)
+        if width > wc:
+            keys, values = torch.cat([keys, k[:, :, wc:]], 2), torch.cat([values, v[:, :, wc:]], 2)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=module.scaling,
+                                             enable_gqa=q.shape[1] != keys.shape[1])
     out = out.transpose(1, 2).reshape(bsz, width, -1)
     if gate is not None:
         out = out * torch.sigmoid(gate)
     _pf(out, pf, 1)
     hidden = hidden + module_linear(out, module.o_proj, w_out, gemv)
     return _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf, hidden, fuse_down)
-
-
-def attention_mask(lengths, counts, wlen, wc: int, ww: int, cap: int) -> torch.Tensor:
-    """[C, Wc+Ww, cap+Ww] bool over the first ``cap`` slots: clean query i sees slots <= L+i; a window query
-    sees slots < L+counts and the real window tokens; padding window queries see themselves (no empty row)."""
-    dev = lengths.device
-    slots = torch.arange(cap, device=dev)
-    cols = torch.arange(wc + ww, device=dev)
-    in_win = cols >= wc
-    limit = torch.where(in_win[None], (lengths + counts)[:, None], lengths[:, None] + cols[None] + 1)
-    cached = slots[None, None] < limit[:, :, None]  # [C, W, cap]
-    if not ww:
-        return cached
-    j = torch.arange(ww, device=dev)
-    real = j[None] < wlen[:, None]  # [C, Ww]
-    win = (real[:, :, None] & real[:, None, :]) | torch.eye(ww, dtype=torch.bool, device=dev)[None]
-    win = torch.cat([torch.zeros(lengths.shape[0], wc, ww, dtype=torch.bool, device=dev),
-                     win.expand(lengths.shape[0], -1, -1)], 1)
-    return torch.cat([cached, win], 2)
 
 
 def positions(lengths, counts, wc: int, width: int) -> torch.Tensor:
@@ -547,12 +537,13 @@ class StaticStep:
     those of the step without it. Measured on an H100 (session 6): it does not pay, so it is off by default.
     ``fuse_down``: each MLP's silu(gate) * up, down projection and residual add as one kernel
     (``gemv.skinny_linear_fused``; None: ``gemv.resolve_fuse_down``). ``pdl``: inductor's kernels of the step with
-    programmatic dependent launch (None: as the engine's own kernels, ``gemv.use_pdl``)."""
+    programmatic dependent launch (None: as the engine's own kernels, ``gemv.use_pdl``). ``attn_kernel``: attention
+    layers through ``attention.decode_attention`` (each row's visible slots only; None: ``attention.resolve``)."""
 
     def __init__(self, model, cache: HybridCache, *, gdn_kernel: str = "auto", compile: bool | None = None,
                  fuse: bool | None = None, compile_mode: str | None = None, gemv: bool | None = None,
                  prefetch_mb: float | None = None, prefetch_method: str | None = None,
-                 fuse_down: bool | None = None, pdl: bool | None = None):
+                 fuse_down: bool | None = None, pdl: bool | None = None, attn_kernel: bool | None = None):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}; got {compile_mode!r}")
         self.model, self.cache = model, cache
@@ -571,6 +562,7 @@ class StaticStep:
         self.compiled = resolve_compile(compile, dev)
         self.gemv = resolve_gemv(gemv, dev)
         self.pdl = use_pdl(dev) if pdl is None else bool(pdl) and use_pdl(dev, True)
+        self.attn_kernel = resolve_attn(attn_kernel, dev)
         self.compile_error: str | None = None
         self.fused = self._fuse() if (self.compiled if fuse is None else fuse) else {}
         self.w_head = plain_weight(model.hf.lm_head) if self.gemv else None
@@ -736,12 +728,14 @@ class StaticStep:
         if self._pf_first is not None:  # the first layer's first GEMM weight, while the prologue runs
             view, token, method, grid = self._pf_first
             l2_prefetch(ids, view, token, method, grid)
-        hidden, cos, sin, mask = self._prologue(ids, counts, wlen, wc, cap, ATTENTION in model.layer_kinds)
+        hidden, cos, sin, mask = self._prologue(ids, counts, wlen, wc, cap,
+                                                ATTENTION in model.layer_kinds and not self.attn_kernel)
         for i, (kind, layer) in enumerate(zip(model.layer_kinds, model.layers)):
             if kind == ATTENTION:
                 kv = cache.attention[i]
                 hidden = self._attn(layer, hidden, kv.key, kv.value, cache.lengths, cos, sin, mask, wc, cap, gated,
-                                    gemv=self.gemv, pf=self._pf.get(i), **self.fused.get(i, {}))
+                                    gemv=self.gemv, pf=self._pf.get(i), counts=counts, wlen=wlen,
+                                    attn_kernel=self.attn_kernel, **self.fused.get(i, {}))
             else:
                 c = cache.gdn[i]
                 hidden = self._gdn(layer, hidden, c.state, c.conv, self.last_state[i], self.last_conv[i], counts,

@@ -43,7 +43,9 @@ VARIANTS = {"before": dict(gdn_kernel="fla", gemv=False), "gemv": dict(gdn_kerne
             "vb32-nofuse": dict(gdn_kernel="mixer", gemv=True, fuse_down=False, v_block=32),
             # programmatic dependent launch: of the engine's kernels only (gemv, mixer), and of inductor's too
             "default": dict(), "default2": dict(),
-            "pdl-ours": dict(gemv_pdl=True, pdl=False), "pdl-all": dict(gemv_pdl=True, pdl=True)}
+            "pdl-ours": dict(gemv_pdl=True, pdl=False), "pdl-all": dict(gemv_pdl=True, pdl=True),
+            # the decode-attention kernel (each row's visible slots) instead of SDPA over the masked capacity
+            "attn": dict(attn_kernel=True), "attn2": dict(attn_kernel=True), "sdpa": dict(attn_kernel=False)}
 
 
 DEFAULT_V_BLOCK = mixer_defaults.V_BLOCK
@@ -235,6 +237,7 @@ def main():
                                              gemv=be.eager.gemv, kernel=be.gdn_kernel,
                                              fuse_down=be.eager.fuse_down, v_block=kw.get("v_block"),
                                              pdl=be.eager.pdl, gemv_pdl=kw.get("gemv_pdl"),
+                                             attn_kernel=be.eager.attn_kernel,
                                              compile_error=be.eager.compile_error)
                 if commit:
                     if base is None:
