@@ -82,9 +82,9 @@ def serve(
     step_cost: bool = typer.Option(False, "--step-cost", help="Time engine steps vs the weight-bandwidth roofline "
                                                               "instead (C x 1 AR, C x block verify/denoise)."),
     context: int = typer.Option(512, help="--step-cost: committed tokens per slot."),
-    gdn_kernel: str = typer.Option("auto", help="Engine GDN path: auto (triton on CUDA) | triton (our recurrence: "
-                                                "commits the state in place) | mixer (the whole GDN mixer in one "
-                                                "kernel) | fla | torch (--step-cost: a comma list, e.g. triton,mixer)."),
+    gdn_kernel: str = typer.Option("auto", help="Engine GDN path: auto (mixer on CUDA) | mixer (the whole GDN mixer "
+                                                "in one kernel) | triton (our recurrence: commits the state in "
+                                                "place) | fla | torch (--step-cost: a comma list, e.g. mixer,triton)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="torch.compile the engine step (default: on for CUDA)."),
     out_dir: Path = typer.Option(Path("bench-out"), "--out", help="Directory for JSON and PNG."),
