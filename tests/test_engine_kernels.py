@@ -127,6 +127,68 @@ if not CHILD:
         monkeypatch.setenv("FLARECTL_ENGINE_ATTN", "1")
         assert attention.resolve(None, torch.device("cuda")) and not attention.resolve(None, torch.device("cpu"))
 
+    def test_norm_linear_op_registration_and_cpu_twin(monkeypatch):
+        """``flarectl::norm_linear`` passes opcheck (residual or None, with and without the activation); on CPU it
+        is the twin, which is the unfused chain (residual add, RMSNorm with its gain, projection, silu(gate) * up)
+        with the gain folded into the weight and the gate|up rows interleaved; ``project`` above MAX_ROWS (torch)
+        agrees; ``norm_gain`` reads Qwen3.5's (1 + w) and Llama's (w) norms and refuses others."""
+        import torch.nn.functional as F
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm, Qwen3_5RMSNormGated
+
+        from flarectl.engine import norm_gemv
+
+        g = torch.Generator().manual_seed(0)
+        x, r = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)
+        w_gate, w_up = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
+        torch.library.opcheck(norm_gemv.norm_linear, (x, r, w_gate, 1e-6, False))
+        torch.library.opcheck(norm_gemv.norm_linear, (x, None, torch.cat([w_gate, w_up]), 1e-6, True))
+        qn, ln = Qwen3_5RMSNorm(16, eps=1e-6), LlamaRMSNorm(16, eps=1e-6)
+        with torch.no_grad():
+            qn.weight.copy_(0.1 * torch.randn(16, generator=g))
+            ln.weight.copy_(1 + 0.1 * torch.randn(16, generator=g))
+        for norm in (qn, ln):
+            gain, eps = norm_gemv.norm_gain(norm)
+            h = x + r
+            chain = F.silu(norm(h) @ w_gate.t()) * (norm(h) @ w_up.t())
+            w = norm_gemv.interleave_glu(norm_gemv.fold_gain(torch.cat([w_gate, w_up]), gain))
+            y, h_out = norm_gemv.norm_linear(x, r, w, eps, True)
+            torch.testing.assert_close(y, chain, rtol=1e-5, atol=1e-5)
+            assert torch.equal(h_out, h)
+            y, h_out = norm_gemv.norm_linear(x, None, norm_gemv.fold_gain(w_gate, gain), eps, False)
+            torch.testing.assert_close(y, norm(x) @ w_gate.t(), rtol=1e-5, atol=1e-5)
+            assert h_out.shape == (0, 16)
+            big = torch.randn(2, 9, 16, generator=g)  # 18 rows > MAX_ROWS: the torch formula
+            y, h_out = norm_gemv.project(big, big, w, eps, True, True)
+            torch.testing.assert_close(y, F.silu(norm(2 * big) @ w_gate.t()) * (norm(2 * big) @ w_up.t()),
+                                       rtol=1e-5, atol=1e-5)
+            assert torch.equal(h_out, 2 * big)
+        assert norm_gemv.norm_gain(Qwen3_5RMSNormGated(16)) is None
+        assert norm_gemv.norm_gain(torch.nn.LayerNorm(16)) is None
+        assert norm_gemv.resolve(None, True) == norm_gemv.FUSE_NORM_DEFAULT and not norm_gemv.resolve(None, False)
+        monkeypatch.setenv("FLARECTL_ENGINE_FUSE_NORM", "0")
+        assert not norm_gemv.resolve(None, True) and norm_gemv.resolve(True, False)
+
+    def test_static_step_fuse_norm_rules_and_equality():
+        """With ``fuse_norm`` (and the skinny kernels), the step folds every layer's norm gains into its fused weights (no extra
+        copies) and gives the unfused step's logits (fp32 debug hybrid, twin on CPU; mixed clean / window steps);
+        asking for it together with the fused down projection is an error."""
+        from flarectl.engine import norm_gemv
+        from flarectl.engine.backends import SlotBackend
+        from flarectl.models.loading import load_model
+
+        m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+        on = SlotBackend(m, 4, 64, fuse=True, gemv=True, fuse_norm=True)
+        assert SlotBackend(m, 4, 64, fuse=True, gemv=True).eager.fuse_norm == norm_gemv.FUSE_NORM_DEFAULT
+        assert on.eager.fuse_norm and all("eps_in" in f and "eps_mlp" in f for f in on.eager.fused.values())
+        off = SlotBackend(m, 4, 64, fuse=True, gemv=True, fuse_norm=False)
+        assert not off.eager.fuse_norm and not any("eps_in" in f for f in off.eager.fused.values())
+        assert not SlotBackend(m, 4, 64, fuse=True, gemv=True, fuse_down=True).eager.fuse_norm
+        with pytest.raises(ValueError, match="exclude"):
+            SlotBackend(m, 4, 64, fuse=True, gemv=True, fuse_down=True, fuse_norm=True)
+        for _ in _mixed_steps([on, off, SlotBackend(m, 4, 64, fuse=False, gemv=False)], 7, random_wlen=True):
+            pass
+
     def test_dispatch_rules():
         """``linear`` takes the kernel only for <= MAX_ROWS rows of bf16/fp16/fp32 on CUDA (or interpreted);
         everything else is F.linear, same values."""
@@ -427,6 +489,37 @@ if not CHILD:
 
     @pytest.mark.gpu
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    def test_norm_kernel_on_cuda_matches_twin(dtype):
+        """``norm_gemv.launch`` at the Qwen3.5-2B shapes it serves (GDN input projection, gate|up with the
+        activation) and an odd one, one-pass and split-K configs: == the twin; h == x + residual bitwise; the same bits
+        on a repeat; counters back at zero; the tuned op too."""
+        from flarectl.engine import norm_gemv
+
+        gemv.NAN_FILL = True
+        try:
+            g = torch.Generator(device="cuda").manual_seed(2)
+            for M, N, K, glu in [(8, 8192 + 64, 2048, False), (8, 12288, 2048, True), (3, 514, 777, True)]:
+                x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
+                r = torch.randn(M, K, device="cuda", generator=g).to(dtype)
+                w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).to(dtype)
+                ref, ref_h = norm_gemv.norm_linear_reference(x, r, w, 1e-6, glu)
+                tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+                for cfg in (gemv.Config(64, 128, 1), gemv.Config(32, 256, 4, 8, 3), gemv.Config(128, 128, 2)):
+                    y, h = norm_gemv.launch(x, r, w, 1e-6, glu, cfg)
+                    assert not y.isnan().any(), cfg
+                    err = float((y.float() - ref.float()).norm() / ref.float().norm())
+                    assert err < tol, (M, N, K, cfg, err)
+                    assert torch.equal(h, ref_h), cfg
+                    assert torch.equal(y, norm_gemv.launch(x, r, w, 1e-6, glu, cfg)[0]), cfg
+                assert not gemv.arrival_counters(x.device, 1).any()
+                y, h = norm_gemv.norm_linear(x, None, w, 1e-6, glu)
+                ref = norm_gemv.norm_linear_reference(x, None, w, 1e-6, glu)[0]
+                assert float((y.float() - ref.float()).norm() / ref.float().norm()) < tol and h.numel() == 0
+        finally:
+            gemv.NAN_FILL = False
+
+    @pytest.mark.gpu
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
     def test_decode_attention_on_cuda_matches_twin(dtype):
         """The decode-attention kernel at the Qwen3.5-2B attention shape (C 8, 8 query / 2 kv heads, D 256, 524
         slots): AR (W 1), verify (W 5) and draft (5 + 4) steps, every split count and the default, == the twin;
@@ -542,6 +635,65 @@ else:
         finally:
             gemv.split_plan = orig
         assert not torch.allclose(bad, x @ w.t(), rtol=1e-3, atol=1e-3)
+
+    @pytest.mark.parametrize("M,N,K", [(1, 18, 40), (5, 40, 70), (8, 34, 257), (13, 20, 64)])
+    def test_norm_kernel_matches_twin(M, N, K):
+        """``norm_gemv.launch`` (residual add + RMSNorm prologue, gain folded in the weight, optional SwiGLU
+        epilogue; split-K finished in-kernel) == its twin for one-pass and split configs, residual or None, fp32 and
+        bf16; NaN-filled outputs and partials; the same bits on a repeat; counters back at zero."""
+        from flarectl.engine import norm_gemv
+
+        g = torch.Generator().manual_seed(M * 1000 + N + K)
+        x32, r32 = torch.randn(M, K, generator=g), torch.randn(M, K, generator=g)
+        w32 = torch.randn(N, K, generator=g) / K ** 0.5
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            x, r, w = x32.to(dtype), r32.to(dtype), w32.to(dtype)
+            for glu, res in ((False, r), (True, r), (True, None)):
+                ref, ref_h = norm_gemv.norm_linear_reference(x, res, w, 1e-6, glu)
+                for cfg in (gemv.Config(16, 16, 1), gemv.Config(16, 32, 3), gemv.Config(64, 64, 2)):
+                    y, h = norm_gemv.launch(x, res, w, 1e-6, glu, cfg)
+                    assert y.shape == ref.shape and not y.isnan().any(), cfg
+                    torch.testing.assert_close(y.float(), ref.float(), rtol=tol,
+                                               atol=tol * max(1.0, float(ref.float().abs().max())))
+                    if res is not None:  # (the interpreter truncates to bf16 where the GPU rounds: tolerance)
+                        torch.testing.assert_close(h.float(), ref_h.float(), rtol=tol, atol=tol)
+                    assert torch.equal(y, norm_gemv.launch(x, res, w, 1e-6, glu, cfg)[0]), cfg
+        assert not gemv.arrival_counters(torch.device("cpu"), 1).any()
+
+    def test_norm_mutation_is_caught():
+        """The check has teeth: a split plan that drops the last K block fails it (products and sums of squares)."""
+        from flarectl.engine import norm_gemv
+
+        x, r, w = torch.randn(4, 96), torch.randn(4, 96), torch.randn(24, 96)
+        ref = norm_gemv.norm_linear_reference(x, r, w, 1e-6, False)[0]
+        torch.testing.assert_close(norm_gemv.launch(x, r, w, 1e-6, False, gemv.Config(16, 32, 3))[0], ref,
+                                   rtol=1e-5, atol=1e-4)
+        orig = gemv.split_plan
+        try:
+            gemv.split_plan = lambda K, bk, split: (split - 1, -(-K // bk) // split * bk) if split > 1 else (1, K)
+            bad = norm_gemv.launch(x, r, w, 1e-6, False, gemv.Config(16, 32, 3))[0]
+        finally:
+            gemv.split_plan = orig
+        assert not torch.allclose(bad, ref, rtol=1e-3, atol=1e-3)
+
+    def test_static_step_fuse_norm_kernel_equals_unfused():
+        """The engine step with the fused norm kernel running (interpreted) == the unfused step (fp32 debug hybrid,
+        mixed clean / window steps with late commits)."""
+        from flarectl.engine import norm_gemv
+        from flarectl.engine.backends import SlotBackend
+        from flarectl.models.loading import load_model
+
+        m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+        backends = [SlotBackend(m, 4, 64, fuse=True, gemv=True, fuse_norm=True),
+                    SlotBackend(m, 4, 64, fuse=True, gemv=True, fuse_norm=False)]
+        calls, orig = [], norm_gemv.launch
+        norm_gemv.launch = lambda *a, **k: calls.append(1) or orig(*a, **k)
+        try:
+            for _ in _mixed_steps(backends, 5):
+                pass
+        finally:
+            norm_gemv.launch = orig
+        assert calls, "the fused norm kernel never ran"
 
     def test_cublas_choice_dispatches_to_f_linear():
         """A shape whose tuning picked cuBLAS runs ``F.linear`` (no kernel launch)."""

@@ -119,8 +119,9 @@ def _kernels():
             return acc + tl.dot(a, b, input_precision="ieee")
         return acc + tl.dot(a, b)
 
-    # jitted functions resolve the functions they call through their globals
-    globals().update(_finish=_finish, _w_tile=_w_tile, _x_tile=_x_tile, _mma=_mma)
+    # jitted functions resolve the functions they call through their globals (and Triton's interpreter wants
+    # triton.language among them when another module's kernel calls these helpers first)
+    globals().update(_finish=_finish, _w_tile=_w_tile, _x_tile=_x_tile, _mma=_mma, tl=tl)
 
     @triton.jit
     def gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, k_per_split, res, ws, counter, up_off,

@@ -15,7 +15,8 @@ are identity updates: decay 1, beta 0) and the convolution state is gathered at 
 (C, Wc, Ww) shape is captured once as a CUDA graph and replayed.
 
 The step is cut into pure functions — a prologue (positions, embedding, RoPE, mask), one block per decoder layer
-(``gdn_block`` / ``attention_block``: norm, mixer, residual, MLP, cache update) and the head — so that with
+(``gdn_block`` / ``attention_block``: norm, mixer, residual, MLP, cache update; each returns ``(hidden, pending)``,
+``pending`` being a residual add left to the next block, which fuses it into its own norm) and the head — so that with
 ``compile=True`` (the default on CUDA) each is ``torch.compile``d (inductor, ``dynamic=False``; the same code
 serves every layer of a kind) and the CUDA graph captures the fused kernels: eager, a decoder layer is ~90 small
 kernels, which made the step cost ~4x the weight-bandwidth roofline (docs/perf/engine.md). The GDN recurrence is
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from flarectl.engine.gemv import (fused_applies, linear, module_linear, plain_weight, resolve_fuse_down, resolve_gemv,
                                   skinny_linear_fused, use_pdl)
+from flarectl.engine import norm_gemv
 from flarectl.engine.attention import attention_mask, decode_attention
 from flarectl.engine.attention import resolve as resolve_attn
 from flarectl.engine.prefetch import l2_prefetch
@@ -350,9 +352,35 @@ def _mlp(mlp, x, w_gate_up, gemv: bool = False, w_down=None, pf=None, residual=N
     return out if residual is None else residual + out
 
 
+def _open(norm, hidden, pending, w, eps, gemv: bool):
+    """A sub-block's opening: ``h = hidden + pending`` (``pending`` None: nothing to add) and the input of its
+    projection -> (x, projection or None, h). ``eps`` given (``w`` has the norm's gain folded in): the add, the norm
+    and the projection ``w`` in one kernel (``norm_gemv.project``), x None; else x = norm(h), the projection None."""
+    if eps is not None:
+        y, h = norm_gemv.project(hidden, pending, w, eps, False, gemv)
+        return None, y, h
+    h = hidden if pending is None else hidden + pending
+    return norm(h), None, h
+
+
+def _mlp_tail(layer, hidden, o, w_gate_up, gemv: bool, w_down, pf, fuse_down: bool, eps_mlp):
+    """The residual add of a mixer's output ``o`` and the MLP sub-block -> (hidden, pending). ``eps_mlp`` given
+    (``w_gate_up`` gain-folded and interleaved, ``norm_gemv``): hidden + o, the post-attention norm, gate|up and
+    silu(gate) * up in one kernel, and the down projection's output is returned as ``pending`` (its residual add
+    rides in the next block's opening); else as ``_mlp`` (pending None)."""
+    if eps_mlp is not None:
+        _pf(o, pf, 2)
+        act, hidden = norm_gemv.project(o, hidden, w_gate_up, eps_mlp, True, gemv)
+        _pf(act, pf, 3)
+        return hidden, module_linear(act, layer.mlp.down_proj, w_down, gemv)
+    hidden = hidden + o
+    return _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf, hidden,
+                fuse_down), None
+
+
 def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit, wc: int, kernel: str,
               w_in=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None, pf=None,
-              fuse_down: bool = False):
+              fuse_down: bool = False, pending=None, eps_in=None, eps_mlp=None):
     """One Gated DeltaNet decoder layer of the step: hidden [C, W, hidden] -> [C, W, hidden]. Writes the state and
     conv context after each row's clean tokens into ``last_state`` / ``last_conv`` and into the cache
     (``state`` / ``conv``) for rows with ``commit``. ``w_in`` / ``w_gate_up``: fused copies of the input
@@ -360,32 +388,32 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
     projections (M <= 16 rows) through ``gemv.skinny_linear``: the fused ones, and ``w_out`` / ``w_down`` (the
     plain weights of out_proj / down_proj, ``gemv.plain_weight``) when given. ``pf``: L2 prefetch of the next
     GEMM's weight before each of the layer's four GEMMs (``_pf``), or None. ``fuse_down``: the MLP's activation,
-    down projection and residual add as one kernel (``_mlp``)."""
+    down projection and residual add as one kernel (``_mlp``). ``pending``: the previous block's residual add, or
+    None; ``eps_in`` / ``eps_mlp``: the norms' eps when their gains are folded into ``w_in`` / ``w_gate_up``
+    (``_open``, ``_mlp_tail``). Returns (hidden, pending)."""
     module = layer.linear_attn
-    x = layer.input_layernorm(hidden)
+    _pf(hidden, pf, 0)
+    x, proj, hidden = _open(layer.input_layernorm, hidden, pending, w_in, eps_in, gemv)
     if kernel == "mixer" and mixer_applies(module, w_in):  # the whole mixer as one op (one Triton kernel on CUDA)
-        _pf(x, pf, 0)
-        proj = linear(x, w_in, gemv)
+        proj = linear(x, w_in, gemv) if proj is None else proj
         normed = gdn_mixer(proj, module.conv1d.weight.squeeze(1), module.conv1d.bias, module.A_log, module.dt_bias,
                            module.norm.weight, state, conv, last_state, last_conv, counts, commit, wc,
                            module.num_k_heads, module.num_v_heads, module.head_k_dim, module.head_v_dim,
                            float(module.norm.variance_epsilon))
         _pf(normed, pf, 1)
-        hidden = hidden + module_linear(normed, module.out_proj, w_out, gemv)
-        return _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf, hidden,
-                    fuse_down)
+        return _mlp_tail(layer, hidden, module_linear(normed, module.out_proj, w_out, gemv), w_gate_up, gemv,
+                         w_down, pf, fuse_down, eps_mlp)
     if kernel == "mixer":
-        kernel = "triton" if x.device.type == "cuda" else "torch"
-    width = x.shape[1]
+        kernel = "triton" if hidden.device.type == "cuda" else "torch"
+    width = hidden.shape[1]
     ww = width - wc
-    dt = torch.promote_types(x.dtype, torch.float32)
+    dt = torch.promote_types(hidden.dtype, torch.float32)
     if w_in is None:
         mixed, z = module.in_proj_qkv(x), module.in_proj_z(x)
         g, beta = _gates(module, x)
     else:
         nv = module.num_v_heads
-        _pf(x, pf, 0)
-        mixed, z, b, a = linear(x, w_in, gemv).split(
+        mixed, z, b, a = (linear(x, w_in, gemv) if proj is None else proj).split(
             [w_in.shape[0] - module.value_dim - 2 * nv, module.value_dim, nv, nv], -1)
         beta = b.sigmoid()
         g = -module.A_log.float().exp() * F.softplus(a.float() + module.dt_bias)  # as gdn._gates
@@ -393,12 +421,12 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
     weight, bias = module.conv1d.weight.squeeze(1), module.conv1d.bias
     span = conv.shape[-1]
     ctx = torch.cat([conv.transpose(1, 2).to(mixed.dtype), mixed[:, :wc]], 1)  # [C, k-1+Wc, D]
-    idx = counts[:, None] + torch.arange(span, device=x.device)[None]
+    idx = counts[:, None] + torch.arange(span, device=hidden.device)[None]
     left = ctx.gather(1, idx[:, :, None].expand(-1, -1, ctx.shape[-1]))  # conv context after the clean tokens
     scale = module.head_k_dim ** -0.5
 
     q, k, v = _split_heads(module, _conv_taps(ctx, weight, bias, wc, dt))
-    real = (torch.arange(wc, device=x.device)[None] < counts[:, None])[..., None]  # [C, Wc, 1]
+    real = (torch.arange(wc, device=hidden.device)[None] < counts[:, None])[..., None]  # [C, Wc, 1]
     gc, bc = g[:, :wc] * real, beta[:, :wc] * real  # padding: decay 1, no write
     core = gdn_recurrence_commit(q.contiguous(), k.contiguous(), v.contiguous(), gc, bc, state, last_state, commit,
                                  scale, kernel)  # commits the state of the committing rows in place
@@ -411,18 +439,17 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
     last_conv.copy_(left.transpose(1, 2))
     conv.copy_(torch.where(commit[:, None, None], last_conv, conv))
     hv = module.head_v_dim  # gated RMSNorm with z, out_proj: as gdn._output
-    normed = module.norm(core.reshape(-1, hv).to(x.dtype), z.reshape(-1, hv)).reshape(*x.shape[:2], -1)
+    normed = module.norm(core.reshape(-1, hv).to(hidden.dtype), z.reshape(-1, hv)).reshape(*hidden.shape[:2], -1)
     _pf(normed, pf, 1)
-    hidden = hidden + module_linear(normed, module.out_proj, w_out, gemv)
-    return _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf, hidden, fuse_down)
+    return _mlp_tail(layer, hidden, module_linear(normed, module.out_proj, w_out, gemv), w_gate_up, gemv, w_down,
+                     pf, fuse_down, eps_mlp)
 
 
-def _project_fused(module, x, gated: bool, w_qkv, gemv: bool = False):
-    """``attention._project`` with one GEMM for q|k|v."""
-    bsz, length, _ = x.shape
+def _split_qkv(module, qkv, gated: bool):
+    """``attention._project`` from the output of one GEMM for q|k|v: qkv [C, W, q + k + v features]."""
+    bsz, length, _ = qkv.shape
     head_dim = module.head_dim
-    q, k, v = linear(x, w_qkv, gemv).split([module.q_proj.out_features, module.k_proj.out_features,
-                                        module.v_proj.out_features], -1)
+    q, k, v = qkv.split([module.q_proj.out_features, module.k_proj.out_features, module.v_proj.out_features], -1)
     gate = None
     if gated:
         q, gate = torch.chunk(q.reshape(bsz, length, -1, head_dim * 2), 2, dim=-1)
@@ -436,22 +463,24 @@ def _project_fused(module, x, gated: bool, w_qkv, gemv: bool = False):
 
 def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int, cap: int, gated: bool,
                     w_qkv=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None, pf=None,
-                    fuse_down: bool = False, counts=None, wlen=None, attn_kernel: bool = False):
+                    fuse_down: bool = False, counts=None, wlen=None, attn_kernel: bool = False, pending=None,
+                    eps_in=None, eps_mlp=None):
     """One softmax-attention decoder layer of the step (keys/values of the clean tokens written at each row's
     length; attention over the first ``cap`` slots plus the window). ``w_qkv`` / ``w_gate_up``: fused weights or
     None. ``pf``: as ``gdn_block``. ``attn_kernel``: ``attention.decode_attention`` (visibility from ``lengths``,
-    ``counts``, ``wlen``; ``mask`` unused) instead of SDPA over the masked capacity."""
+    ``counts``, ``wlen``; ``mask`` unused) instead of SDPA over the masked capacity. ``pending``, ``eps_in``,
+    ``eps_mlp``: as ``gdn_block``. Returns (hidden, pending)."""
     module = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    bsz, width, _ = x.shape
     if w_qkv is not None:
-        _pf(x, pf, 0)
+        _pf(hidden, pf, 0)
+    x, qkv, hidden = _open(layer.input_layernorm, hidden, pending, w_qkv, eps_in, gemv)
+    bsz, width, _ = hidden.shape
     q, k, v, gate = (_project(module, x, gated) if w_qkv is None
-                     else _project_fused(module, x, gated, w_qkv, gemv))
+                     else _split_qkv(module, linear(x, w_qkv, gemv) if qkv is None else qkv, gated))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if wc:
-        pos = (lengths[:, None] + torch.arange(wc, device=x.device)).clamp(max=key.shape[2] - 1)
-        rows = torch.arange(bsz, device=x.device)[:, None]
+        pos = (lengths[:, None] + torch.arange(wc, device=hidden.device)).clamp(max=key.shape[2] - 1)
+        rows = torch.arange(bsz, device=hidden.device)[:, None]
         key[rows, :, pos] = k[:, :, :wc].transpose(1, 2).to(key.dtype)  # [C, Wc, Hkv, D] at (row, :, pos)
         value[rows, :, pos] = v[:, :, :wc].transpose(1, 2).to(value.dtype)
     if attn_kernel and key.dtype == q.dtype:
@@ -469,8 +498,8 @@ def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int,
     if gate is not None:
         out = out * torch.sigmoid(gate)
     _pf(out, pf, 1)
-    hidden = hidden + module_linear(out, module.o_proj, w_out, gemv)
-    return _mlp(layer.mlp, layer.post_attention_layernorm(hidden), w_gate_up, gemv, w_down, pf, hidden, fuse_down)
+    return _mlp_tail(layer, hidden, module_linear(out, module.o_proj, w_out, gemv), w_gate_up, gemv, w_down, pf,
+                     fuse_down, eps_mlp)
 
 
 def positions(lengths, counts, wc: int, width: int) -> torch.Tensor:
@@ -478,8 +507,9 @@ def positions(lengths, counts, wc: int, width: int) -> torch.Tensor:
     return torch.where(cols >= wc, (lengths + counts)[:, None] + cols - wc, lengths[:, None] + cols)
 
 
-def head(norm, lm_head, hidden, gemv: bool = False, w_head=None):
-    return module_linear(norm(hidden), lm_head, w_head, gemv)
+def head(norm, lm_head, hidden, gemv: bool = False, w_head=None, pending=None):
+    """The final norm of ``hidden (+ pending)`` and the LM head."""
+    return module_linear(norm(hidden if pending is None else hidden + pending), lm_head, w_head, gemv)
 
 
 COMPILE_MODES = (None, "max-autotune-no-cudagraphs")
@@ -538,12 +568,16 @@ class StaticStep:
     ``fuse_down``: each MLP's silu(gate) * up, down projection and residual add as one kernel
     (``gemv.skinny_linear_fused``; None: ``gemv.resolve_fuse_down``). ``pdl``: inductor's kernels of the step with
     programmatic dependent launch (None: as the engine's own kernels, ``gemv.use_pdl``). ``attn_kernel``: attention
-    layers through ``attention.decode_attention`` (each row's visible slots only; None: ``attention.resolve``)."""
+    layers through ``attention.decode_attention`` (each row's visible slots only; None: ``attention.resolve``).
+    ``fuse_norm``: each sub-block's residual add and RMSNorm inside its projection, and each MLP's activation inside
+    gate|up (``norm_gemv``: the norm gains folded into the fused weight copies; None: ``norm_gemv.resolve``, on with
+    ``gemv`` where ``norm_gemv.FUSE_NORM_DEFAULT``; never with ``fuse_down``, which needs gate|up un-activated)."""
 
     def __init__(self, model, cache: HybridCache, *, gdn_kernel: str = "auto", compile: bool | None = None,
                  fuse: bool | None = None, compile_mode: str | None = None, gemv: bool | None = None,
                  prefetch_mb: float | None = None, prefetch_method: str | None = None,
-                 fuse_down: bool | None = None, pdl: bool | None = None, attn_kernel: bool | None = None):
+                 fuse_down: bool | None = None, pdl: bool | None = None, attn_kernel: bool | None = None,
+                 fuse_norm: bool | None = None):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}; got {compile_mode!r}")
         self.model, self.cache = model, cache
@@ -578,6 +612,11 @@ class StaticStep:
                 f = self.fused.get(i, {})
                 if "w_gate_up" in f and f.get("w_down") is not None and silu_mlp(layer.mlp):
                     f["fuse_down"] = True
+        if fuse_norm and self.fuse_down:
+            raise ValueError("fuse_norm and fuse_down exclude each other (fuse_down needs gate|up un-activated)")
+        self.fuse_norm = norm_gemv.resolve(fuse_norm, self.gemv) and not self.fuse_down and bool(self.fused)
+        if self.fuse_norm:
+            self._fold_norms()
         self._plan_prefetch(resolve_prefetch(prefetch_mb, dev), prefetch_method or DEFAULT_PREFETCH_METHOD)
         self._set_fns()
         self._seen: set[tuple[int, int]] = set()
@@ -608,6 +647,24 @@ class StaticStep:
                 w["w_gate_up"] = fuse_weights([mlp.gate_proj, mlp.up_proj])
             out[i] = {k: v for k, v in w.items() if v is not None}
         return out
+
+    @torch.no_grad()
+    def _fold_norms(self) -> None:
+        """Fold each layer's input norm gain into its fused input projection (``eps_in``) and the post-attention
+        norm gain into its fused gate|up, rows interleaved for the activation (``eps_mlp``), where the norm is an
+        RMSNorm of a known form (``norm_gemv.norm_gain``) and the MLP a SiLU-gated one. The fused copies are
+        replaced, so no memory is added."""
+        for i, (kind, layer) in enumerate(zip(self.model.layer_kinds, self.model.layers)):
+            f = self.fused.get(i, {})
+            key = "w_qkv" if kind == ATTENTION else "w_in"
+            gain = norm_gemv.norm_gain(layer.input_layernorm) if key in f else None
+            if gain is not None:
+                f[key], f["eps_in"] = norm_gemv.fold_gain(f[key], gain[0]), gain[1]
+            gain = (norm_gemv.norm_gain(layer.post_attention_layernorm)
+                    if "w_gate_up" in f and silu_mlp(layer.mlp) else None)
+            if gain is not None:
+                f["w_gate_up"] = norm_gemv.interleave_glu(norm_gemv.fold_gain(f["w_gate_up"], gain[0]))
+                f["eps_mlp"] = gain[1]
 
     def _plan_prefetch(self, mb: float, method: str) -> None:
         """The GEMM weights of the step in launch order (per layer: fused input projection, out_proj/o_proj, fused
@@ -730,21 +787,26 @@ class StaticStep:
             l2_prefetch(ids, view, token, method, grid)
         hidden, cos, sin, mask = self._prologue(ids, counts, wlen, wc, cap,
                                                 ATTENTION in model.layer_kinds and not self.attn_kernel)
+        pending = None  # a residual add each block leaves to the next (fused into its norm), or None
         for i, (kind, layer) in enumerate(zip(model.layer_kinds, model.layers)):
             if kind == ATTENTION:
                 kv = cache.attention[i]
-                hidden = self._attn(layer, hidden, kv.key, kv.value, cache.lengths, cos, sin, mask, wc, cap, gated,
-                                    gemv=self.gemv, pf=self._pf.get(i), counts=counts, wlen=wlen,
-                                    attn_kernel=self.attn_kernel, **self.fused.get(i, {}))
+                hidden, pending = self._attn(layer, hidden, kv.key, kv.value, cache.lengths, cos, sin, mask, wc,
+                                             cap, gated, gemv=self.gemv, pf=self._pf.get(i), counts=counts,
+                                             wlen=wlen, attn_kernel=self.attn_kernel, pending=pending,
+                                             **self.fused.get(i, {}))
             else:
                 c = cache.gdn[i]
-                hidden = self._gdn(layer, hidden, c.state, c.conv, self.last_state[i], self.last_conv[i], counts,
-                                   commit, wc, self.recurrence, gemv=self.gemv, pf=self._pf.get(i),
-                                   **self.fused.get(i, {}))
+                hidden, pending = self._gdn(layer, hidden, c.state, c.conv, self.last_state[i], self.last_conv[i],
+                                            counts, commit, wc, self.recurrence, gemv=self.gemv, pf=self._pf.get(i),
+                                            pending=pending, **self.fused.get(i, {}))
         self.last_counts.copy_(counts)
         self.last_commit.copy_(commit)
         cache.lengths.add_(torch.where(commit, counts, 0))
-        out = self._head(model.hf.model.norm, model.hf.lm_head, hidden, self.gemv, self.w_head) if logits else hidden
+        if logits:
+            out = self._head(model.hf.model.norm, model.hf.lm_head, hidden, self.gemv, self.w_head, pending)
+        else:
+            out = hidden if pending is None else hidden + pending
         if self._pf_first is not None:
             from flarectl.engine import prefetch
 

@@ -6,6 +6,7 @@ uncompiled and ungraphed (the reference), then the same weights cast to bf16 thr
 agreement and the relative difference between the bf16 variants. RANDOM weights.
 
     python scripts/gpu/engine_mixer_accuracy.py --variants triton,mixer
+    python scripts/gpu/engine_mixer_accuracy.py --variants nonorm,norm    # session 7: the fused norm projections
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import argparse
 import json
 
 import torch
+
+
+VARIANTS = {"triton": dict(gdn_kernel="triton"), "mixer": dict(gdn_kernel="mixer"),
+            "norm": dict(fuse_norm=True), "nonorm": dict(fuse_norm=False)}
+"""Served paths by name (SlotBackend keywords; the rest as the tree's CUDA defaults)."""
 
 
 def one_step(model, c=8, context=512, steps=3, **kw):
@@ -50,7 +56,7 @@ def main():
     model.to(torch.bfloat16)
     res, logits = {}, {}
     for name in a.variants.split(","):
-        got = one_step(model, gdn_kernel=name)
+        got = one_step(model, **VARIANTS[name])
         logits[name] = got
         res[name] = dict(rel_err_vs_fp32=float((got - ref).norm() / ref.norm()),
                          argmax_agree_vs_fp32=float((got.argmax(-1) == ref.argmax(-1)).float().mean()))

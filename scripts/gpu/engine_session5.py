@@ -45,7 +45,10 @@ VARIANTS = {"before": dict(gdn_kernel="fla", gemv=False), "gemv": dict(gdn_kerne
             "default": dict(), "default2": dict(),
             "pdl-ours": dict(gemv_pdl=True, pdl=False), "pdl-all": dict(gemv_pdl=True, pdl=True),
             # the decode-attention kernel (each row's visible slots) instead of SDPA over the masked capacity
-            "attn": dict(attn_kernel=True), "attn2": dict(attn_kernel=True), "sdpa": dict(attn_kernel=False)}
+            "attn": dict(attn_kernel=True), "attn2": dict(attn_kernel=True), "sdpa": dict(attn_kernel=False),
+            # session 7: residual add + RMSNorm inside the projections, SwiGLU inside gate|up (norm_gemv)
+            "norm": dict(fuse_norm=True), "norm2": dict(fuse_norm=True), "nonorm": dict(fuse_norm=False),
+            "nonorm2": dict(fuse_norm=False)}
 
 
 DEFAULT_V_BLOCK = mixer_defaults.V_BLOCK

@@ -1,0 +1,340 @@
+"""Residual add + RMSNorm + projection (+ SwiGLU) in one skinny-GEMM launch, for decode steps (issue 6).
+
+Every decoder layer of the step opens its two sub-blocks the same way: ``h = hidden + delta`` (the residual add of
+the previous sub-block), ``x = rmsnorm(h) * gain``, ``x @ W^T``. Compiled, that is a small add+norm kernel before
+each projection (and, for the MLP, a SiLU-times-up kernel after it): ~4 launches of ~1.5 us per layer that move
+almost no bytes. Here they ride inside the projection, which streams its weight anyway:
+
+* **the gain is folded into the weight** (``fold_gain``: W' = W * gain, a copy taken when the engine is built, as
+  the fused projection copies already are), and the row scale is applied to the fp32 accumulator at the end:
+  ``rmsnorm(h) @ (W * gain)^T = rstd * (h @ W'^T)`` with ``rstd = rsqrt(mean(h^2) + eps)`` per row;
+* **the residual add rides in the dot**: the A tile's top rows are x's and its bottom rows the residual's (M <= 8:
+  one 16-row tile; up to 16 rows: 32), loaded straight into the dots — a computed operand (x + r, or squares taken
+  from the tile) cost the loads their software pipelining and made the kernel 1.5-4x slower on the H100 — so the
+  product is (x + r) @ W'^T as the sum of the two halves, and the column blocks also store ``h = x + r`` (rounded as
+  eager torch adds them; each block a few K chunks) as the new residual stream;
+* **the sums of squares come from the tensor cores too**: the Gram matrix A @ A^T per tile, |x + r|^2 =
+  G[i,i] + 2 G[i,i+R] + G[i+R,i+R] (each K split its own part; with split-K the last split to arrive at the column
+  block's counter sums the partial products and sums in split order: deterministic, as ``gemv.launch_fused``);
+* ``glu``: the weight's rows are [gate | up] interleaved (``interleave_glu``: g0, u0, g1, u1, ...), so every program
+  holds matching gate and up columns and writes ``silu(gate) * up`` (rounded as eager torch rounds them): the MLP's
+  activation needs no kernel of its own.
+
+``norm_linear`` (op ``flarectl::norm_linear``) is the fast path; ``norm_linear_reference`` its twin with the same
+signature (fp32 products and sums). ``project`` is what the step calls: the op for at most ``gemv.MAX_ROWS`` rows on
+CUDA (or under the interpreter), the same formula in torch (cuBLAS GEMM, then the row scale) otherwise.
+
+The fold changes where bf16 rounds (the normalised activations are no longer rounded before the GEMM; the folded
+weight is; the kernel's product and sums of squares take x + r unrounded, the stored h is rounded), like the mixer
+kernel did: different rounding, not a different function (fp32 steps agree to 1e-5; bf16 logits are as close to an
+fp32 reference as without it).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.nn.functional as F
+
+from flarectl.engine import gemv
+
+FUSE_NORM_DEFAULT = False
+"""Whether steps with the skinny kernels (``gemv``) fuse each sub-block's residual add and RMSNorm into its
+projection (and the MLP's activation into gate|up) by default; env ``FLARECTL_ENGINE_FUSE_NORM=1`` / ``0``
+overrides (``resolve``). Off until the engine's CUDA tests have run with it (they were cut by the device budget in
+session 7), though measured faster and as accurate on the H100 (Qwen3.5-2B shape, random weights, C=8): AR step
+2.200 vs 2.242-2.256 ms in one process, 207 vs 303 kernels; through the CLI AR 2.215 ms (1.75x roofline; 2.348 ms
+in session 6), verify 2.692 ms (2.813), draft 3.051 ms (3.100); bf16 logits vs an fp32 reference 5.2e-2 vs 5.4e-2
+without (docs/perf/engine.md, session 7)."""
+
+
+def resolve(flag: bool | None, use_gemv: bool) -> bool:
+    """None -> ``FUSE_NORM_DEFAULT`` where the skinny kernels are on (env ``FLARECTL_ENGINE_FUSE_NORM``
+    overrides); True / False as given."""
+    if flag is None:
+        env = os.environ.get("FLARECTL_ENGINE_FUSE_NORM")
+        on = FUSE_NORM_DEFAULT if env is None else env.strip().lower() not in ("0", "false", "no", "off", "")
+        return use_gemv and on
+    return bool(flag)
+
+
+# -- the weights ------------------------------------------------------------------------------------------------
+
+def norm_gain(norm: torch.nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(gain [D] fp32, eps) of an RMSNorm module that computes ``x * rsqrt(mean(x^2) + eps) * gain`` — Qwen3.5's
+    (gain = 1 + weight) or Llama's (gain = weight) — else None. Checked on a random fp32 probe, so a norm of another
+    form is never folded."""
+    name = type(norm).__name__
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+    if weight is None or weight.dim() != 1 or eps is None or "RMSNorm" not in name or "Gated" in name:
+        return None
+    with torch.no_grad():
+        ref = copy.deepcopy(norm).float().cpu()  # the module itself in fp32 on CPU (the model's is left alone)
+        gain_of = {"1+w": 1.0 + ref.weight.float(), "w": ref.weight.float()}
+        probe = torch.randn(3, weight.numel(), generator=torch.Generator().manual_seed(0))
+        want = ref(probe)
+        rstd = torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + float(eps))
+        for gain in gain_of.values():
+            if torch.allclose(want, probe * rstd * gain, rtol=1e-4, atol=1e-5):
+                return gain.to(weight.device), float(eps)
+    return None
+
+
+def fold_gain(w: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """W [N, K] * gain [K] along K, in fp32, rounded to W's dtype: a new tensor."""
+    return (w.float() * gain.to(w.device)[None, :]).to(w.dtype).contiguous()
+
+
+def interleave_glu(w: torch.Tensor) -> torch.Tensor:
+    """[gate; up] [2I, K] -> rows g0, u0, g1, u1, ... [2I, K] (a new tensor)."""
+    gate, up = w.chunk(2, 0)
+    return torch.stack([gate, up], 1).reshape(w.shape).contiguous()
+
+
+# -- the twin ---------------------------------------------------------------------------------------------------
+
+def _glu(y: torch.Tensor) -> torch.Tensor:
+    """Interleaved [.., 2I] -> silu(gate) * up [.., I], rounded as eager torch rounds them."""
+    return F.silu(y[..., 0::2]) * y[..., 1::2]
+
+
+def _add(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    return x if residual is None else x + residual
+
+
+def norm_linear_reference(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float,
+                          glu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The twin. x, residual [M, K] (residual may be None), w [N, K] with the norm's gain folded in ->
+    (y, h): h = x + residual in x's dtype (an empty [0, K] when residual is None: the caller's x is h);
+    y = rsqrt(mean(h^2) + eps) * (h @ w^T) with fp32 products and sums, in x's dtype ([M, N]), or with ``glu``
+    silu(y[:, 0::2]) * y[:, 1::2] ([M, N/2])."""
+    h = _add(x, residual)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    hf = h.to(acc)
+    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    y = ((hf @ w.to(acc).t()) * rstd).to(x.dtype)
+    return (_glu(y) if glu else y), (h if residual is not None else x.new_empty(0, x.shape[-1]))
+
+
+def project(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float, glu: bool,
+            use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the step calls: x, residual [..., K] -> (y [..., N or N/2], h = x + residual [..., K], or x itself when
+    residual is None). Through the op when ``use_kernel`` and the kernel applies (at most ``gemv.MAX_ROWS`` rows),
+    else the same formula in torch (cuBLAS GEMM in the activations' dtype, then the fp32 row scale)."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    if use_kernel and kernel_applies(x, residual, w, glu):
+        y, h = norm_linear(x.reshape(-1, K), None if residual is None else residual.reshape(-1, K), w, eps, glu)
+        return y.reshape(*lead, y.shape[-1]), (x if residual is None else h.reshape(*lead, K))
+    h = _add(x, residual)
+    rstd = torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + eps)
+    y = (F.linear(h, w).float() * rstd).to(x.dtype)
+    return (_glu(y) if glu else y), h
+
+
+def kernel_applies(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, glu: bool) -> bool:
+    """Shapes the kernel takes: as ``gemv.kernel_applies``, residual like x, an even N with ``glu``."""
+    return (gemv.kernel_applies(x, w) and (residual is None or (residual.shape == x.shape
+                                                                and residual.dtype == x.dtype))
+            and (not glu or w.shape[0] % 2 == 0))
+
+
+# -- the kernel -------------------------------------------------------------------------------------------------
+
+_KERNEL = None
+
+
+def _kernel():
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL
+    import triton
+    import triton.language as tl
+
+    gemv._kernels()  # defines the shared tile helpers (gemv._w_tile, gemv._mma)
+    _w_tile, _mma = gemv._w_tile, gemv._mma
+
+    @triton.jit
+    def _norm_finish(acc, ss, K, eps, y, pid_n, M, N, R: tl.constexpr, BN: tl.constexpr, GLU: tl.constexpr):
+        """acc [R, BN] fp32 products of this column block, ss [R] sums of squares -> y (rows < M)."""
+        rm = tl.arange(0, R)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+        out = acc * rstd[:, None]
+        if GLU:  # interleaved columns: (gate, up) pairs; silu(gate) * up, as eager torch rounds them
+            HALF: tl.constexpr = BN // 2
+            o = out.to(y.dtype.element_ty).to(tl.float32)
+            gate, up = tl.split(tl.reshape(o, [R, HALF, 2]))
+            act = (gate / (1.0 + tl.exp(-gate))).to(y.dtype.element_ty).to(tl.float32)
+            cols = pid_n * HALF + tl.arange(0, HALF)
+            tl.store(y + rm[:, None] * (N // 2) + cols[None, :], (act * up).to(y.dtype.element_ty),
+                     mask=(rm[:, None] < M) & (cols[None, :] < N // 2))
+        else:
+            rn = pid_n * BN + tl.arange(0, BN)
+            tl.store(y + rm[:, None] * N + rn[None, :], out.to(y.dtype.element_ty),
+                     mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.jit
+    def _halves(t, R: tl.constexpr, BN: tl.constexpr):
+        """[2R, BN] -> [R, BN]: the sum of the top and bottom halves (x's and the residual's rows)."""
+        top, bottom = tl.split(tl.permute(tl.reshape(t, [2, R, BN]), [1, 2, 0]))
+        return top + bottom
+
+    globals().update(_norm_finish=_norm_finish, _halves=_halves, _w_tile=_w_tile, _mma=_mma, tl=tl)
+
+    @triton.jit
+    def norm_gemv_kernel(x, res, w, y, h, ws, counter, M, N, K, stride_wn, k_per_split, eps,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                         EVEN_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ADD: tl.constexpr,
+                         GLU: tl.constexpr, SPLIT: tl.constexpr):
+        # The A tile's rows are x's (ADD: x's in the top half, the residual's in the bottom half), loaded straight
+        # into the dots (computed operands would cost the loads their pipelining): acc = A @ W^T (ADD: the halves
+        # summed, (x + r) @ W^T), and the Gram matrix A @ A^T on the tensor cores gives the rows' sums of squares
+        # (ADD: |x + r|^2 = G[i,i] + 2 G[i,i+R] + G[i+R,i+R]).
+        R: tl.constexpr = BM // 2 if ADD else BM
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        ri = tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        k0 = pid_s * k_per_split
+        row = ri % R
+        if ADD:
+            base = tl.where(ri >= R, res, x) + row * K
+        else:
+            base = x + row * K
+        a_ok = (row < M)[:, None]
+        p_a = base[:, None] + (k0 + rk)[None, :]
+        p_w = w + rn[None, :].to(tl.int64) * stride_wn + (k0 + rk)[:, None]  # [BK, BN] tile of w^T
+        n_mask = rn[None, :] < N
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        gram = tl.zeros([BM, BM], dtype=tl.float32)
+        for kk in range(0, k_per_split, BK):
+            k_ok = (k0 + kk + rk) < K
+            b = _w_tile(p_w, n_mask, k_ok, EVEN_K, EVEN_N)
+            if EVEN_K:
+                a = tl.load(p_a, mask=a_ok, other=0.0)
+            else:
+                a = tl.load(p_a, mask=a_ok & k_ok[None, :], other=0.0)
+            acc = _mma(acc, a, b, IEEE, UPCAST)
+            gram = _mma(gram, a, tl.trans(a), IEEE, UPCAST)
+            p_a += BK
+            p_w += BK
+        diag = ri[:, None] == ri[None, :]
+        if ADD:
+            cross = ri[None, :] == ri[:, None] + R
+            t = tl.sum(gram * (diag.to(tl.float32) + 2.0 * cross.to(tl.float32)), axis=1)
+            ss = tl.sum(tl.reshape(t, [2, R]), axis=0)
+            acc_y = _halves(acc, R, BN)
+            # h = x + r (rounded as eager torch adds them): this split's K chunks, spread over the column blocks
+            rm = tl.arange(0, R)
+            chunks = tl.cdiv(k_per_split, BK)
+            for c in range(pid_n, chunks, tl.num_programs(0)):
+                kc = k0 + c * BK + rk
+                offs = rm[:, None] * K + kc[None, :]
+                if EVEN_K:
+                    h_mask = (rm < M)[:, None]
+                else:
+                    h_mask = (rm < M)[:, None] & (kc < K)[None, :]
+                xa = tl.load(x + offs, mask=h_mask, other=0.0)
+                ra = tl.load(res + offs, mask=h_mask, other=0.0)
+                tl.store(h + offs, (xa.to(tl.float32) + ra.to(tl.float32)).to(xa.dtype), mask=h_mask)
+        else:
+            ss = tl.sum(tl.where(diag, gram, 0.0), axis=1)
+            acc_y = acc
+        if SPLIT == 1:
+            _norm_finish(acc_y, ss, K, eps, y, pid_n, M, N, R, BN, GLU)
+        else:
+            # every split stores its fp32 partial product and sum of squares; the last to arrive at this column
+            # block's counter sums them in split order (deterministic), finishes, and resets the counter
+            rm = tl.arange(0, R)
+            m_mask = rm[:, None] < M
+            offs = rm[:, None] * N + rn[None, :]
+            tl.store(ws + pid_s * M * N + offs, acc_y, mask=m_mask & n_mask)
+            p_ss = ws + SPLIT * M * N + pid_n * SPLIT * M + rm
+            tl.store(p_ss + pid_s * M, ss, mask=rm < M)
+            tl.debug_barrier()  # every thread's partials stored before the (release) arrival
+            arrived = tl.atomic_add(counter + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                acc_y = tl.load(ws + offs, mask=m_mask & n_mask, other=0.0, cache_modifier=".cg")
+                ss = tl.load(p_ss, mask=rm < M, other=0.0, cache_modifier=".cg")
+                for s in tl.static_range(1, SPLIT):
+                    acc_y += tl.load(ws + s * M * N + offs, mask=m_mask & n_mask, other=0.0, cache_modifier=".cg")
+                    ss += tl.load(p_ss + s * M, mask=rm < M, other=0.0, cache_modifier=".cg")
+                _norm_finish(acc_y, ss, K, eps, y, pid_n, M, N, R, BN, GLU)
+                tl.atomic_xchg(counter + pid_n, 0)
+
+    _KERNEL = norm_gemv_kernel
+    return _KERNEL
+
+
+def launch(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float, glu: bool,
+           cfg: gemv.Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel with one launch configuration (``norm_linear``'s contract; x, residual [M, K], M <= MAX_ROWS)."""
+    kernel = _kernel()
+    x = x.contiguous()
+    M, K = x.shape
+    N = w.shape[0]
+    split, per = gemv.split_plan(K, cfg.bk, cfg.split)
+    y = gemv._empty((M, N // 2 if glu else N), x.dtype, x.device)
+    h = gemv._empty((M, K), x.dtype, x.device) if residual is not None else x.new_empty(0, K)
+    blocks = -(-N // cfg.bn)
+    ws = gemv._empty((split * M * N + blocks * split * M,), torch.float32, x.device) if split > 1 else y
+    counter = gemv.arrival_counters(x.device, blocks) if split > 1 else y
+    res = residual.contiguous() if residual is not None else x
+    common = gemv._common(x, N, split * per == K, cfg)
+    common.pop("PDL", None)
+    common.pop("launch_pdl", None)
+    common["BM"] = 16 if (M <= 8 or residual is None) else 32  # ADD: x's rows on top, the residual's below
+    kernel[(blocks, split)](x, res, w, y, h if residual is not None else x, ws, counter, M, N, K, w.stride(0), per,
+                            float(eps), ADD=residual is not None, GLU=glu, SPLIT=split, **common)
+    return y, h
+
+
+_CHOSEN: dict[tuple, gemv.Config] = {}
+
+
+def config_for(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float,
+               glu: bool) -> gemv.Config:
+    """The launch configuration for this shape: tuned once per process outside capture (L2-cold, among
+    ``gemv.candidates``; env ``FLARECTL_GEMV_TUNE=0``: the heuristic), kept per (M, N, K, dtype, variant)."""
+    key = gemv._key(x, w, "norm" + ("+glu" if glu else "") + ("+add" if residual is not None else ""))
+    cfg = _CHOSEN.get(key)
+    if cfg is not None:
+        return cfg
+    M, K = x.shape
+    N = w.shape[0]
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if x.is_cuda and not capturing and os.environ.get("FLARECTL_GEMV_TUNE", "1") != "0":
+        results = []
+        for c in gemv.candidates(M, N, K, x.device):
+            try:
+                results.append((c, gemv.cold_ms(lambda: launch(x, residual, w, eps, glu, c), x.device)))  # noqa: B023
+            except Exception:  # noqa: BLE001 - a config that does not fit (resources): skip it
+                continue
+        gemv.TIMINGS[key] = results
+        cfg = min(results, key=lambda r: r[1])[0]
+    else:
+        cfg = gemv.default_config(M, N, K, x.device)
+    if not capturing:
+        _CHOSEN[key] = cfg
+    return cfg
+
+
+@torch.library.custom_op("flarectl::norm_linear", mutates_args=())
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float,
+                glu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h) of ``norm_linear_reference`` in one kernel launch: x, residual [M, K] (M <= MAX_ROWS; residual may be
+    None), w [N, K] (gain folded; ``glu``: rows interleaved) -> y [M, N] or [M, N/2], h [M, K] (or [0, K]). The
+    Triton kernel on CUDA or under the interpreter; the twin elsewhere."""
+    if not (x.is_cuda or gemv._interpreting()):
+        return norm_linear_reference(x, residual, w, eps, glu)
+    x = x.contiguous()
+    return launch(x, residual, w, eps, glu, config_for(x, residual, w, eps, glu))
+
+
+@norm_linear.register_fake
+def _(x, residual, w, eps, glu):
+    n = w.shape[0] // 2 if glu else w.shape[0]
+    return x.new_empty(x.shape[0], n), x.new_empty(x.shape[0] if residual is not None else 0, x.shape[1])
