@@ -923,14 +923,17 @@ else:
             assert torch.equal(backends[0].cache.lengths, backends[1].cache.lengths)
 
     def test_ops_trace_under_torch_compile():
-        """Both ops trace through dynamo/AOT (fake impls, the mutated cache state) and give the eager values."""
+        """The ops trace through dynamo/AOT (fake impls, the mutated cache state, the fused norm projection's two
+        outputs) and give the eager values."""
+        from flarectl.engine import norm_gemv
         from flarectl.engine.static_step import gdn_recurrence_commit, gdn_recurrence_from
 
         def fn(x, w, q, k, v, g, b, st, last, commit):
             y = gemv.linear(x, w, True) * 2
             o = gdn_recurrence_commit(q, k, v, g, b, st, last, commit, 0.25, "triton")
             ow = gdn_recurrence_from(q, k, v, g, b, st, last, commit, 0.25, "triton")
-            return y, o + 1, ow
+            yn, h = norm_gemv.project(x, x * 0.5, w[:16], 1e-6, True, True)
+            return y, o + 1, ow, yn * 3, h - 1
 
         gen = torch.Generator().manual_seed(0)
         r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
