@@ -220,6 +220,46 @@ if not CHILD:
         out = (q, k, v, gate, beta, state, commit)
         return tuple(t.to(device) for t in out[:5]) + (state.to(device), commit.to(device))
 
+    def test_tune_mode(monkeypatch):
+        monkeypatch.setattr(gemv, "TUNE_MODE", None)
+        monkeypatch.delenv("FLARECTL_GEMV_TUNE", raising=False)
+        assert gemv.tune_mode() == "chain"
+        for env, mode in [("0", "off"), ("cold", "cold"), ("1", "chain"), ("Chain", "chain")]:
+            monkeypatch.setenv("FLARECTL_GEMV_TUNE", env)
+            assert gemv.tune_mode() == mode
+        monkeypatch.setenv("FLARECTL_GEMV_TUNE", "fast")
+        with pytest.raises(ValueError, match="chain, cold or 0"):
+            gemv.tune_mode()
+        monkeypatch.setattr(gemv, "TUNE_MODE", "cold")
+        assert gemv.tune_mode() == "cold"
+        # tuning needs CUDA: on CPU (interpreted or not) the heuristic is chosen and kept
+        x, w = torch.randn(3, 40), torch.randn(17, 40)
+        monkeypatch.setattr(gemv, "_CHOSEN", {})
+        assert gemv.config_for(x, w) == gemv.default_config(3, 17, 40, x.device)
+
+    @pytest.mark.gpu
+    def test_chain_tuning_on_cuda():
+        """chain_ms copies the weight so the chain streams from HBM, and tune() in chain mode picks a candidate
+        whose launch matches the twin."""
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(8, 1024, device="cuda", generator=g).bfloat16()
+        w = torch.randn(1536, 1024, device="cuda", generator=g).bfloat16()
+        calls = []
+        ms = gemv.chain_ms(lambda wi: calls.append(wi.data_ptr()) or torch.nn.functional.linear(x, wi), w,
+                           repeats=3, chain_bytes=16e6)
+        assert ms > 0 and len(set(calls)) == 6  # ceil(16 MB / 3.1 MB) distinct weights, w itself first
+        assert calls[0] == w.data_ptr()
+        old = gemv.TUNE_MODE
+        try:
+            gemv.TUNE_MODE = "chain"
+            cfg = gemv.tune(x, w, repeats=2)
+        finally:
+            gemv.TUNE_MODE = old
+        timed = gemv.TIMINGS[gemv._key(x, w)]
+        assert cfg in [c for c, _ in timed] and all(t > 0 for _, t in timed)
+        y = torch.nn.functional.linear(x, w) if cfg == gemv.CUBLAS else gemv.launch(x, w, cfg)
+        torch.testing.assert_close(y.float(), gemv.skinny_linear_reference(x, w).float(), rtol=2e-2, atol=2e-2)
+
     def test_recurrence_commit_twin_semantics():
         """The torch twin of ``gdn_recurrence_commit``: committing rows get the new state in the cache, the others
         keep theirs and get the new state in ``last``; ``gdn_recurrence_from`` starts from exactly that."""

@@ -12,9 +12,11 @@ bandwidth at these shapes on an H100 (docs/perf/engine.md); this is a GEMV-class
   them in a fixed order and casts (no atomics: the same inputs give the same bits, replay after replay).
 
 The launch configuration (BN, BK, SPLIT, warps, stages) is chosen per (M, N, K, dtype) the first time a shape runs
-outside CUDA-graph capture by timing a few candidates and cuBLAS itself with a cold L2 (``tune``, 10 launches each;
-env ``FLARECTL_GEMV_TUNE=0``: the heuristic ``default_config`` instead), and kept for the process; where cuBLAS is
-faster the op calls ``F.linear`` for that shape.
+outside CUDA-graph capture by timing a few candidates and cuBLAS itself (``tune``) the way a decode step runs them:
+back to back in a CUDA graph over enough copies of the weight that each launch reads it from HBM (``chain_ms``;
+``TUNE_MODE``, env ``FLARECTL_GEMV_TUNE``: ``cold`` one launch at a time after an L2 flush, as before session 8;
+``0`` the heuristic ``default_config``), and kept for the process; where cuBLAS is faster the op calls
+``F.linear`` for that shape.
 
 ``skinny_linear`` (the op ``flarectl::skinny_linear``, opaque to torch.compile and capturable in a CUDA graph,
 registered like ``flarectl::gdn_recurrence``) is the fast path; ``skinny_linear_reference`` is its pure-torch
@@ -140,13 +142,13 @@ def _kernels():
         n_mask = rn[None, :] < N
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         if PDL:
-            # Programmatic dependent launch: this grid may start while the previous kernel still runs. The first
-            # weight tile does not depend on it, so it streams in first; then wait for the previous kernel (its
-            # output is x), and let the next kernel launch.
+            # Programmatic dependent launch: this grid may start while the previous kernel still runs. Let the next
+            # kernel launch too (it waits for this one before touching its inputs); the first weight tile does not
+            # depend on the previous kernel, so it streams in before waiting for it (its output is x).
+            tl.extra.cuda.gdc_launch_dependents()
             k_ok = (k0 + rk) < K
             b = _w_tile(p_w, n_mask, k_ok, EVEN_K, EVEN_N)
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
             acc = _mma(acc, _x_tile(p_x, m_mask, k_ok, up_off, EVEN_K, SWIGLU), b, IEEE, UPCAST)
             p_x += BK
             p_w += BK
@@ -202,11 +204,12 @@ def split_plan(K: int, bk: int, split: int) -> tuple[int, int]:
 
 
 PDL: bool | None = None
-"""Programmatic dependent launch of the kernels (Hopper+): each launch may start while the previous kernel runs,
-streams its first weight tile (the mixer: its state slice), then waits for it (``gdc_wait``). None: env
-``FLARECTL_ENGINE_PDL=1``, else off. Off because it does not pay: on the H100 (session 6, run 5) the AR step at C=8
-took 2.311 ms (replay) with it on the engine's kernels and 2.249 ms with inductor's too (``StaticStep(pdl=)``),
-against 2.209-2.222 ms without; the logits were bitwise the same."""
+"""Programmatic dependent launch of the kernels (Hopper+): each launch lets the next one launch, may start while the
+previous kernel runs, streams its first weight tile (the mixer: its state slice), then waits for it (``gdc_wait``).
+None: env ``FLARECTL_ENGINE_PDL=1``, else off. Off because it does not pay on the H100: AR step at C=8 2.311 ms
+(replay) with it on the engine's kernels, 2.249 ms with inductor's too, against 2.209-2.222 ms without (session 6);
+a chain of 24 layers' four projections, one-wave configurations tuned for it, 1.380 vs 1.381 ms without (session 8,
+docs/perf/engine.md). Outputs are bitwise the same either way."""
 
 
 def use_pdl(device: torch.device, want: bool | None = None) -> bool:
@@ -219,19 +222,19 @@ def use_pdl(device: torch.device, want: bool | None = None) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def _common(x: torch.Tensor, N: int, even_k: bool, cfg: Config) -> dict:
+def _common(x: torch.Tensor, N: int, even_k: bool, cfg: Config, pdl: bool | None = None) -> dict:
     f32 = x.dtype == torch.float32
     out = dict(BM=16, BN=cfg.bn, BK=cfg.bk, EVEN_K=even_k, EVEN_N=N % cfg.bn == 0, IEEE=f32,
                UPCAST=_interpreting() and not f32,
                num_warps=cfg.warps, num_stages=min(cfg.stages, 2) if f32 else cfg.stages)  # fp32 tiles: 2x smem
-    pdl = use_pdl(x.device)
+    pdl = use_pdl(x.device, pdl)
     out["PDL"] = int(pdl)
     if pdl:
         out["launch_pdl"] = True
     return out
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, cfg: Config) -> torch.Tensor:
+def launch(x: torch.Tensor, w: torch.Tensor, cfg: Config, pdl: bool | None = None) -> torch.Tensor:
     """The kernel with one launch configuration: x [M, K] (M <= MAX_ROWS), w [N, K] -> [M, N] in x's dtype."""
     gemv_kernel, reduce_kernel = _kernels()
     x = x.contiguous()
@@ -240,7 +243,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, cfg: Config) -> torch.Tensor:
     split, per = split_plan(K, cfg.bk, cfg.split)
     y = _empty((M, N), x.dtype, x.device)
     grid = (-(-N // cfg.bn), split)
-    common = _common(x, N, split * per == K, cfg)
+    common = _common(x, N, split * per == K, cfg, pdl)
     if split == 1:
         gemv_kernel[grid](x, w, y, M, N, K, x.stride(0), w.stride(0), per, y, y, y, 0, PARTIAL=False, SWIGLU=False, RESIDUAL=False, SPLIT=1,
                           **common)
@@ -267,7 +270,7 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def launch_fused(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None, swiglu: bool,
-                 cfg: Config) -> torch.Tensor:
+                 cfg: Config, pdl: bool | None = None) -> torch.Tensor:
     """One launch, split-K finished in the kernel (the last split of a column block sums the fp32 partials in split
     order): x [M, K] (``swiglu``: [M, 2K] = [gate | up], the input is silu(gate) * up), w [N, K], ``residual``
     [M, N] or None -> (residual +) input @ w^T, [M, N] in x's dtype."""
@@ -284,7 +287,7 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None
     res = residual.contiguous() if residual is not None else y
     gemv_kernel[grid](x, w, y, M, N, K, x.stride(0), w.stride(0), per, res, ws, counter, K if swiglu else 0,
                       PARTIAL=False, SWIGLU=swiglu, RESIDUAL=residual is not None, SPLIT=split,
-                      **_common(x, N, split * per == K, cfg))
+                      **_common(x, N, split * per == K, cfg, pdl))
     return y
 
 
@@ -306,12 +309,15 @@ def default_config(M: int, N: int, K: int, device: torch.device, bn: int = 64, b
 
 
 def candidates(M: int, N: int, K: int, device: torch.device) -> list[Config]:
-    """The configurations ``tune`` times: a few column widths and K blocks at their heuristic split, plus the
-    default's split halved and doubled."""
+    """The configurations ``tune`` times: a few column widths and K blocks at their heuristic split and at half of
+    it, plus the default's split doubled."""
     out = []
-    for bn in (16, 32, 64, 128):
+    for bn in (32, 64, 128):
         for bk in (128, 256):
-            out.append(default_config(M, N, K, device, bn, bk))
+            c = default_config(M, N, K, device, bn, bk)
+            out.append(c)
+            if c.split > 1:
+                out.append(Config(c.bn, c.bk, c.split // 2, c.warps, c.stages))
     d = default_config(M, N, K, device)
     for s in (d.split // 2, d.split * 2):
         if s >= 1 and K // s >= d.bk:
@@ -358,13 +364,67 @@ def cold_ms(fn, device: torch.device, repeats: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def chain_ms(run, w: torch.Tensor, repeats: int = 10, chain_bytes: float = 160e6) -> float:
+    """Median ms per launch of ``run(w_i)`` launched back to back in one CUDA graph (at least 4 launches) over
+    copies ``w_i`` of the weight ``w`` (``chain_bytes`` in all; a weight that large alone is not copied), so that
+    each launch reads its weight from HBM as inside a decode step, where the previous launch's tail and this one's
+    ramp meet: how a configuration runs in a step, which a single L2-cold launch (``cold_ms``) misjudges by up to
+    2 us a launch (H100, session 8)."""
+    distinct = max(1, min(24, -(-int(chain_bytes) // max(w.numel() * w.element_size(), 1))))
+    copies = [w] + [w.clone() for _ in range(distinct - 1)]
+    copies = copies * -(-4 // distinct)
+    n = len(copies)
+    stream = torch.cuda.Stream(w.device)
+    stream.wait_stream(torch.cuda.current_stream(w.device))
+    with torch.cuda.stream(stream):
+        for c in copies:  # compile and warm up outside the capture
+            run(c)
+    torch.cuda.current_stream(w.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in copies:
+            run(c)
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / n)
+    del graph, copies
+    return sorted(times)[len(times) // 2]
+
+
+TUNE_MODE: str | None = None
+"""How ``tune`` times candidates: ``chain`` (``chain_ms``) or ``cold`` (``cold_ms``); ``off``: no timing, the
+heuristic ``default_config``. None: env ``FLARECTL_GEMV_TUNE`` (``0`` = off, ``cold``; else ``chain``)."""
+
+
+def tune_mode() -> str:
+    """``chain``, ``cold`` or ``off`` (``TUNE_MODE``, else env ``FLARECTL_GEMV_TUNE``); anything else: ValueError."""
+    mode = TUNE_MODE or os.environ.get("FLARECTL_GEMV_TUNE", "chain").strip().lower()
+    mode = {"0": "off", "false": "off", "no": "off", "1": "chain", "": "chain"}.get(mode, mode)
+    if mode not in ("chain", "cold", "off"):
+        raise ValueError(f"FLARECTL_GEMV_TUNE must be chain, cold or 0 (off), not {mode!r}")
+    return mode
+
+
+def measure(run, w: torch.Tensor, repeats: int = 10) -> float:
+    """ms of one ``run(w)`` launch as ``tune_mode`` times it (``chain_ms`` or ``cold_ms``)."""
+    if tune_mode() == "cold":
+        return cold_ms(lambda: run(w), w.device, repeats)
+    return chain_ms(run, w, repeats)
+
+
 def _variant(residual, swiglu: bool) -> str:
     return ("swiglu" if swiglu else "") + ("+res" if residual is not None else "")
 
 
 def tune(x: torch.Tensor, w: torch.Tensor, repeats: int = 10, residual: torch.Tensor | None = None,
          swiglu: bool = False) -> Config:
-    """Time every candidate and (plain products only) ``F.linear`` (cuBLAS) L2-cold (``cold_ms``) and keep the
+    """Time every candidate and (plain products only) ``F.linear`` (cuBLAS) as ``measure`` does and keep the
     fastest for this shape (``CUBLAS`` if cuBLAS wins: then the op calls ``F.linear``). Fused products
     (``residual`` / ``swiglu``, ``launch_fused``) choose among the kernel's configurations."""
     variant = _variant(residual, swiglu)
@@ -372,12 +432,12 @@ def tune(x: torch.Tensor, w: torch.Tensor, repeats: int = 10, residual: torch.Te
     M = x.shape[0]
     K = x.shape[1] // 2 if swiglu else x.shape[1]
     N = w.shape[0]
-    results = [] if variant else [(CUBLAS, cold_ms(lambda: F.linear(x, w), x.device, repeats))]
+    results = [] if variant else [(CUBLAS, measure(lambda wi: F.linear(x, wi), w, repeats))]
     for cfg in candidates(M, N, K, x.device):
-        run = ((lambda: launch_fused(x, w, residual, swiglu, cfg)) if variant  # noqa: B023
-               else (lambda: launch(x, w, cfg)))  # noqa: B023
+        run = ((lambda wi: launch_fused(x, wi, residual, swiglu, cfg)) if variant  # noqa: B023
+               else (lambda wi: launch(x, wi, cfg)))  # noqa: B023
         try:
-            results.append((cfg, cold_ms(run, x.device, repeats)))
+            results.append((cfg, measure(run, w, repeats)))
         except Exception:  # noqa: BLE001 - a config that does not fit (resources): skip it
             continue
     TIMINGS[key] = results
@@ -395,7 +455,7 @@ def config_for(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None =
     K = x.shape[1] // 2 if swiglu else x.shape[1]
     N = w.shape[0]
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if x.is_cuda and not capturing and os.environ.get("FLARECTL_GEMV_TUNE", "1") != "0":
+    if x.is_cuda and not capturing and tune_mode() != "off":
         cfg = tune(x, w, residual=residual, swiglu=swiglu)
     else:
         cfg = default_config(M, N, K, x.device)

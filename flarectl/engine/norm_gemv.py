@@ -40,14 +40,13 @@ import torch.nn.functional as F
 
 from flarectl.engine import gemv
 
-FUSE_NORM_DEFAULT = False
+FUSE_NORM_DEFAULT = True
 """Whether steps with the skinny kernels (``gemv``) fuse each sub-block's residual add and RMSNorm into its
-projection (and the MLP's activation into gate|up) by default; env ``FLARECTL_ENGINE_FUSE_NORM=1`` / ``0``
-overrides (``resolve``). Off until the engine's CUDA tests have run with it (they were cut by the device budget in
-session 7), though measured faster and as accurate on the H100 (Qwen3.5-2B shape, random weights, C=8): AR step
-2.200 vs 2.242-2.256 ms in one process, 207 vs 303 kernels; through the CLI AR 2.215 ms (1.75x roofline; 2.348 ms
-in session 6), verify 2.692 ms (2.813), draft 3.051 ms (3.100); bf16 logits vs an fp32 reference 5.2e-2 vs 5.4e-2
-without (docs/perf/engine.md, session 7)."""
+projection (and the MLP's activation into gate|up) by default; env ``FLARECTL_ENGINE_FUSE_NORM=0`` / ``1``
+overrides (``resolve``). On since session 8, when the engine's CUDA tests passed with it (8/8). On the H100
+(Qwen3.5-2B shape, random weights, C=8): AR step 2.200 vs 2.242-2.256 ms in one process, 207 vs 303 kernels;
+through the CLI AR 2.215 ms (1.75x roofline; 2.348 ms in session 6), verify 2.692 ms (2.813), draft 3.051 ms
+(3.100); bf16 logits vs an fp32 reference 5.2e-2 vs 5.4e-2 without (docs/perf/engine.md, session 7)."""
 
 
 def resolve(flag: bool | None, use_gemv: bool) -> bool:
@@ -181,13 +180,19 @@ def _kernel():
         top, bottom = tl.split(tl.permute(tl.reshape(t, [2, R, BN]), [1, 2, 0]))
         return top + bottom
 
-    globals().update(_norm_finish=_norm_finish, _halves=_halves, _w_tile=_w_tile, _mma=_mma, tl=tl)
+    @triton.jit
+    def _a_tile(p_a, a_ok, k_ok, EVEN_K: tl.constexpr):
+        if EVEN_K:
+            return tl.load(p_a, mask=a_ok, other=0.0)
+        return tl.load(p_a, mask=a_ok & k_ok[None, :], other=0.0)
+
+    globals().update(_norm_finish=_norm_finish, _halves=_halves, _a_tile=_a_tile, _w_tile=_w_tile, _mma=_mma, tl=tl)
 
     @triton.jit
     def norm_gemv_kernel(x, res, w, y, h, ws, counter, M, N, K, stride_wn, k_per_split, eps,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                          EVEN_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ADD: tl.constexpr,
-                         GLU: tl.constexpr, SPLIT: tl.constexpr):
+                         GLU: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
         # The A tile's rows are x's (ADD: x's in the top half, the residual's in the bottom half), loaded straight
         # into the dots (computed operands would cost the loads their pipelining): acc = A @ W^T (ADD: the halves
         # summed, (x + r) @ W^T), and the Gram matrix A @ A^T on the tensor cores gives the rows' sums of squares
@@ -210,13 +215,22 @@ def _kernel():
         n_mask = rn[None, :] < N
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         gram = tl.zeros([BM, BM], dtype=tl.float32)
-        for kk in range(0, k_per_split, BK):
+        if PDL:
+            # Programmatic dependent launch (gemv.use_pdl): let the next kernel launch, stream the first weight tile
+            # (it does not depend on the previous kernel), then wait for the previous kernel before reading x.
+            tl.extra.cuda.gdc_launch_dependents()
+            k_ok = (k0 + rk) < K
+            b = _w_tile(p_w, n_mask, k_ok, EVEN_K, EVEN_N)
+            tl.extra.cuda.gdc_wait()
+            a = _a_tile(p_a, a_ok, k_ok, EVEN_K)
+            acc = _mma(acc, a, b, IEEE, UPCAST)
+            gram = _mma(gram, a, tl.trans(a), IEEE, UPCAST)
+            p_a += BK
+            p_w += BK
+        for kk in range(BK * PDL, k_per_split, BK):
             k_ok = (k0 + kk + rk) < K
             b = _w_tile(p_w, n_mask, k_ok, EVEN_K, EVEN_N)
-            if EVEN_K:
-                a = tl.load(p_a, mask=a_ok, other=0.0)
-            else:
-                a = tl.load(p_a, mask=a_ok & k_ok[None, :], other=0.0)
+            a = _a_tile(p_a, a_ok, k_ok, EVEN_K)
             acc = _mma(acc, a, b, IEEE, UPCAST)
             gram = _mma(gram, a, tl.trans(a), IEEE, UPCAST)
             p_a += BK
@@ -270,8 +284,9 @@ def _kernel():
 
 
 def launch(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float, glu: bool,
-           cfg: gemv.Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel with one launch configuration (``norm_linear``'s contract; x, residual [M, K], M <= MAX_ROWS)."""
+           cfg: gemv.Config, pdl: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel with one launch configuration (``norm_linear``'s contract; x, residual [M, K], M <= MAX_ROWS);
+    ``pdl``: programmatic dependent launch (None: ``gemv.use_pdl``)."""
     kernel = _kernel()
     x = x.contiguous()
     M, K = x.shape
@@ -283,9 +298,7 @@ def launch(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps:
     ws = gemv._empty((split * M * N + blocks * split * M,), torch.float32, x.device) if split > 1 else y
     counter = gemv.arrival_counters(x.device, blocks) if split > 1 else y
     res = residual.contiguous() if residual is not None else x
-    common = gemv._common(x, N, split * per == K, cfg)
-    common.pop("PDL", None)
-    common.pop("launch_pdl", None)
+    common = gemv._common(x, N, split * per == K, cfg, pdl)
     common["BM"] = 16 if (M <= 8 or residual is None) else 32  # ADD: x's rows on top, the residual's below
     kernel[(blocks, split)](x, res, w, y, h if residual is not None else x, ws, counter, M, N, K, w.stride(0), per,
                             float(eps), ADD=residual is not None, GLU=glu, SPLIT=split, **common)
@@ -297,8 +310,8 @@ _CHOSEN: dict[tuple, gemv.Config] = {}
 
 def config_for(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float,
                glu: bool) -> gemv.Config:
-    """The launch configuration for this shape: tuned once per process outside capture (L2-cold, among
-    ``gemv.candidates``; env ``FLARECTL_GEMV_TUNE=0``: the heuristic), kept per (M, N, K, dtype, variant)."""
+    """The launch configuration for this shape: tuned once per process outside capture (``gemv.measure`` among
+    ``gemv.candidates``; ``gemv.tune_mode`` off: the heuristic), kept per (M, N, K, dtype, variant)."""
     key = gemv._key(x, w, "norm" + ("+glu" if glu else "") + ("+add" if residual is not None else ""))
     cfg = _CHOSEN.get(key)
     if cfg is not None:
@@ -306,11 +319,11 @@ def config_for(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, 
     M, K = x.shape
     N = w.shape[0]
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if x.is_cuda and not capturing and os.environ.get("FLARECTL_GEMV_TUNE", "1") != "0":
+    if x.is_cuda and not capturing and gemv.tune_mode() != "off":
         results = []
         for c in gemv.candidates(M, N, K, x.device):
             try:
-                results.append((c, gemv.cold_ms(lambda: launch(x, residual, w, eps, glu, c), x.device)))  # noqa: B023
+                results.append((c, gemv.measure(lambda wi: launch(x, residual, wi, eps, glu, c), w)))  # noqa: B023
             except Exception:  # noqa: BLE001 - a config that does not fit (resources): skip it
                 continue
         gemv.TIMINGS[key] = results

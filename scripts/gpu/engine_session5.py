@@ -48,7 +48,10 @@ VARIANTS = {"before": dict(gdn_kernel="fla", gemv=False), "gemv": dict(gdn_kerne
             "attn": dict(attn_kernel=True), "attn2": dict(attn_kernel=True), "sdpa": dict(attn_kernel=False),
             # session 7: residual add + RMSNorm inside the projections, SwiGLU inside gate|up (norm_gemv)
             "norm": dict(fuse_norm=True), "norm2": dict(fuse_norm=True), "nonorm": dict(fuse_norm=False),
-            "nonorm2": dict(fuse_norm=False)}
+            "nonorm2": dict(fuse_norm=False),
+            # session 8: skinny-GEMM configurations tuned in a graphed chain (gemv.chain_ms) or L2-cold one at a time
+            "chain": dict(fuse_norm=True, tune="chain"), "cold": dict(fuse_norm=True, tune="cold"),
+            "chain2": dict(fuse_norm=True, tune="chain"), "cold2": dict(fuse_norm=True, tune="cold")}
 
 
 DEFAULT_V_BLOCK = mixer_defaults.V_BLOCK
@@ -65,6 +68,12 @@ def backend(model, c, capacity, **kw):
     kw = dict(kw)
     mixer.V_BLOCK = kw.pop("v_block", DEFAULT_V_BLOCK)
     gemv.PDL = kw.pop("gemv_pdl", None)
+    if "tune" in kw:  # tune again, this way
+        from flarectl.engine import norm_gemv
+
+        gemv.TUNE_MODE = kw.pop("tune")
+        gemv._CHOSEN.clear()
+        norm_gemv._CHOSEN.clear()
     return SlotBackend(model, c, capacity, **kw)
 
 
@@ -242,6 +251,13 @@ def main():
                                              pdl=be.eager.pdl, gemv_pdl=kw.get("gemv_pdl"),
                                              attn_kernel=be.eager.attn_kernel,
                                              compile_error=be.eager.compile_error)
+                if commit and "tune" in kw:
+                    from flarectl.engine import gemv, norm_gemv
+
+                    chosen = {"x".join(map(str, k[:3])) + "".join(f"/{v}" for v in k[5:]): str(c)
+                              for k, c in list(gemv._CHOSEN.items()) + list(norm_gemv._CHOSEN.items())}
+                    r["chosen"] = chosen
+                    log(f"chosen ({kw['tune']}): {chosen}")
                 if commit:
                     if base is None:
                         base = logits
