@@ -41,5 +41,11 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
         assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-4 * abs(x["grad_norm"])
     wa, wb = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
     assert wa.keys() == wb.keys()
+    # Adam divides each element's gradient by its own running magnitude, so an element whose gradient is ~0 (where
+    # one process's and two processes' reduction orders differ in the last bits, possibly in sign) moves by up to
+    # ~lr either way; every other element must agree to fp32 noise.
+    lr = 1e-3  # recipes/debug.yaml
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+        close = torch.isclose(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+        assert close.float().mean() >= 0.999, (k, int((~close).sum()), wa[k].numel())
+        assert float((wa[k] - wb[k]).abs().max()) <= 2 * lr, k

@@ -39,7 +39,9 @@ def test_loglikelihood_matches_unbatched_hf_forward(debug_models, name):
         else:  # lm-eval's rule: an empty context is the prefix (BOS, else EOS) token
             ctx_ids, cont_ids = [lm.prefix_token_id], lm.tok_encode(cont, add_special_tokens=False)
         ref, ref_greedy = _reference_logprob(model, ctx_ids, cont_ids)
-        assert logp == pytest.approx(ref, rel=1e-9, abs=1e-9)
+        # fp32 models: padded batches and one unpadded sequence may round differently (transformers 5.23's hybrid
+        # path does, by ~1e-9 relative); a wrong position or token is off by orders of magnitude more
+        assert logp == pytest.approx(ref, rel=1e-6, abs=1e-6)
         assert greedy == ref_greedy
 
 
