@@ -52,7 +52,7 @@ def test_step_cost_cli(tmp_path):
     (["--gdn-kernel", "cuda"], "--gdn-kernel must be one of auto, triton, mixer, fla, torch"),
     (["--gdn-kernel", "triton,fla"], "a comma list with --step-cost"),
 ])
-def test_bad_options_are_one_line_errors(args, message):
+def test_bad_options_are_one_line_errors(args, message, capsys):
     from flarectl.cli import main
 
     import sys
@@ -64,6 +64,30 @@ def test_bad_options_are_one_line_errors(args, message):
     finally:
         sys.argv = argv
     assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_tune_env_is_a_one_line_error(monkeypatch, capsys):
+    from flarectl.cli import main
+
+    monkeypatch.setenv("FLARECTL_GEMV_TUNE", "fastest")
+    monkeypatch.setattr("sys.argv", ["flarectl", "bench", "--model", "debug-llama", "--step-cost"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "FLARECTL_GEMV_TUNE must be chain, cold or 0" in err and "Traceback" not in err
+
+
+def test_json_records_the_step_paths(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "--model", "debug-llama", "--step-cost", "--concurrency", "1",
+                                   "--context", "4", "--block-size", "2", "--no-compile", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "step_cost_torch.json").read_text())
+    # CPU: no skinny-GEMM kernels, so nothing tuned and nothing fused into them
+    assert data["gemv"] is False and data["gemv_tune"] is None and data["fuse_norm"] is False
+    assert data["attn_kernel"] is False and data["fuse_down"] is False
 
 
 def test_prompt_sets_and_file(tmp_path):

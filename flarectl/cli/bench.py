@@ -109,7 +109,12 @@ def serve(
 
     import torch
 
-    from flarectl.engine import bench
+    from flarectl.engine import bench, gemv
+
+    try:
+        gemv.tune_mode()
+    except ValueError as exc:
+        raise FlareError(str(exc)) from None
     from flarectl.models.loading import PRESETS, load_model
 
     texts = None if step_cost else bench.load_prompt_texts(prompts)

@@ -173,8 +173,21 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
         failed=len(results) - len(ok))
     info = {"backend": engine.backend.name, "cuda_graphs": getattr(engine.backend, "cuda_graphs", False),
             "gdn_kernel": getattr(engine.backend, "gdn_kernel", None),
-            "compiled": getattr(engine.backend, "compiled", False)}
+            "compiled": getattr(engine.backend, "compiled", False)} | step_paths(engine.backend)
     return point, info
+
+
+def step_paths(backend) -> dict:
+    """The static step's kernel choices (skinny GEMMs and how they were tuned, fused norm projections, fused down
+    projection, decode-attention kernel), for the JSON records; empty for backends without a static step."""
+    from flarectl.engine import gemv
+
+    step = getattr(backend, "eager", None)
+    if step is None or not hasattr(step, "gemv"):
+        return {}
+    return {"gemv": bool(step.gemv), "gemv_tune": gemv.tune_mode() if step.gemv else None,
+            "fuse_norm": bool(step.fuse_norm), "fuse_down": bool(step.fuse_down),
+            "attn_kernel": bool(step.attn_kernel)}
 
 
 def hf_baseline(model, prompts: list[list[int]], concurrency: int, *, max_new_tokens: int) -> BaselinePoint:
@@ -302,7 +315,7 @@ def step_cost(model, *, concurrency: list[int], block_size: int, context: int = 
             rows.append(StepCost(kind, c, wc, ww, 1000 * percentile(times, 50), roof_ms))
     return {"weight_bytes": wbytes, "gdn_kernel": getattr(be, "gdn_kernel", None),
             "cuda_graphs": getattr(be, "cuda_graphs", False), "compiled": getattr(be, "compiled", False),
-            "copy_bandwidth_bytes_per_s": bw, "roofline_ms": roof_ms,
+            **step_paths(be), "copy_bandwidth_bytes_per_s": bw, "roofline_ms": roof_ms,
             "context": context, "block_size": block_size,
             "steps": [asdict(r) | {"ratio_to_roofline": r.ratio} for r in rows]}
 
