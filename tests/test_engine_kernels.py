@@ -230,6 +230,13 @@ if not CHILD:
         monkeypatch.setenv("FLARECTL_GEMV_TUNE", "fast")
         with pytest.raises(ValueError, match="chain, cold or 0"):
             gemv.tune_mode()
+        from flarectl.engine.backends import SlotBackend
+        from flarectl.models.loading import load_model
+
+        m = load_model("debug-llama", dtype="float32", device="cpu", seed=1)
+        with pytest.raises(ValueError, match="FLARECTL_GEMV_TUNE"):  # when the step is built, not in its first call
+            SlotBackend(m, 2, 16, gemv=True)
+        assert not SlotBackend(m, 2, 16, gemv=False).eager.gemv  # not read without the skinny kernels
         monkeypatch.setattr(gemv, "TUNE_MODE", "cold")
         assert gemv.tune_mode() == "cold"
         # tuning needs CUDA: on CPU (interpreted or not) the heuristic is chosen and kept

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from flarectl.engine.gemv import (fused_applies, linear, module_linear, plain_weight, resolve_fuse_down, resolve_gemv,
                                   skinny_linear_fused, use_pdl)
+from flarectl.engine.gemv import tune_mode as gemv_tune_mode
 from flarectl.engine import norm_gemv
 from flarectl.engine.attention import attention_mask, decode_attention
 from flarectl.engine.attention import resolve as resolve_attn
@@ -595,6 +596,8 @@ class StaticStep:
         self.last_commit = torch.zeros_like(cache.lengths, dtype=torch.bool)
         self.compiled = resolve_compile(compile, dev)
         self.gemv = resolve_gemv(gemv, dev)
+        if self.gemv:
+            gemv_tune_mode()  # a bad FLARECTL_GEMV_TUNE fails here (ValueError), not inside the first step
         self.pdl = use_pdl(dev) if pdl is None else bool(pdl) and use_pdl(dev, True)
         self.attn_kernel = resolve_attn(attn_kernel, dev)
         self.compile_error: str | None = None
