@@ -51,6 +51,7 @@ def test_step_cost_cli(tmp_path):
     (["--threshold", "2"], "--threshold"),
     (["--gdn-kernel", "cuda"], "--gdn-kernel must be one of auto, triton, mixer, fla, torch"),
     (["--gdn-kernel", "triton,fla"], "a comma list with --step-cost"),
+    (["--gemv-tune", "fast"], "--gemv-tune must be chain, cold or off"),
 ])
 def test_bad_options_are_one_line_errors(args, message, capsys):
     from flarectl.cli import main
@@ -80,10 +81,15 @@ def test_bad_tune_env_is_a_one_line_error(monkeypatch, capsys):
     assert "FLARECTL_GEMV_TUNE must be chain, cold or 0" in err and "Traceback" not in err
 
 
-def test_json_records_the_step_paths(tmp_path):
+def test_json_records_the_step_paths(tmp_path, monkeypatch):
+    from flarectl.engine import gemv
+
+    monkeypatch.setattr(gemv, "TUNE_MODE", None)  # the CLI sets it from --gemv-tune; restored after the test
     res = CliRunner().invoke(app, ["bench", "--model", "debug-llama", "--step-cost", "--concurrency", "1",
-                                   "--context", "4", "--block-size", "2", "--no-compile", "--out", str(tmp_path)])
+                                   "--context", "4", "--block-size", "2", "--no-compile", "--gemv-tune", "cold",
+                                   "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
+    assert gemv.tune_mode() == "cold"  # --gemv-tune reached the tuner
     data = json.loads((tmp_path / "step_cost_torch.json").read_text())
     # CPU: no skinny-GEMM kernels, so nothing tuned and nothing fused into them
     assert data["gemv"] is False and data["gemv_tune"] is None and data["fuse_norm"] is False

@@ -87,6 +87,11 @@ def serve(
                                                 "place) | fla | torch (--step-cost: a comma list, e.g. mixer,triton)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="torch.compile the engine step (default: on for CUDA)."),
+    gemv_tune: Optional[str] = typer.Option(None, "--gemv-tune",
+                                            help="How skinny-GEMM launch configurations are chosen on CUDA: chain "
+                                                 "(timed back to back in a CUDA graph; default) | cold (one L2-cold "
+                                                 "launch) | off (heuristic). Default: env FLARECTL_GEMV_TUNE, else "
+                                                 "chain."),
     out_dir: Path = typer.Option(Path("bench-out"), "--out", help="Directory for JSON and PNG."),
 ) -> None:
     """Serving benchmark of the engine (default) or, with --step-cost, step time vs roofline."""
@@ -111,6 +116,10 @@ def serve(
 
     from flarectl.engine import bench, gemv
 
+    if gemv_tune is not None:
+        if gemv_tune not in ("chain", "cold", "off"):
+            raise FlareError(f"--gemv-tune must be chain, cold or off, got {gemv_tune!r}")
+        gemv.TUNE_MODE = gemv_tune
     try:
         gemv.tune_mode()
     except ValueError as exc:
