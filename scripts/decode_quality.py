@@ -58,28 +58,31 @@ def prefix_share(ref: list[int], other: list[int]) -> float:
 
 
 def run(model_name: str, *, n_code: int, n_chat: int, max_new_tokens: int, batch_size: int,
-        thresholds: list[float], device: str | None) -> dict:
+        thresholds: list[float], device: str | None, schemes: tuple[str, ...] = ("anchored",)) -> dict:
     from flarectl.decoding import generate
     from flarectl.models.loading import load_model
 
     model = load_model(model_name, device=device)
     items = prompts(model.tokenizer, n_code, n_chat)
     ids = [i for _, i in items]
-    settings = [("ar", None), ("ar-trust", None)] + [("diffusion-trust", t) for t in thresholds]
+    settings = ([("ar", None, None)] + [("ar-trust", None, s) for s in schemes]
+                + [("diffusion-trust", t, None) for t in thresholds])
     rows, ref = [], None
-    for mode, threshold in settings:
+    for mode, threshold, scheme in settings:
         results, start = [], time.perf_counter()
         for b in range(0, len(ids), batch_size):
             results += generate(model, ids[b:b + batch_size], mode, max_new_tokens=max_new_tokens,
-                                threshold=threshold or 0.9)
+                                threshold=threshold or 0.9, ar_trust_scheme=scheme or "anchored")
         seconds = time.perf_counter() - start
         toks = [r.token_ids for r in results]
         if mode == "ar":
             ref = toks
         tokens = sum(len(t) for t in toks)
         forwards = sum(r.forwards for r in results)
+        hist = [sum(col) for col in zip(*[r.acceptance_histogram for r in results])] if mode != "ar" else []
         rows.append({
-            "mode": mode, "threshold": threshold, "prompts": len(ids), "tokens": tokens, "forwards": forwards,
+            "mode": mode, "scheme": scheme, "threshold": threshold, "prompts": len(ids), "tokens": tokens,
+            "forwards": forwards, "acceptance_histogram": hist,
             "tokens_per_forward": tokens / max(forwards, 1), "seconds": seconds, "tokens_per_second": tokens / seconds,
             "exact_match_vs_ar": sum(a == b for a, b in zip(ref, toks)) / len(toks),
             "prefix_share_vs_ar": sum(prefix_share(a, b) for a, b in zip(ref, toks)) / len(toks),
@@ -98,13 +101,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--thresholds", default="0.9,0.7,0.5")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--schemes", default="anchored", help="AR-Trust schemes to measure: anchored,fused")
     a = parser.parse_args()
     report = run(a.model, n_code=a.code, n_chat=a.chat, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
-                 thresholds=[float(t) for t in a.thresholds.split(",")], device=a.device)
+                 thresholds=[float(t) for t in a.thresholds.split(",")], device=a.device,
+                 schemes=tuple(a.schemes.split(",")))
     a.out.write_text(json.dumps(report, indent=1))
-    print(f"{'mode':18} {'thr':>5} {'tok/fwd':>8} {'tok/s':>8} {'exact':>6} {'prefix':>7}")
+    print(f"{'mode':26} {'thr':>5} {'tok/fwd':>8} {'tok/s':>8} {'exact':>6} {'prefix':>7}")
     for r in report["rows"]:
-        print(f"{r['mode']:18} {r['threshold'] or '':>5} {r['tokens_per_forward']:8.2f} {r['tokens_per_second']:8.1f} "
+        label = r["mode"] + (f" ({r['scheme']})" if r.get("scheme") else "")
+        print(f"{label:26} {r['threshold'] or '':>5} {r['tokens_per_forward']:8.2f} {r['tokens_per_second']:8.1f} "
               f"{r['exact_match_vs_ar']:6.2f} {r['prefix_share_vs_ar']:7.2f}")
 
 

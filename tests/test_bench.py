@@ -39,11 +39,33 @@ def test_step_cost_cli(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "step_cost_torch.json").read_text())
     assert [(s["kind"], s["width_clean"], s["width_window"]) for s in data["steps"]] == [
-        ("ar", 1, 0), ("verify", 3, 0), ("draft", 3, 2)]
+        ("ar", 1, 0), ("trust", 2, 2), ("window", 0, 2)]
     assert data["weight_bytes"] > 0 and all(s["ms"] > 0 for s in data["steps"])
 
 
+def test_step_cost_projects_throughput_from_a_converted_checkpoints_bench(tmp_path):
+    """--tpf-from: tokens/forward of a serving bench.json x the step times = projected tok/s (labelled)."""
+    src = tmp_path / "converted.json"
+    src.write_text(json.dumps({"model": "conv", "weights": "trained weights", "points": [
+        {"mode": "ar", "concurrency": 2, "tokens_per_forward": 1.0},
+        {"mode": "ar-trust", "concurrency": 2, "tokens_per_forward": 2.5},
+        {"mode": "diffusion-trust", "concurrency": 8, "tokens_per_forward": 3.0}]}))  # no C=8 step: skipped
+    res = CliRunner().invoke(app, ["bench", "--model", "debug-llama", "--step-cost", "--concurrency", "2",
+                                   "--context", "4", "--block-size", "2", "--no-compile", "--tpf-from", str(src),
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "projection, not a measurement" in res.output
+    data = json.loads((tmp_path / "step_cost_torch.json").read_text())
+    ms = {s["kind"]: s["ms"] for s in data["steps"]}
+    rows = {r["mode"]: r for r in data["projected"]["rows"]}
+    assert set(rows) == {"ar", "ar-trust"} and data["projected"]["source_model"] == "conv"
+    assert rows["ar-trust"]["step"] == "trust" and rows["ar"]["step"] == "ar"
+    assert rows["ar-trust"]["tokens_per_second"] == pytest.approx(1000 * 2 * 2.5 / ms["trust"])
+    assert rows["ar"]["tokens_per_second"] == pytest.approx(1000 * 2 / ms["ar"])
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--step-cost", "--tpf-from", "/nonexistent.json"], "--tpf-from /nonexistent.json: not a flarectl bench"),
     (["--mode", "fast"], "--mode must be"),
     (["--concurrency", "0,8"], "--concurrency must be positive"),
     (["--concurrency", "a"], "comma-separated integers"),

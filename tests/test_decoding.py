@@ -66,13 +66,17 @@ def test_ar_trust_greedy_equals_ar(models, name, block):
     assert ids(batch) == reference
     assert ids(run(m, PROMPTS[1:2], "ar-trust", block_size=block, max_new_tokens=14)) == reference[1:2]
     for r in batch:
-        assert len(r.acceptance_histogram) == block + 1
-        # every step emits accepted + 1 tokens (the last step may be cut by max_new_tokens)
-        steps = sum(r.acceptance_histogram)
-        emitted = sum(k * c for k, c in enumerate(r.acceptance_histogram)) + steps
-        # one draft forward, then one (fused verify + next draft) forward per round, plus a draft after a rejection
-        rejected = sum(r.acceptance_histogram[:-1])
-        assert emitted >= len(r.token_ids) and steps + 1 <= r.forwards <= steps + 1 + rejected
+        hist = r.acceptance_histogram
+        assert len(hist) == block + 1 and hist[block] == 0  # B - 1 drafts per verify: at most B - 1 accepted
+        # every verify emits accepted + 1 tokens, every draft step one (the last may be cut by max_new_tokens)
+        verifies = sum(hist)
+        drafts = r.forwards - verifies
+        assert sum(k * c for k, c in enumerate(hist)) + verifies + drafts >= len(r.token_ids)
+        if block == 1:  # nothing to draft: plain AR, one token per forward
+            assert verifies == 0 and r.forwards == 14
+        else:  # a draft step first and after each rejection (unless the request ended there)
+            rejected = sum(hist[:block - 1])
+            assert rejected <= drafts <= rejected + 1
 
 
 def _forced_drafts(reference, correct: bool):
@@ -96,12 +100,27 @@ def test_ar_trust_forced_accept_and_reject(models, monkeypatch, name, correct):
     res = run(m, PROMPTS, "ar-trust", block_size=block, max_new_tokens=n)
     assert ids(res) == reference
     for r in res:
-        if correct:  # 15 tokens: 3 full accepts (4 each), then a 4th round (its last forced draft lies past the
-            # reference, so it may be rejected); one draft forward + 4 fused verify forwards
-            hist = r.acceptance_histogram
-            assert sum(hist) == 4 and hist[4] >= 3 and hist[4] + hist[3] == 4 and r.forwards == 5
-        else:
-            assert r.acceptance_histogram == [n, 0, 0, 0, 0] and r.forwards == 2 * n
+        hist = r.acceptance_histogram
+        if correct:  # 15 tokens: a draft step (1 token), 3 full accepts (3 drafts + the bonus each), then a 4th
+            # verify (its last forced draft lies past the reference, so it may be rejected): 5 forwards
+            assert sum(hist) == 4 and hist[3] >= 3 and hist[3] + hist[2] == 4 and r.forwards == 5
+        else:  # every verify rejects its first draft and emits the AR token, every draft step emits one: as AR
+            assert hist == [7, 0, 0, 0, 0] and r.forwards == n
+
+
+@pytest.mark.parametrize("name", ["debug-hybrid", "debug-llama"])
+def test_ar_trust_schemes_both_exact(models, monkeypatch, name):
+    """Both AR-Trust schemes reproduce AR greedy; with drafts that are always wrong the anchored scheme still emits
+    one token per forward (an exact AR token in every draft and every verify step), the fused one every other."""
+    m, n = models[name], 12
+    reference = ids(run(m, PROMPTS, "ar", max_new_tokens=n))
+    for scheme in ("anchored", "fused"):
+        assert ids(run(m, PROMPTS, "ar-trust", ar_trust_scheme=scheme)) == reference
+    monkeypatch.setattr(ar_trust, "propose", _forced_drafts(reference, False))
+    forwards = {s: [r.forwards for r in run(m, PROMPTS, "ar-trust", ar_trust_scheme=s)] for s in ("anchored", "fused")}
+    assert forwards == {"anchored": [n] * 4, "fused": [2 * n] * 4}
+    with pytest.raises(ValueError, match="scheme"):
+        run(m, PROMPTS, "ar-trust", ar_trust_scheme="tree")
 
 
 # -- every mode: cache == no-cache recomputation ---------------------------------------------------------------------

@@ -19,9 +19,11 @@ import torch
 
 CHILD = os.environ.get("FLARE_ENGINE_KERNELS_CHILD") == "1"
 
-def _mixer_problem(seed, C, W, wc, H, HV, K, V, S=3, bias=False, dtype=torch.float32, device="cpu"):
+def _mixer_problem(seed, C, W, wc, H, HV, K, V, S=3, bias=False, dtype=torch.float32, device="cpu",
+                   anchored=False):
     """Random inputs of ``gdn_mixer``: proj [C, W, 2HK + 2HV*V + 2HV], conv weights/state, gates' parameters,
-    GDN state, counts <= wc (some rows with padding), commit flags."""
+    GDN state, counts <= wc (some rows with padding), commit flags; ``anchored``: ``seen`` = counts - 1 for some
+    rows (windows anchored on the last clean token)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     D = 2 * H * K + HV * V
@@ -32,6 +34,10 @@ def _mixer_problem(seed, C, W, wc, H, HV, K, V, S=3, bias=False, dtype=torch.flo
                 counts=torch.randint(0, wc + 1, (C,), generator=g) if wc else torch.zeros(C, dtype=torch.long),
                 commit=torch.rand(C, generator=g) < 0.5)
     args["commit"][0], args["commit"][-1] = True, False
+    if anchored:
+        args["counts"][0] = args["counts"][-1] = wc  # a committing and a non-committing row anchored
+        lower = (torch.rand(C, generator=g) < 0.5) | (torch.arange(C) == 0) | (torch.arange(C) == C - 1)
+        args["seen"] = args["counts"] - (lower & (args["counts"] > 0)).long()
     return {k: (v.to(device, dtype) if v is not None and v.is_floating_point() else
                 v.to(device) if v is not None else None) for k, v in args.items()}
 
@@ -40,8 +46,9 @@ def _run_mixer(fn, a, wc, H, HV, K, V, eps=1e-6):
     last_conv), with ``last_*`` NaN-filled first."""
     st, cv = a["state"].clone(), a["conv"].clone()
     ls, lc = torch.full_like(st, float("nan")), torch.full_like(cv, float("nan"))
+    kw = {"seen": a["seen"]} if a.get("seen") is not None else {}
     out = fn(a["proj"], a["conv_w"], a["conv_b"], a["A_log"], a["dt_bias"], a["norm_w"], st, cv, ls, lc,
-             a["counts"], a["commit"], wc, H, HV, K, V, eps)
+             a["counts"], a["commit"], wc, H, HV, K, V, eps, **kw)
     return out, st, cv, ls, lc
 
 
@@ -349,8 +356,9 @@ if not CHILD:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_mixer_kernel_on_cuda_matches_twin(dtype, v_block):
         """The one-kernel mixer on CUDA at the Qwen3.5-2B GDN shape (H = HV = 16, K = V = 128, C = 8) == the torch
-        chain: AR (W 1) and clean + window (W 5, wc 3) steps; NaN-filled output; whole states or 32-column blocks
-        (the group's last program norms; counters back at zero, repeated launches give the same bits)."""
+        chain: AR (W 1), clean + window (W 5, wc 3) and anchored (W 8, wc 4, windows seeing counts - 1 clean tokens)
+        steps; NaN-filled output; whole states or 32-column blocks (the group's last program norms; counters back at
+        zero, repeated launches give the same bits)."""
         if not torch.cuda.is_available():
             pytest.skip("no CUDA")
         import functools
@@ -362,8 +370,8 @@ if not CHILD:
         mixer.NAN_FILL = True
         launch = functools.partial(mixer.launch, v_block=v_block)
         try:
-            for W, wc in ((1, 1), (5, 3)):
-                a = _mixer_problem(W, 8, W, wc, 16, 16, 128, 128, 3, False, dtype, "cuda")
+            for W, wc, anchored in ((1, 1, False), (5, 3, False), (8, 4, True)):
+                a = _mixer_problem(W, 8, W, wc, 16, 16, 128, 128, 3, False, dtype, "cuda", anchored=anchored)
                 a["state"] = a["state"].float()
                 got = _run_mixer(launch, a, wc, 16, 16, 128, 128)
                 again = _run_mixer(launch, a, wc, 16, 16, 128, 128)
@@ -835,20 +843,25 @@ else:
         (3, 2, 1, 2, 2, 16, 16, 3, True, 8), (2, 3, 1, 1, 2, 8, 24, 3, False, 8), (3, 5, 3, 1, 3, 8, 5, 2, True, 4),
         (2, 1, 1, 1, 1, 8, 8, 3, False, 4)]
 
-    @pytest.mark.parametrize("C,W,wc,H,HV,K,V,S,bias,v_block", MIXER_SHAPES)
-    def test_mixer_kernel_matches_twin(C, W, wc, H, HV, K, V, S, bias, v_block):
+    ANCHORED_MIXER_SHAPES = [(3, 3, 1, 1, 1, 8, 8, 3, False, None, True), (4, 5, 2, 2, 4, 16, 8, 3, True, 8, True),
+                             (3, 7, 4, 1, 3, 8, 5, 2, True, 4, True)]
+
+    @pytest.mark.parametrize("C,W,wc,H,HV,K,V,S,bias,v_block,anchored",
+                             [(*shape, False) for shape in MIXER_SHAPES] + ANCHORED_MIXER_SHAPES)
+    def test_mixer_kernel_matches_twin(C, W, wc, H, HV, K, V, S, bias, v_block, anchored):
         """The one-kernel mixer (``mixer.launch``, NaN-filled output) == the torch chain: the normed output, the
         cache state (new for committing rows, bitwise untouched for the others), ``last_state`` of the others,
         the conv state and ``last_conv``; odd K/V (masked lanes), HV = 1..3 x H, padding, window only (wc 0);
         ``v_block``: the state's columns split over programs (the group's last program norms and commits q/k;
-        its arrival counters are left at zero for the next launch)."""
+        its arrival counters are left at zero for the next launch); ``anchored``: windows that see ``seen`` =
+        counts - 1 clean tokens (their conv context and start state kept from before the last clean token)."""
         import functools
 
         from flarectl.engine import mixer
         from flarectl.engine.static_step import gdn_mixer_chain
 
         mixer.NAN_FILL = True
-        a = _mixer_problem(C * 7 + W, C, W, wc, H, HV, K, V, S, bias)
+        a = _mixer_problem(C * 7 + W, C, W, wc, H, HV, K, V, S, bias, anchored=anchored)
         got = _run_mixer(functools.partial(mixer.launch, v_block=v_block), a, wc, H, HV, K, V)
         assert not gemv.arrival_counters(torch.device("cpu"), 1).any()
         ref = _run_mixer(gdn_mixer_chain, a, wc, H, HV, K, V)
@@ -884,7 +897,8 @@ else:
             wlen = torch.full((4,), ww)
             commit = torch.rand(4, generator=g) < 0.6
             late = (torch.rand(4, generator=g) < 0.5) & ~commit
-            outs = [b.step(ids, counts, wlen, commit, wc) for b in backends]
+            seen = counts - (counts > 0).long() * (torch.arange(4) % 2) if ww else None  # rows 1, 3 anchored
+            outs = [b.step(ids, counts, wlen, commit, wc, seen) for b in backends]
             for b in backends:
                 b.finish_step(late)
             torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
@@ -908,13 +922,15 @@ else:
         for b in backends:
             b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
         g = torch.Generator().manual_seed(3)
-        for wc, ww in [(1, 0), (0, 2), (2, 2), (1, 0)]:  # (0, 2): no clean token, the state moves to ``last``
+        for wc, ww, anchored in [(1, 0, False), (0, 2, False), (2, 2, False), (2, 2, True), (1, 0, False)]:
+            # (0, 2): no clean token, the state moves to ``last``; anchored: rows 1, 3 see counts - 1 clean tokens
             ids = torch.randint(0, 250, (4, wc + ww), generator=g)
             counts = torch.randint(0 if ww else 1, wc + 1, (4,), generator=g) if wc else torch.zeros(4).long()
             wlen = torch.full((4,), ww)
             commit = torch.rand(4, generator=g) < 0.6
             late = (torch.rand(4, generator=g) < 0.5) & ~commit
-            outs = [b.step(ids, counts, wlen, commit, wc) for b in backends]
+            seen = counts - (counts > 0).long() * (torch.arange(4) % 2) if anchored else None
+            outs = [b.step(ids, counts, wlen, commit, wc, seen) for b in backends]
             for b in backends:
                 b.finish_step(late)
             for r in range(4):

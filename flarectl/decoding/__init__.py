@@ -86,6 +86,7 @@ def generate(
     mask_token_id: int | None = None,
     use_cache: bool = True,
     compile: bool | None = None,
+    ar_trust_scheme: str = "anchored",
 ) -> list[GenerationResult]:
     """Generate a continuation for every prompt (a batch; rows finish independently).
 
@@ -95,6 +96,8 @@ def generate(
     from scratch (the reference twin of the engine's slot cache). ``compile``: torch.compile the engine step (CUDA
     only; each new step shape compiles once per process, ~10 s). None: only when the call is large enough to pay
     that back (prompts x max_new_tokens >= COMPILE_MIN_TOKENS) or as env FLARECTL_ENGINE_COMPILE says.
+    ``ar_trust_scheme``: 'anchored' (default: every forward also emits an exact AR token) or 'fused' (the earlier
+    scheme; ``flarectl.engine.modes``) — the same tokens under greedy decoding, different forward counts.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     _validate(prompts, mode, max_new_tokens, temperature, top_p, block_size, threshold, stop_strings, tokenizer)
@@ -113,7 +116,8 @@ def generate(
     if compile is None and os.environ.get("FLARECTL_ENGINE_COMPILE") is None:
         compile = model.device.type == "cuda" and len(prompts) * max_new_tokens >= COMPILE_MIN_TOKENS
     engine = Engine(model, concurrency=len(prompts), capacity=capacity, backend="auto" if use_cache else "recompute",
-                    block_size=block_size, mask_token_id=mask_id, tokenizer=tokenizer, compile=compile)
+                    block_size=block_size, mask_token_id=mask_id, tokenizer=tokenizer, compile=compile,
+                    ar_trust_scheme=ar_trust_scheme)
     for p in prompts:
         engine.submit(Request(p, mode, max_new_tokens, temperature, top_p, seed, block_size, threshold, stop_ids,
                               stop_strings, on_token, sampler=sampler))

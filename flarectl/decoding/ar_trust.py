@@ -1,19 +1,23 @@
 """AR-Trust: exact self-speculative decoding (the noisy path drafts a block, the clean path verifies it).
 
-For a row whose committed cache ends before the pending token x[s-1]:
+For a row whose committed cache ends before the pending token x[s-1] (the engine's default, *anchored* scheme;
+``flarectl.engine.modes``):
 
-1. draft: the window [x[s-1], mask x (B-1)] after the cache; window position j gives q_j for x[s+j]; drafts
-   d_1..d_B (greedy: argmax; sampling: d_j ~ q_j);
-2. verify, fused with the next draft: clean [x[s-1], d_1..d_{B-1}] (not committed) — position j gives p_j for
-   x[s+j], j < B — and the window [d_B, mask x (B-1)], which sees exactly that clean prefix;
-3. accept: greedy — the longest prefix with d_j == argmax p_{j-1}, then the AR token at the first mismatch;
-   sampling — accept d_j with probability min(1, p(d_j)/q(d_j)), at the first rejection resample from
-   normalize(max(p - q, 0)) (Leviathan et al.). Either way the output is distributed exactly as AR decoding with the
-   same temperature/top-p;
-4. full accept: the verified clean tokens are committed from the state the step kept, d_B becomes the pending
-   token and the fused window's distributions are the next drafts (back to 2: one forward per block); a rejection:
-   the AR token becomes pending and the next draft forward feeds the accepted prefix as clean tokens before its
-   window (back to 1). No recurrent state is ever rolled back.
+1. draft: clean [accepted tokens..., x[s-1]] (committed) and the window [x[s-1], mask x (B-1)] anchored on
+   x[s-1] (same position, sees the clean tokens before it). The clean logits at x[s-1] give x[s] exactly as AR
+   decoding would (emitted); window position j gives q_j for x[s+j], j >= 1: drafts d_1..d_{B-1} of the tokens
+   after x[s] (greedy: argmax; sampling: d_j ~ q_j);
+2. verify, fused with the next draft: clean [x[s], d_1..d_{B-1}] (not committed) — position j gives p_j for
+   x[s+1+j] — and the window anchored on d_{B-1}, which sees exactly that clean prefix;
+3. accept: greedy — the longest prefix with d_j == argmax p_{j-1}, then the AR token at the first mismatch (or
+   the bonus token from p_{B-1} after a full accept); sampling — accept d_j with probability min(1, p(d_j)/q(d_j)),
+   at the first rejection resample from normalize(max(p - q, 0)), after a full accept sample the bonus from
+   p_{B-1} (Leviathan et al.). Either way the output is distributed exactly as AR decoding with the same
+   temperature/top-p;
+4. full accept: the B clean tokens are committed from the state the step kept, the bonus becomes the pending
+   token and the window's positions 1..B-1 (which follow the bonus) are the next drafts (back to 2: one forward per
+   B tokens); a rejection: the AR token becomes pending and the next draft step feeds the accepted prefix as
+   clean tokens (back to 1, which emits a token too). No recurrent state is ever rolled back.
 
 Rows of a batch accept different lengths. The loop lives in the serving engine (``flarectl.engine.modes``); this
 module holds the rules it calls (``propose`` and the acceptance tests are hooks the tests replace).
@@ -33,8 +37,9 @@ def draft_window(pending: torch.Tensor, block_size: int, mask_id: int) -> torch.
 
 
 def propose(q: torch.Tensor, sampler: Sampler, rows: list[int], generated: list[int]) -> torch.Tensor:
-    """Drafts [R, B] from the draft distributions q [R, B, V] (a hook: ``rows`` are prompt indices and
-    ``generated`` the tokens each row has so far, for tests that force drafts)."""
+    """Drafts [R, B] from the draft distributions q [R, B, V] (a hook for tests that force drafts: ``rows`` are
+    request indices and ``generated[r]`` the index, among row r's generated tokens, of the token that window
+    position 0 predicts)."""
     return sampler.sample(q)
 
 

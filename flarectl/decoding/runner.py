@@ -30,13 +30,16 @@ def pad_rows(rows: Sequence[Sequence[int]], device, fill: int = 0) -> tuple[torc
     return ids, torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)
 
 
-def step_layout(start: torch.Tensor, counts: torch.Tensor, width: int, window: int) -> StreamLayout:
+def step_layout(start: torch.Tensor, counts: torch.Tensor, width: int, window: int,
+                seen: torch.Tensor | None = None) -> StreamLayout:
     """Layout [R, width + window]: clean tokens at positions start + i (i < counts, the rest padding), then a
-    window at positions start + counts + j with window_start = start + counts. start, counts: [R]."""
+    window at positions start + seen + j with window_start = start + seen: the window sees the first ``seen[r]``
+    clean tokens (default all ``counts[r]``; ``counts - 1``: the window is anchored on the last clean token, which
+    it holds itself). start, counts, seen: [R]."""
     cols = torch.arange(width + window, device=start.device)[None].expand(start.shape[0], -1)
     in_window = cols >= width
     clean_valid = cols < counts[:, None]
-    wstart = (start + counts)[:, None]
+    wstart = (start + (counts if seen is None else seen))[:, None]
     pos = torch.where(in_window, wstart + cols - width, start[:, None] + cols)
     doc = torch.where(in_window | clean_valid, 0, -1)
     win = torch.where(in_window, 0, -1)

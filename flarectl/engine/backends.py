@@ -1,8 +1,8 @@
 """Slot backends: where the engine's C slots live and how one step runs on them.
 
 Every backend has ``prefill(slots, contexts)``, ``release(slot)``,
-``step(ids [C, Wc+Ww], counts [C], wlen [C], commit [C], width_clean) -> logits [C, Wc+Ww, V]`` with the contract
-of ``StaticStep`` (see there), and ``finish_step(rows [C] bool or None)``, called once after every step, which
+``step(ids [C, Wc+Ww], counts [C], wlen [C], commit [C], width_clean, seen [C] or None) -> logits [C, Wc+Ww, V]``
+with the contract of ``StaticStep`` (see there; ``seen``: the clean tokens each window sees, None = ``counts``), and ``finish_step(rows [C] bool or None)``, called once after every step, which
 also commits that step's clean tokens for ``rows`` (a decision taken from the step's logits: AR-Trust's full
 accepts; None: no such row, which costs the static backend nothing). Three implementations give the same logits:
 
@@ -102,8 +102,8 @@ class SlotBackend:
     def release(self, slot: int) -> None:
         self.cache.lengths[slot] = 0
 
-    def step(self, ids, counts, wlen, commit, width_clean: int) -> torch.Tensor:
-        return self._step(ids, counts, wlen, commit, width_clean)
+    def step(self, ids, counts, wlen, commit, width_clean: int, seen=None) -> torch.Tensor:
+        return self._step(ids, counts, wlen, commit, width_clean, seen=seen)
 
     def finish_step(self, rows: torch.Tensor | None) -> None:
         if rows is not None:
@@ -144,13 +144,13 @@ class AdapterBackend:
     def release(self, slot: int) -> None:
         self.cache.lengths[slot] = 0
 
-    def step(self, ids, counts, wlen, commit, width_clean: int) -> torch.Tensor:
+    def step(self, ids, counts, wlen, commit, width_clean: int, seen=None) -> torch.Tensor:
         ww = ids.shape[1] - width_clean
         _check_full_windows(wlen, ww)
         pad = 1 if ww and width_clean == 0 else 0  # the pending GDN path needs a clean column before a window
         if pad:
             ids = torch.cat([ids.new_zeros(ids.shape[0], 1), ids], 1)
-        layout = step_layout(self.cache.lengths, counts, width_clean + pad, ww)
+        layout = step_layout(self.cache.lengths, counts, width_clean + pad, ww, seen)
         logits = self.model(ids, layout, self.cache, commit_all=False)
         self._last = (counts, commit)
         return logits[:, pad:]
@@ -177,7 +177,7 @@ class RecomputeBackend:
     def release(self, slot: int) -> None:
         self.committed[slot] = None
 
-    def step(self, ids, counts, wlen, commit, width_clean: int) -> torch.Tensor:
+    def step(self, ids, counts, wlen, commit, width_clean: int, seen=None) -> torch.Tensor:
         wc, ww = width_clean, ids.shape[1] - width_clean
         _check_full_windows(wlen, ww)
         rows = [s for s, c in enumerate(self.committed) if c is not None]
@@ -188,10 +188,11 @@ class RecomputeBackend:
         counts_l = counts.tolist()
         full = [self.committed[s] + ids[s, :counts_l[s]].tolist() for s in rows]
         padded, lengths = pad_rows(full, ids.device)
-        if ww and bool((lengths == 0).any()):
-            raise ValueError("the recompute backend needs a clean token before every window")
-        layout = step_layout(torch.zeros_like(lengths), lengths, padded.shape[1], ww)
         sel = torch.tensor(rows, device=ids.device)
+        sees = lengths if seen is None else lengths - (counts - seen)[sel]  # each window's visible prefix
+        if ww and bool((sees == 0).any()):
+            raise ValueError("the recompute backend needs a clean token before every window")
+        layout = step_layout(torch.zeros_like(lengths), lengths, padded.shape[1], ww, sees)
         logits = self.model(torch.cat([padded, ids[sel, wc:]], 1), layout)
         base = torch.tensor([len(self.committed[s]) for s in rows], device=ids.device)
         cols = (base[:, None] + torch.arange(wc, device=ids.device)).clamp(max=max(padded.shape[1] - 1, 0))

@@ -5,8 +5,9 @@
   token (p50/p99); the HF ``generate`` AR baseline runs on the same prompts (one batch of C) in the same call.
   Every request decodes exactly ``max_new_tokens`` tokens (EOS is ignored on both sides) so that throughputs
   compare like for like.
-* ``step_cost``: time of one engine step (graph replay) for C x 1 tokens (AR) and C x block shapes (verify,
-  draft/denoise) against the weight-bandwidth roofline (weight bytes / measured device copy bandwidth).
+* ``step_cost``: time of one engine step (graph replay) for C x 1 tokens (AR) and the trust modes' C x (B clean +
+  B window) and C x B window shapes against the weight-bandwidth roofline (weight bytes / measured device copy
+  bandwidth).
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ def copy_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
 class StepCost:
     """Median time of one engine step of C slots x (clean Wc + window Ww) tokens."""
 
-    kind: str  # ar | verify | draft
+    kind: str  # ar | trust | window
     concurrency: int
     width_clean: int
     width_window: int
@@ -284,15 +285,17 @@ class StepCost:
 
 def step_cost(model, *, concurrency: list[int], block_size: int, context: int = 512, repeats: int = 30,
               backend: str = "static", gdn_kernel: str = "auto", compile: bool | None = None) -> dict:
-    """Time the engine step for each C: AR (C x 1), verify (C x (B+1) clean), draft/denoise (C x (B+1) clean
-    + B window) with every slot holding ``context`` committed tokens, against weight bytes / copy bandwidth."""
+    """Time the engine step for each C, every slot holding ``context`` committed tokens, against weight bytes / copy
+    bandwidth: ``ar`` (C x 1), ``trust`` (C x (B clean + B window anchored on the last clean token): every AR-Trust
+    step — verify or draft — and a Diffusion-Trust step that opens a block) and ``window`` (C x B window only: a
+    Diffusion-Trust step inside a block)."""
     from flarectl.engine.backends import make_backend
 
     dev = model.device
     bw = copy_bandwidth(dev) if dev.type == "cuda" else None
     wbytes = weight_bytes(model)
     roof_ms = 1000 * wbytes / bw if bw else float("nan")
-    shapes = {"ar": (1, 0), "verify": (block_size + 1, 0), "draft": (block_size + 1, block_size)}
+    shapes = {"ar": (1, 0), "trust": (block_size, block_size), "window": (0, block_size)}
     rows = []
     for c in concurrency:
         be = make_backend(backend, model, c, context + 2 * block_size + 4, gdn_kernel=gdn_kernel, compile=compile)
@@ -302,14 +305,15 @@ def step_cost(model, *, concurrency: list[int], block_size: int, context: int = 
             counts = torch.full((c,), wc, dtype=torch.long, device=dev)
             wlen = torch.full((c,), ww, dtype=torch.long, device=dev)
             commit = torch.zeros(c, dtype=torch.bool, device=dev)  # nothing committed: every repeat is alike
+            seen = counts - 1 if kind == "trust" else None  # the anchored window
             with torch.no_grad():
                 for _ in range(3):
-                    be.step(ids, counts, wlen, commit, wc)
+                    be.step(ids, counts, wlen, commit, wc, seen)
                 _sync(dev)
                 times = []
                 for _ in range(repeats):
                     t0 = time.perf_counter()
-                    be.step(ids, counts, wlen, commit, wc)
+                    be.step(ids, counts, wlen, commit, wc, seen)
                     _sync(dev)
                     times.append(time.perf_counter() - t0)
             rows.append(StepCost(kind, c, wc, ww, 1000 * percentile(times, 50), roof_ms))
@@ -318,6 +322,38 @@ def step_cost(model, *, concurrency: list[int], block_size: int, context: int = 
             **step_paths(be), "copy_bandwidth_bytes_per_s": bw, "roofline_ms": roof_ms,
             "context": context, "block_size": block_size,
             "steps": [asdict(r) | {"ratio_to_roofline": r.ratio} for r in rows]}
+
+
+STEP_OF_MODE = {"ar": "ar", "ar-trust": "trust", "diffusion-trust": "trust"}
+"""Which ``step_cost`` step a mode's steps cost at most (Diffusion-Trust steps inside a block are ``window`` steps,
+cheaper: counting them as ``trust`` steps keeps the projection conservative)."""
+
+
+def load_tokens_per_forward(path: Path) -> dict:
+    """Tokens/forward per (mode, concurrency) from a serving ``bench.json`` (a converted checkpoint's run)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        rows = {(p["mode"], int(p["concurrency"])): float(p["tokens_per_forward"]) for p in data["points"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FlareError(f"--tpf-from {path}: not a flarectl bench JSON ({exc})") from None
+    if not rows:
+        raise FlareError(f"--tpf-from {path}: no serving points")
+    return {"source": str(path), "source_model": data.get("model", "?"), "weights": data.get("weights"),
+            "rows": rows}
+
+
+def project_throughput(step_data: dict, tpf: dict) -> dict:
+    """tokens/s = C x tokens/forward (measured on a converted checkpoint) / step time (``step_cost``'s, same C).
+    A projection for a model of the step's shape: engine host time between steps is not included."""
+    steps = {(s["kind"], s["concurrency"]): s["ms"] for s in step_data["steps"]}
+    rows = []
+    for (mode, c), t in sorted(tpf["rows"].items()):
+        kind = STEP_OF_MODE.get(mode)
+        if (kind, c) in steps:
+            ms = steps[(kind, c)]
+            rows.append({"mode": mode, "concurrency": c, "tokens_per_forward": t, "step": kind, "step_ms": ms,
+                         "tokens_per_second": 1000 * c * t / ms})
+    return {"source": tpf["source"], "source_model": tpf["source_model"], "rows": rows}
 
 
 # -- chart --------------------------------------------------------------------------------------------------------

@@ -25,9 +25,10 @@ from flarectl.engine.requests import MAX_BLOCK_SIZE, MODES, Request, RequestResu
 
 
 class StepInputs:
-    """The step's inputs ``ids [C, Wc+Ww] | counts | wlen | commit`` packed in one staging buffer (pinned on CUDA)
-    and sent with one asynchronous host->device copy per step; no tensor is built from Python lists. The returned
-    views stay valid until the next ``upload``."""
+    """The step's inputs ``ids [C, Wc+Ww] | counts | wlen | commit | seen`` packed in one staging buffer (pinned on
+    CUDA) and sent with one asynchronous host->device copy per step; no tensor is built from Python lists. The
+    returned views stay valid until the next ``upload``. ``seen``: the clean tokens each row's window sees
+    (``counts``, or ``counts - 1`` for a window anchored on the last clean token)."""
 
     def __init__(self, rows: int, device: torch.device):
         self.rows, self.device = rows, torch.device(device)
@@ -37,25 +38,26 @@ class StepInputs:
 
     def _grow(self, width: int) -> None:
         self.width = max(width, 2 * self.width, 8)
-        n = self.rows * (self.width + 3)
+        n = self.rows * (self.width + 4)
         self.host = torch.zeros(n, dtype=torch.long, pin_memory=not self.on_host and torch.cuda.is_available())
         self.host_np = self.host.numpy()
         self.dev = self.host if self.on_host else torch.zeros(n, dtype=torch.long, device=self.device)
 
-    def upload(self, plans: dict[int, tuple[list[int], list[int], bool]], wc: int, ww: int):
-        """plans: slot -> (clean tokens, window tokens, commit) -> (ids, counts, wlen, commit) on the device."""
+    def upload(self, plans: dict[int, tuple[list[int], list[int], bool, bool]], wc: int, ww: int):
+        """plans: slot -> (clean tokens, window tokens, commit, anchored) -> (ids, counts, wlen, commit, seen) on
+        the device."""
         if wc + ww > self.width:
             self._grow(wc + ww)
         if self._uploaded is not None:
             self._uploaded.synchronize()  # never overwrite the staging buffer while a copy still reads it
-        n = wc + ww + 3
+        n = wc + ww + 4
         table = self.host_np[:self.rows * n].reshape(self.rows, n)
         table[:] = 0
-        for slot, (clean, window, commit) in plans.items():
+        for slot, (clean, window, commit, anchored) in plans.items():
             row = table[slot]
             row[:len(clean)] = clean
             row[wc:wc + len(window)] = window
-            row[n - 3:] = (len(clean), len(window), commit)
+            row[n - 4:] = (len(clean), len(window), commit, len(clean) - (1 if anchored and window else 0))
         packed = self.dev[:self.rows * n]
         if not self.on_host:
             packed.copy_(self.host[:self.rows * n], non_blocking=True)
@@ -63,20 +65,27 @@ class StepInputs:
                 self._uploaded = torch.cuda.Event()
             self._uploaded.record()
         packed = packed.view(self.rows, n)
-        return packed[:, :wc + ww], packed[:, n - 3], packed[:, n - 2], packed[:, n - 1].bool()
+        return packed[:, :wc + ww], packed[:, n - 4], packed[:, n - 3], packed[:, n - 2].bool(), packed[:, n - 1]
 
 
 class Engine:
     """Continuous-batching decoder. ``capacity``: tokens per slot (prompt + new tokens + 2 blocks + 2 must fit).
     ``block_size`` / ``mask_token_id``: defaults for trust-mode requests (else the checkpoint's FLARE metadata).
     ``backend``: auto | static | adapter | recompute (``backends``). ``compile``: torch.compile the static step
-    before CUDA-graph capture (None: on for CUDA; env FLARECTL_ENGINE_COMPILE=0 turns it off)."""
+    before CUDA-graph capture (None: on for CUDA; env FLARECTL_ENGINE_COMPILE=0 turns it off).
+    ``ar_trust_scheme``: 'anchored' (default: every forward emits an exact AR token too) or 'fused' (the earlier
+    scheme, for comparison; ``modes``)."""
 
     def __init__(self, model, *, concurrency: int = 8, capacity: int = 4096, backend: str = "auto",
                  block_size: int | None = None, mask_token_id: int | None = None, tokenizer=None,
-                 cuda_graphs: bool | None = None, gdn_kernel: str = "auto", compile: bool | None = None):
+                 cuda_graphs: bool | None = None, gdn_kernel: str = "auto", compile: bool | None = None,
+                 ar_trust_scheme: str = modes.ANCHORED):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1; got {concurrency}")
+        if ar_trust_scheme not in modes.AR_TRUST_SCHEMES:
+            raise ValueError(f"ar-trust scheme must be one of {', '.join(modes.AR_TRUST_SCHEMES)}; "
+                             f"got {ar_trust_scheme!r}")
+        self.ar_trust_scheme = ar_trust_scheme
         self.model = model
         self.device = model.device
         self.concurrency, self.capacity = concurrency, capacity
@@ -156,6 +165,7 @@ class Engine:
                 stop_ids = [] if eos is None else [eos]
             row = Row(req, self.free.pop(), stop_ids=stop_ids, tokenizer=self.tokenizer,
                       mask_id=self.mask_id if block else None, block=block, submitted=t0)
+            row.scheme = self.ar_trust_scheme
             if req.sampler is not None:
                 row.sampler = req.sampler
             elif req.temperature == 0:
@@ -196,10 +206,11 @@ class Engine:
 
     def _forward(self) -> None:
         plans = {slot: modes.plan(row) for slot, row in self.rows.items()}
-        wc = max(len(c) for c, _, _ in plans.values())
-        ww = max(len(w) for _, w, _ in plans.values())
-        ids, counts, wlen, commit = self.inputs.upload(plans, wc, ww)
-        logits = self.backend.step(ids, counts, wlen, commit, wc)
+        wc = max(len(p[0]) for p in plans.values())
+        ww = max(len(p[1]) for p in plans.values())
+        ids, counts, wlen, commit, seen = self.inputs.upload(plans, wc, ww)
+        anchored = any(p[3] and p[1] for p in plans.values())
+        logits = self.backend.step(ids, counts, wlen, commit, wc, seen if anchored else None)
         self.steps += 1
         groups: dict[tuple, list[Row]] = {}
         for row in self.rows.values():

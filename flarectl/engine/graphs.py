@@ -22,7 +22,8 @@ class GraphedStep:
         bufs = dict(ids=torch.zeros(rows, wc + ww, dtype=torch.long, device=dev),
                     counts=torch.zeros(rows, dtype=torch.long, device=dev),
                     wlen=torch.zeros(rows, dtype=torch.long, device=dev),
-                    commit=torch.zeros(rows, dtype=torch.bool, device=dev))
+                    commit=torch.zeros(rows, dtype=torch.bool, device=dev),
+                    seen=torch.zeros(rows, dtype=torch.long, device=dev))
         # warm-up runs commit nothing (counts 0, commit False): the slot cache is left as it was
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -35,7 +36,7 @@ class GraphedStep:
             out = self.step(**bufs, width_clean=wc)
         return graph, bufs, out
 
-    def __call__(self, ids, counts, wlen, commit, width_clean: int) -> torch.Tensor:
+    def __call__(self, ids, counts, wlen, commit, width_clean: int, seen=None) -> torch.Tensor:
         key = (width_clean, ids.shape[1] - width_clean)
         if key not in self.graphs:
             try:
@@ -51,5 +52,6 @@ class GraphedStep:
         bufs["counts"].copy_(counts)
         bufs["wlen"].copy_(wlen)
         bufs["commit"].copy_(commit)
+        bufs["seen"].copy_(counts if seen is None else seen)
         graph.replay()
         return out

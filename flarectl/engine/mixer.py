@@ -4,12 +4,13 @@ Between the fused input projection GEMM (``proj`` = [qkv | z | b | a] per token)
 step used to run the conv-context gather and commit, the depthwise causal conv + SiLU, the gates, the recurrence
 (``recurrence.py``) and the gated RMSNorm as several kernels per layer (inductor's fusions plus the recurrence). Here
 one kernel does all of it for the step's tokens: the short causal conv over the conv state and the clean tokens
-(window tokens over the conv context after each row's clean tokens), SiLU, g = -exp(A_log) * softplus(a + dt_bias)
-and beta = sigmoid(b) (padding clean tokens: decay 1, beta 0), q/k L2 norm (eps 1e-6) and scale, the gated delta
-rule with the state after the clean tokens stored where it belongs (the cache ``state`` for rows that commit,
-``last_state`` for the others — as ``recurrence.py``), the window continuing from it, and norm(o) * silu(z) with the
-RMSNormGated weight; the conv context after the clean tokens goes to ``last_conv`` (all rows) and ``conv`` (rows
-that commit).
+(window tokens over the conv context after the ``seen`` clean tokens their window sees), SiLU,
+g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b) (padding clean tokens: decay 1, beta 0), q/k L2 norm
+(eps 1e-6) and scale, the gated delta rule with the state after the clean tokens stored where it belongs (the cache
+``state`` for rows that commit, ``last_state`` for the others — as ``recurrence.py``), the window continuing from
+the state after its ``seen`` clean tokens (kept on chip; ``seen`` = ``counts`` - 1 anchors the window on the last
+clean token), and norm(o) * silu(z) with the RMSNormGated weight; the conv context after the clean tokens goes to
+``last_conv`` (all rows) and ``conv`` (rows that commit).
 
 One program per (row, v-head, block of ``V_BLOCK`` state columns): it holds a [K, V_BLOCK] slice of the state, and
 its v channels are its own, so it commits their conv context in place. The G = (HV/H) x (V / V_BLOCK) programs of
@@ -107,7 +108,8 @@ def _kernel():
     globals().update(_ctx=_ctx, _conv_silu=_conv_silu, _commit_conv=_commit_conv, _gated_norm=_gated_norm)
 
     @triton.jit
-    def gdn_mixer_kernel(proj, cw, cb, A_log, dt_bias, nw, out, state, last, conv, lconv, counts, commit, counter,
+    def gdn_mixer_kernel(proj, cw, cb, A_log, dt_bias, nw, out, state, last, conv, lconv, counts, seen, commit,
+                         counter,
                          scale, eps, W, wc, s_pc, s_pt, s_oc, s_ot,
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, S: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BVF: tl.constexpr,
@@ -133,6 +135,7 @@ def _kernel():
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         cnt = tl.load(counts + i_n).to(tl.int32)
+        sn = tl.load(seen + i_n).to(tl.int32)  # clean tokens the window sees (cnt, or cnt - 1: anchored window)
         flag = tl.load(commit + i_n).to(tl.int32)
         flag_h = tl.zeros([BK, BV], dtype=tl.int32) + flag
         c_h, nc_h = mask_h & (flag_h != 0), mask_h & (flag_h == 0)
@@ -148,10 +151,11 @@ def _kernel():
         if wc == 0:  # no clean token: the state moves to ``last`` for the rows that do not commit
             tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
             tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
+        h_win = h  # the state after the first ``sn`` clean tokens: where the window starts
         for t in range(W):
-            b_q = _conv_silu(proj_row, conv_row, cw, cb, ch_q, mask_k, t, wc, cnt, s_pt, S, HAS_BIAS)
-            b_k = _conv_silu(proj_row, conv_row, cw, cb, ch_k, mask_k, t, wc, cnt, s_pt, S, HAS_BIAS)
-            b_v = _conv_silu(proj_row, conv_row, cw, cb, ch_v, mask_v, t, wc, cnt, s_pt, S, HAS_BIAS)
+            b_q = _conv_silu(proj_row, conv_row, cw, cb, ch_q, mask_k, t, wc, sn, s_pt, S, HAS_BIAS)
+            b_k = _conv_silu(proj_row, conv_row, cw, cb, ch_k, mask_k, t, wc, sn, s_pt, S, HAS_BIAS)
+            b_v = _conv_silu(proj_row, conv_row, cw, cb, ch_v, mask_v, t, wc, sn, s_pt, S, HAS_BIAS)
             b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6) * scale
             b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
             p_tok = proj_row + t * s_pt
@@ -166,9 +170,12 @@ def _kernel():
             b_v = beta * (b_v - tl.sum(h * b_k[:, None], 0))
             h += b_k[:, None] * b_v[None, :]
             o = tl.sum(h * b_q[:, None], 0)
-            if t == wc - 1:  # the state after the clean tokens: cache (commit) or ``last`` (not)
+            if t < sn:
+                h_win = h
+            if t == wc - 1:  # the state after the clean tokens: cache (commit) or ``last`` (not); the window's next
                 tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
                 tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
+                h = h_win
             o = o.to(proj.dtype.element_ty).to(tl.float32)  # HF rounds o to the layer's dtype before the norm
             p_o = out + i_n.to(tl.int64) * s_oc + t * s_ot + hv * V + o_v
             if NV == 1:
@@ -206,8 +213,9 @@ def _kernel():
 
 
 def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv, counts, commit,
-           wc: int, H: int, HV: int, K: int, V: int, eps: float, v_block: int | None = None) -> torch.Tensor:
-    """See ``static_step.gdn_mixer``. proj [C, W, 2HK + 2HV*V + 2HV] (last stride 1); conv / last_conv [C, D, S]
+           wc: int, H: int, HV: int, K: int, V: int, eps: float, v_block: int | None = None,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """See ``static_step.gdn_mixer`` (``seen`` None: ``counts``). proj [C, W, 2HK + 2HV*V + 2HV] (last stride 1); conv / last_conv [C, D, S]
     and state / last_state [C, HV, K, V] contiguous. ``v_block``: state columns per program (None:
     ``V_BLOCK``, or all V). Returns [C, W, HV*V] in proj's dtype."""
     import triton
@@ -234,7 +242,7 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
     pdl = use_pdl(proj.device)
     _kernel()[(groups * (HV // H) * nv,)](
         proj, conv_w.contiguous(), cb, A_log, dt_bias, norm_w, out, state, last_state, conv, last_conv,
-        counts, commit, counter, K ** -0.5, eps, W, wc, proj.stride(0), proj.stride(1), out.stride(0),
+        counts, counts if seen is None else seen, commit, counter, K ** -0.5, eps, W, wc, proj.stride(0), proj.stride(1), out.stride(0),
         out.stride(1), H=H, HV=HV, K=K, V=V, S=S, BK=bk, BV=bv, NV=nv, BVF=bvf,
         BS=triton.next_power_of_2(max(S, 1)), HAS_BIAS=conv_b is not None, ROUND_PROD=round_prod, PDL=pdl,
         num_warps=warps, **({"launch_pdl": True} if pdl else {}))

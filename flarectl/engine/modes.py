@@ -1,17 +1,27 @@
 """The three decoding modes as per-row step plans and per-group updates (one forward per engine step).
 
 Every row keeps its committed tokens in the slot cache except ``pending`` (the last final token). A plan is
-``(clean, window, commit)``: the clean tokens to feed (committed this step iff ``commit``) and the noisy window.
+``(clean, window, commit, anchored)``: the clean tokens to feed (committed this step iff ``commit``), the noisy
+window, and whether the window is *anchored* on the last clean token (its first token is that token, at the same
+position, and it sees only the clean tokens before it) rather than placed after the clean tokens.
 
 * ``ar``: clean [pending], committed; the logits at clean position 0 give the next token.
-* ``ar-trust``: a draft step feeds the tokens accepted so far as clean (committed) and the window
-  [pending, mask x (B-1)] -> drafts d_1..d_B. A verify step feeds [pending, d_1..d_{B-1}] as clean tokens *not*
-  committed — their logits check all B drafts — and, fused into the same forward, the next draft window
-  [d_B, mask x (B-1)] (it sees exactly the verified prefix). After a full accept the verified clean tokens are
-  committed from the step's kept state (``finish_step``: no recomputation) and the window's drafts are verified by
-  the next step: one forward per fully accepted block. After a rejection at j, the AR token at j is emitted, the
-  speculative window is dropped and the next draft step re-feeds the accepted prefix (no GDN rollback anywhere).
-  Acceptance is ``flarectl.decoding.ar_trust``'s (greedy, or exact speculative sampling): lossless.
+* ``ar-trust`` (``ANCHORED``, the default scheme): every forward both verifies and drafts, and every forward
+  emits at least one exact AR token.
+  - A draft step (after a rejection, and first) feeds the accepted tokens and ``pending`` as clean tokens
+    (committed) and the window [pending, mask x (B-1)] anchored on ``pending``. The clean logits at ``pending``
+    give the next token exactly as AR decoding would (it is emitted and becomes ``pending``); the window position 0
+    predicts that same token (dropped), positions 1..B-1 give the drafts d_1..d_{B-1} of the tokens after it.
+  - A verify step feeds [pending, d_1..d_{B-1}] as clean tokens, *not* committed, and the window
+    [d_{B-1}, mask x (B-1)] anchored on d_{B-1}. Clean position j checks d_{j+1}; position B-1 is the bonus
+    distribution after a full accept. Emitted: the accepted drafts plus the AR token at the first mismatch (or
+    the bonus), so k + 1 tokens for k accepted. After a full accept the B clean tokens are committed from the
+    step's kept state (``finish_step``: no recomputation), the bonus becomes ``pending`` and the window's positions
+    1..B-1 are the next drafts (they follow the bonus): one forward per B tokens. After a rejection the next step
+    is a draft step that re-feeds the accepted prefix (no GDN rollback anywhere).
+  The ``FUSED`` scheme (sessions 1-8) drafts B tokens with an unanchored window and emits nothing in draft steps;
+  it stays selectable (``Engine(ar_trust_scheme="fused")``) for comparison.
+  Acceptance is ``flarectl.decoding.ar_trust``'s (greedy, or exact speculative sampling): lossless either way.
 * ``diffusion-trust``: the window [pending, decided tokens or mask]; a finished block's clean tokens
   [pending, x_1..x_{B-1}] are committed by the next step, which also carries the next block's window
   (``flarectl.decoding.diffusion_trust``).
@@ -28,23 +38,35 @@ from flarectl.decoding.sampling import Sampler
 from flarectl.engine.requests import Row
 
 
-def plan(row: Row) -> tuple[list[int], list[int], bool]:
-    """The row's next step: (clean tokens, window tokens, commit the clean tokens now)."""
+ANCHORED, FUSED = "anchored", "fused"
+AR_TRUST_SCHEMES = (ANCHORED, FUSED)
+
+
+def plan(row: Row) -> tuple[list[int], list[int], bool, bool]:
+    """The row's next step: (clean tokens, window tokens, commit the clean tokens now, window anchored on the last
+    clean token)."""
+    masks = [row.mask_id] * (row.block - 1) if row.mask_id is not None else []
     if row.mode == "ar":
-        return [row.pending], [], True
+        return [row.pending], [], True, False
+    if row.mode == "ar-trust" and row.scheme == ANCHORED:
+        if row.phase == "verify":
+            return [row.pending, *row.drafts], [row.drafts[-1], *masks], False, True
+        clean, row.commit_tokens = [*row.commit_tokens, row.pending], []
+        row.anchor = len(clean) - 1
+        return clean, ([row.pending, *masks] if row.block > 1 else []), True, True  # B = 1: nothing to draft
     if row.mode == "ar-trust" and row.phase == "verify":
-        return [row.pending, *row.drafts[:-1]], [row.drafts[-1]] + [row.mask_id] * (row.block - 1), False
+        return [row.pending, *row.drafts[:-1]], [row.drafts[-1], *masks], False, False
     clean, row.commit_tokens = row.commit_tokens, []
     if row.mode == "ar-trust":
-        return clean, [row.pending] + [row.mask_id] * (row.block - 1), True
+        return clean, [row.pending, *masks], True, False
     body = [x if d else row.mask_id for x, d in zip(row.x[:-1], row.decided[:-1])]
-    return clean, [row.pending, *body], True
+    return clean, [row.pending, *body], True, False
 
 
 def group_key(row: Row) -> tuple:
     s = row.sampler
-    return (row.mode, row.phase if row.mode == "ar-trust" else "", "greedy" if s.greedy else id(s), row.block,
-            row.req.threshold if row.mode == "diffusion-trust" else 0.0)
+    return (row.mode, (row.phase, row.scheme) if row.mode == "ar-trust" else "", "greedy" if s.greedy else id(s),
+            row.block, row.req.threshold if row.mode == "diffusion-trust" else 0.0)
 
 
 def update(rows: list[Row], logits: torch.Tensor, width_clean: int, sampler: Sampler,
@@ -57,6 +79,12 @@ def update(rows: list[Row], logits: torch.Tensor, width_clean: int, sampler: Sam
         idx = torch.tensor([r.slot for r in rows], device=logits.device)
     if mode == "ar":
         _update_ar(rows, logits[idx, 0], sampler)
+    elif mode == "ar-trust" and rows[0].scheme == ANCHORED:
+        window = logits[idx, width_clean:width_clean + block]
+        if rows[0].phase == "verify":
+            _update_verify_anchored(rows, logits[idx, :block], window, sampler)
+        else:
+            _update_draft_anchored(rows, logits, idx, window, sampler)
     elif mode == "ar-trust" and rows[0].phase == "verify":
         _update_verify(rows, logits[idx, :block], logits[idx, width_clean:width_clean + block], sampler)
     else:
@@ -103,6 +131,60 @@ def _update_verify(rows, clean_logits, window_logits, sampler):
     if full:
         sel = torch.tensor([i for i, r in enumerate(rows) if r in full], device=window_logits.device)
         _update_draft(full, window_logits[sel], sampler)
+
+
+def _draft_after_bonus(rows, window_logits, sampler):
+    """Drafts d_1..d_{B-1} from an anchored window's positions 1..B-1 (position 0 predicts the token the clean path
+    has just given exactly); block size 1 has nothing to draft and stays in the draft phase (plain AR)."""
+    if rows[0].block == 1:
+        return
+    q = sampler.probs(window_logits)  # [G, B, V]
+    # window position 0 predicts the token just emitted (the row's last): ``propose``'s offset is that token's index
+    drafts = ar_trust.propose(q, sampler, [r.index for r in rows], [len(r.tokens) - 1 for r in rows])[:, 1:]
+    for i, (row, d) in enumerate(zip(rows, drafts.tolist())):
+        row.drafts, row.q, row.phase = d, (None if sampler.greedy else q[i, 1:]), "verify"
+
+
+def _update_draft_anchored(rows, logits, idx, window_logits, sampler):
+    """Draft step: the clean logits at each row's anchor (its ``pending`` token) give the next token, exact AR."""
+    anchor = torch.tensor([r.anchor for r in rows], device=logits.device)
+    clean = logits[idx].gather(1, anchor[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]  # [G, V]
+    tokens = (clean.argmax(-1) if sampler.greedy else sampler.sample(sampler.probs(clean))).tolist()
+    live = []
+    for i, (row, t) in enumerate(zip(rows, tokens)):
+        row.pending = t
+        if not row.emit([t]):
+            live.append(i)
+    if live:
+        if len(live) < len(rows):
+            window_logits = window_logits[torch.tensor(live, device=window_logits.device)]
+        _draft_after_bonus([rows[i] for i in live], window_logits, sampler)
+
+
+def _update_verify_anchored(rows, clean_logits, window_logits, sampler):
+    """clean_logits [G, B, V]: p_0..p_{B-2} check d_1..d_{B-1}, p_{B-1} is the bonus distribution; window_logits
+    [G, B, V]: the anchored window on d_{B-1}, whose positions 1..B-1 are the next drafts after a full accept."""
+    p = sampler.probs(clean_logits)
+    drafts = torch.tensor([r.drafts for r in rows], dtype=torch.long, device=p.device)
+    if sampler.greedy:
+        n, nxt = ar_trust.accept_greedy(p, drafts)
+    else:
+        n, nxt = ar_trust.accept_speculative(p, torch.stack([r.q for r in rows]), drafts, sampler)
+    accepted, nxt = torch.stack([n, nxt]).tolist()  # one device->host copy
+    full = []
+    for i, (row, k, t) in enumerate(zip(rows, accepted, nxt)):
+        row.hist[k] += 1
+        done = row.emit(row.drafts[:k] + [t])
+        if k == len(row.drafts):  # every clean token is final: commit them all after the step; the bonus is next
+            row.commit_late, row.pending = True, t
+            if not done:
+                full.append(i)
+        else:
+            row.commit_tokens = [row.pending, *row.drafts[:k]]
+            row.pending, row.phase, row.q = t, "draft", None
+    if full:
+        sel = torch.tensor(full, device=window_logits.device)
+        _draft_after_bonus([rows[i] for i in full], window_logits[sel], sampler)
 
 
 def _update_denoise(rows, window_logits, sampler):

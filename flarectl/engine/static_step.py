@@ -2,9 +2,10 @@
 
 One step feeds every slot ``ids [C, Wc + Ww]``: a clean section of width Wc (the first ``counts[c]`` tokens are
 real, the rest padding) followed by a noisy window of width Ww (the first ``wlen[c]`` real). Slot c's clean tokens
-sit at positions ``L + i`` (L = ``cache.lengths[c]``), its window at ``L + counts[c] + j`` and sees the committed
-prefix plus the step's real clean tokens (window_start = L + counts[c]) and its own real window tokens
-(block-bidirectional). Rows with ``commit[c]`` commit their clean tokens in the same step; the others leave the
+sit at positions ``L + i`` (L = ``cache.lengths[c]``), its window at ``L + seen[c] + j`` and sees the committed
+prefix plus the step's first ``seen[c]`` clean tokens (window_start = L + seen[c]) and its own real window tokens
+(block-bidirectional). ``seen`` defaults to ``counts`` (the window after the clean tokens); ``counts - 1`` anchors
+the window on the last clean token (AR-Trust's anchored scheme, ``modes``). Rows with ``commit[c]`` commit their clean tokens in the same step; the others leave the
 cache as it was (their clean keys/values are written at positions past the committed length, where nobody sees
 them). This is exactly the visibility of ``StreamLayout`` and the rules of ``gdn._pending`` — the adapter path
 (``FlareModel.forward`` with a ``HybridCache``) is the reference twin the tests compare against.
@@ -197,10 +198,28 @@ def resolve_gdn_kernel(kernel: str, device: torch.device) -> str:
 
 # -- the whole GDN mixer (conv, gates, recurrence, gated norm) as one op ---------------------------------------------
 
+def _conv_context(ctx: torch.Tensor, n: torch.Tensor, span: int) -> torch.Tensor:
+    """The conv context after each row's first ``n`` clean tokens: ctx [C, span+Wc, D] (conv state, then the clean
+    inputs) -> [C, span, D]."""
+    idx = n[:, None] + torch.arange(span, device=ctx.device)[None]
+    return ctx.gather(1, idx[:, :, None].expand(-1, -1, ctx.shape[-1]))
+
+
+def _state_after(q, k, v, g, beta, state, seen, commit, wc: int, scale: float, kernel: str) -> torch.Tensor:
+    """[C, HV, K, V] fp32: each row's GDN state after its first ``seen`` clean tokens (the start state of a window
+    anchored inside the clean tokens), from the cache ``state`` before the step commits anything. A recurrence of
+    its own over the clean tokens (the chain's way; the one-kernel mixer keeps it on chip instead)."""
+    real = (torch.arange(wc, device=q.device)[None] < seen[:, None])[..., None]
+    out = torch.empty_like(state)
+    gdn_recurrence_commit(q, k, v, g * real, beta * real, state, out, torch.zeros_like(commit), scale, kernel)
+    return out
+
+
 def gdn_mixer_chain(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv, counts,
-                    commit, wc: int, H: int, HV: int, K: int, V: int, eps: float, kernel: str = "torch"):
+                    commit, wc: int, H: int, HV: int, K: int, V: int, eps: float, kernel: str = "torch", seen=None):
     """The static step's GDN mixer as a chain of torch ops (the reference twin of ``gdn_mixer``; ``gdn_block``'s
-    chain with its recurrence ``kernel``). proj [C, W, 2HK + HV*V | HV*V (z) | HV (b) | HV (a)] -> [C, W, HV*V]."""
+    chain with its recurrence ``kernel``). proj [C, W, 2HK + HV*V | HV*V (z) | HV (b) | HV (a)] -> [C, W, HV*V].
+    ``seen`` [C]: the clean tokens each row's window sees (None: all ``counts``)."""
     C, W, _ = proj.shape
     wc = int(wc)
     ww = W - wc
@@ -224,12 +243,17 @@ def gdn_mixer_chain(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, l
     q, k, v = heads(_conv_taps(ctx, conv_w, conv_b, wc, dt))
     real = (torch.arange(wc, device=proj.device)[None] < counts[:, None])[..., None]  # [C, Wc, 1]
     gc, bc = g[:, :wc] * real, beta[:, :wc] * real  # padding: decay 1, no write
-    core = gdn_recurrence_commit(q.contiguous(), k.contiguous(), v.contiguous(), gc, bc, state, last_state, commit,
-                                 scale, kernel)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    w_state = None
+    if ww and seen is not None and seen is not counts:  # windows anchored inside the clean tokens
+        w_state = _state_after(q, k, v, g[:, :wc], beta[:, :wc], state, seen, commit, wc, scale, kernel)
+    core = gdn_recurrence_commit(q, k, v, gc, bc, state, last_state, commit, scale, kernel)
     if ww:
-        qn, kn, vn = heads(_conv_taps(torch.cat([left, mixed[:, wc:]], 1), conv_w, conv_b, ww, dt))
+        w_left = left if w_state is None else _conv_context(ctx, seen, span)
+        qn, kn, vn = heads(_conv_taps(torch.cat([w_left, mixed[:, wc:]], 1), conv_w, conv_b, ww, dt))
         o_win = gdn_recurrence_from(qn.contiguous(), kn.contiguous(), vn.contiguous(), g[:, wc:].contiguous(),
-                                    beta[:, wc:].contiguous(), state, last_state, commit, scale, kernel)
+                                    beta[:, wc:].contiguous(), state if w_state is None else w_state,
+                                    last_state if w_state is None else w_state, commit, scale, kernel)
         core = torch.cat([core, o_win], 1)
     last_conv.copy_(left.transpose(1, 2))
     conv.copy_(torch.where(commit[:, None, None], last_conv, conv))
@@ -244,7 +268,7 @@ def gdn_mixer_chain(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, l
 def gdn_mixer(proj: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor | None, A_log: torch.Tensor,
               dt_bias: torch.Tensor, norm_w: torch.Tensor, state: torch.Tensor, conv: torch.Tensor,
               last_state: torch.Tensor, last_conv: torch.Tensor, counts: torch.Tensor, commit: torch.Tensor,
-              wc: int, H: int, HV: int, K: int, V: int, eps: float) -> torch.Tensor:
+              wc: int, H: int, HV: int, K: int, V: int, eps: float, seen: torch.Tensor | None = None) -> torch.Tensor:
     """A GDN layer's mixer over the step's tokens, from the fused input projection's output ``proj`` [C, W, N]
     (per token [q k v (2HK + HV*V) | z (HV*V) | b (HV) | a (HV)]) to the out_proj input [C, W, HV*V] (proj's
     dtype): causal conv (``conv_w`` [D, S+1], ``conv_b``) over the conv state [C, D, S] and the clean tokens, the
@@ -252,22 +276,23 @@ def gdn_mixer(proj: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor | N
     ``dt_bias`` and b; q/k L2 norm and scale K^-0.5; the gated delta rule (padding clean tokens: identity), its
     state after the clean tokens into ``state`` (rows with ``commit``) or ``last_state`` (others), the conv
     context after them into ``last_conv`` and, for committing rows, ``conv``; RMSNormGated(o, z) with ``norm_w``,
-    ``eps``. The Triton kernel (``mixer.py``) on CUDA or under Triton's interpreter, else the torch chain
-    (``gdn_mixer_chain``)."""
+    ``eps``. ``seen`` [C] (None: ``counts``): how many clean tokens each row's window sees — ``counts - 1`` anchors
+    the window on the last clean token (its conv context and start state are those before that token). The
+    Triton kernel (``mixer.py``) on CUDA or under Triton's interpreter, else the torch chain (``gdn_mixer_chain``)."""
     from flarectl.engine import recurrence
 
     if recurrence.applies(proj.device):
         from flarectl.engine import mixer
 
         return mixer.launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv,
-                            counts, commit, wc, H, HV, K, V, eps)
+                            counts, commit, wc, H, HV, K, V, eps, seen=seen)
     return gdn_mixer_chain(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv,
-                           counts, commit, wc, H, HV, K, V, eps)
+                           counts, commit, wc, H, HV, K, V, eps, seen=seen)
 
 
 @gdn_mixer.register_fake
 def _(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv, counts, commit, wc, H, HV,
-      K, V, eps):
+      K, V, eps, seen=None):
     return proj.new_empty(proj.shape[0], proj.shape[1], HV * V)
 
 
@@ -381,7 +406,7 @@ def _mlp_tail(layer, hidden, o, w_gate_up, gemv: bool, w_down, pf, fuse_down: bo
 
 def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit, wc: int, kernel: str,
               w_in=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None, pf=None,
-              fuse_down: bool = False, pending=None, eps_in=None, eps_mlp=None):
+              fuse_down: bool = False, pending=None, eps_in=None, eps_mlp=None, seen=None):
     """One Gated DeltaNet decoder layer of the step: hidden [C, W, hidden] -> [C, W, hidden]. Writes the state and
     conv context after each row's clean tokens into ``last_state`` / ``last_conv`` and into the cache
     (``state`` / ``conv``) for rows with ``commit``. ``w_in`` / ``w_gate_up``: fused copies of the input
@@ -391,7 +416,8 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
     GEMM's weight before each of the layer's four GEMMs (``_pf``), or None. ``fuse_down``: the MLP's activation,
     down projection and residual add as one kernel (``_mlp``). ``pending``: the previous block's residual add, or
     None; ``eps_in`` / ``eps_mlp``: the norms' eps when their gains are folded into ``w_in`` / ``w_gate_up``
-    (``_open``, ``_mlp_tail``). Returns (hidden, pending)."""
+    (``_open``, ``_mlp_tail``). ``seen`` [C]: the clean tokens each row's window sees (None: ``counts``).
+    Returns (hidden, pending)."""
     module = layer.linear_attn
     _pf(hidden, pf, 0)
     x, proj, hidden = _open(layer.input_layernorm, hidden, pending, w_in, eps_in, gemv)
@@ -400,7 +426,7 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
         normed = gdn_mixer(proj, module.conv1d.weight.squeeze(1), module.conv1d.bias, module.A_log, module.dt_bias,
                            module.norm.weight, state, conv, last_state, last_conv, counts, commit, wc,
                            module.num_k_heads, module.num_v_heads, module.head_k_dim, module.head_v_dim,
-                           float(module.norm.variance_epsilon))
+                           float(module.norm.variance_epsilon), seen)
         _pf(normed, pf, 1)
         return _mlp_tail(layer, hidden, module_linear(normed, module.out_proj, w_out, gemv), w_gate_up, gemv,
                          w_down, pf, fuse_down, eps_mlp)
@@ -427,15 +453,21 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
     scale = module.head_k_dim ** -0.5
 
     q, k, v = _split_heads(module, _conv_taps(ctx, weight, bias, wc, dt))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     real = (torch.arange(wc, device=hidden.device)[None] < counts[:, None])[..., None]  # [C, Wc, 1]
     gc, bc = g[:, :wc] * real, beta[:, :wc] * real  # padding: decay 1, no write
-    core = gdn_recurrence_commit(q.contiguous(), k.contiguous(), v.contiguous(), gc, bc, state, last_state, commit,
-                                 scale, kernel)  # commits the state of the committing rows in place
+    w_state = None
+    if ww and seen is not None and seen is not counts:  # windows anchored inside the clean tokens
+        w_state = _state_after(q, k, v, g[:, :wc], beta[:, :wc], state, seen, commit, wc, scale, kernel)
+    core = gdn_recurrence_commit(q, k, v, gc, bc, state, last_state, commit, scale,
+                                 kernel)  # commits the state of the committing rows in place
     if ww:
-        yn = _conv_taps(torch.cat([left, mixed[:, wc:]], 1), weight, bias, ww, dt)
+        w_left = left if w_state is None else _conv_context(ctx, seen, span)
+        yn = _conv_taps(torch.cat([w_left, mixed[:, wc:]], 1), weight, bias, ww, dt)
         qn, kn, vn = _split_heads(module, yn)
         o_win = gdn_recurrence_from(qn.contiguous(), kn.contiguous(), vn.contiguous(), g[:, wc:].contiguous(),
-                                    beta[:, wc:].contiguous(), state, last_state, commit, scale, kernel)
+                                    beta[:, wc:].contiguous(), state if w_state is None else w_state,
+                                    last_state if w_state is None else w_state, commit, scale, kernel)
         core = torch.cat([core, o_win], 1)
     last_conv.copy_(left.transpose(1, 2))
     conv.copy_(torch.where(commit[:, None, None], last_conv, conv))
@@ -622,7 +654,7 @@ class StaticStep:
             self._fold_norms()
         self._plan_prefetch(resolve_prefetch(prefetch_mb, dev), prefetch_method or DEFAULT_PREFETCH_METHOD)
         self._set_fns()
-        self._seen: set[tuple[int, int]] = set()
+        self._shapes: set[tuple] = set()
 
     def _set_fns(self) -> None:
         if self.compiled:
@@ -720,7 +752,8 @@ class StaticStep:
         return min(cache.capacity, -(-max(used, 1) // 64) * 64)
 
     def prologue(self, ids, counts, wlen, wc: int, cap: int, need_mask: bool):
-        """Embedding, RoPE and (if the model has attention layers) the attention mask of one step."""
+        """Embedding, RoPE and (if the model has attention layers) the attention mask of one step. ``counts``: the
+        clean tokens each window sees (it places the windows; clean positions need only the lengths)."""
         model, lengths = self.model, self.cache.lengths
         width = ids.shape[1]
         hidden = model.hf.model.embed_tokens(ids)
@@ -729,18 +762,21 @@ class StaticStep:
         return hidden, cos, sin, mask
 
     # -- the step ---------------------------------------------------------------------------------------------
-    def __call__(self, ids, counts, wlen, commit, width_clean: int, logits: bool = True) -> torch.Tensor:
+    def __call__(self, ids, counts, wlen, commit, width_clean: int, logits: bool = True,
+                 seen: torch.Tensor | None = None) -> torch.Tensor:
         """ids [C, Wc+Ww] long; counts, wlen [C] long; commit [C] bool -> logits [C, Wc+Ww, V] (``logits=False``:
-        the final hidden states, the LM head skipped — a prefill step)."""
-        key = (width_clean, ids.shape[1], logits)
-        if not self.compiled or key in self._seen:
-            return self._forward(ids, counts, wlen, commit, width_clean, logits)
+        the final hidden states, the LM head skipped — a prefill step). ``seen`` [C] long (None: ``counts``): the
+        clean tokens each row's window sees; ``counts - 1`` anchors the window on the last clean token (the window's
+        first token sits at that token's position and sees only the clean tokens before it)."""
+        key = (width_clean, ids.shape[1], logits, seen is None)
+        if not self.compiled or key in self._shapes:
+            return self._forward(ids, counts, wlen, commit, width_clean, logits, seen)
         try:  # first call of a shape compiles; a compile failure falls back to eager (and says so)
-            out = self._forward(ids, counts, wlen, commit, width_clean, logits)
+            out = self._forward(ids, counts, wlen, commit, width_clean, logits, seen)
         except Exception as exc:  # noqa: BLE001
             self.fallback_eager(f"torch.compile of the engine step failed: {type(exc).__name__}: {exc}")
-            return self._forward(ids, counts, wlen, commit, width_clean, logits)
-        self._seen.add(key)
+            return self._forward(ids, counts, wlen, commit, width_clean, logits, seen)
+        self._shapes.add(key)
         return out
 
     def prefill_widths(self, longest: int, chunk: int) -> list[int]:
@@ -781,28 +817,29 @@ class StaticStep:
         self._set_fns()
 
     @torch.no_grad()  # inference only: compiled as an inference graph whatever the caller's grad mode
-    def _forward(self, ids, counts, wlen, commit, wc: int, logits: bool = True) -> torch.Tensor:
+    def _forward(self, ids, counts, wlen, commit, wc: int, logits: bool = True, seen=None) -> torch.Tensor:
         model, cache = self.model, self.cache
+        win = counts if seen is None else seen  # the clean tokens each window sees (positions, visibility)
         cap = self._attended_slots(wc)
         gated = model.family == "qwen3_5"
         if self._pf_first is not None:  # the first layer's first GEMM weight, while the prologue runs
             view, token, method, grid = self._pf_first
             l2_prefetch(ids, view, token, method, grid)
-        hidden, cos, sin, mask = self._prologue(ids, counts, wlen, wc, cap,
+        hidden, cos, sin, mask = self._prologue(ids, win, wlen, wc, cap,
                                                 ATTENTION in model.layer_kinds and not self.attn_kernel)
         pending = None  # a residual add each block leaves to the next (fused into its norm), or None
         for i, (kind, layer) in enumerate(zip(model.layer_kinds, model.layers)):
             if kind == ATTENTION:
                 kv = cache.attention[i]
                 hidden, pending = self._attn(layer, hidden, kv.key, kv.value, cache.lengths, cos, sin, mask, wc,
-                                             cap, gated, gemv=self.gemv, pf=self._pf.get(i), counts=counts,
+                                             cap, gated, gemv=self.gemv, pf=self._pf.get(i), counts=win,
                                              wlen=wlen, attn_kernel=self.attn_kernel, pending=pending,
                                              **self.fused.get(i, {}))
             else:
                 c = cache.gdn[i]
                 hidden, pending = self._gdn(layer, hidden, c.state, c.conv, self.last_state[i], self.last_conv[i],
                                             counts, commit, wc, self.recurrence, gemv=self.gemv, pf=self._pf.get(i),
-                                            pending=pending, **self.fused.get(i, {}))
+                                            pending=pending, seen=seen, **self.fused.get(i, {}))
         self.last_counts.copy_(counts)
         self.last_commit.copy_(commit)
         cache.lengths.add_(torch.where(commit, counts, 0))
