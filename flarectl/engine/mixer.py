@@ -8,9 +8,9 @@ one kernel does all of it for the step's tokens: the short causal conv over the 
 g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b) (padding clean tokens: decay 1, beta 0), q/k L2 norm
 (eps 1e-6) and scale, the gated delta rule with the state after the clean tokens stored where it belongs (the cache
 ``state`` for rows that commit, ``last_state`` for the others — as ``recurrence.py``), the window continuing from
-the state after its ``seen`` clean tokens (kept on chip; ``seen`` = ``counts`` - 1 anchors the window on the last
-clean token), and norm(o) * silu(z) with the RMSNormGated weight; the conv context after the clean tokens goes to
-``last_conv`` (all rows) and ``conv`` (rows that commit).
+the state after its ``seen`` clean tokens (``seen`` = ``counts`` - 1 anchors the window on the last clean token:
+that state goes through a scratch buffer, one store and load per step), and norm(o) * silu(z) with the RMSNormGated
+weight; the conv context after the clean tokens goes to ``last_conv`` (all rows) and ``conv`` (rows that commit).
 
 One program per (row, v-head, block of ``V_BLOCK`` state columns): it holds a [K, V_BLOCK] slice of the state, and
 its v channels are its own, so it commits their conv context in place. The G = (HV/H) x (V / V_BLOCK) programs of
@@ -108,8 +108,8 @@ def _kernel():
     globals().update(_ctx=_ctx, _conv_silu=_conv_silu, _commit_conv=_commit_conv, _gated_norm=_gated_norm)
 
     @triton.jit
-    def gdn_mixer_kernel(proj, cw, cb, A_log, dt_bias, nw, out, state, last, conv, lconv, counts, seen, commit,
-                         counter,
+    def gdn_mixer_kernel(proj, cw, cb, A_log, dt_bias, nw, out, state, last, wstart, conv, lconv, counts, seen,
+                         commit, counter,
                          scale, eps, W, wc, s_pc, s_pt, s_oc, s_ot,
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, S: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BVF: tl.constexpr,
@@ -151,7 +151,12 @@ def _kernel():
         if wc == 0:  # no clean token: the state moves to ``last`` for the rows that do not commit
             tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
             tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
-        h_win = h  # the state after the first ``sn`` clean tokens: where the window starts
+        # An anchored window (sn < cnt) starts from the state after the first sn clean tokens: stored to ``wstart``
+        # (this program's own slice) when it passes and loaded back after the clean tokens. Kept on chip instead,
+        # a second state copy took the kernel from 126 to 233 registers (sm_90): half the programs per SM.
+        anchored = (sn < cnt) & (wc < W)
+        if anchored & (sn == 0):
+            tl.store(wstart + off_h, h, mask=mask_h)
         for t in range(W):
             b_q = _conv_silu(proj_row, conv_row, cw, cb, ch_q, mask_k, t, wc, sn, s_pt, S, HAS_BIAS)
             b_k = _conv_silu(proj_row, conv_row, cw, cb, ch_k, mask_k, t, wc, sn, s_pt, S, HAS_BIAS)
@@ -170,12 +175,14 @@ def _kernel():
             b_v = beta * (b_v - tl.sum(h * b_k[:, None], 0))
             h += b_k[:, None] * b_v[None, :]
             o = tl.sum(h * b_q[:, None], 0)
-            if t < sn:
-                h_win = h
+            if anchored & (t == sn - 1):
+                tl.store(wstart + off_h, h, mask=mask_h)
             if t == wc - 1:  # the state after the clean tokens: cache (commit) or ``last`` (not); the window's next
                 tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
                 tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
-                h = h_win
+                if anchored:
+                    tl.debug_barrier()
+                    h = tl.load(wstart + off_h, mask=mask_h, other=0.0)
             o = o.to(proj.dtype.element_ty).to(tl.float32)  # HF rounds o to the layer's dtype before the norm
             p_o = out + i_n.to(tl.int64) * s_oc + t * s_ot + hv * V + o_v
             if NV == 1:
@@ -229,6 +236,8 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
         assert t.is_contiguous()
     S = conv.shape[-1]
     out = torch.empty(C, W, HV * V, device=proj.device, dtype=proj.dtype)
+    # anchored windows' start states (written and read only where a row's window sees fewer than all clean tokens)
+    wstart = torch.empty(state.shape, dtype=torch.float32, device=state.device) if seen is not None else state
     if NAN_FILL and out.is_floating_point():
         out.fill_(float("nan"))
     bk, bvf = triton.next_power_of_2(K), triton.next_power_of_2(V)
@@ -241,7 +250,7 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
     cb = conv_b if conv_b is not None else conv_w
     pdl = use_pdl(proj.device)
     _kernel()[(groups * (HV // H) * nv,)](
-        proj, conv_w.contiguous(), cb, A_log, dt_bias, norm_w, out, state, last_state, conv, last_conv,
+        proj, conv_w.contiguous(), cb, A_log, dt_bias, norm_w, out, state, last_state, wstart, conv, last_conv,
         counts, counts if seen is None else seen, commit, counter, K ** -0.5, eps, W, wc, proj.stride(0), proj.stride(1), out.stride(0),
         out.stride(1), H=H, HV=HV, K=K, V=V, S=S, BK=bk, BV=bv, NV=nv, BVF=bvf,
         BS=triton.next_power_of_2(max(S, 1)), HAS_BIAS=conv_b is not None, ROUND_PROD=round_prod, PDL=pdl,
