@@ -110,7 +110,9 @@ if not CHILD:
         assert torch.equal(gemv.skinny_linear_fused_reference(xb, wb, rb, True),
                            rb + (hb.float() @ wb.float().t()).bfloat16())
         assert gemv.fused_applies(x, w, True) and not gemv.fused_applies(x, w, False)
-        assert not gemv.fused_applies(torch.randn(17, 16), w, True) and not gemv.fused_applies(x, None, True)
+        assert gemv.fused_applies(torch.randn(gemv.MAX_ROWS, 16), w, True)
+        assert not gemv.fused_applies(torch.randn(gemv.MAX_ROWS + 1, 16), w, True)
+        assert not gemv.fused_applies(x, None, True)
         assert gemv.resolve_fuse_down(None, True) == gemv.FUSE_DOWN_DEFAULT and not gemv.resolve_fuse_down(None, False)
         monkeypatch.setenv("FLARECTL_ENGINE_FUSE_DOWN", "1")
         assert gemv.resolve_fuse_down(None, True) and not gemv.resolve_fuse_down(None, False)
@@ -202,7 +204,8 @@ if not CHILD:
         w = torch.randn(6, 8)
         assert not gemv.kernel_applies(torch.randn(3, 8), w)  # CPU, not interpreting
         assert not gemv.kernel_applies(torch.randn(3, 8).double(), w.double())
-        x = torch.randn(2, 9, 8)  # 18 rows > MAX_ROWS
+        x = torch.randn(5, 13, 8)  # 65 rows > MAX_ROWS (64)
+        assert gemv.MAX_ROWS == 64 and gemv.row_block(64) == 64 and gemv.row_block(17) == 32 and gemv.row_block(3) == 16
         torch.testing.assert_close(gemv.linear(x, w, True), torch.nn.functional.linear(x, w))
         lin = torch.nn.Linear(8, 6, bias=True)
         assert gemv.plain_weight(lin) is None  # biased: the module itself
@@ -497,7 +500,7 @@ if not CHILD:
         gemv.NAN_FILL = True
         try:
             g = torch.Generator(device="cuda").manual_seed(0)
-            for M, N, K in [(1, 17, 40), (8, 2048, 2048), (3, 513, 777)]:
+            for M, N, K in [(1, 17, 40), (8, 2048, 2048), (3, 513, 777), (40, 513, 777), (64, 2048, 2048)]:
                 x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
                 w = torch.randn(N, K, device="cuda", generator=g).to(dtype)
                 ref = (x.double() @ w.double().t())
@@ -623,7 +626,8 @@ else:
     gemv.NAN_FILL = True
     recurrence.NAN_FILL = True
 
-    SHAPES = [(1, 1, 1), (1, 17, 40), (3, 33, 130), (8, 40, 64), (16, 100, 300), (5, 64, 33), (13, 7, 257)]
+    SHAPES = [(1, 1, 1), (1, 17, 40), (3, 33, 130), (8, 40, 64), (16, 100, 300), (5, 64, 33), (13, 7, 257),
+              (17, 20, 70), (40, 33, 96), (64, 18, 130)]  # 32- and 64-row tiles: trust steps (C x (B + B))
     CONFIGS = [gemv.Config(16, 16, 1), gemv.Config(32, 32, 1), gemv.Config(16, 32, 3), gemv.Config(32, 16, 4),
                gemv.Config(64, 64, 2)]
 
@@ -656,7 +660,8 @@ else:
             gemv.split_plan = orig
         assert not torch.allclose(bad, x @ w.t(), rtol=1e-3, atol=1e-3)
 
-    @pytest.mark.parametrize("M,N,K", [(1, 17, 40), (3, 40, 70), (8, 33, 64), (16, 100, 300), (5, 7, 257)])
+    @pytest.mark.parametrize("M,N,K", [(1, 17, 40), (3, 40, 70), (8, 33, 64), (16, 100, 300), (5, 7, 257),
+                                       (33, 20, 96)])
     def test_fused_kernel_matches_twin(M, N, K):
         """``launch_fused`` (one launch, split-K finished by the last split) == its twin for every config and both
         fusions (silu(gate) * up prologue, residual epilogue), fp32 and bf16; NaN-filled outputs and partials; the
@@ -773,25 +778,29 @@ else:
 
     def test_static_step_with_gemv_equals_without():
         """The engine step with the kernel in its projections and LM head (and, ``fuse_down``, each MLP's
-        activation, down projection and residual add in one launch) == the step without (fp32 debug
-        hybrid, fused projections; AR-width steps take the kernel, wider ones fall back to F.linear)."""
+        activation, down projection and residual add in one launch; or ``fuse_norm``: the fused norm kernel up to
+        16 rows, above that the add and norm in torch and the projection through the kernel) == the step without
+        (fp32 debug hybrid, fused projections; steps of 4 to 28 rows: 16-, 32- and 64-row tiles)."""
+        from flarectl.engine import norm_gemv
         from flarectl.engine.backends import SlotBackend
         from flarectl.models.loading import load_model
 
         m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
         backends = [SlotBackend(m, 4, 64, fuse=True, gemv=True, fuse_down=True),
+                    SlotBackend(m, 4, 64, fuse=True, gemv=True, fuse_norm=True),
                     SlotBackend(m, 4, 64, fuse=True, gemv=False)]
-        assert backends[0].eager.gemv and not backends[1].eager.gemv
+        assert backends[0].eager.gemv and not backends[2].eager.gemv and backends[1].eager.fuse_norm
         assert backends[0].eager.fuse_down and all(f.get("fuse_down") for f in backends[0].eager.fused.values())
         for b in backends:
             b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
         g = torch.Generator().manual_seed(0)
-        calls, fused_calls = [], []
-        orig, orig_fused = gemv.launch, gemv.launch_fused
-        gemv.launch = lambda *a, **k: calls.append(1) or orig(*a, **k)
+        rows, fused_calls, norm_calls = [], [], []
+        orig, orig_fused, orig_norm = gemv.launch, gemv.launch_fused, norm_gemv.launch
+        gemv.launch = lambda x, *a, **k: rows.append(x.shape[0]) or orig(x, *a, **k)
         gemv.launch_fused = lambda *a, **k: fused_calls.append(1) or orig_fused(*a, **k)
+        norm_gemv.launch = lambda x, *a, **k: norm_calls.append(x.shape[0]) or orig_norm(x, *a, **k)
         try:
-            for wc, ww in [(1, 0), (1, 0), (0, 4), (1, 3), (5, 0), (1, 0)]:
+            for wc, ww in [(1, 0), (1, 0), (0, 4), (1, 3), (5, 0), (4, 3), (1, 0)]:
                 ids = torch.randint(0, 250, (4, wc + ww), generator=g)
                 counts = torch.full((4,), wc)
                 wlen = torch.full((4,), ww)
@@ -799,12 +808,14 @@ else:
                 outs = [b.step(ids, counts, wlen, commit, wc) for b in backends]
                 for b in backends:
                     b.finish_step(None)
-                torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+                for out in outs[1:]:
+                    torch.testing.assert_close(outs[0], out, rtol=1e-4, atol=1e-4)
         finally:
-            gemv.launch, gemv.launch_fused = orig, orig_fused
-        assert calls, "the kernel never ran"
+            gemv.launch, gemv.launch_fused, norm_gemv.launch = orig, orig_fused, orig_norm
+        assert {4, 16, 20, 28} <= set(rows), sorted(set(rows))  # AR, 16-row, 32-row tiles ran
         assert fused_calls, "the fused down projection never ran"
-        assert torch.equal(backends[0].cache.lengths, backends[1].cache.lengths)
+        assert norm_calls and max(norm_calls) <= norm_gemv.MAX_ROWS
+        assert torch.equal(backends[0].cache.lengths, backends[2].cache.lengths)
 
 
     @pytest.mark.parametrize("T,H,HV,K,V", [(1, 2, 4, 16, 8), (3, 1, 2, 16, 16), (2, 2, 2, 8, 24), (0, 1, 2, 8, 8)])

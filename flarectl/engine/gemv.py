@@ -6,8 +6,9 @@ bandwidth at these shapes on an H100 (docs/perf/engine.md); this is a GEMV-class
 
 * one program per ``BN`` output columns and K split (``SPLIT`` programs share the K range of a column block, so
   projections with few columns, such as 2048, still fill every SM);
-* the M <= 16 rows of x ride in one ``tl.dot`` tile (BM = 16), accumulated in fp32 (bf16/fp16 inputs; fp32 inputs
-  use IEEE products, no TF32);
+* the M <= 64 rows of x ride in one ``tl.dot`` tile (BM = 16, 32 or 64: the next power of two, at least 16),
+  accumulated in fp32 (bf16/fp16 inputs; fp32 inputs use IEEE products, no TF32). Up to 16 rows serve AR steps
+  (C x 1), up to 64 the trust steps (C x (B clean + B window), e.g. 8 x (4 + 4));
 * split-K is **deterministic**: each split writes its fp32 partial [SPLIT, M, N] and a second small kernel sums
   them in a fixed order and casts (no atomics: the same inputs give the same bits, replay after replay).
 
@@ -32,8 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-MAX_ROWS = 16
-"""Largest M served by the kernel (one 16-row dot tile); larger inputs go to ``F.linear`` (cuBLAS)."""
+MAX_ROWS = int(os.environ.get("FLARECTL_GEMV_MAX_ROWS", "64"))
+"""Largest M served by the kernel (one dot tile of at most 64 rows); larger inputs go to ``F.linear`` (cuBLAS). Env
+``FLARECTL_GEMV_MAX_ROWS`` (read at import) lowers it, e.g. to 16 (sessions 5-9: cuBLAS for every trust step)."""
 
 NAN_FILL = False
 """Tests: allocate outputs and partials NaN-filled, so an element the kernels leave unwritten fails the check."""
@@ -222,11 +224,37 @@ def use_pdl(device: torch.device, want: bool | None = None) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def _common(x: torch.Tensor, N: int, even_k: bool, cfg: Config, pdl: bool | None = None) -> dict:
+def row_block(M: int) -> int:
+    """Rows of the dot tile for M rows: the next power of two, at least 16 (``tl.dot``'s smallest)."""
+    return max(16, 1 << (max(M, 1) - 1).bit_length())
+
+
+_SMEM: dict[str, int] = {}
+
+
+def smem_bytes(device: torch.device) -> int:
+    """Shared memory one program may use on ``device`` (opt-in maximum; 160 KB where unknown, e.g. interpreted)."""
+    key = str(device)
+    if key not in _SMEM:
+        props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+        _SMEM[key] = int(getattr(props, "shared_memory_per_block_optin", 0) or 160 * 1024)
+    return _SMEM[key]
+
+
+def fit_stages(stages: int, bm: int, bn: int, bk: int, elem: int, budget: int) -> int:
+    """Pipeline stages that fit ``budget`` bytes of shared memory with one [bm, bk] x-tile and one [bk, bn] w-tile
+    of ``elem`` bytes each per stage (at least 1: Triton reports what still does not fit)."""
+    per_stage = (bm * bk + bk * bn) * elem
+    return max(1, min(stages, (budget - 8 * 1024) // per_stage))
+
+
+def _common(x: torch.Tensor, N: int, even_k: bool, cfg: Config, pdl: bool | None = None, bm: int | None = None) -> dict:
     f32 = x.dtype == torch.float32
-    out = dict(BM=16, BN=cfg.bn, BK=cfg.bk, EVEN_K=even_k, EVEN_N=N % cfg.bn == 0, IEEE=f32,
-               UPCAST=_interpreting() and not f32,
-               num_warps=cfg.warps, num_stages=min(cfg.stages, 2) if f32 else cfg.stages)  # fp32 tiles: 2x smem
+    bm = row_block(x.shape[0]) if bm is None else bm
+    stages = fit_stages(min(cfg.stages, 2) if f32 else cfg.stages,  # fp32 tiles: 2x smem
+                        bm, cfg.bn, cfg.bk, x.element_size(), smem_bytes(x.device))
+    out = dict(BM=bm, BN=cfg.bn, BK=cfg.bk, EVEN_K=even_k, EVEN_N=N % cfg.bn == 0, IEEE=f32,
+               UPCAST=_interpreting() and not f32, num_warps=cfg.warps, num_stages=stages)
     pdl = use_pdl(x.device, pdl)
     out["PDL"] = int(pdl)
     if pdl:

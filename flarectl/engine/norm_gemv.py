@@ -21,8 +21,9 @@ almost no bytes. Here they ride inside the projection, which streams its weight 
   activation needs no kernel of its own.
 
 ``norm_linear`` (op ``flarectl::norm_linear``) is the fast path; ``norm_linear_reference`` its twin with the same
-signature (fp32 products and sums). ``project`` is what the step calls: the op for at most ``gemv.MAX_ROWS`` rows on
-CUDA (or under the interpreter), the same formula in torch (cuBLAS GEMM, then the row scale) otherwise.
+signature (fp32 products and sums). ``project`` is what the step calls: the op for at most ``MAX_ROWS`` (16) rows on
+CUDA (or under the interpreter), the same formula in torch (the GEMM through ``gemv.linear``, then the row scale)
+otherwise.
 
 The fold changes where bf16 rounds (the normalised activations are no longer rounded before the GEMM; the folded
 weight is; the kernel's product and sums of squares take x + r unrounded, the stored h is rounded), like the mixer
@@ -121,21 +122,30 @@ def norm_linear_reference(x: torch.Tensor, residual: torch.Tensor | None, w: tor
 def project(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float, glu: bool,
             use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """What the step calls: x, residual [..., K] -> (y [..., N or N/2], h = x + residual [..., K], or x itself when
-    residual is None). Through the op when ``use_kernel`` and the kernel applies (at most ``gemv.MAX_ROWS`` rows),
-    else the same formula in torch (cuBLAS GEMM in the activations' dtype, then the fp32 row scale)."""
+    residual is None). Through the op when ``use_kernel`` and the kernel applies (at most ``MAX_ROWS`` rows),
+    else the same formula in torch (the GEMM in the activations' dtype through ``gemv.linear``: the skinny kernel
+    up to ``gemv.MAX_ROWS`` rows when ``use_kernel``, else cuBLAS; then the fp32 row scale)."""
     lead, K = x.shape[:-1], x.shape[-1]
     if use_kernel and kernel_applies(x, residual, w, glu):
         y, h = norm_linear(x.reshape(-1, K), None if residual is None else residual.reshape(-1, K), w, eps, glu)
         return y.reshape(*lead, y.shape[-1]), (x if residual is None else h.reshape(*lead, K))
     h = _add(x, residual)
     rstd = torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + eps)
-    y = (F.linear(h, w).float() * rstd).to(x.dtype)
+    y = (gemv.linear(h, w, use_kernel).float() * rstd).to(x.dtype)
     return (_glu(y) if glu else y), h
 
 
+MAX_ROWS = 16
+"""Largest M the fused kernel takes (its A tile stacks x over the residual, and its Gram matrix is [BM, BM]: one
+16- or 32-row tile). Steps with more rows (trust steps) add and normalise in torch and project through
+``gemv.linear`` (the skinny kernel up to ``gemv.MAX_ROWS`` rows, else cuBLAS)."""
+
+
 def kernel_applies(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, glu: bool) -> bool:
-    """Shapes the kernel takes: as ``gemv.kernel_applies``, residual like x, an even N with ``glu``."""
-    return (gemv.kernel_applies(x, w) and (residual is None or (residual.shape == x.shape
+    """Shapes the kernel takes: as ``gemv.kernel_applies`` with at most ``MAX_ROWS`` rows, residual like x, an even
+    N with ``glu``."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return (rows <= MAX_ROWS and gemv.kernel_applies(x, w) and (residual is None or (residual.shape == x.shape
                                                                 and residual.dtype == x.dtype))
             and (not glu or w.shape[0] % 2 == 0))
 
@@ -298,8 +308,8 @@ def launch(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps:
     ws = gemv._empty((split * M * N + blocks * split * M,), torch.float32, x.device) if split > 1 else y
     counter = gemv.arrival_counters(x.device, blocks) if split > 1 else y
     res = residual.contiguous() if residual is not None else x
-    common = gemv._common(x, N, split * per == K, cfg, pdl)
-    common["BM"] = 16 if (M <= 8 or residual is None) else 32  # ADD: x's rows on top, the residual's below
+    bm = 16 if (M <= 8 or residual is None) else 32  # ADD: x's rows on top, the residual's below
+    common = gemv._common(x, N, split * per == K, cfg, pdl, bm=bm)
     kernel[(blocks, split)](x, res, w, y, h if residual is not None else x, ws, counter, M, N, K, w.stride(0), per,
                             float(eps), ADD=residual is not None, GLU=glu, SPLIT=split, **common)
     return y, h

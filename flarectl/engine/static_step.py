@@ -411,7 +411,7 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
     conv context after each row's clean tokens into ``last_state`` / ``last_conv`` and into the cache
     (``state`` / ``conv``) for rows with ``commit``. ``w_in`` / ``w_gate_up``: fused copies of the input
     projections [qkv | z | b | a] and of the MLP's [gate | up] (``fuse_weights``), or None. ``gemv``: skinny
-    projections (M <= 16 rows) through ``gemv.skinny_linear``: the fused ones, and ``w_out`` / ``w_down`` (the
+    projections (M <= ``gemv.MAX_ROWS`` rows) through ``gemv.skinny_linear``: the fused ones, and ``w_out`` / ``w_down`` (the
     plain weights of out_proj / down_proj, ``gemv.plain_weight``) when given. ``pf``: L2 prefetch of the next
     GEMM's weight before each of the layer's four GEMMs (``_pf``), or None. ``fuse_down``: the MLP's activation,
     down projection and residual add as one kernel (``_mlp``). ``pending``: the previous block's residual add, or
