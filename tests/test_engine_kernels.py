@@ -361,19 +361,21 @@ if not CHILD:
         """The one-kernel mixer on CUDA at the Qwen3.5-2B GDN shape (H = HV = 16, K = V = 128, C = 8) == the torch
         chain: AR (W 1), clean + window (W 5, wc 3) and anchored (W 8, wc 4, windows seeing counts - 1 clean tokens)
         steps; NaN-filled output; whole states or 32-column blocks (the group's last program norms; counters back at
-        zero, repeated launches give the same bits)."""
+        zero, repeated launches give the same bits); tokens' inputs prepared 1, 2, 4 or 8 at a time."""
         if not torch.cuda.is_available():
             pytest.skip("no CUDA")
         import functools
+        import itertools
 
         from flarectl.engine import mixer
         from flarectl.engine.static_step import gdn_mixer_chain
 
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         mixer.NAN_FILL = True
-        launch = functools.partial(mixer.launch, v_block=v_block)
         try:
-            for W, wc, anchored in ((1, 1, False), (5, 3, False), (8, 4, True)):
+            for (W, wc, anchored), token_block in itertools.product(((1, 1, False), (5, 3, False), (8, 4, True)),
+                                                                    (1, 2, 4, 8)):
+                launch = functools.partial(mixer.launch, v_block=v_block, token_block=token_block)
                 a = _mixer_problem(W, 8, W, wc, 16, 16, 128, 128, 3, False, dtype, "cuda", anchored=anchored)
                 a["state"] = a["state"].float()
                 got = _run_mixer(launch, a, wc, 16, 16, 128, 128)
@@ -865,7 +867,8 @@ else:
         the conv state and ``last_conv``; odd K/V (masked lanes), HV = 1..3 x H, padding, window only (wc 0);
         ``v_block``: the state's columns split over programs (the group's last program norms and commits q/k;
         its arrival counters are left at zero for the next launch); ``anchored``: windows that see ``seen`` =
-        counts - 1 clean tokens (their conv context and start state kept from before the last clean token)."""
+        counts - 1 clean tokens (their conv context and start state kept from before the last clean token); the
+        tokens' inputs prepared in one block or in blocks of 2 (``token_block``)."""
         import functools
 
         from flarectl.engine import mixer
@@ -873,17 +876,19 @@ else:
 
         mixer.NAN_FILL = True
         a = _mixer_problem(C * 7 + W, C, W, wc, H, HV, K, V, S, bias, anchored=anchored)
-        got = _run_mixer(functools.partial(mixer.launch, v_block=v_block), a, wc, H, HV, K, V)
-        assert not gemv.arrival_counters(torch.device("cpu"), 1).any()
         ref = _run_mixer(gdn_mixer_chain, a, wc, H, HV, K, V)
         c = a["commit"]
-        assert got[0].shape == (C, W, HV * V) and not got[0].isnan().any()
-        torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
-        assert torch.equal(got[1][~c], a["state"][~c])
-        assert got[3][c].isnan().all()  # the committing rows' state went to the cache only
-        torch.testing.assert_close(got[3][~c], ref[3][~c], rtol=1e-5, atol=1e-5)
-        assert torch.equal(got[2], ref[2]) and torch.equal(got[4], ref[4])
+        for token_block in (None, 2):  # one block of tokens, and blocks of 2 (the last one partial for odd W)
+            got = _run_mixer(functools.partial(mixer.launch, v_block=v_block, token_block=token_block), a, wc, H,
+                             HV, K, V)
+            assert not gemv.arrival_counters(torch.device("cpu"), 1).any()
+            assert got[0].shape == (C, W, HV * V) and not got[0].isnan().any()
+            torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+            assert torch.equal(got[1][~c], a["state"][~c])
+            assert got[3][c].isnan().all()  # the committing rows' state went to the cache only
+            torch.testing.assert_close(got[3][~c], ref[3][~c], rtol=1e-5, atol=1e-5)
+            assert torch.equal(got[2], ref[2]) and torch.equal(got[4], ref[4])
 
     def test_static_step_mixer_equals_adapter_path_and_chain():
         """The engine step with the one-kernel mixer (interpreted) == the adapter path and == the step without it

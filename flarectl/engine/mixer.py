@@ -26,19 +26,34 @@ Launch: ``launch(...)``; op: ``static_step.gdn_mixer``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 NAN_FILL = False
 """Tests: the output allocated NaN-filled, so unwritten elements fail."""
 
-NUM_WARPS: int | None = None
-"""None: 4 warps for state blocks up to 4096 elements, else 8."""
+NUM_WARPS: int | None = int(os.environ["FLARECTL_MIXER_WARPS"]) if os.environ.get("FLARECTL_MIXER_WARPS") else None
+"""None: 4 warps for state blocks up to 4096 elements, else 8 (env ``FLARECTL_MIXER_WARPS``, read at import)."""
 
 V_BLOCK: int | None = 32
 """State columns (of V) per program (None: all V, one program per (row, v-head) holds its whole state). 32: on the
 H100 (session 6, run 2) the Qwen3.5-2B mixer (V 128) went from 14.3 to 10.3 us per layer and the AR step at C=8
 from 2.319 to 2.253 ms (CUDA-event replay): 512 programs of [128, 32] states hide their latencies, one [128, 128]
 state per SM did not."""
+
+TOKEN_BLOCK = int(os.environ.get("FLARECTL_MIXER_TOKEN_BLOCK", "2"))
+"""Tokens per block (a power of two; env ``FLARECTL_MIXER_TOKEN_BLOCK``, read at import): each block's conv, SiLU,
+q/k norms and gates are computed for all its tokens at once, their loads issued together, before the recurrence
+walks through them from registers. Before (sessions 5-9) every token paid its loads' latency inside the serial
+recurrence: on the H100 the mixer took 866 us of the trust step (C=8 x (4 + 4) tokens, 18 layers) against 193 us
+of the AR step (session 10, docs/perf/engine_session10/). Registers at the Qwen3.5-2B shape (sm_90, 32-column
+state blocks, 4 warps): 125 for one token, 128 for 2, 167 for 4, 245 for 8 (4 programs per SM need <= 128)."""
+
+V_BLOCK_MULTI: int | None = int(os.environ["FLARECTL_MIXER_V_BLOCK_MULTI"]) if os.environ.get(
+    "FLARECTL_MIXER_V_BLOCK_MULTI") else None
+"""State columns per program for steps of more than one token per row (None: ``V_BLOCK``); env
+``FLARECTL_MIXER_V_BLOCK_MULTI``, read at import."""
 
 _KERNEL = None
 
@@ -49,33 +64,6 @@ def _kernel():
         return _KERNEL
     import triton
     import triton.language as tl
-
-    @triton.jit
-    def _ctx(proj_row, conv_row, ch, mask, m, s_pt, S: tl.constexpr):
-        # The conv context at index m (a scalar: < S the conv state, else token m - S of proj) for channels ch,
-        # in proj's dtype, as fp32. The flag is broadcast to the block before it enters a mask (Triton 3.9).
-        mb = tl.zeros_like(ch) + m
-        xc = tl.load(conv_row + ch * S + tl.minimum(m, S - 1), mask=mask & (mb < S), other=0.0)
-        xp = tl.load(proj_row + tl.maximum(m - S, 0) * s_pt + ch, mask=mask & (mb >= S), other=0.0)
-        return xc.to(proj_row.dtype.element_ty).to(tl.float32) + xp.to(tl.float32)
-
-    @triton.jit
-    def _conv_silu(proj_row, conv_row, cw, cb, ch, mask, t, wc, cnt, s_pt,
-                   S: tl.constexpr, HAS_BIAS: tl.constexpr):
-        acc = tl.zeros_like(ch).to(tl.float32)
-        for p in tl.static_range(S + 1):
-            # clean token t: context t + p; window token t: its context starts at the row's clean-end context
-            i = t - wc + p
-            m = tl.where((t >= wc) & (i < S), cnt + i, t + p)
-            x = _ctx(proj_row, conv_row, ch, mask, m, s_pt, S)
-            w = tl.load(cw + ch * (S + 1) + p, mask=mask, other=0.0).to(tl.float32)
-            if p == 0:
-                acc = x * w
-            else:
-                acc = acc + x * w
-        if HAS_BIAS:
-            acc = acc + tl.load(cb + ch, mask=mask, other=0.0).to(tl.float32)
-        return acc / (1.0 + tl.exp(-acc))
 
     @triton.jit
     def _commit_conv(proj_row, conv_row, lconv_row, ch, mask, cnt, flag, s_pt,
@@ -104,8 +92,47 @@ def _kernel():
             y = y.to(proj.dtype.element_ty).to(tl.float32)
         return y * (z / (1.0 + tl.exp(-z)))
 
+    @triton.jit
+    def _conv_silu_tokens(proj_row, conv_row, cw, cb, ch, mask, tt, tok_ok, wc, cnt, s_pt,
+                          S: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # The short causal conv + SiLU of a block of tokens for channels ch [BC]: tt [TB] token indices (``tok_ok``:
+        # < W) -> [TB, BC] fp32. Clean token t's context starts at index t of [conv state | tokens]; a window token's
+        # at the context after the ``cnt`` clean tokens its window sees. Inputs in proj's dtype, sums in fp32.
+        mk = tok_ok[:, None] & mask[None, :]
+        for p in tl.static_range(S + 1):
+            i = tt - wc + p
+            m = tl.where((tt >= wc) & (i < S), cnt + i, tt + p)  # [TB] context index of tap p
+            mb = m[:, None] + tl.zeros_like(ch)[None, :]
+            xc = tl.load(conv_row + ch[None, :] * S + tl.minimum(mb, S - 1), mask=mk & (mb < S), other=0.0)
+            xp = tl.load(proj_row + tl.maximum(mb - S, 0) * s_pt + ch[None, :], mask=mk & (mb >= S), other=0.0)
+            x = xc.to(proj_row.dtype.element_ty).to(tl.float32) + xp.to(tl.float32)
+            w = tl.load(cw + ch * (S + 1) + p, mask=mask, other=0.0).to(tl.float32)
+            if p == 0:
+                acc = x * w[None, :]
+            else:
+                acc = acc + x * w[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(cb + ch, mask=mask, other=0.0).to(tl.float32)[None, :]
+        return acc / (1.0 + tl.exp(-acc))
+
+    @triton.jit
+    def _gated_norm_rows(o, z, nwv, eps, proj, V: tl.constexpr, ROUND_PROD: tl.constexpr):
+        # ``_gated_norm`` on each row of o, z [TB, BV] (one head per row)
+        var = tl.sum(o * o, 1) / V
+        y = (o * tl.rsqrt(var + eps)[:, None]).to(proj.dtype.element_ty).to(tl.float32)
+        y = y * nwv[None, :]
+        if ROUND_PROD:
+            y = y.to(proj.dtype.element_ty).to(tl.float32)
+        return y * (z / (1.0 + tl.exp(-z)))
+
+    @triton.jit
+    def _row(tile, sel):
+        # row ``sel`` ([TB] one-hot) of a [TB, B] register tile, as [B] (exact: the other rows add zeros)
+        return tl.sum(tl.where(sel[:, None], tile, 0.0), 0)
+
     # the helpers as module globals: a jitted function resolves the functions it calls through its globals
-    globals().update(_ctx=_ctx, _conv_silu=_conv_silu, _commit_conv=_commit_conv, _gated_norm=_gated_norm)
+    globals().update(_commit_conv=_commit_conv, _gated_norm=_gated_norm,
+                     _conv_silu_tokens=_conv_silu_tokens, _gated_norm_rows=_gated_norm_rows, _row=_row)
 
     @triton.jit
     def gdn_mixer_kernel(proj, cw, cb, A_log, dt_bias, nw, out, state, last, wstart, conv, lconv, counts, seen,
@@ -113,7 +140,8 @@ def _kernel():
                          scale, eps, W, wc, s_pc, s_pt, s_oc, s_ot,
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, S: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BVF: tl.constexpr,
-                         BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_PROD: tl.constexpr, PDL: tl.constexpr):
+                         BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_PROD: tl.constexpr, PDL: tl.constexpr,
+                         TB: tl.constexpr):
         # program (row n, k-head h, v-head r of the head's R, v-block vb of NV): G = R * NV programs share the
         # q/k channels of (n, h); the last of them to arrive (``counter``) commits their conv context and, with
         # NV > 1, applies the gated norm (it needs whole v-heads)
@@ -157,40 +185,50 @@ def _kernel():
         anchored = (sn < cnt) & (wc < W)
         if anchored & (sn == 0):
             tl.store(wstart + off_h, h, mask=mask_h)
-        for t in range(W):
-            b_q = _conv_silu(proj_row, conv_row, cw, cb, ch_q, mask_k, t, wc, sn, s_pt, S, HAS_BIAS)
-            b_k = _conv_silu(proj_row, conv_row, cw, cb, ch_k, mask_k, t, wc, sn, s_pt, S, HAS_BIAS)
-            b_v = _conv_silu(proj_row, conv_row, cw, cb, ch_v, mask_v, t, wc, sn, s_pt, S, HAS_BIAS)
-            b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6) * scale
-            b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
-            p_tok = proj_row + t * s_pt
-            b_raw = tl.load(p_tok + D + HV * V + hv).to(tl.float32)
-            beta = (1.0 / (1.0 + tl.exp(-b_raw))).to(proj.dtype.element_ty).to(tl.float32)
-            xa = tl.load(p_tok + D + HV * V + HV + hv).to(tl.float32) + dtb
-            g = neg_a * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
-            real = tl.where((t >= wc) | (t < cnt), 1.0, 0.0)  # padding clean token: decay 1, no write
-            g = g * real
-            beta = beta * real
-            h *= tl.exp(g)
-            b_v = beta * (b_v - tl.sum(h * b_k[:, None], 0))
-            h += b_k[:, None] * b_v[None, :]
-            o = tl.sum(h * b_q[:, None], 0)
-            if anchored & (t == sn - 1):
-                tl.store(wstart + off_h, h, mask=mask_h)
-            if t == wc - 1:  # the state after the clean tokens: cache (commit) or ``last`` (not); the window's next
-                tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
-                tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
-                if anchored:
-                    tl.debug_barrier()
-                    h = tl.load(wstart + off_h, mask=mask_h, other=0.0)
-            o = o.to(proj.dtype.element_ty).to(tl.float32)  # HF rounds o to the layer's dtype before the norm
-            p_o = out + i_n.to(tl.int64) * s_oc + t * s_ot + hv * V + o_v
-            if NV == 1:
-                z = tl.load(p_tok + D + hv * V + o_v, mask=mask_v, other=0.0).to(tl.float32)
-                tl.store(p_o, _gated_norm(o, z, nwv, eps, proj, V, ROUND_PROD).to(out.dtype.element_ty),
-                         mask=mask_v)
-            else:  # o as it enters the norm; the group's last program norms whole heads
-                tl.store(p_o, o.to(out.dtype.element_ty), mask=mask_v)
+        # Tokens go in blocks of TB: each block's conv, SiLU, q/k norms and gates are computed for all its tokens
+        # at once (its loads issued together), then the recurrence runs through them one by one from registers.
+        o_t = tl.arange(0, TB)
+        p_gate = proj_row + D + HV * V
+        for t0 in range(0, W, TB):
+            tt = t0 + o_t
+            tok_ok = tt < W
+            b_qs = _conv_silu_tokens(proj_row, conv_row, cw, cb, ch_q, mask_k, tt, tok_ok, wc, sn, s_pt, S, HAS_BIAS)
+            b_ks = _conv_silu_tokens(proj_row, conv_row, cw, cb, ch_k, mask_k, tt, tok_ok, wc, sn, s_pt, S, HAS_BIAS)
+            b_vs = _conv_silu_tokens(proj_row, conv_row, cw, cb, ch_v, mask_v, tt, tok_ok, wc, sn, s_pt, S, HAS_BIAS)
+            b_qs = b_qs / tl.sqrt(tl.sum(b_qs * b_qs, 1) + 1e-6)[:, None] * scale
+            b_ks = b_ks / tl.sqrt(tl.sum(b_ks * b_ks, 1) + 1e-6)[:, None]
+            b_raw = tl.load(p_gate + tt * s_pt + hv, mask=tok_ok, other=0.0).to(tl.float32)
+            betas = (1.0 / (1.0 + tl.exp(-b_raw))).to(proj.dtype.element_ty).to(tl.float32)
+            xa = tl.load(p_gate + tt * s_pt + HV + hv, mask=tok_ok, other=0.0).to(tl.float32) + dtb
+            gs = neg_a * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
+            real = tl.where((tt >= wc) | (tt < cnt), 1.0, 0.0)  # padding clean token: decay 1, no write
+            decays = tl.exp(gs * real)
+            betas = betas * real
+            for i in tl.static_range(TB):
+                t = t0 + i
+                if t < W:
+                    sel = o_t == i
+                    b_q, b_k, b_v = _row(b_qs, sel), _row(b_ks, sel), _row(b_vs, sel)
+                    h *= tl.sum(tl.where(sel, decays, 0.0))
+                    b_v = tl.sum(tl.where(sel, betas, 0.0)) * (b_v - tl.sum(h * b_k[:, None], 0))
+                    h += b_k[:, None] * b_v[None, :]
+                    o = tl.sum(h * b_q[:, None], 0)
+                    if anchored & (t == sn - 1):
+                        tl.store(wstart + off_h, h, mask=mask_h)
+                    if t == wc - 1:  # the state after the clean tokens: cache (commit) or ``last`` (not)
+                        tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
+                        tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
+                        if anchored:  # the window goes on from the state after its ``seen`` clean tokens
+                            tl.debug_barrier()
+                            h = tl.load(wstart + off_h, mask=mask_h, other=0.0)
+                    o = o.to(proj.dtype.element_ty).to(tl.float32)  # HF rounds o to the layer's dtype before the norm
+                    p_o = out + i_n.to(tl.int64) * s_oc + t * s_ot + hv * V + o_v
+                    if NV == 1:
+                        z = tl.load(proj_row + t * s_pt + D + hv * V + o_v, mask=mask_v, other=0.0).to(tl.float32)
+                        tl.store(p_o, _gated_norm(o, z, nwv, eps, proj, V, ROUND_PROD).to(out.dtype.element_ty),
+                                 mask=mask_v)
+                    else:  # o as it enters the norm; the group's last program norms whole heads
+                        tl.store(p_o, o.to(out.dtype.element_ty), mask=mask_v)
         _commit_conv(proj_row, conv_row, lconv_row, ch_v, mask_v, cnt, flag, s_pt, S, BS)
         if G == 1:
             _commit_conv(proj_row, conv_row, lconv_row, ch_q, mask_k, cnt, flag, s_pt, S, BS)
@@ -205,12 +243,14 @@ def _kernel():
                     nwf = tl.load(nw + o_f, mask=mask_f, other=0.0).to(tl.float32)
                     for r in range(R):
                         hv2 = i_h * R + r
-                        for t in range(W):
-                            p_o = out + i_n.to(tl.int64) * s_oc + t * s_ot + hv2 * V + o_f
-                            o = tl.load(p_o, mask=mask_f, other=0.0, cache_modifier=".cg").to(tl.float32)
-                            z = tl.load(proj_row + t * s_pt + D + hv2 * V + o_f, mask=mask_f, other=0.0)
-                            y = _gated_norm(o, z.to(tl.float32), nwf, eps, proj, V, ROUND_PROD)
-                            tl.store(p_o, y.to(out.dtype.element_ty), mask=mask_f)
+                        for t0 in range(0, W, TB):  # a block of tokens' heads at once
+                            tt = t0 + o_t
+                            mk = (tt < W)[:, None] & mask_f[None, :]
+                            p_o = out + i_n.to(tl.int64) * s_oc + tt[:, None] * s_ot + hv2 * V + o_f[None, :]
+                            o = tl.load(p_o, mask=mk, other=0.0, cache_modifier=".cg").to(tl.float32)
+                            z = tl.load(proj_row + tt[:, None] * s_pt + D + hv2 * V + o_f[None, :], mask=mk, other=0.0)
+                            y = _gated_norm_rows(o, z.to(tl.float32), nwf, eps, proj, V, ROUND_PROD)
+                            tl.store(p_o, y.to(out.dtype.element_ty), mask=mk)
                 _commit_conv(proj_row, conv_row, lconv_row, ch_q, mask_k, cnt, flag, s_pt, S, BS)
                 _commit_conv(proj_row, conv_row, lconv_row, ch_k, mask_k, cnt, flag, s_pt, S, BS)
                 tl.atomic_xchg(counter + i_nh, 0)  # ready for the next launch
@@ -221,10 +261,11 @@ def _kernel():
 
 def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv, counts, commit,
            wc: int, H: int, HV: int, K: int, V: int, eps: float, v_block: int | None = None,
-           seen: torch.Tensor | None = None) -> torch.Tensor:
+           seen: torch.Tensor | None = None, token_block: int | None = None) -> torch.Tensor:
     """See ``static_step.gdn_mixer`` (``seen`` None: ``counts``). proj [C, W, 2HK + 2HV*V + 2HV] (last stride 1); conv / last_conv [C, D, S]
     and state / last_state [C, HV, K, V] contiguous. ``v_block``: state columns per program (None:
-    ``V_BLOCK``, or all V). Returns [C, W, HV*V] in proj's dtype."""
+    ``V_BLOCK``, or all V); ``token_block``: tokens whose inputs are prepared together (None: ``TOKEN_BLOCK``).
+    Returns [C, W, HV*V] in proj's dtype."""
     import triton
 
     from flarectl.engine.gemv import arrival_counters, use_pdl
@@ -241,7 +282,7 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
     if NAN_FILL and out.is_floating_point():
         out.fill_(float("nan"))
     bk, bvf = triton.next_power_of_2(K), triton.next_power_of_2(V)
-    bv = min(triton.next_power_of_2(v_block or V_BLOCK or V), bvf)
+    bv = min(triton.next_power_of_2(v_block or (W > 1 and V_BLOCK_MULTI) or V_BLOCK or V), bvf)
     nv = -(-V // bv)
     groups = C * H
     counter = arrival_counters(proj.device, groups) if nv * (HV // H) > 1 else counts
@@ -254,5 +295,5 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
         counts, counts if seen is None else seen, commit, counter, K ** -0.5, eps, W, wc, proj.stride(0), proj.stride(1), out.stride(0),
         out.stride(1), H=H, HV=HV, K=K, V=V, S=S, BK=bk, BV=bv, NV=nv, BVF=bvf,
         BS=triton.next_power_of_2(max(S, 1)), HAS_BIAS=conv_b is not None, ROUND_PROD=round_prod, PDL=pdl,
-        num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+        TB=min(triton.next_power_of_2(max(W, 1)), token_block or TOKEN_BLOCK), num_warps=warps, **({"launch_pdl": True} if pdl else {}))
     return out

