@@ -350,8 +350,6 @@ def candidates(M: int, N: int, K: int, device: torch.device) -> list[Config]:
     for s in (d.split // 2, d.split * 2):
         if s >= 1 and K // s >= d.bk:
             out.append(Config(d.bn, d.bk, s, d.warps, d.stages))
-    if M > 16:  # 32- and 64-row tiles (trust steps): 8 warps for the wider column blocks too
-        out += [Config(c.bn, c.bk, c.split, 8, c.stages) for c in out if c.bn >= 64]
     seen, uniq = set(), []
     for c in out:
         if c not in seen:
