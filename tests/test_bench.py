@@ -115,7 +115,19 @@ def test_json_records_the_step_paths(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "step_cost_torch.json").read_text())
     # CPU: no skinny-GEMM kernels, so nothing tuned and nothing fused into them
     assert data["gemv"] is False and data["gemv_tune"] is None and data["fuse_norm"] is False
-    assert data["attn_kernel"] is False and data["fuse_down"] is False
+    assert data["attn_kernel"] is False and data["fuse_down"] is False and data["gemv_max_rows"] is None
+    assert "mixer_token_block" not in data  # no GDN layers
+
+
+def test_json_records_the_mixer_choices(tmp_path):
+    from flarectl.engine import mixer
+
+    res = CliRunner().invoke(app, ["bench", "--model", "debug-hybrid", "--step-cost", "--concurrency", "1",
+                                   "--context", "4", "--block-size", "2", "--no-compile", "--gdn-kernel", "mixer",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "step_cost_mixer.json").read_text())
+    assert data["mixer_token_block"] == mixer.TOKEN_BLOCK and data["mixer_v_block"] == mixer.V_BLOCK
 
 
 def test_prompt_sets_and_file(tmp_path):

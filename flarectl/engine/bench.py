@@ -179,16 +179,22 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
 
 
 def step_paths(backend) -> dict:
-    """The static step's kernel choices (skinny GEMMs and how they were tuned, fused norm projections, fused down
-    projection, decode-attention kernel), for the JSON records; empty for backends without a static step."""
-    from flarectl.engine import gemv
+    """The static step's kernel choices (skinny GEMMs: how they were tuned and up to how many rows; fused norm
+    projections, fused down projection, decode-attention kernel; the mixer's token block and state columns per
+    program), for the JSON records; empty for backends without a static step."""
+    from flarectl.engine import gemv, mixer
 
     step = getattr(backend, "eager", None)
     if step is None or not hasattr(step, "gemv"):
         return {}
-    return {"gemv": bool(step.gemv), "gemv_tune": gemv.tune_mode() if step.gemv else None,
-            "fuse_norm": bool(step.fuse_norm), "fuse_down": bool(step.fuse_down),
-            "attn_kernel": bool(step.attn_kernel)}
+    out = {"gemv": bool(step.gemv), "gemv_tune": gemv.tune_mode() if step.gemv else None,
+           "gemv_max_rows": gemv.MAX_ROWS if step.gemv else None,
+           "fuse_norm": bool(step.fuse_norm), "fuse_down": bool(step.fuse_down),
+           "attn_kernel": bool(step.attn_kernel)}
+    if getattr(step, "kernel", None) == "mixer":
+        out |= {"mixer_token_block": mixer.TOKEN_BLOCK, "mixer_v_block": mixer.V_BLOCK,
+                "mixer_v_block_multi": mixer.V_BLOCK_MULTI or mixer.V_BLOCK}
+    return out
 
 
 def hf_baseline(model, prompts: list[list[int]], concurrency: int, *, max_new_tokens: int) -> BaselinePoint:
