@@ -45,5 +45,27 @@ def test_self_distill_keeps_greedy_answers_and_counts_drops():
 def test_shipped_sources_resolve():
     for name in SHIPPED_SOURCES:
         assert parse_source(name).kind == "shipped"
-    first = next(iter(load_records("default")))
-    assert "prompt" in first.data and "response" in first.data
+        first = next(iter(load_records(name)))
+        assert first.data["prompt"] and first.data["response"], name
+
+
+def test_math_prompts_avoid_the_benchmark_prompts(tmp_path):
+    """The synthetic math prompts (scripts/data/make_math_prompts.py) are deterministic, distinct, and share no
+    6-word run with the gsm8k-style benchmark prompts they are meant to be disjoint from."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_math_prompts", root / "scripts/data/make_math_prompts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    bench = [json.loads(x)["prompt"] for x in (root / "flarectl/engine/prompts/gsm8k_style.jsonl").read_text().splitlines()
+             if x.strip()]
+    recs = mod.make(200, 0, bench)
+    assert recs == mod.make(200, 0, bench) and len({r["prompt"] for r in recs}) == 200
+    question = lambda p: p.split("\nAnswer:")[0]  # noqa: E731 - the format line is shared by design
+    banned = set().union(*(mod.shingles(question(q)) for q in bench))
+    assert not any(mod.shingles(question(r["prompt"])) & banned for r in recs)
+    shipped = [r.data["prompt"] for r in load_records("smollm2-selfdistill-math")]
+    assert shipped and set(shipped) <= {r["prompt"] for r in mod.make(320, 0, bench)}

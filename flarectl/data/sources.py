@@ -42,10 +42,13 @@ DEFAULT_SOURCE = "default"
 SHIPPED_SOURCES = {
     DEFAULT_SOURCE: ("default_transfer_set.jsonl", "default transfer set"),
     "smollm2-selfdistill": ("smollm2_selfdistill.jsonl", "smollm2-selfdistill set"),
+    "smollm2-selfdistill-math": ("smollm2_selfdistill_math.jsonl", "smollm2-selfdistill-math set"),
 }
 """Named offline sources shipped as package data of flarectl.data: name -> (file, display name). ``default`` is the
 transfer set built from PyPI packages (default_transfer_set.md); ``smollm2-selfdistill`` holds the embedded
-model's own greedy answers to the same prompts (flarectl.data.self_distill; smollm2_selfdistill.md)."""
+model's own greedy answers to the same prompts (flarectl.data.self_distill; smollm2_selfdistill.md);
+``smollm2-selfdistill-math`` its answers to synthetic grade-school math word problems (smollm2_selfdistill_math.md),
+which the default set lacks."""
 
 
 def _one_line(text: object, limit: int = 300) -> str:

