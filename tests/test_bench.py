@@ -144,3 +144,28 @@ def test_percentile_nearest_rank():
     values = [float(v) for v in range(1, 101)]
     assert bench.percentile(values, 50) == 50 and bench.percentile(values, 99) == 99
     assert bench.percentile([3.0], 99) == 3.0 and bench.percentile([], 50) == 0.0
+
+
+def test_kernel_env_knobs_are_checked(monkeypatch, tmp_path):
+    """The kernels' integer env knobs: unset -> default; a bad value -> one-line FlareError naming the variable, and
+    through the CLI exit code 2 without a traceback."""
+    import subprocess
+    import sys
+
+    from flarectl.engine.envs import env_int
+    from flarectl.errors import FlareError
+
+    monkeypatch.delenv("FLARECTL_TEST_KNOB", raising=False)
+    assert env_int("FLARECTL_TEST_KNOB", 2) == 2
+    monkeypatch.setenv("FLARECTL_TEST_KNOB", "8")
+    assert env_int("FLARECTL_TEST_KNOB", 2, power_of_two=True) == 8
+    for bad in ("3", "0", "x", "128"):
+        monkeypatch.setenv("FLARECTL_TEST_KNOB", bad)
+        with pytest.raises(FlareError, match="FLARECTL_TEST_KNOB must be a power of two in"):
+            env_int("FLARECTL_TEST_KNOB", 2, high=64, power_of_two=True)
+    env = {**__import__("os").environ, "FLARECTL_MIXER_TOKEN_BLOCK": "3"}
+    r = subprocess.run([sys.executable, "-m", "flarectl.cli", "bench", "--model", "debug-hybrid", "--step-cost",
+                        "--concurrency", "1", "--context", "4", "--no-compile", "--out", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "FLARECTL_MIXER_TOKEN_BLOCK must be a power of two" in r.stderr and "Traceback" not in r.stderr

@@ -33,7 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-MAX_ROWS = int(os.environ.get("FLARECTL_GEMV_MAX_ROWS", "64"))
+from flarectl.engine.envs import env_int
+
+MAX_ROWS = env_int("FLARECTL_GEMV_MAX_ROWS", 64, high=64)
 """Largest M served by the kernel (one dot tile of at most 64 rows); larger inputs go to ``F.linear`` (cuBLAS). Env
 ``FLARECTL_GEMV_MAX_ROWS`` (read at import) lowers it, e.g. to 16 (sessions 5-9: cuBLAS for every trust step)."""
 

@@ -26,14 +26,14 @@ Launch: ``launch(...)``; op: ``static_step.gdn_mixer``.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from flarectl.engine.envs import env_int
 
 NAN_FILL = False
 """Tests: the output allocated NaN-filled, so unwritten elements fail."""
 
-NUM_WARPS: int | None = int(os.environ["FLARECTL_MIXER_WARPS"]) if os.environ.get("FLARECTL_MIXER_WARPS") else None
+NUM_WARPS: int | None = env_int("FLARECTL_MIXER_WARPS", None, high=16, power_of_two=True)
 """None: 4 warps for state blocks up to 4096 elements, else 8 (env ``FLARECTL_MIXER_WARPS``, read at import)."""
 
 V_BLOCK: int | None = 32
@@ -42,7 +42,7 @@ H100 (session 6, run 2) the Qwen3.5-2B mixer (V 128) went from 14.3 to 10.3 us p
 from 2.319 to 2.253 ms (CUDA-event replay): 512 programs of [128, 32] states hide their latencies, one [128, 128]
 state per SM did not."""
 
-TOKEN_BLOCK = int(os.environ.get("FLARECTL_MIXER_TOKEN_BLOCK", "2"))
+TOKEN_BLOCK = env_int("FLARECTL_MIXER_TOKEN_BLOCK", 2, high=64, power_of_two=True)
 """Tokens per block (a power of two; env ``FLARECTL_MIXER_TOKEN_BLOCK``, read at import): each block's conv, SiLU,
 q/k norms and gates are computed for all its tokens at once, their loads issued together, before the recurrence
 walks through them from registers. Before (sessions 5-9) every token paid its loads' latency inside the serial
@@ -50,8 +50,7 @@ recurrence: on the H100 the mixer took 866 us of the trust step (C=8 x (4 + 4) t
 of the AR step (session 10, docs/perf/engine_session10/). Registers at the Qwen3.5-2B shape (sm_90, 32-column
 state blocks, 4 warps): 125 for one token, 128 for 2, 167 for 4, 245 for 8 (4 programs per SM need <= 128)."""
 
-V_BLOCK_MULTI: int | None = int(os.environ["FLARECTL_MIXER_V_BLOCK_MULTI"]) if os.environ.get(
-    "FLARECTL_MIXER_V_BLOCK_MULTI") else None
+V_BLOCK_MULTI: int | None = env_int("FLARECTL_MIXER_V_BLOCK_MULTI", None, high=1024, power_of_two=True)
 """State columns per program for steps of more than one token per row (None: ``V_BLOCK``); env
 ``FLARECTL_MIXER_V_BLOCK_MULTI``, read at import."""
 
