@@ -602,11 +602,11 @@ if not CHILD:
                 wlen = torch.randint(0, ww + 1, (C,), device="cuda", generator=g)
                 args = (q, key, value, kw, vw, lengths, counts, wlen, wc, cap, D ** -0.5)
                 ref = attention.decode_attention_reference(*args).float()
-                for splits in (1, 2, 8, None):
-                    out = attention.launch(*args, splits=splits)
-                    assert not out.isnan().any(), splits
+                for splits, tokens in ((1, None), (2, None), (8, None), (None, None), (None, 8), (2, 4)):
+                    out = attention.launch(*args, splits=splits, tokens_per_program=tokens)
+                    assert not out.isnan().any(), (splits, tokens)
                     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
-                    assert torch.equal(out, attention.launch(*args, splits=splits)), splits
+                    assert torch.equal(out, attention.launch(*args, splits=splits, tokens_per_program=tokens))
                 assert not gemv.arrival_counters(q.device, 1).any()
         finally:
             attention.NAN_FILL = False
@@ -959,9 +959,10 @@ else:
 
     @pytest.mark.parametrize("C,HQ,HKV,D,cap,wc,ww", ATTN_SHAPES)
     def test_decode_attention_kernel_matches_twin(C, HQ, HKV, D, cap, wc, ww):
-        """The decode-attention kernel (NaN-filled output; 1, 2 and 4 KV splits, the last split combining) == the
-        twin (mask + SDPA): clean, window-only and mixed steps, padding window queries, GQA 1-4, odd D and
-        capacity, non-contiguous q and window keys; counters back at zero."""
+        """The decode-attention kernel (NaN-filled output; 1, 2 and 4 KV splits, the last split combining; one query
+        token per program or blocks of 2, 4 and 8 sharing a pass over the cache) == the twin (mask + SDPA): clean,
+        window-only and mixed steps, padding window queries, GQA 1-4, odd D and capacity, non-contiguous q and
+        window keys; counters back at zero."""
         from flarectl.engine import attention
 
         attention.NAN_FILL = True
@@ -980,9 +981,9 @@ else:
                 wlen = torch.randint(0, ww + 1, (C,), generator=g)
                 args = (q, key, value, kw, vw, lengths, counts, wlen, wc, cap, D ** -0.5)
                 ref = attention.decode_attention_reference(*args).float()
-                for splits in (1, 2, 4):
-                    out = attention.launch(*args, splits=splits)
-                    assert out.shape == q.shape and not out.isnan().any(), splits
+                for splits, tokens in ((1, None), (2, None), (4, None), (1, 2), (2, 8), (4, 4)):
+                    out = attention.launch(*args, splits=splits, tokens_per_program=tokens)
+                    assert out.shape == q.shape and not out.isnan().any(), (splits, tokens)
                     torch.testing.assert_close(out.float(), ref, rtol=2 * tol, atol=2 * tol)
             assert not gemv.arrival_counters(torch.device("cpu"), 1).any()
         finally:

@@ -10,9 +10,9 @@ layer), reading every slot of the capacity whatever each row's length. Here the 
   always its own key (padding window queries attend to themselves: no empty row);
 * slots are capped at ``cap`` (the attended prefix of the cache).
 
-Split-KV (flash-decoding): program (row, kv head, query token, split) holds the G = Hq / Hkv query heads of its kv
-head as the rows of one dot tile and streams its split's visible slots with an online softmax; each split stores
-(m, l, acc) in fp32, and the last split to arrive at the group's counter (``gemv.arrival_counters``) combines them in
+Split-KV (flash-decoding): program (row, kv head, block of ``TOKENS_PER_PROGRAM`` query tokens, split) holds the
+G = Hq / Hkv query heads of its kv head, for each of its tokens, as the rows of one dot tile (each row with its own
+visible slots) and streams its split's slots with an online softmax; each split stores (m, l, acc) in fp32, and the last split to arrive at the group's counter (``gemv.arrival_counters``) combines them in
 split order (deterministic) and writes the output. Slots past a row's visible length are never read.
 
 ``decode_attention`` (op ``flarectl::decode_attention``) is the fast path; ``decode_attention_reference`` its twin
@@ -26,6 +26,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from flarectl.engine.envs import env_int
+
 NAN_FILL = False
 """Tests: the output NaN-filled first, so unwritten elements fail."""
 
@@ -34,6 +36,13 @@ SPLITS: int | None = None
 
 BLOCK_N = 64
 """Cache slots per inner step."""
+
+TOKENS_PER_PROGRAM = env_int("FLARECTL_ATTN_TOKENS", 1, high=64, power_of_two=True)
+"""Query tokens of a row whose G query heads share one program (one pass over the row's cache slots). 1: one
+program per query token, as measured so far. A trust step at C=8 (8 tokens a row) then reads each row's cache 8 times:
+at the Qwen3.5-2B shape (2 KV heads of 256, 512 slots) ~64 MB a layer, which matches the 163 us its 6 attention
+layers took on the H100 against 60 us in the AR step (session 10). Larger blocks read it once, with more rows per
+tile; not measured on a GPU yet (env ``FLARECTL_ATTN_TOKENS``, read at import)."""
 
 DEFAULT = True
 """Whether the CUDA step uses the kernel by default (env ``FLARECTL_ENGINE_ATTN=1`` / ``0`` overrides). On since
@@ -105,12 +114,13 @@ def _kernel():
 
     @triton.jit
     def _update(qt, k, v, ok, m_i, l_i, acc, scale, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        # one block of keys [BN, BD] (``ok`` [BN] visible) into the online softmax of the BM query rows
+        # one block of keys [BN, BD] (``ok`` [BM, BN]: which query row sees which key) into the online softmax of
+        # the BM query rows
         s = _dot(qt, tl.trans(k), IEEE, UPCAST) * scale
-        s = tl.where(ok[None, :], s, -1.0e30)
+        s = tl.where(ok, s, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
-        p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
+        p = tl.where(ok, tl.exp(s - m_new[:, None]), 0.0)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)
         return m_new, l_i, acc
@@ -124,28 +134,34 @@ def _kernel():
                                 W, wc, cap, ww, chunk, scale,
                                 HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                                 BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLITS: tl.constexpr,
-                                IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                                TQ: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        # program (row c, kv head g, block of TQ query tokens, split sp): its tile's rows are the G query heads of
+        # each of its tokens (row r: token t0 + r // G, head g * G + r % G), so the block's tokens read each cache
+        # slot once
         pid = tl.program_id(0)
         sp = tl.program_id(1)
-        c = pid // (HKV * W)
-        g = (pid // W) % HKV
-        t = pid % W
+        NT = (W + TQ - 1) // TQ
+        c = pid // (HKV * NT)
+        g = (pid // NT) % HKV
+        t0 = (pid % NT) * TQ
         L = tl.load(lengths + c).to(tl.int32)
         cnt = tl.load(counts + c).to(tl.int32)
         wl = tl.load(wlen + c).to(tl.int32)
-        limit = tl.minimum(tl.where(t >= wc, L + cnt, L + t + 1), cap)
         rm = tl.arange(0, BM)
         rd = tl.arange(0, BD)
-        m_ok = rm < G
+        t = t0 + rm // G  # [BM] each row's token
+        m_ok = (rm < TQ * G) & (t < W)
         d_ok = rd < D
-        head = g * G + rm
-        qt = tl.load(q + c.to(tl.int64) * s_qc + head[:, None] * s_qh + t * s_qt + rd[None, :],
+        head = g * G + rm % G
+        limit = tl.minimum(tl.where(t >= wc, L + cnt, L + t + 1), cap)  # [BM] cache slots each row sees
+        limit = tl.where(m_ok, limit, 0)
+        qt = tl.load(q + c.to(tl.int64) * s_qc + head[:, None] * s_qh + t[:, None] * s_qt + rd[None, :],
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, BD], dtype=tl.float32)
         lo = sp * chunk
-        hi = tl.minimum(lo + chunk, limit)
+        hi = tl.minimum(lo + chunk, tl.max(limit, 0))
         k_row = kc + c.to(tl.int64) * s_kc + g * s_kh
         v_row = vc + c.to(tl.int64) * s_vc + g * s_vh
         for start in range(lo, hi, BN):
@@ -154,18 +170,19 @@ def _kernel():
             kv_mask = n_ok[:, None] & d_ok[None, :]
             k = tl.load(k_row + rn[:, None] * s_ks + rd[None, :], mask=kv_mask, other=0.0).to(qt.dtype)
             v = tl.load(v_row + rn[:, None] * s_vs + rd[None, :], mask=kv_mask, other=0.0).to(qt.dtype)
-            m_i, l_i, acc = _update(qt, k, v, n_ok, m_i, l_i, acc, scale, IEEE, UPCAST)
-        if (t >= wc) & (sp == SPLITS - 1):  # a window query: the window's keys (the last split takes them)
+            m_i, l_i, acc = _update(qt, k, v, rn[None, :] < limit[:, None], m_i, l_i, acc, scale, IEEE, UPCAST)
+        if (t0 + TQ > wc) & (W > wc) & (sp == SPLITS - 1):  # window queries: the window's keys (the last split)
             j = tl.arange(0, BW)
-            tw = t - wc
-            ok = ((((j < wl) & (tw < wl)) | (j == tw)) & (j < ww))
+            tw = t - wc  # [BM]
+            ok = ((((j[None, :] < wl) & (tw[:, None] < wl)) | (j[None, :] == tw[:, None])) & (j[None, :] < ww)
+                  & (t[:, None] >= wc) & m_ok[:, None])
             w_mask = (j < ww)[:, None] & d_ok[None, :]
             k = tl.load(kw + c.to(tl.int64) * s_wc + g * s_wh + j[:, None] * s_wt + rd[None, :], mask=w_mask,
                         other=0.0)
             v = tl.load(vw + c.to(tl.int64) * s_uc + g * s_uh + j[:, None] * s_ut + rd[None, :], mask=w_mask,
                         other=0.0)
             m_i, l_i, acc = _update(qt, k.to(qt.dtype), v.to(qt.dtype), ok, m_i, l_i, acc, scale, IEEE, UPCAST)
-        o_ptr = out + c.to(tl.int64) * s_oc + head[:, None] * s_oh + t * s_ot + rd[None, :]
+        o_ptr = out + c.to(tl.int64) * s_oc + head[:, None] * s_oh + t[:, None] * s_ot + rd[None, :]
         o_mask = m_ok[:, None] & d_ok[None, :]
         if SPLITS == 1:
             tl.store(o_ptr, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=o_mask)
@@ -210,8 +227,9 @@ def default_splits(programs: int, visible: int, device: torch.device) -> int:
 
 
 def launch(q, key, value, k_win, v_win, lengths, counts, wlen, wc: int, cap: int, scale: float,
-           splits: int | None = None) -> torch.Tensor:
-    """The kernel; arguments as ``decode_attention_reference`` (D contiguous in every tensor)."""
+           splits: int | None = None, tokens_per_program: int | None = None) -> torch.Tensor:
+    """The kernel; arguments as ``decode_attention_reference`` (D contiguous in every tensor). ``tokens_per_program``:
+    query tokens that share one pass over the cache (None: ``TOKENS_PER_PROGRAM``)."""
     import triton
 
     from flarectl.engine.gemv import _interpreting, arrival_counters
@@ -224,8 +242,9 @@ def launch(q, key, value, k_win, v_win, lengths, counts, wlen, wc: int, cap: int
     out = torch.empty_like(q)
     if NAN_FILL:
         out.fill_(float("nan"))
-    programs = C * HKV * W
-    BM = max(16, triton.next_power_of_2(G))
+    tq = min(triton.next_power_of_2(max(W, 1)), tokens_per_program or TOKENS_PER_PROGRAM)
+    programs = C * HKV * -(-W // tq)
+    BM = max(16, triton.next_power_of_2(tq * G))
     BD = max(16, triton.next_power_of_2(D))
     wide = q.element_size() * BD > 512  # fp32 rows of 256: half the slots per step, two stages (shared memory)
     bn = max(16, BLOCK_N // 2) if wide else BLOCK_N
@@ -248,7 +267,7 @@ def launch(q, key, value, k_win, v_win, lengths, counts, wlen, wc: int, cap: int
         vw.stride(0), vw.stride(1), vw.stride(2), out.stride(0), out.stride(1), out.stride(2),
         W, wc, cap, ww, chunk, scale,
         HKV=HKV, G=G, D=D, BD=BD, BM=BM, BN=bn, BW=max(16, triton.next_power_of_2(max(ww, 1))), SPLITS=split,
-        IEEE=f32, UPCAST=_interpreting() and not f32, num_warps=4, **({"num_stages": 2} if wide else {}))
+        TQ=tq, IEEE=f32, UPCAST=_interpreting() and not f32, num_warps=4, **({"num_stages": 2} if wide else {}))
     return out
 
 
