@@ -34,8 +34,12 @@ NAN_FILL = False
 SPLITS: int | None = None
 """KV splits per (row, kv head, token); None: enough for ~2 programs per SM (``default_splits``)."""
 
-BLOCK_N = 64
-"""Cache slots per inner step."""
+BLOCK_N = env_int("FLARECTL_ATTN_BLOCK_N", 64, low=16, high=128, power_of_two=True)
+"""Cache slots per inner step (halved for rows wider than 512 bytes, e.g. fp32 at D=256). Env
+``FLARECTL_ATTN_BLOCK_N`` (read at import)."""
+
+NUM_WARPS = env_int("FLARECTL_ATTN_WARPS", 4, low=1, high=16, power_of_two=True)
+"""Warps per program. Env ``FLARECTL_ATTN_WARPS`` (read at import)."""
 
 TOKENS_PER_PROGRAM = env_int("FLARECTL_ATTN_TOKENS", 1, high=64, power_of_two=True)
 """Query tokens of a row whose G query heads share one program (one pass over the row's cache slots). 1: one
@@ -215,11 +219,12 @@ def _kernel():
     return decode_attention_kernel
 
 
-def default_splits(programs: int, visible: int, device: torch.device) -> int:
-    """KV splits: a power of two giving ~2 programs per SM, no more than there are ``BLOCK_N`` blocks to read."""
+def default_splits(programs: int, visible: int, device: torch.device, block_n: int | None = None) -> int:
+    """KV splits: a power of two giving ~2 programs per SM, no more than there are ``block_n`` (``BLOCK_N``) blocks
+    to read."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     want = max(1, -(-2 * sms // max(programs, 1)))
-    blocks = max(1, -(-visible // BLOCK_N))
+    blocks = max(1, -(-visible // (block_n or BLOCK_N)))
     split = 1
     while split * 2 <= min(want, blocks):
         split *= 2
@@ -227,9 +232,11 @@ def default_splits(programs: int, visible: int, device: torch.device) -> int:
 
 
 def launch(q, key, value, k_win, v_win, lengths, counts, wlen, wc: int, cap: int, scale: float,
-           splits: int | None = None, tokens_per_program: int | None = None) -> torch.Tensor:
+           splits: int | None = None, tokens_per_program: int | None = None, block_n: int | None = None,
+           num_warps: int | None = None) -> torch.Tensor:
     """The kernel; arguments as ``decode_attention_reference`` (D contiguous in every tensor). ``tokens_per_program``:
-    query tokens that share one pass over the cache (None: ``TOKENS_PER_PROGRAM``)."""
+    query tokens that share one pass over the cache (None: ``TOKENS_PER_PROGRAM``); ``block_n``, ``num_warps``: cache
+    slots per inner step and warps per program (None: ``BLOCK_N``, ``NUM_WARPS``)."""
     import triton
 
     from flarectl.engine.gemv import _interpreting, arrival_counters
@@ -247,8 +254,9 @@ def launch(q, key, value, k_win, v_win, lengths, counts, wlen, wc: int, cap: int
     BM = max(16, triton.next_power_of_2(tq * G))
     BD = max(16, triton.next_power_of_2(D))
     wide = q.element_size() * BD > 512  # fp32 rows of 256: half the slots per step, two stages (shared memory)
-    bn = max(16, BLOCK_N // 2) if wide else BLOCK_N
-    split = splits or SPLITS or default_splits(programs, cap, q.device)
+    block_n = block_n or BLOCK_N
+    bn = max(16, block_n // 2) if wide else block_n
+    split = splits or SPLITS or default_splits(programs, cap, q.device, bn)
     per_split = -(-cap // split)
     chunk = -(-per_split // bn) * bn  # slots per split, whole blocks
     if split > 1:
@@ -267,7 +275,7 @@ def launch(q, key, value, k_win, v_win, lengths, counts, wlen, wc: int, cap: int
         vw.stride(0), vw.stride(1), vw.stride(2), out.stride(0), out.stride(1), out.stride(2),
         W, wc, cap, ww, chunk, scale,
         HKV=HKV, G=G, D=D, BD=BD, BM=BM, BN=bn, BW=max(16, triton.next_power_of_2(max(ww, 1))), SPLITS=split,
-        TQ=tq, IEEE=f32, UPCAST=_interpreting() and not f32, num_warps=4, **({"num_stages": 2} if wide else {}))
+        TQ=tq, IEEE=f32, UPCAST=_interpreting() and not f32, num_warps=num_warps or NUM_WARPS, **({"num_stages": 2} if wide else {}))
     return out
 
 

@@ -182,7 +182,7 @@ def step_paths(backend) -> dict:
     """The static step's kernel choices (skinny GEMMs: how they were tuned and up to how many rows; fused norm
     projections, fused down projection, decode-attention kernel; the mixer's token block and state columns per
     program), for the JSON records; empty for backends without a static step."""
-    from flarectl.engine import gemv, mixer
+    from flarectl.engine import attention, gemv, mixer
 
     step = getattr(backend, "eager", None)
     if step is None or not hasattr(step, "gemv"):
@@ -191,6 +191,9 @@ def step_paths(backend) -> dict:
            "gemv_max_rows": gemv.MAX_ROWS if step.gemv else None,
            "fuse_norm": bool(step.fuse_norm), "fuse_down": bool(step.fuse_down),
            "attn_kernel": bool(step.attn_kernel)}
+    if step.attn_kernel:
+        out |= {"attn_tokens_per_program": attention.TOKENS_PER_PROGRAM, "attn_block_n": attention.BLOCK_N,
+                "attn_warps": attention.NUM_WARPS}
     if getattr(step, "kernel", None) == "mixer":
         out |= {"mixer_token_block": mixer.TOKEN_BLOCK, "mixer_v_block": mixer.V_BLOCK,
                 "mixer_v_block_multi": mixer.V_BLOCK_MULTI or mixer.V_BLOCK}
