@@ -558,7 +558,8 @@ if not CHILD:
         gemv.NAN_FILL = True
         try:
             g = torch.Generator(device="cuda").manual_seed(2)
-            for M, N, K, glu in [(8, 8192 + 64, 2048, False), (8, 12288, 2048, True), (3, 514, 777, True)]:
+            for M, N, K, glu in [(8, 8192 + 64, 2048, False), (8, 12288, 2048, True), (3, 514, 777, True),
+                                 (24, 12288, 2048, True), (64, 8224, 2048, False)]:  # trust-step rows
                 x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
                 r = torch.randn(M, K, device="cuda", generator=g).to(dtype)
                 w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).to(dtype)
@@ -582,8 +583,8 @@ if not CHILD:
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
     def test_decode_attention_on_cuda_matches_twin(dtype):
         """The decode-attention kernel at the Qwen3.5-2B attention shape (C 8, 8 query / 2 kv heads, D 256, 524
-        slots): AR (W 1), verify (W 5) and draft (5 + 4) steps, every split count and the default, == the twin;
-        NaN-filled output, the same bits on a repeat, counters back at zero."""
+        slots): AR (W 1), verify (W 5) and draft (5 + 4) steps, split counts, tokens per program, slots per step and
+        warps, and the defaults, == the twin; NaN-filled output, the same bits on a repeat, counters back at zero."""
         from flarectl.engine import attention
 
         attention.NAN_FILL = True
@@ -602,11 +603,14 @@ if not CHILD:
                 wlen = torch.randint(0, ww + 1, (C,), device="cuda", generator=g)
                 args = (q, key, value, kw, vw, lengths, counts, wlen, wc, cap, D ** -0.5)
                 ref = attention.decode_attention_reference(*args).float()
-                for splits, tokens in ((1, None), (2, None), (8, None), (None, None), (None, 8), (2, 4)):
-                    out = attention.launch(*args, splits=splits, tokens_per_program=tokens)
-                    assert not out.isnan().any(), (splits, tokens)
+                for splits, tokens, bn, warps in ((1, None, None, None), (2, None, None, None), (8, None, None, None),
+                                                  (None, None, None, None), (None, 8, None, None), (2, 4, None, None),
+                                                  (4, 4, 64, 8), (8, 1, 32, 4), (4, 2, 32, 8)):
+                    kw = dict(splits=splits, tokens_per_program=tokens, block_n=bn, num_warps=warps)
+                    out = attention.launch(*args, **kw)
+                    assert not out.isnan().any(), kw
                     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
-                    assert torch.equal(out, attention.launch(*args, splits=splits, tokens_per_program=tokens))
+                    assert torch.equal(out, attention.launch(*args, **kw))
                 assert not gemv.arrival_counters(q.device, 1).any()
         finally:
             attention.NAN_FILL = False
@@ -698,11 +702,13 @@ else:
             gemv.split_plan = orig
         assert not torch.allclose(bad, x @ w.t(), rtol=1e-3, atol=1e-3)
 
-    @pytest.mark.parametrize("M,N,K", [(1, 18, 40), (5, 40, 70), (8, 34, 257), (13, 20, 64)])
+    @pytest.mark.parametrize("M,N,K", [(1, 18, 40), (5, 40, 70), (8, 34, 257), (13, 20, 64), (24, 18, 40),
+                                       (40, 20, 70)])
     def test_norm_kernel_matches_twin(M, N, K):
         """``norm_gemv.launch`` (residual add + RMSNorm prologue, gain folded in the weight, optional SwiGLU
         epilogue; split-K finished in-kernel) == its twin for one-pass and split configs, residual or None, fp32 and
-        bf16; NaN-filled outputs and partials; the same bits on a repeat; counters back at zero."""
+        bf16; NaN-filled outputs and partials; the same bits on a repeat; counters back at zero. 24 rows: the add in
+        a 64-row tile; 40 rows: the add in torch first (``ADD_MAX_ROWS``), a 64-row tile without it."""
         from flarectl.engine import norm_gemv
 
         g = torch.Generator().manual_seed(M * 1000 + N + K)
@@ -719,6 +725,8 @@ else:
                                                atol=tol * max(1.0, float(ref.float().abs().max())))
                     if res is not None:  # (the interpreter truncates to bf16 where the GPU rounds: tolerance)
                         torch.testing.assert_close(h.float(), ref_h.float(), rtol=tol, atol=tol)
+                    else:
+                        assert h.numel() == 0
                     assert torch.equal(y, norm_gemv.launch(x, res, w, 1e-6, glu, cfg)[0]), cfg
         assert not gemv.arrival_counters(torch.device("cpu"), 1).any()
 

@@ -22,6 +22,7 @@ with the same signature (the mask and ``F.scaled_dot_product_attention``, as the
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -38,15 +39,19 @@ BLOCK_N = env_int("FLARECTL_ATTN_BLOCK_N", 64, low=16, high=128, power_of_two=Tr
 """Cache slots per inner step (halved for rows wider than 512 bytes, e.g. fp32 at D=256). Env
 ``FLARECTL_ATTN_BLOCK_N`` (read at import)."""
 
+BLOCK_N_AUTO = "FLARECTL_ATTN_BLOCK_N" not in os.environ
+"""Without ``FLARECTL_ATTN_BLOCK_N``: the slots per step halve (to 32) while a split holds fewer than two blocks (the
+AR step at C=8: 10.1 vs 11.7 us a launch, H100, session 11)."""
+
 NUM_WARPS = env_int("FLARECTL_ATTN_WARPS", 4, low=1, high=16, power_of_two=True)
 """Warps per program. Env ``FLARECTL_ATTN_WARPS`` (read at import)."""
 
-TOKENS_PER_PROGRAM = env_int("FLARECTL_ATTN_TOKENS", 1, high=64, power_of_two=True)
-"""Query tokens of a row whose G query heads share one program (one pass over the row's cache slots). 1: one
-program per query token, as measured so far. A trust step at C=8 (8 tokens a row) then reads each row's cache 8 times:
-at the Qwen3.5-2B shape (2 KV heads of 256, 512 slots) ~64 MB a layer, which matches the 163 us its 6 attention
-layers took on the H100 against 60 us in the AR step (session 10). Larger blocks read it once, with more rows per
-tile; not measured on a GPU yet (env ``FLARECTL_ATTN_TOKENS``, read at import)."""
+TOKENS_PER_PROGRAM = env_int("FLARECTL_ATTN_TOKENS", 0, low=0, high=64, power_of_two=True)
+"""Query tokens of a row whose G query heads share one program (one pass over the row's cache slots); 0 (default):
+as many as fill the smallest dot tile, 16 // G (4 at Qwen3.5-2B's 4 query heads per KV head), at most the step's
+width. Env ``FLARECTL_ATTN_TOKENS`` (read at import). One token per program read each row's cache once per query
+token: in the trust step (8 tokens a row) 24.7 us a launch against 13.7 us for 4 tokens at 4 splits (H100,
+Qwen3.5-2B shape, C=8, 480-512 cached slots; ``scripts/gpu/engine_attention_sweep.py``, session 11)."""
 
 DEFAULT = True
 """Whether the CUDA step uses the kernel by default (env ``FLARECTL_ENGINE_ATTN=1`` / ``0`` overrides). On since
@@ -220,10 +225,10 @@ def _kernel():
 
 
 def default_splits(programs: int, visible: int, device: torch.device, block_n: int | None = None) -> int:
-    """KV splits: a power of two giving ~2 programs per SM, no more than there are ``block_n`` (``BLOCK_N``) blocks
-    to read."""
+    """KV splits: a power of two giving ~1 program per SM (the session-11 sweep's fastest setting at every step
+    shape; 2 per SM before), no more than there are ``block_n`` (``BLOCK_N``) blocks to read."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = max(1, -(-2 * sms // max(programs, 1)))
+    want = max(1, -(-sms // max(programs, 1)))
     blocks = max(1, -(-visible // (block_n or BLOCK_N)))
     split = 1
     while split * 2 <= min(want, blocks):
@@ -249,7 +254,7 @@ def launch(q, key, value, k_win, v_win, lengths, counts, wlen, wc: int, cap: int
     out = torch.empty_like(q)
     if NAN_FILL:
         out.fill_(float("nan"))
-    tq = min(triton.next_power_of_2(max(W, 1)), tokens_per_program or TOKENS_PER_PROGRAM)
+    tq = min(triton.next_power_of_2(max(W, 1)), tokens_per_program or TOKENS_PER_PROGRAM or max(1, 16 // G))
     programs = C * HKV * -(-W // tq)
     BM = max(16, triton.next_power_of_2(tq * G))
     BD = max(16, triton.next_power_of_2(D))
@@ -258,6 +263,9 @@ def launch(q, key, value, k_win, v_win, lengths, counts, wlen, wc: int, cap: int
     bn = max(16, block_n // 2) if wide else block_n
     split = splits or SPLITS or default_splits(programs, cap, q.device, bn)
     per_split = -(-cap // split)
+    if block_n is None and BLOCK_N_AUTO:
+        while bn > 32 and per_split < 2 * bn:  # short splits (AR steps): finer blocks waste fewer slots
+            bn //= 2
     chunk = -(-per_split // bn) * bn  # slots per split, whole blocks
     if split > 1:
         ws_acc = torch.empty(programs * split * BM * BD, dtype=torch.float32, device=q.device)

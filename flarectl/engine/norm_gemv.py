@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from flarectl.engine import gemv
+from flarectl.engine.envs import env_int
 
 FUSE_NORM_DEFAULT = True
 """Whether steps with the skinny kernels (``gemv``) fuse each sub-block's residual add and RMSNorm into its
@@ -135,10 +136,15 @@ def project(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps
     return (_glu(y) if glu else y), h
 
 
-MAX_ROWS = 16
-"""Largest M the fused kernel takes (its A tile stacks x over the residual, and its Gram matrix is [BM, BM]: one
-16- or 32-row tile). Steps with more rows (trust steps) add and normalise in torch and project through
-``gemv.linear`` (the skinny kernel up to ``gemv.MAX_ROWS`` rows, else cuBLAS)."""
+MAX_ROWS = env_int("FLARECTL_NORM_GEMV_MAX_ROWS", 16, high=64, power_of_two=True)
+"""Largest M the fused kernel takes (env ``FLARECTL_NORM_GEMV_MAX_ROWS``, read at import; at most
+``gemv.MAX_ROWS`` apply). Its Gram matrix is [BM, BM] for a dot tile of BM rows. Steps with more rows (trust steps
+at the default 16) add and normalise in torch and project through ``gemv.linear`` (the skinny kernel up to
+``gemv.MAX_ROWS`` rows, else cuBLAS)."""
+
+ADD_MAX_ROWS = 32
+"""Largest M whose residual add rides in the dot tile (x's rows over the residual's: a 64-row tile). Above it the
+add runs in torch first (``launch``) and the kernel takes h = x + residual as its input (rounded, as the twin does)."""
 
 
 def kernel_applies(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, glu: bool) -> bool:
@@ -295,11 +301,15 @@ def _kernel():
 
 def launch(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float, glu: bool,
            cfg: gemv.Config, pdl: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel with one launch configuration (``norm_linear``'s contract; x, residual [M, K], M <= MAX_ROWS);
-    ``pdl``: programmatic dependent launch (None: ``gemv.use_pdl``)."""
+    """The kernel with one launch configuration (``norm_linear``'s contract; x, residual [M, K], M <= 64);
+    ``pdl``: programmatic dependent launch (None: ``gemv.use_pdl``). Above ``ADD_MAX_ROWS`` rows the residual add
+    runs in torch first."""
     kernel = _kernel()
     x = x.contiguous()
     M, K = x.shape
+    if residual is not None and M > ADD_MAX_ROWS:
+        h = x + residual
+        return launch(h, None, w, eps, glu, cfg, pdl)[0], h
     N = w.shape[0]
     split, per = gemv.split_plan(K, cfg.bk, cfg.split)
     y = gemv._empty((M, N // 2 if glu else N), x.dtype, x.device)
@@ -308,7 +318,7 @@ def launch(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps:
     ws = gemv._empty((split * M * N + blocks * split * M,), torch.float32, x.device) if split > 1 else y
     counter = gemv.arrival_counters(x.device, blocks) if split > 1 else y
     res = residual.contiguous() if residual is not None else x
-    bm = 16 if (M <= 8 or residual is None) else 32  # ADD: x's rows on top, the residual's below
+    bm = gemv.row_block(2 * M if residual is not None else M)  # ADD: x's rows on top, the residual's below
     common = gemv._common(x, N, split * per == K, cfg, pdl, bm=bm)
     kernel[(blocks, split)](x, res, w, y, h if residual is not None else x, ws, counter, M, N, K, w.stride(0), per,
                             float(eps), ADD=residual is not None, GLU=glu, SPLIT=split, **common)
@@ -348,8 +358,8 @@ def config_for(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, 
 @torch.library.custom_op("flarectl::norm_linear", mutates_args=())
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float,
                 glu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h) of ``norm_linear_reference`` in one kernel launch: x, residual [M, K] (M <= MAX_ROWS; residual may be
-    None), w [N, K] (gain folded; ``glu``: rows interleaved) -> y [M, N] or [M, N/2], h [M, K] (or [0, K]). The
+    """(y, h) of ``norm_linear_reference`` in one kernel launch (above ``ADD_MAX_ROWS`` rows with a residual: the
+    add, then the launch): x, residual [M, K] (M <= 64; residual may be None), w [N, K] (gain folded; ``glu``: rows interleaved) -> y [M, N] or [M, N/2], h [M, K] (or [0, K]). The
     Triton kernel on CUDA or under the interpreter; the twin elsewhere."""
     if not (x.is_cuda or gemv._interpreting()):
         return norm_linear_reference(x, residual, w, eps, glu)
