@@ -44,24 +44,30 @@ def test_step_cost_cli(tmp_path):
 
 
 def test_step_cost_projects_throughput_from_a_converted_checkpoints_bench(tmp_path):
-    """--tpf-from: tokens/forward of a serving bench.json x the step times = projected tok/s (labelled)."""
-    src = tmp_path / "converted.json"
-    src.write_text(json.dumps({"model": "conv", "weights": "trained weights", "points": [
+    """--tpf-from (repeatable): tokens/forward of each serving bench.json x the step times = one projected tok/s
+    table per prompt set (labelled), in the order given."""
+    src, other = tmp_path / "converted.json", tmp_path / "converted_code.json"
+    src.write_text(json.dumps({"model": "conv", "weights": "trained weights", "prompts": "gsm8k", "points": [
         {"mode": "ar", "concurrency": 2, "tokens_per_forward": 1.0},
         {"mode": "ar-trust", "concurrency": 2, "tokens_per_forward": 2.5},
         {"mode": "diffusion-trust", "concurrency": 8, "tokens_per_forward": 3.0}]}))  # no C=8 step: skipped
+    other.write_text(json.dumps({"model": "conv", "prompts": "humaneval", "points": [
+        {"mode": "ar-trust", "concurrency": 2, "tokens_per_forward": 1.5}]}))
     res = CliRunner().invoke(app, ["bench", "--model", "debug-llama", "--step-cost", "--concurrency", "2",
                                    "--context", "4", "--block-size", "2", "--no-compile", "--tpf-from", str(src),
-                                   "--out", str(tmp_path)])
+                                   "--tpf-from", str(other), "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
-    assert "projection, not a measurement" in res.output
+    assert res.output.count("projection, not a measurement") == 2
     data = json.loads((tmp_path / "step_cost_torch.json").read_text())
     ms = {s["kind"]: s["ms"] for s in data["steps"]}
-    rows = {r["mode"]: r for r in data["projected"]["rows"]}
-    assert set(rows) == {"ar", "ar-trust"} and data["projected"]["source_model"] == "conv"
+    first, second = data["projected"]
+    rows = {r["mode"]: r for r in first["rows"]}
+    assert set(rows) == {"ar", "ar-trust"} and first["source_model"] == "conv" and first["prompts"] == "gsm8k"
     assert rows["ar-trust"]["step"] == "trust" and rows["ar"]["step"] == "ar"
     assert rows["ar-trust"]["tokens_per_second"] == pytest.approx(1000 * 2 * 2.5 / ms["trust"])
     assert rows["ar"]["tokens_per_second"] == pytest.approx(1000 * 2 / ms["ar"])
+    assert second["prompts"] == "humaneval" and [r["mode"] for r in second["rows"]] == ["ar-trust"]
+    assert second["rows"][0]["tokens_per_second"] == pytest.approx(1000 * 2 * 1.5 / ms["trust"])
 
 
 @pytest.mark.parametrize("args,message", [

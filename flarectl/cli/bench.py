@@ -82,10 +82,11 @@ def serve(
     step_cost: bool = typer.Option(False, "--step-cost", help="Time engine steps vs the weight-bandwidth roofline "
                                                               "instead (C x 1 AR, C x (B + B) trust, C x B "
                                                               "window)."),
-    tpf_from: Optional[Path] = typer.Option(None, "--tpf-from",
-                                            help="--step-cost: a bench.json of a converted checkpoint; its measured "
-                                                 "tokens/forward per mode and C turn these step times into a "
-                                                 "projected throughput (labelled as such)."),
+    tpf_from: Optional[list[Path]] = typer.Option(None, "--tpf-from",
+                                                  help="--step-cost: a bench.json of a converted checkpoint; its "
+                                                       "measured tokens/forward per mode and C turn these step times "
+                                                       "into a projected throughput (labelled as such). Repeat it "
+                                                       "for several prompt sets: one projection each."),
     context: int = typer.Option(512, help="--step-cost: committed tokens per slot."),
     gdn_kernel: str = typer.Option("auto", help="Engine GDN path: auto (mixer on CUDA) | mixer (the whole GDN mixer "
                                                 "in one kernel) | triton (our recurrence: commits the state in "
@@ -139,7 +140,7 @@ def serve(
     weights = "RANDOM weights" if random_init else "trained weights"
     out_dir.mkdir(parents=True, exist_ok=True)
     if step_cost:
-        tpf = bench.load_tokens_per_forward(tpf_from) if tpf_from is not None else None
+        tpf = [bench.load_tokens_per_forward(path) for path in tpf_from or ()]
         _render_step_cost(m, model, weights, levels, block_size or (m.flare_meta.block_size if m.flare_meta else 4),
                           context, out_dir, kernels, compile, tpf)
         return
@@ -212,7 +213,7 @@ def _render_serving(report, weights: str) -> None:
 
 
 def _render_step_cost(model, name: str, weights: str, levels: list[int], block: int, context: int,
-                      out_dir: Path, kernels: list[str], compile: bool | None, tpf: dict | None = None) -> None:
+                      out_dir: Path, kernels: list[str], compile: bool | None, tpf: list[dict] = ()) -> None:
     from flarectl.engine import bench
 
     for kernel in kernels:
@@ -220,22 +221,22 @@ def _render_step_cost(model, name: str, weights: str, levels: list[int], block: 
                                compile=compile)
         data |= {"model": name, "weights": weights, "dtype": str(model.dtype).replace("torch.", ""),
                  "device": str(model.device) + (f" ({_gpu_name()})" if model.device.type == "cuda" else "")}
-        if tpf is not None:
-            data["projected"] = bench.project_throughput(data, tpf)
+        if tpf:
+            data["projected"] = [bench.project_throughput(data, t) for t in tpf]
         path = out_dir / f"step_cost_{data['gdn_kernel']}.json"
         path.write_text(json.dumps(data, indent=2))
         _step_cost_table(data, name, weights, context)
-        if tpf is not None:
-            _projection_table(data)
+        for projection in data.get("projected", ()):
+            _projection_table(data, projection)
         out.print(f"wrote {path}")
 
 
-def _projection_table(data: dict) -> None:
+def _projection_table(data: dict, p: dict) -> None:
     from rich.table import Table
 
-    p = data["projected"]
     table = Table(title=f"projected throughput: {data['model']} step times ({data['weights']}) x tokens/forward "
-                        f"measured on {p['source_model']} ({p['source']}): a projection, not a measurement")
+                        f"measured on {p['source_model']}, prompts {p['prompts']} ({p['source']}): a projection, "
+                        f"not a measurement")
     for col in ("mode", "C", "tok/fwd (measured)", "step", "step ms", "projected tok/s"):
         table.add_column(col, justify="right" if col != "mode" else "left")
     for r in p["rows"]:

@@ -348,7 +348,7 @@ def load_tokens_per_forward(path: Path) -> dict:
     if not rows:
         raise FlareError(f"--tpf-from {path}: no serving points")
     return {"source": str(path), "source_model": data.get("model", "?"), "weights": data.get("weights"),
-            "rows": rows}
+            "prompts": str(data.get("prompts", "?")), "rows": rows}
 
 
 def project_throughput(step_data: dict, tpf: dict) -> dict:
@@ -362,7 +362,8 @@ def project_throughput(step_data: dict, tpf: dict) -> dict:
             ms = steps[(kind, c)]
             rows.append({"mode": mode, "concurrency": c, "tokens_per_forward": t, "step": kind, "step_ms": ms,
                          "tokens_per_second": 1000 * c * t / ms})
-    return {"source": tpf["source"], "source_model": tpf["source_model"], "rows": rows}
+    return {"source": tpf["source"], "source_model": tpf["source_model"], "prompts": tpf.get("prompts", "?"),
+            "rows": rows}
 
 
 # -- chart --------------------------------------------------------------------------------------------------------

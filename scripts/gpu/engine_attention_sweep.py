@@ -46,28 +46,14 @@ def reference(p):
 
 
 def time_us(probs, **kw) -> float:
+    """us per launch: one launch per layer's problem, captured in one CUDA graph (median of 20 replays)."""
+    from engine_session5 import graph_ms  # scripts/gpu is on sys.path when this script runs
+
     def step():
         for p in probs:
             attention.launch(**p, **kw)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(1000 * a.elapsed_time(b) / len(probs))
-    return sorted(times)[len(times) // 2]
+    return 1000 * graph_ms(step, calls=1, replays=20) / len(probs)
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ source scripts/gpu/engine_setup.sh
 for R in ${NORM_ROWS:-16 64}; do
   FLARECTL_NORM_GEMV_MAX_ROWS=$R timeout "${STEP_TIMEOUT:-120}" python3 -m flarectl.cli bench --model qwen3.5-2b \
     --random-init --step-cost --concurrency 8 --gdn-kernel mixer \
-    --tpf-from docs/perf/engine_session11/gpu/convert/bench_conv_gsm8k.json --out "$OUT/step_norm$R" 2>&1 \
+    --tpf-from docs/perf/engine_session11/gpu/convert/bench_conv_gsm8k.json \
+    --tpf-from docs/perf/engine_session11/gpu/convert/bench_conv.json --out "$OUT/step_norm$R" 2>&1 \
     | grep -v "^USDT" > "$OUT/engine_step_cost_norm$R.log"
   grep -E "^│ (ar|trust|window|ar-trust|diffusion-trust) " "$OUT/engine_step_cost_norm$R.log" | sed "s/^/norm<=$R /"
 done
