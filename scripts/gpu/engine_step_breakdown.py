@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from flarectl.engine import bench, gemv
+from flarectl.engine import bench, gemv, norm_gemv
 from flarectl.engine.backends import SlotBackend
 from flarectl.models.loading import load_model
 
@@ -106,6 +106,8 @@ def main():
         print(f"[{time.strftime('%H:%M:%S')}] {kind}: {ms:.3f} ms ({time.time() - t0:.0f} s incl. warm-up)",
               flush=True)
     result["gemv_choices"] = {str(k): str(v) for k, v in gemv._CHOSEN.items()}
+    result["norm_gemv_choices"] = {str(k): str(v) for k, v in norm_gemv._CHOSEN.items()}
+    result["tuning_ms"] = {str(k): [(str(c), ms) for c, ms in v] for k, v in gemv.TIMINGS.items()}
     (out / f"step_breakdown_{gemv.MAX_ROWS}.json").write_text(json.dumps(result, indent=1, default=str))
     classes = ["skinny", "cublas", "mixer", "attention", "inductor", "other"]
     print(f"\nmax_rows={gemv.MAX_ROWS}  roofline {roof:.3f} ms  ({result['device']})")
