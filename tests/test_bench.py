@@ -33,6 +33,17 @@ def test_serving_benchmark_cli_writes_table_json_png(tmp_path):
     assert data["points"][1]["acceptance"] is not None and data["weights"] == "RANDOM weights"
 
 
+def test_serving_benchmark_diffusion_scheme(tmp_path):
+    """--diffusion-scheme anchored reaches the engine (recorded in the JSON) and every request completes."""
+    res = CliRunner().invoke(app, ["bench", "--model", "debug-hybrid", "--mode", "diffusion-trust", "--concurrency",
+                                   "2", "--num-requests", "3", "--max-new-tokens", "5", "--no-baseline",
+                                   "--diffusion-scheme", "anchored", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["engine"]["diffusion_trust_scheme"] == "anchored"
+    assert [(p["mode"], p["tokens"], p["failed"]) for p in data["points"]] == [("diffusion-trust", 15, 0)]
+
+
 def test_step_cost_cli(tmp_path):
     res = CliRunner().invoke(app, ["bench", "--model", "debug-llama", "--step-cost", "--concurrency", "2",
                                    "--context", "8", "--block-size", "2", "--no-compile", "--out", str(tmp_path)])
@@ -77,6 +88,7 @@ def test_step_cost_projects_throughput_from_a_converted_checkpoints_bench(tmp_pa
     (["--concurrency", "a"], "comma-separated integers"),
     (["--prompts", "/nonexistent.txt"], "--prompts must be"),
     (["--threshold", "2"], "--threshold"),
+    (["--diffusion-scheme", "fused"], "--diffusion-scheme must be plain or anchored"),
     (["--gdn-kernel", "cuda"], "--gdn-kernel must be one of auto, triton, mixer, fla, torch"),
     (["--gdn-kernel", "triton,fla"], "a comma list with --step-cost"),
     (["--gemv-tune", "fast"], "--gemv-tune must be chain, cold or off"),

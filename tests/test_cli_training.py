@@ -26,6 +26,7 @@ def _error_lines(stderr: str) -> list[str]:
     (["decode", "--model", "./no/such/dir", "--prompt", "hi"], "does not exist"),
     (["decode", "--mode", "fast", "--prompt", "hi"], "--mode"),
     (["decode", "--threshold", "0", "--prompt", "hi"], "--threshold"),
+    (["decode", "--diffusion-scheme", "tree", "--prompt", "hi"], "--diffusion-scheme must be plain or anchored"),
     (["decode", "--block-size", "0", "--prompt", "hi"], "--block-size"),
     (["decode", "--max-new-tokens", "abc", "--prompt", "hi"], "--max-new-tokens"),
     (["decode", "--dtype", "fp8", "--prompt", "hi"], "--dtype"),

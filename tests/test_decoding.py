@@ -125,11 +125,14 @@ def test_ar_trust_schemes_both_exact(models, monkeypatch, name):
 
 # -- every mode: cache == no-cache recomputation ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode,temperature", [("ar", 0.0), ("ar", 0.8), ("ar-trust", 0.0), ("ar-trust", 0.8),
-                                              ("diffusion-trust", 0.0), ("diffusion-trust", 0.8)])
-def test_cached_equals_recompute(models, mode, temperature):
+@pytest.mark.parametrize("mode,temperature,scheme", [
+    ("ar", 0.0, "plain"), ("ar", 0.8, "plain"), ("ar-trust", 0.0, "plain"), ("ar-trust", 0.8, "plain"),
+    ("diffusion-trust", 0.0, "plain"), ("diffusion-trust", 0.8, "plain"), ("diffusion-trust", 0.0, "anchored"),
+    ("diffusion-trust", 0.8, "anchored")])
+def test_cached_equals_recompute(models, mode, temperature, scheme):
     m = models["debug-hybrid"]
-    kw = dict(temperature=temperature, top_p=0.9, seed=5, threshold=0.6, max_new_tokens=13)
+    kw = dict(temperature=temperature, top_p=0.9, seed=5, threshold=0.6, max_new_tokens=13,
+              diffusion_trust_scheme=scheme)
     cached = run(m, PROMPTS, mode, **kw)
     again = run(m, PROMPTS, mode, **kw, use_cache=False)
     assert ids(cached) == ids(again)
@@ -168,6 +171,33 @@ def test_diffusion_trust_low_threshold_commits_several_per_step(models):
     assert any(sum(r.acceptance_histogram[2:]) > 0 for r in res)
     assert all(r.tokens_per_forward == len(r.token_ids) / r.forwards for r in res)
     assert max(r.tokens_per_forward for r in res) > 1.0
+
+
+@pytest.mark.parametrize("name", ["debug-hybrid", "debug-llama"])
+@pytest.mark.parametrize("block", [1, 2, 4])
+def test_diffusion_trust_anchored_ends_every_block_with_an_exact_ar_token(models, name, block):
+    """Anchored Diffusion-Trust (greedy): every block is B-1 denoised tokens and then the commit step's clean-path
+    token, which is AR greedy's next token for the prefix so far (the tokens at positions kB - 1), at no extra
+    forward: the histogram counts it with the denoised tokens of that forward. B = 1 is AR decoding itself."""
+    m, n = models[name], 14
+    res = run(m, PROMPTS, "diffusion-trust", block_size=block, threshold=0.6, max_new_tokens=n,
+              diffusion_trust_scheme="anchored")
+    if block == 1:
+        assert ids(res) == ids(run(m, PROMPTS, "ar", max_new_tokens=n))
+    for prompt, r in zip(PROMPTS, res):
+        assert len(r.token_ids) == n and sum(r.acceptance_histogram) == r.forwards
+        assert sum(k * c for k, c in enumerate(r.acceptance_histogram)) >= n  # (the last forward may decide more)
+        for i in range(block - 1, n, block):
+            with torch.no_grad():
+                logits = m.hf(torch.tensor([prompt + r.token_ids[:i]])).logits[0, -1]
+            assert int(logits.argmax()) == r.token_ids[i], (i, block)
+    plain = run(m, PROMPTS, "diffusion-trust", block_size=block, threshold=1.0, max_new_tokens=n)
+    anchored = run(m, PROMPTS, "diffusion-trust", block_size=block, threshold=1.0, max_new_tokens=n,
+                   diffusion_trust_scheme="anchored")
+    if block > 1:  # threshold 1: one denoised token per forward, plus the AR token in every commit step
+        assert all(a.forwards < p.forwards for a, p in zip(anchored, plain))
+    with pytest.raises(ValueError, match="diffusion-trust scheme"):
+        run(m, PROMPTS, "diffusion-trust", diffusion_trust_scheme="fused")
 
 
 def test_select_confident():

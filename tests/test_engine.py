@@ -218,15 +218,16 @@ MIX = [  # (prompt, mode, block, max_new, threshold)
 ]
 
 
-def _alone(m, prompt, mode, block, max_new, thr):
+def _alone(m, prompt, mode, block, max_new, thr, dt_scheme="plain"):
     return generate(m, [prompt], mode, max_new_tokens=max_new, stop_ids=[], block_size=block, mask_token_id=MASK,
-                    threshold=thr)[0]
+                    threshold=thr, diffusion_trust_scheme=dt_scheme)[0]
 
 
-@pytest.mark.parametrize("name", ["debug-hybrid", "debug-llama"])
-def test_engine_greedy_equals_single_request_under_joins_and_leaves(sharp, name):
+@pytest.mark.parametrize("name,dt_scheme", [("debug-hybrid", "plain"), ("debug-llama", "plain"),
+                                            ("debug-hybrid", "anchored")])
+def test_engine_greedy_equals_single_request_under_joins_and_leaves(sharp, name, dt_scheme):
     m = sharp[name]
-    engine = Engine(m, concurrency=3, capacity=64, mask_token_id=MASK)
+    engine = Engine(m, concurrency=3, capacity=64, mask_token_id=MASK, diffusion_trust_scheme=dt_scheme)
     streamed = {}
     for prompt, mode, block, max_new, thr in MIX:
         engine.submit(Request(prompt, mode, max_new_tokens=max_new, block_size=block, threshold=thr, stop_ids=[],
@@ -234,7 +235,7 @@ def test_engine_greedy_equals_single_request_under_joins_and_leaves(sharp, name)
     results = engine.run()
     accepted = 0
     for (prompt, mode, block, max_new, thr), r in zip(MIX, results):
-        ref = _alone(m, prompt, mode, block, max_new, thr)
+        ref = _alone(m, prompt, mode, block, max_new, thr, dt_scheme)
         assert r.token_ids == ref.token_ids and r.forwards == ref.forwards
         assert r.acceptance_histogram == ref.acceptance_histogram
         assert len(r.token_ids) == max_new and streamed[r.index] == r.token_ids
@@ -246,13 +247,15 @@ def test_engine_greedy_equals_single_request_under_joins_and_leaves(sharp, name)
         # in test_decoding.py)
 
 
-def test_engine_static_backend_equals_adapter_backend(sharp):
+@pytest.mark.parametrize("dt_scheme", ["plain", "anchored"])
+def test_engine_static_backend_equals_adapter_backend(sharp, dt_scheme):
     """The whole engine on the static backend (static prefill, packed inputs, greedy argmax) == on the adapter
     backend (``prefill_into`` and ``FlareModel.forward``): the CPU twin of the CUDA test below."""
     m = sharp["debug-hybrid"]
     outs = []
     for backend in ("static", "adapter"):  # the adapter backend needs one block size per step: B = 4 for all
-        engine = Engine(m, concurrency=3, capacity=64, backend=backend, mask_token_id=MASK, block_size=4)
+        engine = Engine(m, concurrency=3, capacity=64, backend=backend, mask_token_id=MASK, block_size=4,
+                        diffusion_trust_scheme=dt_scheme)
         for prompt, mode, _, max_new, thr in MIX:
             engine.submit(Request(prompt, mode, max_new_tokens=max_new, threshold=thr, stop_ids=[]))
         outs.append([(r.token_ids, r.forwards) for r in engine.run()])

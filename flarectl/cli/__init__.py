@@ -118,6 +118,9 @@ def decode(
     seed: int = typer.Option(0, help="Random seed for sampling."),
     block_size: Optional[int] = typer.Option(None, help="Block size for trust modes (default: the checkpoint's)."),
     threshold: float = typer.Option(0.9, help="Diffusion-Trust confidence threshold in (0, 1]."),
+    diffusion_scheme: str = typer.Option("plain", "--diffusion-scheme",
+                                         help="Diffusion-Trust scheme: plain | anchored (each block's commit step "
+                                              "also emits the exact AR token)."),
     stop: List[str] = typer.Option([], help="Stop string (repeatable)."),
     raw: bool = typer.Option(False, help="Do not apply the chat template."),
     random_init: bool = typer.Option(False, help="Random weights for presets of real shapes."),
@@ -139,6 +142,8 @@ def decode(
         _fail(f"--top-p must be in (0, 1], got {top_p}")
     if not 0 < threshold <= 1:
         _fail(f"--threshold must be in (0, 1], got {threshold}")
+    if diffusion_scheme not in ("plain", "anchored"):
+        _fail(f"--diffusion-scheme must be plain or anchored, got '{diffusion_scheme}'")
     if block_size is not None and not 1 <= block_size <= 64:
         _fail(f"--block-size must be between 1 and 64, got {block_size}")
     texts = _read_prompts(prompt, prompts_file)
@@ -159,7 +164,8 @@ def decode(
     try:
         results = generate(m, ids, mode, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            seed=seed, block_size=block_size, threshold=threshold, stop_strings=list(stop),
-                           tokenizer=m.tokenizer, on_token=on_token if stream else None)
+                           tokenizer=m.tokenizer, on_token=on_token if stream else None,
+                           diffusion_trust_scheme=diffusion_scheme)
     except ValueError as exc:
         _fail(str(exc))
     for text, r in zip(texts, results):

@@ -75,6 +75,9 @@ def serve(
     max_new_tokens: int = typer.Option(128, help="New tokens per request (EOS ignored: fixed-length outputs)."),
     block_size: Optional[int] = typer.Option(None, help="Trust-mode block size (default: checkpoint's, else 4)."),
     threshold: float = typer.Option(0.9, help="Diffusion-Trust confidence threshold."),
+    diffusion_scheme: str = typer.Option("plain", "--diffusion-scheme",
+                                         help="Diffusion-Trust scheme: plain | anchored (each block's commit step "
+                                              "also emits the exact AR token)."),
     mask_token_id: Optional[int] = typer.Option(None, help="Mask id for trust modes (default: checkpoint's)."),
     random_init: bool = typer.Option(False, help="Random weights for presets of real shapes (labelled as such)."),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if available)."),
@@ -111,6 +114,8 @@ def serve(
         raise FlareError(f"--num-requests must be >= 1, got {num_requests}")
     if not 0 < threshold <= 1:
         raise FlareError(f"--threshold must be in (0, 1], got {threshold}")
+    if diffusion_scheme not in ("plain", "anchored"):
+        raise FlareError(f"--diffusion-scheme must be plain or anchored, got {diffusion_scheme!r}")
     kernels = [k.strip() for k in gdn_kernel.split(",") if k.strip()]
     if not kernels or any(k not in GDN_KERNELS for k in kernels) or (len(kernels) > 1 and not step_cost):
         raise FlareError(f"--gdn-kernel must be one of {', '.join(GDN_KERNELS)} (a comma list with --step-cost); "
@@ -157,7 +162,7 @@ def serve(
         return bench.serving_benchmark(m, ids, modes=modes, concurrency=levels, num_requests=num_requests,
                                        max_new_tokens=max_new_tokens, block_size=block, threshold=threshold,
                                        baseline=baseline, meta=meta, on_point=progress, gdn_kernel=gdn_kernel,
-                                       compile=compile)
+                                       compile=compile, diffusion_trust_scheme=diffusion_scheme)
 
     report = _with_mask(m, mask, block, run)
     data = report.to_json() | {"weights": weights, "note": note}

@@ -87,6 +87,7 @@ def generate(
     use_cache: bool = True,
     compile: bool | None = None,
     ar_trust_scheme: str = "anchored",
+    diffusion_trust_scheme: str = "plain",
 ) -> list[GenerationResult]:
     """Generate a continuation for every prompt (a batch; rows finish independently).
 
@@ -98,6 +99,8 @@ def generate(
     that back (prompts x max_new_tokens >= COMPILE_MIN_TOKENS) or as env FLARECTL_ENGINE_COMPILE says.
     ``ar_trust_scheme``: 'anchored' (default: every forward also emits an exact AR token) or 'fused' (the earlier
     scheme; ``flarectl.engine.modes``) — the same tokens under greedy decoding, different forward counts.
+    ``diffusion_trust_scheme``: 'plain' (default) or 'anchored' (B-1 denoised tokens per block, then an exact AR token
+    from the block's commit step; ``flarectl.engine.modes``).
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     _validate(prompts, mode, max_new_tokens, temperature, top_p, block_size, threshold, stop_strings, tokenizer)
@@ -117,7 +120,7 @@ def generate(
         compile = model.device.type == "cuda" and len(prompts) * max_new_tokens >= COMPILE_MIN_TOKENS
     engine = Engine(model, concurrency=len(prompts), capacity=capacity, backend="auto" if use_cache else "recompute",
                     block_size=block_size, mask_token_id=mask_id, tokenizer=tokenizer, compile=compile,
-                    ar_trust_scheme=ar_trust_scheme)
+                    ar_trust_scheme=ar_trust_scheme, diffusion_trust_scheme=diffusion_trust_scheme)
     for p in prompts:
         engine.submit(Request(p, mode, max_new_tokens, temperature, top_p, seed, block_size, threshold, stop_ids,
                               stop_strings, on_token, sampler=sampler))

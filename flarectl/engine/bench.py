@@ -140,15 +140,16 @@ def _acceptance(mode: str, results) -> float | None:
 
 def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *, max_new_tokens: int,
                  block_size: int | None, threshold: float, mask_token_id: int | None = None,
-                 backend: str = "auto", gdn_kernel: str = "auto",
-                 compile: bool | None = None) -> tuple[ServingPoint, dict]:
+                 backend: str = "auto", gdn_kernel: str = "auto", compile: bool | None = None,
+                 diffusion_trust_scheme: str = "plain") -> tuple[ServingPoint, dict]:
     """Decode ``prompts`` with the engine at ``concurrency`` (a short warm-up run first captures the graphs)."""
     from flarectl.engine import Engine, Request
 
     block = block_size or 0
     capacity = max(map(len, prompts)) + max_new_tokens + 2 * max(block, 1) + 2
     engine = Engine(model, concurrency=concurrency, capacity=capacity, backend=backend, block_size=block_size,
-                    mask_token_id=mask_token_id, gdn_kernel=gdn_kernel, compile=compile)
+                    mask_token_id=mask_token_id, gdn_kernel=gdn_kernel, compile=compile,
+                    diffusion_trust_scheme=diffusion_trust_scheme)
     kw = dict(mode=mode, max_new_tokens=max_new_tokens, threshold=threshold, stop_ids=[])
     engine.warmup([mode], block_size)
     for p in prompts[:concurrency]:  # warm-up: graph capture for this run's shapes, allocator, kernels
@@ -174,7 +175,8 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
         failed=len(results) - len(ok))
     info = {"backend": engine.backend.name, "cuda_graphs": getattr(engine.backend, "cuda_graphs", False),
             "gdn_kernel": getattr(engine.backend, "gdn_kernel", None),
-            "compiled": getattr(engine.backend, "compiled", False)} | step_paths(engine.backend)
+            "compiled": getattr(engine.backend, "compiled", False),
+            "diffusion_trust_scheme": diffusion_trust_scheme} | step_paths(engine.backend)
     return point, info
 
 
@@ -227,7 +229,8 @@ def hf_baseline(model, prompts: list[list[int]], concurrency: int, *, max_new_to
 def serving_benchmark(model, prompts: list[list[int]], *, modes: list[str], concurrency: list[int],
                       num_requests: int | None, max_new_tokens: int, block_size: int | None, threshold: float,
                       baseline: bool = True, meta: dict | None = None, on_point=None,
-                      gdn_kernel: str = "auto", compile: bool | None = None) -> ServingReport:
+                      gdn_kernel: str = "auto", compile: bool | None = None,
+                      diffusion_trust_scheme: str = "plain") -> ServingReport:
     """Every mode x concurrency through the engine, plus the HF baseline per concurrency. ``num_requests``:
     requests per point (default 2 x concurrency). ``on_point(point)`` is called as results arrive."""
     report = ServingReport(**(meta or {}), max_new_tokens=max_new_tokens, block_size=block_size,
@@ -238,7 +241,8 @@ def serving_benchmark(model, prompts: list[list[int]], *, modes: list[str], conc
         for mode in modes:
             point, info = engine_point(model, batch, mode, c, max_new_tokens=max_new_tokens,
                                        block_size=block_size if mode != "ar" else None, threshold=threshold,
-                                       gdn_kernel=gdn_kernel, compile=compile)
+                                       gdn_kernel=gdn_kernel, compile=compile,
+                                       diffusion_trust_scheme=diffusion_trust_scheme)
             report.engine = info
             report.points.append(point)
             if on_point:

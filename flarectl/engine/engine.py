@@ -74,18 +74,23 @@ class Engine:
     ``backend``: auto | static | adapter | recompute (``backends``). ``compile``: torch.compile the static step
     before CUDA-graph capture (None: on for CUDA; env FLARECTL_ENGINE_COMPILE=0 turns it off).
     ``ar_trust_scheme``: 'anchored' (default: every forward emits an exact AR token too) or 'fused' (the earlier
-    scheme, for comparison; ``modes``)."""
+    scheme, for comparison; ``modes``). ``diffusion_trust_scheme``: 'plain' (default) or 'anchored' (every block
+    ends with an exact AR token from its commit step; ``modes``)."""
 
     def __init__(self, model, *, concurrency: int = 8, capacity: int = 4096, backend: str = "auto",
                  block_size: int | None = None, mask_token_id: int | None = None, tokenizer=None,
                  cuda_graphs: bool | None = None, gdn_kernel: str = "auto", compile: bool | None = None,
-                 ar_trust_scheme: str = modes.ANCHORED):
+                 ar_trust_scheme: str = modes.ANCHORED, diffusion_trust_scheme: str = modes.PLAIN):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1; got {concurrency}")
         if ar_trust_scheme not in modes.AR_TRUST_SCHEMES:
             raise ValueError(f"ar-trust scheme must be one of {', '.join(modes.AR_TRUST_SCHEMES)}; "
                              f"got {ar_trust_scheme!r}")
+        if diffusion_trust_scheme not in modes.DIFFUSION_TRUST_SCHEMES:
+            raise ValueError(f"diffusion-trust scheme must be one of {', '.join(modes.DIFFUSION_TRUST_SCHEMES)}; "
+                             f"got {diffusion_trust_scheme!r}")
         self.ar_trust_scheme = ar_trust_scheme
+        self.diffusion_trust_scheme = diffusion_trust_scheme
         self.model = model
         self.device = model.device
         self.concurrency, self.capacity = concurrency, capacity
@@ -165,7 +170,7 @@ class Engine:
                 stop_ids = [] if eos is None else [eos]
             row = Row(req, self.free.pop(), stop_ids=stop_ids, tokenizer=self.tokenizer,
                       mask_id=self.mask_id if block else None, block=block, submitted=t0)
-            row.scheme = self.ar_trust_scheme
+            modes.configure(row, self.ar_trust_scheme, self.diffusion_trust_scheme)
             if req.sampler is not None:
                 row.sampler = req.sampler
             elif req.temperature == 0:
@@ -187,7 +192,7 @@ class Engine:
         if "ar-trust" in modes_:
             shapes |= {(wc, b) for wc in range(b + 2)} | {(b + 1, 0)}
         if "diffusion-trust" in modes_:
-            shapes |= {(0, b), (b, b)}
+            shapes |= {(0, b), (b, b)} | ({(1, 0)} if b == 1 else set())
         self.backend.warmup(sorted(shapes))
 
     # -- stepping ---------------------------------------------------------------------------------------------

@@ -22,9 +22,15 @@ position, and it sees only the clean tokens before it) rather than placed after 
   The ``FUSED`` scheme (sessions 1-8) drafts B tokens with an unanchored window and emits nothing in draft steps;
   it stays selectable (``Engine(ar_trust_scheme="fused")``) for comparison.
   Acceptance is ``flarectl.decoding.ar_trust``'s (greedy, or exact speculative sampling): lossless either way.
-* ``diffusion-trust``: the window [pending, decided tokens or mask]; a finished block's clean tokens
-  [pending, x_1..x_{B-1}] are committed by the next step, which also carries the next block's window
-  (``flarectl.decoding.diffusion_trust``).
+* ``diffusion-trust`` (``PLAIN``, the default scheme): the window [pending, decided tokens or mask]; a finished
+  block's clean tokens [pending, x_1..x_{B-1}] are committed by the next step, which also carries the next block's
+  window (``flarectl.decoding.diffusion_trust``).
+  The ``ANCHORED`` scheme (opt-in, ``Engine(diffusion_trust_scheme="anchored")``) denoises B-1 tokens per block with
+  the same B-wide window (its last position's prediction is unused) and commits a finished block as AR-Trust's
+  anchored draft step does: the clean tokens [pending, x_1..x_{B-1}] (B, committed) and the window
+  [x_{B-1}, mask x (B-1)] anchored on x_{B-1}. The clean logits at x_{B-1} give the next token exactly as AR decoding
+  would (emitted; it becomes ``pending``), and the window's positions 1..B-1 make the first denoising pass over the
+  next block. So every block ends with one exact AR token at no extra forward: B tokens per cycle instead of B-1.
 
 The update functions work on a group of rows sharing mode, sampler, block size and threshold, vectorised.
 """
@@ -38,8 +44,23 @@ from flarectl.decoding.sampling import Sampler
 from flarectl.engine.requests import Row
 
 
-ANCHORED, FUSED = "anchored", "fused"
+ANCHORED, FUSED, PLAIN = "anchored", "fused", "plain"
 AR_TRUST_SCHEMES = (ANCHORED, FUSED)
+DIFFUSION_TRUST_SCHEMES = (PLAIN, ANCHORED)
+
+
+def configure(row: Row, ar_trust_scheme: str, diffusion_trust_scheme: str) -> None:
+    """Set a new row's scheme for its mode; an anchored Diffusion-Trust block holds B-1 tokens."""
+    if row.mode == "ar-trust":
+        row.scheme = ar_trust_scheme
+    elif row.mode == "diffusion-trust":
+        row.scheme = diffusion_trust_scheme
+        if row.scheme == ANCHORED:
+            row.x, row.decided = row.x[:row.block - 1], row.decided[:row.block - 1]
+
+
+def _dt_anchored(row: Row) -> bool:
+    return row.mode == "diffusion-trust" and row.scheme == ANCHORED
 
 
 def plan(row: Row) -> tuple[list[int], list[int], bool, bool]:
@@ -54,6 +75,13 @@ def plan(row: Row) -> tuple[list[int], list[int], bool, bool]:
         clean, row.commit_tokens = [*row.commit_tokens, row.pending], []
         row.anchor = len(clean) - 1
         return clean, ([row.pending, *masks] if row.block > 1 else []), True, True  # B = 1: nothing to draft
+    if _dt_anchored(row):
+        if all(row.decided):  # block finished (or B = 1): commit it; the clean path gives the next token
+            clean = [row.pending, *row.x]
+            row.phase, row.anchor = "commit", len(clean) - 1
+            return clean, ([row.x[-1], *masks] if row.block > 1 else []), True, True
+        row.phase = "denoise"
+        return [], [row.pending, *(x if d else row.mask_id for x, d in zip(row.x, row.decided))], True, False
     if row.mode == "ar-trust" and row.phase == "verify":
         return [row.pending, *row.drafts[:-1]], [row.drafts[-1], *masks], False, False
     clean, row.commit_tokens = row.commit_tokens, []
@@ -65,7 +93,8 @@ def plan(row: Row) -> tuple[list[int], list[int], bool, bool]:
 
 def group_key(row: Row) -> tuple:
     s = row.sampler
-    return (row.mode, (row.phase, row.scheme) if row.mode == "ar-trust" else "", "greedy" if s.greedy else id(s),
+    return (row.mode, (row.phase, row.scheme) if row.mode == "ar-trust" or _dt_anchored(row) else "",
+            "greedy" if s.greedy else id(s),
             row.block, row.req.threshold if row.mode == "diffusion-trust" else 0.0)
 
 
@@ -85,6 +114,12 @@ def update(rows: list[Row], logits: torch.Tensor, width_clean: int, sampler: Sam
             _update_verify_anchored(rows, logits[idx, :block], window, sampler)
         else:
             _update_draft_anchored(rows, logits, idx, window, sampler)
+    elif _dt_anchored(rows[0]):
+        window = logits[idx, width_clean:width_clean + block]
+        if rows[0].phase == "commit":
+            _update_commit_anchored(rows, logits, idx, window, sampler)
+        else:
+            _decide(rows, window[:, :block - 1], sampler)
     elif mode == "ar-trust" and rows[0].phase == "verify":
         _update_verify(rows, logits[idx, :block], logits[idx, width_clean:width_clean + block], sampler)
     else:
@@ -145,13 +180,18 @@ def _draft_after_bonus(rows, window_logits, sampler):
         row.drafts, row.q, row.phase = d, (None if sampler.greedy else q[i, 1:]), "verify"
 
 
-def _update_draft_anchored(rows, logits, idx, window_logits, sampler):
-    """Draft step: the clean logits at each row's anchor (its ``pending`` token) give the next token, exact AR."""
+def _anchor_tokens(rows, logits, idx, sampler) -> list[int]:
+    """The next token of each row from the clean logits at its anchor column (``row.anchor``): exact AR (greedy
+    argmax, else a draw from the processed distribution)."""
     anchor = torch.tensor([r.anchor for r in rows], device=logits.device)
     clean = logits[idx].gather(1, anchor[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]  # [G, V]
-    tokens = (clean.argmax(-1) if sampler.greedy else sampler.sample(sampler.probs(clean))).tolist()
+    return (clean.argmax(-1) if sampler.greedy else sampler.sample(sampler.probs(clean))).tolist()
+
+
+def _update_draft_anchored(rows, logits, idx, window_logits, sampler):
+    """Draft step: the clean logits at each row's anchor (its ``pending`` token) give the next token, exact AR."""
     live = []
-    for i, (row, t) in enumerate(zip(rows, tokens)):
+    for i, (row, t) in enumerate(zip(rows, _anchor_tokens(rows, logits, idx, sampler))):
         row.pending = t
         if not row.emit([t]):
             live.append(i)
@@ -187,25 +227,55 @@ def _update_verify_anchored(rows, clean_logits, window_logits, sampler):
         _draft_after_bonus([rows[i] for i in full], window_logits[sel], sampler)
 
 
-def _update_denoise(rows, window_logits, sampler):
+def _decide(rows, window_logits, sampler, extra: int = 0) -> list[bool]:
+    """One denoising pass: window_logits [G, n, V] predict the rows' block positions 0..n-1; decide the confident
+    ones (``diffusion_trust.select_confident``), emit the decided prefix. ``extra``: tokens this forward already
+    emitted per row (the histogram counts tokens per forward). Returns, per row, whether it is done."""
     tok, conf = diffusion_trust.propose(window_logits, sampler)
     # one device->host copy (token ids < 2^24 are exact in float32); the selection runs on the host copies
     tok, conf = torch.stack([tok.to(conf.dtype), conf]).cpu().unbind(0)
     tok = tok.long()
     undecided = torch.tensor([[not d for d in r.decided] for r in rows])
     newly = diffusion_trust.select_confident(conf, undecided, rows[0].req.threshold)
+    done = []
     for row, toks, new in zip(rows, tok.tolist(), newly.tolist()):
         for j, chosen in enumerate(new):
             if chosen:
                 row.x[j], row.decided[j] = toks[j], True
-        row.hist[sum(new)] += 1
-        end = next((j for j, d in enumerate(row.decided) if not d), row.block)
+        row.hist[extra + sum(new)] += 1
+        end = next((j for j, d in enumerate(row.decided) if not d), len(row.x))
+        finished = False
         if end > row.emitted:
-            done = row.emit(row.x[row.emitted:end])
+            finished = row.emit(row.x[row.emitted:end])
             row.emitted = end
-            if done:
-                continue
-        if end == row.block:  # block finished: the next step commits it and opens the next block
+        done.append(finished)
+    return done
+
+
+def _update_commit_anchored(rows, logits, idx, window_logits, sampler):
+    """Anchored Diffusion-Trust commit step: the clean logits at each row's anchor (the block's last token) give the
+    next token, exact AR (emitted: the new ``pending``); the window's positions 1..B-1 denoise the next block."""
+    live = []
+    for i, (row, t) in enumerate(zip(rows, _anchor_tokens(rows, logits, idx, sampler))):
+        row.pending = t
+        n = row.block - 1
+        row.x, row.decided, row.emitted = [row.mask_id] * n, [False] * n, 0
+        if row.emit([t]) or n == 0:  # done, or B = 1 (plain AR): this forward gave one token
+            row.hist[1] += 1
+        else:
+            live.append(i)
+    if live:
+        if len(live) < len(rows):
+            window_logits = window_logits[torch.tensor(live, device=window_logits.device)]
+        _decide([rows[i] for i in live], window_logits[:, 1:], sampler, extra=1)
+
+
+def _update_denoise(rows, window_logits, sampler):
+    done = _decide(rows, window_logits, sampler)
+    for row, finished in zip(rows, done):
+        if finished:
+            continue
+        if all(row.decided):  # block finished: the next step commits it and opens the next block
             row.commit_tokens = [row.pending, *row.x[:-1]]
             row.pending = row.x[-1]
             row.x, row.decided, row.emitted = [row.mask_id] * row.block, [False] * row.block, 0

@@ -78,7 +78,7 @@ class Row:
         self.pending = int(req.prompt[-1])
         self.commit_tokens: list[int] = []
         self.phase = "draft"  # ar-trust: draft | verify
-        self.scheme = "anchored"  # ar-trust: anchored | fused (``modes``; the engine sets it)
+        self.scheme = "anchored"  # ar-trust: anchored | fused; diffusion-trust: plain | anchored (``modes.configure``)
         self.anchor = 0  # ar-trust anchored draft step: the clean column of ``pending``
         self.commit_late = False  # commit this step's (uncommitted) clean tokens after the update
         self.drafts: list[int] = []
