@@ -58,7 +58,8 @@ def prefix_share(ref: list[int], other: list[int]) -> float:
 
 
 def run(model_name: str, *, n_code: int, n_chat: int, max_new_tokens: int, batch_size: int,
-        thresholds: list[float], device: str | None, schemes: tuple[str, ...] = ("anchored",)) -> dict:
+        thresholds: list[float], device: str | None, schemes: tuple[str, ...] = ("anchored",),
+        diffusion_schemes: tuple[str, ...] = ("plain",)) -> dict:
     from flarectl.decoding import generate
     from flarectl.models.loading import load_model
 
@@ -66,13 +67,15 @@ def run(model_name: str, *, n_code: int, n_chat: int, max_new_tokens: int, batch
     items = prompts(model.tokenizer, n_code, n_chat)
     ids = [i for _, i in items]
     settings = ([("ar", None, None)] + [("ar-trust", None, s) for s in schemes]
-                + [("diffusion-trust", t, None) for t in thresholds])
+                + [("diffusion-trust", t, d) for d in diffusion_schemes for t in thresholds])
     rows, ref = [], None
     for mode, threshold, scheme in settings:
         results, start = [], time.perf_counter()
         for b in range(0, len(ids), batch_size):
             results += generate(model, ids[b:b + batch_size], mode, max_new_tokens=max_new_tokens,
-                                threshold=threshold or 0.9, ar_trust_scheme=scheme or "anchored")
+                                threshold=threshold or 0.9,
+                                ar_trust_scheme=scheme if mode == "ar-trust" else "anchored",
+                                diffusion_trust_scheme=scheme if mode == "diffusion-trust" else "plain")
         seconds = time.perf_counter() - start
         toks = [r.token_ids for r in results]
         if mode == "ar":
@@ -102,10 +105,12 @@ def main() -> None:
     parser.add_argument("--thresholds", default="0.9,0.7,0.5")
     parser.add_argument("--device", default=None)
     parser.add_argument("--schemes", default="anchored", help="AR-Trust schemes to measure: anchored,fused")
+    parser.add_argument("--diffusion-schemes", default="plain",
+                        help="Diffusion-Trust schemes to measure: plain,anchored")
     a = parser.parse_args()
     report = run(a.model, n_code=a.code, n_chat=a.chat, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
                  thresholds=[float(t) for t in a.thresholds.split(",")], device=a.device,
-                 schemes=tuple(a.schemes.split(",")))
+                 schemes=tuple(a.schemes.split(",")), diffusion_schemes=tuple(a.diffusion_schemes.split(",")))
     a.out.write_text(json.dumps(report, indent=1))
     print(f"{'mode':26} {'thr':>5} {'tok/fwd':>8} {'tok/s':>8} {'exact':>6} {'prefix':>7}")
     for r in report["rows"]:

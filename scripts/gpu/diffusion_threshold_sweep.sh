@@ -6,8 +6,8 @@
 #   2) carry [".xfer/p2", ".xfer/wheels", ".whl", ".xfer/pkgs"]: OUT=$OUT STEPS=1000 bash scripts/gpu/diffusion_threshold_sweep.sh
 # Converts SmolLM2-135M on the code + poetry + math self-distilled sets for $STEPS steps (~0.32 s a step on an H100),
 # then, on gsm8k-style prompts (C=8, 16 requests x 128 tokens, bf16): AR-Trust once and Diffusion-Trust at each
-# threshold in $THRESHOLDS (tokens/forward: bench_gsm8k_t*.json), and the decode-quality comparison with AR at the same
-# thresholds (what each threshold costs: decode_quality.json).
+# threshold in $THRESHOLDS, plain and anchored schemes (tokens/forward: bench_gsm8k_t*.json), and the decode-quality
+# comparison with AR at the same thresholds and schemes (what each costs: decode_quality.json).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export DISTILLED_SOURCES="smollm2-selfdistill, smollm2-selfdistill-math" DQ_TIMEOUT=1 BENCH_TIMEOUT=1
@@ -16,11 +16,14 @@ export PYTHONPATH=/tmp/pkgs:/tmp/site:$PWD PYTHONUNBUFFERED=1 FLARECTL_CACHE=/tm
 THRESHOLDS=${THRESHOLDS:-0.9 0.8 0.7}
 MODES=ar-trust,diffusion-trust
 for T in $THRESHOLDS; do
-  timeout "${BENCH_T_TIMEOUT:-60}" python3 -m flarectl.cli bench --model /tmp/conv_distilled/final --mode $MODES \
-    --concurrency 8 --num-requests 16 --max-new-tokens 128 --prompts gsm8k --threshold "$T" --no-baseline --no-compile \
-    --out "/tmp/bench_t$T" 2>&1 | grep -E "^│ (ar|diffu)" | sed "s/^/t=$T /"
-  cp "/tmp/bench_t$T/bench.json" "$OUT/bench_gsm8k_t$T.json" 2>/dev/null
-  MODES=diffusion-trust
+  for S in plain anchored; do
+    timeout "${BENCH_T_TIMEOUT:-60}" python3 -m flarectl.cli bench --model /tmp/conv_distilled/final --mode $MODES \
+      --concurrency 8 --num-requests 16 --max-new-tokens 128 --prompts gsm8k --threshold "$T" --diffusion-scheme $S \
+      --no-baseline --no-compile --out "/tmp/bench_t${T}_$S" 2>&1 | grep -E "^│ (ar|diffu)" | sed "s/^/t=$T $S /"
+    cp "/tmp/bench_t${T}_$S/bench.json" "$OUT/bench_gsm8k_t${T}_$S.json" 2>/dev/null
+    MODES=diffusion-trust
+  done
 done
-timeout "${DQ_SWEEP_TIMEOUT:-120}" python3 scripts/decode_quality.py --model /tmp/conv_distilled/final \
-  --out "$OUT/decode_quality.json" --max-new-tokens 96 --code 8 --chat 8 --thresholds "${THRESHOLDS// /,}" 2>&1 | tail -12
+timeout "${DQ_SWEEP_TIMEOUT:-150}" python3 scripts/decode_quality.py --model /tmp/conv_distilled/final \
+  --out "$OUT/decode_quality.json" --max-new-tokens 96 --code 8 --chat 8 --thresholds "${THRESHOLDS// /,}" \
+  --diffusion-schemes plain,anchored 2>&1 | tail -12
