@@ -6,6 +6,7 @@ import torch
 from flarectl.decoding import StopChecker, ar_trust, generate
 from flarectl.decoding.diffusion_trust import select_confident
 from flarectl.decoding.sampling import process_logits, top_p_filter
+from flarectl.engine import modes
 from flarectl.models.loading import load_model
 
 MASK = 258
@@ -175,7 +176,7 @@ def test_diffusion_trust_low_threshold_commits_several_per_step(models):
 
 @pytest.mark.parametrize("name", ["debug-hybrid", "debug-llama"])
 @pytest.mark.parametrize("block", [1, 2, 4])
-def test_diffusion_trust_anchored_ends_every_block_with_an_exact_ar_token(models, name, block):
+def test_diffusion_trust_anchored_ends_every_block_with_an_exact_ar_token(models, name, block, monkeypatch):
     """Anchored Diffusion-Trust (greedy): every block is B-1 denoised tokens and then the commit step's clean-path
     token, which is AR greedy's next token for the prefix so far (the tokens at positions kB - 1), at no extra
     forward: the histogram counts it with the denoised tokens of that forward. B = 1 is AR decoding itself."""
@@ -194,10 +195,32 @@ def test_diffusion_trust_anchored_ends_every_block_with_an_exact_ar_token(models
     plain = run(m, PROMPTS, "diffusion-trust", block_size=block, threshold=1.0, max_new_tokens=n)
     anchored = run(m, PROMPTS, "diffusion-trust", block_size=block, threshold=1.0, max_new_tokens=n,
                    diffusion_trust_scheme="anchored")
-    if block > 1:  # threshold 1: one denoised token per forward, plus the AR token in every commit step
-        assert all(a.forwards < p.forwards for a, p in zip(anchored, plain))
+    # threshold 1: one denoised token per forward; the commit step's pass does not see the AR token in front of the
+    # block, so by default it decides nothing (one token: the AR token) ...
+    assert all(a.acceptance_histogram[1] == a.forwards == sum(a.acceptance_histogram) for a in anchored)
+    monkeypatch.setattr(modes, "ANCHORED_FORCE_FIRST_PASS", True)
+    forced = run(m, PROMPTS, "diffusion-trust", block_size=block, threshold=1.0, max_new_tokens=n,
+                 diffusion_trust_scheme="anchored")
+    if block > 1:  # ... forced (session 11), it decides its most confident token too: fewer forwards than plain
+        assert all(a.forwards < p.forwards for a, p in zip(forced, plain))
+        for prompt, r in zip(PROMPTS, forced):  # still an exact AR token at the end of every block
+            for i in range(block - 1, n, block):
+                with torch.no_grad():
+                    logits = m.hf(torch.tensor([prompt + r.token_ids[:i]])).logits[0, -1]
+                assert int(logits.argmax()) == r.token_ids[i], (i, block)
     with pytest.raises(ValueError, match="diffusion-trust scheme"):
         run(m, PROMPTS, "diffusion-trust", diffusion_trust_scheme="fused")
+
+
+def test_anchored_first_pass_force_env(monkeypatch):
+    monkeypatch.setattr(modes, "ANCHORED_FORCE_FIRST_PASS", False)
+    monkeypatch.delenv("FLARECTL_DT_ANCHORED_FORCE_FIRST", raising=False)
+    assert not modes._force_first_pass()
+    monkeypatch.setenv("FLARECTL_DT_ANCHORED_FORCE_FIRST", "1")
+    assert modes._force_first_pass()
+    monkeypatch.setattr(modes, "ANCHORED_FORCE_FIRST_PASS", True)
+    monkeypatch.setenv("FLARECTL_DT_ANCHORED_FORCE_FIRST", "0")
+    assert not modes._force_first_pass()
 
 
 def test_select_confident():
@@ -206,6 +229,8 @@ def test_select_confident():
     got = select_confident(conf, undecided, 0.9)
     assert got.tolist() == [[True, False, True, False], [True, False, False, False]]
     assert select_confident(conf, undecided, 1.0).sum(1).tolist() == [1, 1]
+    assert select_confident(conf, undecided, 0.9, force=False).tolist() == [[True, False, True, False], [False] * 4]
+    assert not select_confident(conf, undecided, 1.0, force=False).any()
 
 
 # -- sampling, stopping, streaming, validation -----------------------------------------------------------------------

@@ -21,11 +21,14 @@ import torch
 from flarectl.decoding.sampling import Sampler
 
 
-def select_confident(conf: torch.Tensor, undecided: torch.Tensor, threshold: float) -> torch.Tensor:
+def select_confident(conf: torch.Tensor, undecided: torch.Tensor, threshold: float,
+                     force: bool = True) -> torch.Tensor:
     """conf, undecided [R, B] -> positions to decide now [R, B] (bool): conf >= threshold (never when threshold
-    >= 1), plus the most confident undecided position of every row that has one."""
+    >= 1), plus (``force``) the most confident undecided position of every row that has one."""
     conf = conf.masked_fill(~undecided, -1.0)
     chosen = (conf >= threshold) & undecided if threshold < 1.0 else torch.zeros_like(undecided)
+    if not force:
+        return chosen
     best = torch.nn.functional.one_hot(conf.argmax(1), conf.shape[1]).bool()
     return chosen | (best & undecided.any(1, keepdim=True))
 

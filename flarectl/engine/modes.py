@@ -31,11 +31,16 @@ position, and it sees only the clean tokens before it) rather than placed after 
   [x_{B-1}, mask x (B-1)] anchored on x_{B-1}. The clean logits at x_{B-1} give the next token exactly as AR decoding
   would (emitted; it becomes ``pending``), and the window's positions 1..B-1 make the first denoising pass over the
   next block. So every block ends with one exact AR token at no extra forward: B tokens per cycle instead of B-1.
+  That first pass predicts the block without the token in front of it (the AR token is only known from the same
+  forward), so it decides only tokens at or above the threshold and never forces the most confident one
+  (``ANCHORED_FORCE_FIRST_PASS``; env ``FLARECTL_DT_ANCHORED_FORCE_FIRST=1`` forces it, session 11's behaviour).
 
 The update functions work on a group of rows sharing mode, sampler, block size and threshold, vectorised.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -47,6 +52,16 @@ from flarectl.engine.requests import Row
 ANCHORED, FUSED, PLAIN = "anchored", "fused", "plain"
 AR_TRUST_SCHEMES = (ANCHORED, FUSED)
 DIFFUSION_TRUST_SCHEMES = (PLAIN, ANCHORED)
+
+ANCHORED_FORCE_FIRST_PASS = False
+"""Whether the anchored Diffusion-Trust commit step's denoising pass (made before the AR token in front of the block
+is known) always decides its most confident token, as every other pass does. Off: it decides only tokens at or
+above the threshold. Env ``FLARECTL_DT_ANCHORED_FORCE_FIRST`` (0/1) overrides, read at each step."""
+
+
+def _force_first_pass() -> bool:
+    env = os.environ.get("FLARECTL_DT_ANCHORED_FORCE_FIRST", "").strip().lower()
+    return ANCHORED_FORCE_FIRST_PASS if not env else env not in ("0", "false", "no", "off")
 
 
 def configure(row: Row, ar_trust_scheme: str, diffusion_trust_scheme: str) -> None:
@@ -227,16 +242,17 @@ def _update_verify_anchored(rows, clean_logits, window_logits, sampler):
         _draft_after_bonus([rows[i] for i in full], window_logits[sel], sampler)
 
 
-def _decide(rows, window_logits, sampler, extra: int = 0) -> list[bool]:
+def _decide(rows, window_logits, sampler, extra: int = 0, force: bool = True) -> list[bool]:
     """One denoising pass: window_logits [G, n, V] predict the rows' block positions 0..n-1; decide the confident
-    ones (``diffusion_trust.select_confident``), emit the decided prefix. ``extra``: tokens this forward already
-    emitted per row (the histogram counts tokens per forward). Returns, per row, whether it is done."""
+    ones (``diffusion_trust.select_confident``; ``force``: and each row's most confident undecided one), emit the
+    decided prefix. ``extra``: tokens this forward already emitted per row (the histogram counts tokens per
+    forward). Returns, per row, whether it is done."""
     tok, conf = diffusion_trust.propose(window_logits, sampler)
     # one device->host copy (token ids < 2^24 are exact in float32); the selection runs on the host copies
     tok, conf = torch.stack([tok.to(conf.dtype), conf]).cpu().unbind(0)
     tok = tok.long()
     undecided = torch.tensor([[not d for d in r.decided] for r in rows])
-    newly = diffusion_trust.select_confident(conf, undecided, rows[0].req.threshold)
+    newly = diffusion_trust.select_confident(conf, undecided, rows[0].req.threshold, force)
     done = []
     for row, toks, new in zip(rows, tok.tolist(), newly.tolist()):
         for j, chosen in enumerate(new):
@@ -254,7 +270,8 @@ def _decide(rows, window_logits, sampler, extra: int = 0) -> list[bool]:
 
 def _update_commit_anchored(rows, logits, idx, window_logits, sampler):
     """Anchored Diffusion-Trust commit step: the clean logits at each row's anchor (the block's last token) give the
-    next token, exact AR (emitted: the new ``pending``); the window's positions 1..B-1 denoise the next block."""
+    next token, exact AR (emitted: the new ``pending``); the window's positions 1..B-1 denoise the next block
+    (unforced unless ``ANCHORED_FORCE_FIRST_PASS``: they do not see that token yet)."""
     live = []
     for i, (row, t) in enumerate(zip(rows, _anchor_tokens(rows, logits, idx, sampler))):
         row.pending = t
@@ -267,7 +284,7 @@ def _update_commit_anchored(rows, logits, idx, window_logits, sampler):
     if live:
         if len(live) < len(rows):
             window_logits = window_logits[torch.tensor(live, device=window_logits.device)]
-        _decide([rows[i] for i in live], window_logits[:, 1:], sampler, extra=1)
+        _decide([rows[i] for i in live], window_logits[:, 1:], sampler, extra=1, force=_force_first_pass())
 
 
 def _update_denoise(rows, window_logits, sampler):
