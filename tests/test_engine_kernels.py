@@ -361,7 +361,8 @@ if not CHILD:
         """The one-kernel mixer on CUDA at the Qwen3.5-2B GDN shape (H = HV = 16, K = V = 128, C = 8) == the torch
         chain: AR (W 1), clean + window (W 5, wc 3) and anchored (W 8, wc 4, windows seeing counts - 1 clean tokens)
         steps; NaN-filled output; whole states or 32-column blocks (the group's last program norms; counters back at
-        zero, repeated launches give the same bits); tokens' inputs prepared 1, 2, 4 or 8 at a time."""
+        zero, repeated launches give the same bits); tokens' inputs prepared 1, 2, 4 or 8 at a time; the state read
+        out in parallel (the default) and serially."""
         if not torch.cuda.is_available():
             pytest.skip("no CUDA")
         import functools
@@ -373,9 +374,11 @@ if not CHILD:
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         mixer.NAN_FILL = True
         try:
-            for (W, wc, anchored), token_block in itertools.product(((1, 1, False), (5, 3, False), (8, 4, True)),
-                                                                    (1, 2, 4, 8)):
-                launch = functools.partial(mixer.launch, v_block=v_block, token_block=token_block)
+            settings = [(tb, True) for tb in (1, 2, 4, 8)] + [(2, False)]  # (token block, parallel read-out)
+            for (W, wc, anchored), (token_block, parallel) in itertools.product(
+                    ((1, 1, False), (5, 3, False), (8, 4, True)), settings):
+                launch = functools.partial(mixer.launch, v_block=v_block, token_block=token_block,
+                                           parallel_readout=parallel)
                 a = _mixer_problem(W, 8, W, wc, 16, 16, 128, 128, 3, False, dtype, "cuda", anchored=anchored)
                 a["state"] = a["state"].float()
                 got = _run_mixer(launch, a, wc, 16, 16, 128, 128)
@@ -879,7 +882,8 @@ else:
         ``v_block``: the state's columns split over programs (the group's last program norms and commits q/k;
         its arrival counters are left at zero for the next launch); ``anchored``: windows that see ``seen`` =
         counts - 1 clean tokens (their conv context and start state kept from before the last clean token); the
-        tokens' inputs prepared in one block or in blocks of 2 (``token_block``)."""
+        tokens' inputs prepared in one block or in blocks of 2 (``token_block``); both read-outs of the state
+        (``parallel_readout``)."""
         import functools
 
         from flarectl.engine import mixer
@@ -889,9 +893,11 @@ else:
         a = _mixer_problem(C * 7 + W, C, W, wc, H, HV, K, V, S, bias, anchored=anchored)
         ref = _run_mixer(gdn_mixer_chain, a, wc, H, HV, K, V)
         c = a["commit"]
-        for token_block in (None, 2):  # one block of tokens, and blocks of 2 (the last one partial for odd W)
-            got = _run_mixer(functools.partial(mixer.launch, v_block=v_block, token_block=token_block), a, wc, H,
-                             HV, K, V)
+        # one block of tokens, and blocks of 2 (the last one partial for odd W); the state read out in parallel
+        # (S^T k and S^T q from the state before each token) and serially (o from the updated state)
+        for token_block, parallel in ((None, True), (2, True), (None, False), (2, False)):
+            got = _run_mixer(functools.partial(mixer.launch, v_block=v_block, token_block=token_block,
+                                               parallel_readout=parallel), a, wc, H, HV, K, V)
             assert not gemv.arrival_counters(torch.device("cpu"), 1).any()
             assert got[0].shape == (C, W, HV * V) and not got[0].isnan().any()
             torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)

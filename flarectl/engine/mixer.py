@@ -26,6 +26,8 @@ Launch: ``launch(...)``; op: ``static_step.gdn_mixer``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from flarectl.engine.envs import env_int
@@ -49,6 +51,14 @@ walks through them from registers. Before (sessions 5-9) every token paid its lo
 recurrence: on the H100 the mixer took 866 us of the trust step (C=8 x (4 + 4) tokens, 18 layers) against 193 us
 of the AR step (session 10, docs/perf/engine_session10/). Registers at the Qwen3.5-2B shape (sm_90, 32-column
 state blocks, 4 warps): 125 for one token, 128 for 2, 167 for 4, 245 for 8 (4 programs per SM need <= 128)."""
+
+PARALLEL_READOUT = os.environ.get("FLARECTL_MIXER_READOUT", "parallel").strip().lower() != "serial"
+"""How a token's output is read from the state. Serial (sessions 5-11): decay the state, S^T k, update, then
+o = S_new^T q: two reductions over K one after the other on every token's critical path. Parallel (the default):
+both S^T k and S^T q from the state before the token, side by side, then o = d (S^T q) + v' (k . q) with
+v' = beta (v - d S^T k) and k . q taken for the token block at once — the same function, one reduction on the
+chain (fp32 rounding differs in the last bits). Env ``FLARECTL_MIXER_READOUT=serial`` for the old order (read at
+import)."""
 
 V_BLOCK_MULTI: int | None = env_int("FLARECTL_MIXER_V_BLOCK_MULTI", None, high=1024, power_of_two=True)
 """State columns per program for steps of more than one token per row (None: ``V_BLOCK``); env
@@ -140,7 +150,7 @@ def _kernel():
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, S: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BVF: tl.constexpr,
                          BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_PROD: tl.constexpr, PDL: tl.constexpr,
-                         TB: tl.constexpr):
+                         TB: tl.constexpr, PARALLEL: tl.constexpr):
         # program (row n, k-head h, v-head r of the head's R, v-block vb of NV): G = R * NV programs share the
         # q/k channels of (n, h); the last of them to arrive (``counter``) commits their conv context and, with
         # NV > 1, applies the gated norm (it needs whole v-heads)
@@ -203,15 +213,25 @@ def _kernel():
             real = tl.where((tt >= wc) | (tt < cnt), 1.0, 0.0)  # padding clean token: decay 1, no write
             decays = tl.exp(gs * real)
             betas = betas * real
+            if PARALLEL:
+                kqs = tl.sum(b_ks * b_qs, 1)  # [TB]: k . q of every token of the block
             for i in tl.static_range(TB):
                 t = t0 + i
                 if t < W:
                     sel = o_t == i
                     b_q, b_k, b_v = _row(b_qs, sel), _row(b_ks, sel), _row(b_vs, sel)
-                    h *= tl.sum(tl.where(sel, decays, 0.0))
-                    b_v = tl.sum(tl.where(sel, betas, 0.0)) * (b_v - tl.sum(h * b_k[:, None], 0))
-                    h += b_k[:, None] * b_v[None, :]
-                    o = tl.sum(h * b_q[:, None], 0)
+                    d = tl.sum(tl.where(sel, decays, 0.0))
+                    if PARALLEL:  # S^T k and S^T q side by side from the state before this token
+                        hk = tl.sum(h * b_k[:, None], 0)
+                        hq = tl.sum(h * b_q[:, None], 0)
+                        b_v = tl.sum(tl.where(sel, betas, 0.0)) * (b_v - d * hk)
+                        o = d * hq + b_v * tl.sum(tl.where(sel, kqs, 0.0))
+                        h = h * d + b_k[:, None] * b_v[None, :]
+                    else:
+                        h *= d
+                        b_v = tl.sum(tl.where(sel, betas, 0.0)) * (b_v - tl.sum(h * b_k[:, None], 0))
+                        h += b_k[:, None] * b_v[None, :]
+                        o = tl.sum(h * b_q[:, None], 0)
                     if anchored & (t == sn - 1):
                         tl.store(wstart + off_h, h, mask=mask_h)
                     if t == wc - 1:  # the state after the clean tokens: cache (commit) or ``last`` (not)
@@ -260,10 +280,12 @@ def _kernel():
 
 def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv, counts, commit,
            wc: int, H: int, HV: int, K: int, V: int, eps: float, v_block: int | None = None,
-           seen: torch.Tensor | None = None, token_block: int | None = None) -> torch.Tensor:
+           seen: torch.Tensor | None = None, token_block: int | None = None,
+           parallel_readout: bool | None = None) -> torch.Tensor:
     """See ``static_step.gdn_mixer`` (``seen`` None: ``counts``). proj [C, W, 2HK + 2HV*V + 2HV] (last stride 1); conv / last_conv [C, D, S]
     and state / last_state [C, HV, K, V] contiguous. ``v_block``: state columns per program (None:
-    ``V_BLOCK``, or all V); ``token_block``: tokens whose inputs are prepared together (None: ``TOKEN_BLOCK``).
+    ``V_BLOCK``, or all V); ``token_block``: tokens whose inputs are prepared together (None: ``TOKEN_BLOCK``);
+    ``parallel_readout``: None for ``PARALLEL_READOUT``.
     Returns [C, W, HV*V] in proj's dtype."""
     import triton
 
@@ -294,5 +316,6 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
         counts, counts if seen is None else seen, commit, counter, K ** -0.5, eps, W, wc, proj.stride(0), proj.stride(1), out.stride(0),
         out.stride(1), H=H, HV=HV, K=K, V=V, S=S, BK=bk, BV=bv, NV=nv, BVF=bvf,
         BS=triton.next_power_of_2(max(S, 1)), HAS_BIAS=conv_b is not None, ROUND_PROD=round_prod, PDL=pdl,
-        TB=min(triton.next_power_of_2(max(W, 1)), token_block or TOKEN_BLOCK), num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+        TB=min(triton.next_power_of_2(max(W, 1)), token_block or TOKEN_BLOCK),
+        PARALLEL=PARALLEL_READOUT if parallel_readout is None else parallel_readout, num_warps=warps, **({"launch_pdl": True} if pdl else {}))
     return out
