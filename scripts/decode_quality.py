@@ -59,7 +59,7 @@ def prefix_share(ref: list[int], other: list[int]) -> float:
 
 def run(model_name: str, *, n_code: int, n_chat: int, max_new_tokens: int, batch_size: int,
         thresholds: list[float], device: str | None, schemes: tuple[str, ...] = ("anchored",),
-        diffusion_schemes: tuple[str, ...] = ("plain",)) -> dict:
+        diffusion_schemes: tuple[str, ...] = ("anchored",)) -> dict:
     from flarectl.decoding import generate
     from flarectl.models.loading import load_model
 
@@ -75,7 +75,7 @@ def run(model_name: str, *, n_code: int, n_chat: int, max_new_tokens: int, batch
             results += generate(model, ids[b:b + batch_size], mode, max_new_tokens=max_new_tokens,
                                 threshold=threshold or 0.9,
                                 ar_trust_scheme=scheme if mode == "ar-trust" else "anchored",
-                                diffusion_trust_scheme=scheme if mode == "diffusion-trust" else "plain")
+                                diffusion_trust_scheme=scheme if mode == "diffusion-trust" else "anchored")
         seconds = time.perf_counter() - start
         toks = [r.token_ids for r in results]
         if mode == "ar":
@@ -105,8 +105,8 @@ def main() -> None:
     parser.add_argument("--thresholds", default="0.9,0.7,0.5")
     parser.add_argument("--device", default=None)
     parser.add_argument("--schemes", default="anchored", help="AR-Trust schemes to measure: anchored,fused")
-    parser.add_argument("--diffusion-schemes", default="plain",
-                        help="Diffusion-Trust schemes to measure: plain,anchored")
+    parser.add_argument("--diffusion-schemes", default="anchored",
+                        help="Diffusion-Trust schemes to measure: anchored,plain")
     a = parser.parse_args()
     report = run(a.model, n_code=a.code, n_chat=a.chat, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
                  thresholds=[float(t) for t in a.thresholds.split(",")], device=a.device,

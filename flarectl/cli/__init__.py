@@ -118,9 +118,9 @@ def decode(
     seed: int = typer.Option(0, help="Random seed for sampling."),
     block_size: Optional[int] = typer.Option(None, help="Block size for trust modes (default: the checkpoint's)."),
     threshold: float = typer.Option(0.9, help="Diffusion-Trust confidence threshold in (0, 1]."),
-    diffusion_scheme: str = typer.Option("plain", "--diffusion-scheme",
-                                         help="Diffusion-Trust scheme: plain | anchored (each block's commit step "
-                                              "also emits the exact AR token)."),
+    diffusion_scheme: str = typer.Option("anchored", "--diffusion-scheme",
+                                         help="Diffusion-Trust scheme: anchored (default: each block's commit step "
+                                              "also emits the exact AR token) | plain."),
     stop: List[str] = typer.Option([], help="Stop string (repeatable)."),
     raw: bool = typer.Option(False, help="Do not apply the chat template."),
     random_init: bool = typer.Option(False, help="Random weights for presets of real shapes."),

@@ -75,9 +75,9 @@ def serve(
     max_new_tokens: int = typer.Option(128, help="New tokens per request (EOS ignored: fixed-length outputs)."),
     block_size: Optional[int] = typer.Option(None, help="Trust-mode block size (default: checkpoint's, else 4)."),
     threshold: float = typer.Option(0.9, help="Diffusion-Trust confidence threshold."),
-    diffusion_scheme: str = typer.Option("plain", "--diffusion-scheme",
-                                         help="Diffusion-Trust scheme: plain | anchored (each block's commit step "
-                                              "also emits the exact AR token)."),
+    diffusion_scheme: str = typer.Option("anchored", "--diffusion-scheme",
+                                         help="Diffusion-Trust scheme: anchored (default: each block's commit step "
+                                              "also emits the exact AR token) | plain."),
     mask_token_id: Optional[int] = typer.Option(None, help="Mask id for trust modes (default: checkpoint's)."),
     random_init: bool = typer.Option(False, help="Random weights for presets of real shapes (labelled as such)."),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if available)."),

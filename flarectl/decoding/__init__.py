@@ -87,7 +87,7 @@ def generate(
     use_cache: bool = True,
     compile: bool | None = None,
     ar_trust_scheme: str = "anchored",
-    diffusion_trust_scheme: str = "plain",
+    diffusion_trust_scheme: str = "anchored",
 ) -> list[GenerationResult]:
     """Generate a continuation for every prompt (a batch; rows finish independently).
 
@@ -99,8 +99,8 @@ def generate(
     that back (prompts x max_new_tokens >= COMPILE_MIN_TOKENS) or as env FLARECTL_ENGINE_COMPILE says.
     ``ar_trust_scheme``: 'anchored' (default: every forward also emits an exact AR token) or 'fused' (the earlier
     scheme; ``flarectl.engine.modes``) — the same tokens under greedy decoding, different forward counts.
-    ``diffusion_trust_scheme``: 'plain' (default) or 'anchored' (B-1 denoised tokens per block, then an exact AR token
-    from the block's commit step; ``flarectl.engine.modes``).
+    ``diffusion_trust_scheme``: 'anchored' (default: B-1 denoised tokens per block, then an exact AR token from the
+    block's commit step) or 'plain' (B denoised tokens per block, the paper's; ``flarectl.engine.modes``).
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     _validate(prompts, mode, max_new_tokens, temperature, top_p, block_size, threshold, stop_strings, tokenizer)

@@ -141,7 +141,7 @@ def _acceptance(mode: str, results) -> float | None:
 def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *, max_new_tokens: int,
                  block_size: int | None, threshold: float, mask_token_id: int | None = None,
                  backend: str = "auto", gdn_kernel: str = "auto", compile: bool | None = None,
-                 diffusion_trust_scheme: str = "plain") -> tuple[ServingPoint, dict]:
+                 diffusion_trust_scheme: str = "anchored") -> tuple[ServingPoint, dict]:
     """Decode ``prompts`` with the engine at ``concurrency`` (a short warm-up run first captures the graphs)."""
     from flarectl.engine import Engine, Request
 
@@ -230,7 +230,7 @@ def serving_benchmark(model, prompts: list[list[int]], *, modes: list[str], conc
                       num_requests: int | None, max_new_tokens: int, block_size: int | None, threshold: float,
                       baseline: bool = True, meta: dict | None = None, on_point=None,
                       gdn_kernel: str = "auto", compile: bool | None = None,
-                      diffusion_trust_scheme: str = "plain") -> ServingReport:
+                      diffusion_trust_scheme: str = "anchored") -> ServingReport:
     """Every mode x concurrency through the engine, plus the HF baseline per concurrency. ``num_requests``:
     requests per point (default 2 x concurrency). ``on_point(point)`` is called as results arrive."""
     report = ServingReport(**(meta or {}), max_new_tokens=max_new_tokens, block_size=block_size,

@@ -74,13 +74,13 @@ class Engine:
     ``backend``: auto | static | adapter | recompute (``backends``). ``compile``: torch.compile the static step
     before CUDA-graph capture (None: on for CUDA; env FLARECTL_ENGINE_COMPILE=0 turns it off).
     ``ar_trust_scheme``: 'anchored' (default: every forward emits an exact AR token too) or 'fused' (the earlier
-    scheme, for comparison; ``modes``). ``diffusion_trust_scheme``: 'plain' (default) or 'anchored' (every block
-    ends with an exact AR token from its commit step; ``modes``)."""
+    scheme, for comparison; ``modes``). ``diffusion_trust_scheme``: 'anchored' (default: every block
+    ends with an exact AR token from its commit step) or 'plain' (the paper's; ``modes``)."""
 
     def __init__(self, model, *, concurrency: int = 8, capacity: int = 4096, backend: str = "auto",
                  block_size: int | None = None, mask_token_id: int | None = None, tokenizer=None,
                  cuda_graphs: bool | None = None, gdn_kernel: str = "auto", compile: bool | None = None,
-                 ar_trust_scheme: str = modes.ANCHORED, diffusion_trust_scheme: str = modes.PLAIN):
+                 ar_trust_scheme: str = modes.ANCHORED, diffusion_trust_scheme: str = modes.ANCHORED):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1; got {concurrency}")
         if ar_trust_scheme not in modes.AR_TRUST_SCHEMES:

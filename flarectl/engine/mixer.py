@@ -52,13 +52,14 @@ recurrence: on the H100 the mixer took 866 us of the trust step (C=8 x (4 + 4) t
 of the AR step (session 10, docs/perf/engine_session10/). Registers at the Qwen3.5-2B shape (sm_90, 32-column
 state blocks, 4 warps): 125 for one token, 128 for 2, 167 for 4, 245 for 8 (4 programs per SM need <= 128)."""
 
-PARALLEL_READOUT = os.environ.get("FLARECTL_MIXER_READOUT", "parallel").strip().lower() != "serial"
-"""How a token's output is read from the state. Serial (sessions 5-11): decay the state, S^T k, update, then
-o = S_new^T q: two reductions over K one after the other on every token's critical path. Parallel (the default):
-both S^T k and S^T q from the state before the token, side by side, then o = d (S^T q) + v' (k . q) with
-v' = beta (v - d S^T k) and k . q taken for the token block at once — the same function, one reduction on the
-chain (fp32 rounding differs in the last bits). Env ``FLARECTL_MIXER_READOUT=serial`` for the old order (read at
-import)."""
+PARALLEL_READOUT = os.environ.get("FLARECTL_MIXER_READOUT", "serial").strip().lower() == "parallel"
+"""How a token's output is read from the state. Serial (the default): decay the state, S^T k, update, then
+o = S_new^T q — two reductions over K one after the other on every token's critical path. Parallel (opt-in, env
+``FLARECTL_MIXER_READOUT=parallel``, read at import): S^T k and S^T q side by side from the state before the token,
+then o = d (S^T q) + v' (k . q) with v' = beta (v - d S^T k), k . q taken for the token block at once — the same
+function, one reduction on the chain, fp32 rounding different in the last bits. Measured slower on the H100
+(Qwen3.5-2B shape, C=8, CLI step cost, one machine, session 12): AR 2.138 vs 2.142 ms serial, trust 2.820 vs 2.786,
+window 2.485 vs 2.453: the reductions were not what bounds a token."""
 
 V_BLOCK_MULTI: int | None = env_int("FLARECTL_MIXER_V_BLOCK_MULTI", None, high=1024, power_of_two=True)
 """State columns per program for steps of more than one token per row (None: ``V_BLOCK``); env

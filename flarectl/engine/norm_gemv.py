@@ -21,7 +21,7 @@ almost no bytes. Here they ride inside the projection, which streams its weight 
   activation needs no kernel of its own.
 
 ``norm_linear`` (op ``flarectl::norm_linear``) is the fast path; ``norm_linear_reference`` its twin with the same
-signature (fp32 products and sums). ``project`` is what the step calls: the op for at most ``MAX_ROWS`` (16) rows on
+signature (fp32 products and sums). ``project`` is what the step calls: the op for at most ``MAX_ROWS`` (32) rows on
 CUDA (or under the interpreter), the same formula in torch (the GEMM through ``gemv.linear``, then the row scale)
 otherwise.
 
@@ -136,13 +136,14 @@ def project(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps
     return (_glu(y) if glu else y), h
 
 
-MAX_ROWS = env_int("FLARECTL_NORM_GEMV_MAX_ROWS", 16, high=64, power_of_two=True)
+MAX_ROWS = env_int("FLARECTL_NORM_GEMV_MAX_ROWS", 32, high=64, power_of_two=True)
 """Largest M the fused kernel takes (env ``FLARECTL_NORM_GEMV_MAX_ROWS``, read at import; at most
-``gemv.MAX_ROWS`` apply). Its Gram matrix is [BM, BM] for a dot tile of BM rows. Steps with more rows (trust steps
-at the default 16) add and normalise in torch and project through ``gemv.linear`` (the skinny kernel up to
-``gemv.MAX_ROWS`` rows, else cuBLAS). On the H100 (Qwen3.5-2B shape, C=8, session 11): at 32 the window step (32 rows)
-2.410 -> 2.344 ms; at 64 the trust step (64 rows, the add in torch) 2.716 -> 2.721 ms. The default stays 16 until the
-kernel's CUDA test at those rows has run."""
+``gemv.MAX_ROWS`` apply). Its Gram matrix is [BM, BM] for a dot tile of BM rows. Steps with more rows (trust steps,
+C x 2B = 64 at C=8) add and normalise in torch and project through ``gemv.linear`` (the skinny kernel up to
+``gemv.MAX_ROWS`` rows, else cuBLAS). On the H100 (Qwen3.5-2B shape, C=8, session 11): 16 -> 32 took the window step
+(32 rows) from 2.410 to 2.344 ms; 64 left the trust step (64 rows, the add in torch) as it was (2.716 -> 2.721 ms).
+32 is the default since session 12, when the kernel's CUDA test at 24 and 64 rows and the graphed engine step at 32
+passed on the H100 (docs/perf/engine_session12/gpu/tests/); sessions 7-11 used 16."""
 
 ADD_MAX_ROWS = 32
 """Largest M whose residual add rides in the dot tile (x's rows over the residual's: a 64-row tile). Above it the
