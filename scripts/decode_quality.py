@@ -4,7 +4,9 @@
 
 Prompts: the first ``--code`` HumanEval prompts (raw completion) and ``--chat`` fixed chat questions. For each
 mode (and each Diffusion-Trust threshold) it reports mean tokens/forward, seconds, and against AR greedy: exact
-match rate and mean agreeing-prefix share (tokens until the first difference / AR length).
+match rate and mean agreeing-prefix share (tokens until the first difference / AR length); and how likely the
+model's own AR path finds each output (``ar_nll``: mean NLL per token, nats, averaged over prompts; AR greedy's is
+the reference: a mode that departs from AR but keeps to likely text stays near it).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def run(model_name: str, *, n_code: int, n_chat: int, max_new_tokens: int, batch
         thresholds: list[float], device: str | None, schemes: tuple[str, ...] = ("anchored",),
         diffusion_schemes: tuple[str, ...] = ("anchored",)) -> dict:
     from flarectl.decoding import generate
+    from flarectl.evaluation.likelihood import ar_nll
     from flarectl.models.loading import load_model
 
     model = load_model(model_name, device=device)
@@ -83,12 +86,14 @@ def run(model_name: str, *, n_code: int, n_chat: int, max_new_tokens: int, batch
         tokens = sum(len(t) for t in toks)
         forwards = sum(r.forwards for r in results)
         hist = [sum(col) for col in zip(*[r.acceptance_histogram for r in results])] if mode != "ar" else []
+        nll = [v for v in ar_nll(model, ids, toks) if v is not None]
         rows.append({
             "mode": mode, "scheme": scheme, "threshold": threshold, "prompts": len(ids), "tokens": tokens,
             "forwards": forwards, "acceptance_histogram": hist,
             "tokens_per_forward": tokens / max(forwards, 1), "seconds": seconds, "tokens_per_second": tokens / seconds,
             "exact_match_vs_ar": sum(a == b for a, b in zip(ref, toks)) / len(toks),
             "prefix_share_vs_ar": sum(prefix_share(a, b) for a, b in zip(ref, toks)) / len(toks),
+            "ar_nll": sum(nll) / len(nll) if nll else None,
             "samples": [{"prompt": label, "text": r.text} for (label, _), r in list(zip(items, results))[:: max(1, len(items) // 4)]],
         })
     return {"model": model_name, "device": str(model.device), "max_new_tokens": max_new_tokens, "rows": rows}
@@ -112,11 +117,12 @@ def main() -> None:
                  thresholds=[float(t) for t in a.thresholds.split(",")], device=a.device,
                  schemes=tuple(a.schemes.split(",")), diffusion_schemes=tuple(a.diffusion_schemes.split(",")))
     a.out.write_text(json.dumps(report, indent=1))
-    print(f"{'mode':26} {'thr':>5} {'tok/fwd':>8} {'tok/s':>8} {'exact':>6} {'prefix':>7}")
+    print(f"{'mode':26} {'thr':>5} {'tok/fwd':>8} {'tok/s':>8} {'exact':>6} {'prefix':>7} {'AR NLL':>7}")
     for r in report["rows"]:
         label = r["mode"] + (f" ({r['scheme']})" if r.get("scheme") else "")
+        nll = f"{r['ar_nll']:7.3f}" if r["ar_nll"] is not None else f"{'-':>7}"
         print(f"{label:26} {r['threshold'] or '':>5} {r['tokens_per_forward']:8.2f} {r['tokens_per_second']:8.1f} "
-              f"{r['exact_match_vs_ar']:6.2f} {r['prefix_share_vs_ar']:7.2f}")
+              f"{r['exact_match_vs_ar']:6.2f} {r['prefix_share_vs_ar']:7.2f} {nll}")
 
 
 if __name__ == "__main__":
