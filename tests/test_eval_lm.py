@@ -103,11 +103,20 @@ def test_generate_until_honours_stop_sequences_and_max_gen_toks(debug_models):
     assert lm.stats.tokens <= 5
 
 
-def test_diffusion_trust_generates_and_counts_forwards(debug_models):
-    lm = FlareLM(debug_models["debug-hybrid"], mode="diffusion-trust", block_size=4, threshold=0.5)
+@pytest.mark.parametrize("scheme", ["anchored", "plain"])
+def test_diffusion_trust_generates_and_counts_forwards(debug_models, scheme, monkeypatch):
+    import flarectl.evaluation.lm as lm_module
+
+    seen = []
+    real = lm_module.generate
+    monkeypatch.setattr(lm_module, "generate", lambda *a, **k: seen.append(k["diffusion_trust_scheme"]) or real(*a, **k))
+    lm = FlareLM(debug_models["debug-hybrid"], mode="diffusion-trust", block_size=4, threshold=0.5,
+                 diffusion_scheme=scheme)
     (text,) = _gen(lm, ["abc"], until=[], max_gen_toks=8, do_sample=False)
-    assert isinstance(text, str)
+    assert isinstance(text, str) and seen == [scheme]
     assert lm.stats.tokens > 0 and lm.stats.forwards > 0 and lm.stats.tokens_per_second > 0
+    with pytest.raises(EvalModelError, match="diffusion_scheme"):
+        FlareLM(debug_models["debug-hybrid"], mode="diffusion-trust", block_size=4, diffusion_scheme="fused")
 
 
 def test_generation_settings_follow_lm_eval_semantics(debug_models):

@@ -104,7 +104,8 @@ def test_humaneval_ar_trust_greedy_equals_ar_and_outputs_are_written(debug_model
 
 
 def test_settings_are_validated_before_anything_loads():
-    for bad in (dict(modes=["fast"]), dict(limit=0), dict(batch_size=0), dict(threshold=1.5), dict(block_size=65)):
+    for bad in (dict(modes=["fast"]), dict(limit=0), dict(batch_size=0), dict(threshold=1.5), dict(block_size=65),
+                dict(diffusion_scheme="fused")):
         with pytest.raises(FlareError):
             run_eval(EvalSettings(tasks=["humaneval"], **bad))
 
@@ -116,6 +117,11 @@ def test_cli_hub_task_offline_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "--data gsm8k=PATH.jsonl" in lines[0]
+    proc = subprocess.run([sys.executable, "-m", "flarectl.cli", "eval", "humaneval", "--mode", "diffusion-trust",
+                           "--diffusion-scheme", "fused", "--out", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "--diffusion-scheme must be anchored or plain" in lines[0]
 
 
 @pytest.mark.slow

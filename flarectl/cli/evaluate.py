@@ -40,6 +40,9 @@ def eval_(
     max_new_tokens: Optional[int] = typer.Option(None, help="Override every task's max_gen_toks."),
     block_size: Optional[int] = typer.Option(None, help="Block size for trust modes (default: the checkpoint's)."),
     threshold: float = typer.Option(0.9, help="Diffusion-Trust confidence threshold in (0, 1]."),
+    diffusion_scheme: str = typer.Option("anchored", "--diffusion-scheme",
+                                         help="Diffusion-Trust scheme: anchored (default: each block's commit step "
+                                              "also emits the exact AR token) | plain."),
     seed: int = typer.Option(0, help="Seed for sampling (lm-eval keeps its own default seeds)."),
     chat_template: bool = typer.Option(False, "--chat-template", help="Apply the model's chat template (lm-eval's "
                                                                       "--apply_chat_template)."),
@@ -53,7 +56,8 @@ def eval_(
     settings = EvalSettings(tasks=[t.strip() for t in tasks.split(",") if t.strip()], model=model,
                             modes=[m.strip() for m in mode.split(",") if m.strip()], limit=limit,
                             num_fewshot=num_fewshot, batch_size=batch_size, data=list(data),
-                            max_new_tokens=max_new_tokens, block_size=block_size, threshold=threshold, seed=seed,
+                            max_new_tokens=max_new_tokens, block_size=block_size, threshold=threshold,
+                            diffusion_scheme=diffusion_scheme, seed=seed,
                             apply_chat_template=chat_template, device=device,
                             out=str(out_dir) if out_dir is not None else None)
 

@@ -68,7 +68,8 @@ class FlareLM(TemplateLM):
 
     def __init__(self, model="smollm2-135m-instruct", mode: str = "ar", batch_size: int | str | None = 1,
                  block_size: int | None = None, threshold: float = 0.9, seed: int = 0, device: str | None = None,
-                 max_length: int | None = None, max_batch_size: int | None = None):
+                 max_length: int | None = None, max_batch_size: int | None = None,
+                 diffusion_scheme: str = "anchored"):
         super().__init__()
         if not str(batch_size or 1).isdigit() or int(batch_size or 1) < 1:
             raise EvalModelError(f"batch_size must be a positive integer, got '{batch_size}'")
@@ -78,6 +79,8 @@ class FlareLM(TemplateLM):
             model = load_model(model, device=device)
         if mode not in MODES:
             raise EvalModelError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
+        if diffusion_scheme not in ("anchored", "plain"):
+            raise EvalModelError(f"diffusion_scheme must be anchored or plain, got '{diffusion_scheme}'")
         if mode != "ar" and model.flare_meta is None and getattr(model.tokenizer, "mask_token_id", None) is None:
             raise EvalModelError(f"--mode {mode} needs a FLARE checkpoint with a mask token and this model has none: "
                                  f"convert it first (`flarectl convert` writes runs/quickstart/final) or use --mode ar")
@@ -89,6 +92,7 @@ class FlareLM(TemplateLM):
         self.batch_size = int(batch_size or 1)
         self.block_size = block_size
         self.threshold = threshold
+        self.diffusion_scheme = diffusion_scheme
         self.seed = seed
         self._device = model.device
         self._max_length = max_length
@@ -198,7 +202,7 @@ class FlareLM(TemplateLM):
         results = generate(self.model, prompts, self.mode, max_new_tokens=s["max_new_tokens"],
                            temperature=s["temperature"], top_p=s["top_p"], seed=self.seed + batch_index,
                            block_size=self.block_size, threshold=self.threshold, stop_strings=s["until"],
-                           tokenizer=self.tokenizer)
+                           tokenizer=self.tokenizer, diffusion_trust_scheme=self.diffusion_scheme)
         self.stats.seconds += time.perf_counter() - started
         self.stats.requests += len(results)
         self.stats.tokens += sum(len(r.token_ids) for r in results)

@@ -41,6 +41,7 @@ class EvalSettings:
     max_new_tokens: int | None = None
     block_size: int | None = None
     threshold: float = 0.9
+    diffusion_scheme: str = "anchored"
     seed: int = 0
     apply_chat_template: bool = False
     device: str | None = None
@@ -85,7 +86,9 @@ def validate(s: EvalSettings) -> None:
                f"--max-new-tokens must be >= 1, got {s.max_new_tokens}"),
               (s.block_size is not None and not 1 <= s.block_size <= 64,
                f"--block-size must be between 1 and 64, got {s.block_size}"),
-              (not 0 < s.threshold <= 1, f"--threshold must be in (0, 1], got {s.threshold}")]
+              (not 0 < s.threshold <= 1, f"--threshold must be in (0, 1], got {s.threshold}"),
+              (s.diffusion_scheme not in ("anchored", "plain"),
+               f"--diffusion-scheme must be anchored or plain, got '{s.diffusion_scheme}'")]
     for failed, message in checks:
         if failed:
             raise FlareError(message)
@@ -106,7 +109,8 @@ def run_eval(s: EvalSettings, model=None, on_done: Callable[[list[EvalRow]], Non
     from flarectl.evaluation.lm import FlareLM, GenerationStats
 
     lms = {mode: FlareLM(model, mode=mode, batch_size=s.batch_size, block_size=s.block_size,
-                         threshold=s.threshold, seed=s.seed) for mode in s.modes}  # validates modes vs the model
+                         threshold=s.threshold, diffusion_scheme=s.diffusion_scheme, seed=s.seed)
+           for mode in s.modes}  # validates modes vs the model
     rows, runs, sample_paths = [], [], []
     for task in resolved:
         for mode, lm in lms.items():
