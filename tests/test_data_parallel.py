@@ -3,6 +3,7 @@ losses and gradient norms and the same final weights. FSDP on GPUs shares this d
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,13 @@ def _run(cmd, tmp_path):
     return res
 
 
+def _free_port() -> int:
+    """A TCP port the OS has just handed out as free (for torchrun's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
@@ -29,7 +37,8 @@ def _metrics(path: Path) -> list[dict]:
 def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, "-m", "flarectl.cli", *COMMON, "train.micro_batch_size=2", "--output-dir", str(one)], tmp_path)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_free_port())]  # a fixed port failed once with EADDRINUSE on a shared box
     res = _run([*torchrun, "-m", "flarectl.cli", *COMMON, "train.micro_batch_size=1", "--output-dir", str(two)],
                tmp_path)
     assert res.stdout.count("checkpoint:") == 1  # only rank 0 renders
