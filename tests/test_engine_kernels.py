@@ -752,6 +752,43 @@ else:
             gemv.split_plan = orig
         assert not torch.allclose(bad, ref, rtol=1e-3, atol=1e-3)
 
+    @pytest.mark.parametrize("M,N,K", [(1, 17, 40), (8, 33, 257), (13, 20, 64), (24, 18, 130)])
+    def test_load_ahead_kernels_match_twin(M, N, K, monkeypatch):
+        """``gemv.LOAD_AHEAD`` (register double buffering: the next K block's tiles load before this block's dot):
+        the skinny GEMM (two-launch split-K and one-launch), the fused one (SwiGLU prologue, residual epilogue) and
+        the norm projection (+ residual, + SwiGLU) == their twins for one-pass and split configs, ragged K (the
+        look-ahead past a split's end is masked), NaN-filled outputs, fp32 and bf16."""
+        from flarectl.engine import norm_gemv
+
+        monkeypatch.setattr(gemv, "LOAD_AHEAD", 1)
+        monkeypatch.setattr(gemv, "NAN_FILL", True)
+        g = torch.Generator().manual_seed(M * 7 + N + K)
+        x32, r32 = torch.randn(M, 2 * K, generator=g), torch.randn(M, max(N, K), generator=g)
+        w32 = torch.randn(N, K, generator=g) / K ** 0.5
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            x, w = x32[:, :K].to(dtype), w32.to(dtype)
+            for cfg in (gemv.Config(16, 16, 1), gemv.Config(16, 32, 3), gemv.Config(32, 16, 4)):
+                ref = gemv.skinny_linear_reference(x, w).float()
+                atol = tol * max(1.0, float(ref.abs().max()))
+                torch.testing.assert_close(gemv.launch(x, w, cfg).float(), ref, rtol=tol, atol=atol)
+                for swiglu in (False, True):
+                    xin = x32.to(dtype) if swiglu else x
+                    res = r32[:, :N].to(dtype)
+                    want = gemv.skinny_linear_fused_reference(xin, w, res, swiglu).float()
+                    got = gemv.launch_fused(xin, w, res, swiglu, cfg)
+                    assert not got.isnan().any(), cfg
+                    torch.testing.assert_close(got.float(), want, rtol=tol,
+                                               atol=tol * max(1.0, float(want.abs().max())))
+                for glu in (False, True):
+                    wn = w if not glu or N % 2 == 0 else w[:-1]
+                    r = r32[:, :K].to(dtype)
+                    want, want_h = norm_gemv.norm_linear_reference(x, r, wn, 1e-6, glu)
+                    got, h = norm_gemv.launch(x, r, wn, 1e-6, glu, cfg)
+                    assert not got.isnan().any(), cfg
+                    torch.testing.assert_close(got.float(), want.float(), rtol=tol,
+                                               atol=tol * max(1.0, float(want.float().abs().max())))
+                    torch.testing.assert_close(h.float(), want_h.float(), rtol=tol, atol=tol)
+
     def test_static_step_fuse_norm_kernel_equals_unfused():
         """The engine step with the fused norm kernel running (interpreted) == the unfused step (fp32 debug hybrid,
         mixed clean / window steps with late commits)."""

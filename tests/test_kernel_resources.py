@@ -62,3 +62,60 @@ def test_engine_mixer_kernel_compiles_for_sm90(token_block, parallel):
     regs = [int(line.split("Used")[1].split("registers")[0]) for line in r.stderr.splitlines()
             if "Used" in line and "registers" in line]
     assert not regs or regs[0] <= 128, regs  # no regs: the wheel's ptxas could not be run here
+
+
+def _compile_sm90(fn, types: dict, consts: dict, num_warps: int, num_stages: int):
+    """Compile a jitted kernel for sm_90 on this CPU box -> (compiled kernel, registers or None)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=num_warps,
+                                                                              num_stages=num_stages))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(c.asm["ptx"])
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True)
+    os.unlink(f.name)
+    regs = [int(line.split("Used")[1].split("registers")[0]) for line in r.stderr.splitlines()
+            if "Used" in line and "registers" in line]
+    return c, (regs[0] if regs else None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["gemv", "norm"])
+@pytest.mark.parametrize("pre,trigger,l2_lines,ahead", [(1, 0, 0, 0), (2, 0, 0, 1), (2, 1, 8, 0), (4, 0, 0, 1)])
+def test_skinny_kernels_with_pdl_compile_for_sm90(kernel, pre, trigger, l2_lines, ahead):
+    """The skinny GEMM and the fused norm projection with programmatic dependent launch (the ``griddepcontrol``
+    instructions exist only on sm_90+, so neither the interpreter nor a CPU run reaches this branch): PRE weight
+    tiles loaded before ``gdc_wait``, the early or late trigger, L2 prefetch lines, with and without the register
+    look-ahead (``gemv.LOAD_AHEAD``). Compiles for sm_90, within the
+    shared-memory limit, without spilling past 255 registers where ptxas can report; the PTX carries both
+    griddepcontrol instructions (and the prefetches when asked)."""
+    pytest.importorskip("triton")
+    from flarectl.engine import gemv, norm_gemv
+
+    common = dict(BM=16, BN=64, BK=128, EVEN_K=True, EVEN_N=True, IEEE=False, UPCAST=False, PDL=1, PRE=pre,
+                  TRIGGER=trigger, L2_LINES=l2_lines, LINE=64, SPLIT=2, AHEAD=ahead)
+    if kernel == "gemv":
+        fn = gemv._kernels()[0]
+        consts = dict(common, PARTIAL=False, SWIGLU=False, RESIDUAL=True)
+        types = dict(x="*bf16", w="*bf16", y="*bf16", M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32",
+                     k_per_split="i32", res="*bf16", ws="*fp32", counter="*i32", up_off="i32")
+    else:
+        fn = norm_gemv._kernel()
+        consts = dict(common, ADD=True, GLU=True)
+        types = dict(x="*bf16", res="*bf16", w="*bf16", y="*bf16", h="*bf16", ws="*fp32", counter="*i32", M="i32",
+                     N="i32", K="i32", stride_wn="i32", k_per_split="i32", eps="fp32")
+    c, regs = _compile_sm90(fn, types, consts, num_warps=4, num_stages=3)
+    ptx = c.asm["ptx"]
+    assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+    assert ("prefetch.global.L2" in ptx) == (l2_lines > 0)
+    assert c.metadata.shared <= H100_SHARED_BYTES
+    assert regs is None or regs <= 255, regs
