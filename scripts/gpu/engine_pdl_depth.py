@@ -70,6 +70,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--sweep-variants", default="off,off_ahead,pdl_pre32,pdl_pre32_ahead",
                     help="variants swept over every configuration per shape")
+    ap.add_argument("--fixed", action="store_true",
+                    help="no per-shape sweep: every variant with session 8's best chain configurations (PDL off)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     names = ("in_proj", "out_proj", "gate_up", "down")
@@ -77,7 +79,11 @@ def main():
     res = {"per_shape": {}, "chain": {}, "variants": VARIANTS}
     best = {v: {} for v in VARIANTS}
     sweep = a.sweep_variants.split(",")
-    for n, sh in shapes.items():
+    if a.fixed:
+        fixed = {"in_proj": gemv.Config(64, 256, 1, 4, 3), "out_proj": gemv.Config(32, 256, 1, 4, 3),
+                 "gate_up": gemv.Config(128, 128, 1, 4, 3), "down": gemv.Config(64, 256, 4, 4, 3)}
+        best = {v: dict(fixed) for v in VARIANTS}
+    for n, sh in ({} if a.fixed else shapes).items():
         rows = []
         for cfg in configs(sh):
             row = {"config": str(cfg)}
@@ -108,12 +114,14 @@ def main():
         return [shapes[n].call(i, None if v == "engine" else cfgs[n], pdl) for i in range(LAYERS) for n in names]
 
     order = ["engine", "off"] + [v for v in VARIANTS if v != "off"] + ["engine", "off", "off_ahead", "pdl_pre32_ahead"]
+    if a.fixed:  # the engine's op tunes every shape first: last
+        order = list(VARIANTS) + ["off", "off_ahead", "pdl_pre32_ahead", "engine"]
     for v in order:
         ms = graph_ms(lambda: chain(v, best.get(v, {})))  # noqa: B023
         res["chain"].setdefault(v, []).append(ms)
         log(f"chain {v:18s} {ms:.3f} ms = {ms / roof:.3f}x roofline")
     # the same configurations (the off variant's) with each PDL variant: isolates the depth from the tile choice
-    for v in VARIANTS:
+    for v in ([] if a.fixed else VARIANTS):
         if v == "off":
             continue
         ms = graph_ms(lambda: chain(v, best["off"]))  # noqa: B023
