@@ -752,25 +752,30 @@ else:
             gemv.split_plan = orig
         assert not torch.allclose(bad, ref, rtol=1e-3, atol=1e-3)
 
-    @pytest.mark.parametrize("M,N,K", [(1, 17, 40), (8, 33, 257), (13, 20, 64), (24, 18, 130)])
-    def test_load_ahead_kernels_match_twin(M, N, K, monkeypatch):
-        """``gemv.LOAD_AHEAD`` (register double buffering: the next K block's tiles load before this block's dot):
-        the skinny GEMM (two-launch split-K and one-launch), the fused one (SwiGLU prologue, residual epilogue) and
-        the norm projection (+ residual, + SwiGLU) == their twins for one-pass and split configs, ragged K (the
-        look-ahead past a split's end is masked), NaN-filled outputs, fp32 and bf16."""
+    @pytest.mark.parametrize("preload_kb", [0, 1, 8])
+    @pytest.mark.parametrize("M,N,K", [(1, 17, 40), (8, 33, 257), (24, 18, 130)])
+    def test_pdl_load_order_matches_twin(M, N, K, preload_kb, monkeypatch):
+        """A PDL launch's load order (``gemv.pdl_plan``: the first tiles loaded before the wait — one, or as many as
+        ``PDL_PRELOAD_KB`` holds, more than a split's K range included — then the loop), run interpreted without the
+        griddepcontrol instructions (``gemv.PDL_INTERPRET``): the skinny GEMM (two-launch and one-launch split-K), the
+        fused one (SwiGLU + residual) and the norm projection (+ residual, + SwiGLU) == their twins, NaN-filled
+        outputs, fp32 and bf16, the same bits on a repeat."""
         from flarectl.engine import norm_gemv
 
-        monkeypatch.setattr(gemv, "LOAD_AHEAD", 1)
+        monkeypatch.setattr(gemv, "PDL_INTERPRET", True)
+        monkeypatch.setattr(gemv, "PDL_PRELOAD_KB", preload_kb)
         monkeypatch.setattr(gemv, "NAN_FILL", True)
-        g = torch.Generator().manual_seed(M * 7 + N + K)
+        g = torch.Generator().manual_seed(M * 7 + N + K + preload_kb)
         x32, r32 = torch.randn(M, 2 * K, generator=g), torch.randn(M, max(N, K), generator=g)
         w32 = torch.randn(N, K, generator=g) / K ** 0.5
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
             x, w = x32[:, :K].to(dtype), w32.to(dtype)
             for cfg in (gemv.Config(16, 16, 1), gemv.Config(16, 32, 3), gemv.Config(32, 16, 4)):
+                assert gemv.pdl_plan(cfg, x.element_size())[0] >= 1
                 ref = gemv.skinny_linear_reference(x, w).float()
-                atol = tol * max(1.0, float(ref.abs().max()))
-                torch.testing.assert_close(gemv.launch(x, w, cfg).float(), ref, rtol=tol, atol=atol)
+                got = gemv.launch(x, w, cfg)
+                assert not got.isnan().any() and torch.equal(got, gemv.launch(x, w, cfg)), cfg
+                torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol * max(1.0, float(ref.abs().max())))
                 for swiglu in (False, True):
                     xin = x32.to(dtype) if swiglu else x
                     res = r32[:, :N].to(dtype)

@@ -64,8 +64,11 @@ def test_engine_mixer_kernel_compiles_for_sm90(token_block, parallel):
     assert not regs or regs[0] <= 128, regs  # no regs: the wheel's ptxas could not be run here
 
 
-def _compile_sm90(fn, types: dict, consts: dict, num_warps: int, num_stages: int):
-    """Compile a jitted kernel for sm_90 on this CPU box -> (compiled kernel, registers or None)."""
+def _compile_sm90(fn, types: dict, consts: dict, num_warps: int, num_stages: int, aligned=()):
+    """Compile a jitted kernel for sm_90 on this CPU box -> (compiled kernel, registers or None). ``aligned``: the
+    arguments marked 16-divisible (pointers of fresh torch tensors, sizes and strides that are multiples of 16), as
+    the JIT specializes them at a real launch: without the mark Triton cannot vectorise the loads to 16 bytes and
+    leaves every loop unpipelined (no ``cp.async``), so an unmarked offline compile misreports what the device runs."""
     import os
     import subprocess
     import tempfile
@@ -75,7 +78,9 @@ def _compile_sm90(fn, types: dict, consts: dict, num_warps: int, num_stages: int
     from triton.compiler import ASTSource
 
     sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
     c = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=num_warps,
                                                                               num_stages=num_stages))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -90,32 +95,40 @@ def _compile_sm90(fn, types: dict, consts: dict, num_warps: int, num_stages: int
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["gemv", "norm"])
-@pytest.mark.parametrize("pre,trigger,l2_lines,ahead", [(1, 0, 0, 0), (2, 0, 0, 1), (2, 1, 8, 0), (4, 0, 0, 1)])
-def test_skinny_kernels_with_pdl_compile_for_sm90(kernel, pre, trigger, l2_lines, ahead):
-    """The skinny GEMM and the fused norm projection with programmatic dependent launch (the ``griddepcontrol``
-    instructions exist only on sm_90+, so neither the interpreter nor a CPU run reaches this branch): PRE weight
-    tiles loaded before ``gdc_wait``, the early or late trigger, L2 prefetch lines, with and without the register
-    look-ahead (``gemv.LOAD_AHEAD``). Compiles for sm_90, within the
-    shared-memory limit, without spilling past 255 registers where ptxas can report; the PTX carries both
-    griddepcontrol instructions (and the prefetches when asked)."""
+@pytest.mark.parametrize("pdl,pre,trigger,l2_lines", [(0, 0, 0, 0), (1, 1, 0, 0), (1, 2, 0, 0), (1, 2, 1, 8),
+                                                      (1, 4, 0, 0)])
+def test_skinny_kernels_compile_for_sm90_pipelined(kernel, pdl, pre, trigger, l2_lines):
+    """The skinny GEMM and the fused norm projection at a Qwen3.5-2B AR-step shape (bf16, 64 x 128 tiles, 3 stages,
+    split-K finished in-kernel), without and with programmatic dependent launch: PRE weight tiles loaded before
+    ``gdc_wait``, the early or late trigger, L2 prefetch lines (the ``griddepcontrol`` branch runs only on sm_90+,
+    never under the interpreter). Each compiles for sm_90 within the shared-memory limit, without spilling past 255
+    registers where ptxas can report; the PTX carries both griddepcontrol instructions with PDL (none without) and
+    the prefetches when asked; and the K loop stays software-pipelined (``cp.async`` stages in shared memory): the
+    weight stream's bytes in flight per program, which a loop-carried register look-ahead was found to cost (the
+    pipeliner then skips the loop; session 13, docs/perf/engine.md)."""
     pytest.importorskip("triton")
     from flarectl.engine import gemv, norm_gemv
 
-    common = dict(BM=16, BN=64, BK=128, EVEN_K=True, EVEN_N=True, IEEE=False, UPCAST=False, PDL=1, PRE=pre,
-                  TRIGGER=trigger, L2_LINES=l2_lines, LINE=64, SPLIT=2, AHEAD=ahead)
+    common = dict(BM=16, BN=64, BK=128, EVEN_K=True, EVEN_N=True, IEEE=False, UPCAST=False, PDL=pdl, PRE=pre,
+                  TRIGGER=trigger, L2_LINES=l2_lines, LINE=64, SPLIT=2)
+    sizes = ["N", "K", "k_per_split", "stride_wn"]
     if kernel == "gemv":
         fn = gemv._kernels()[0]
         consts = dict(common, PARTIAL=False, SWIGLU=False, RESIDUAL=True)
         types = dict(x="*bf16", w="*bf16", y="*bf16", M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32",
                      k_per_split="i32", res="*bf16", ws="*fp32", counter="*i32", up_off="i32")
+        aligned = ["x", "w", "y", "res", "ws", "counter", "stride_xm", *sizes]
     else:
         fn = norm_gemv._kernel()
         consts = dict(common, ADD=True, GLU=True)
         types = dict(x="*bf16", res="*bf16", w="*bf16", y="*bf16", h="*bf16", ws="*fp32", counter="*i32", M="i32",
                      N="i32", K="i32", stride_wn="i32", k_per_split="i32", eps="fp32")
-    c, regs = _compile_sm90(fn, types, consts, num_warps=4, num_stages=3)
+        aligned = ["x", "res", "w", "y", "h", "ws", "counter", *sizes]
+    c, regs = _compile_sm90(fn, types, consts, num_warps=4, num_stages=3, aligned=aligned)
     ptx = c.asm["ptx"]
-    assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+    assert ("griddepcontrol.wait" in ptx) == bool(pdl) and ("griddepcontrol.launch_dependents" in ptx) == bool(pdl)
     assert ("prefetch.global.L2" in ptx) == (l2_lines > 0)
+    assert "cp.async" in ptx and "async_copy_global_to_local" in c.asm["ttgir"], "the K loop is not pipelined"
+    assert c.metadata.shared >= 2 * 128 * 64 * 2  # at least two stages of weight tiles in shared memory
     assert c.metadata.shared <= H100_SHARED_BYTES
     assert regs is None or regs <= 255, regs

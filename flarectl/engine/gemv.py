@@ -144,8 +144,7 @@ def _kernels():
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                     EVEN_N: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                     SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
-                    PRE: tl.constexpr, TRIGGER: tl.constexpr, L2_LINES: tl.constexpr, LINE: tl.constexpr,
-                    AHEAD: tl.constexpr):
+                    PRE: tl.constexpr, TRIGGER: tl.constexpr, L2_LINES: tl.constexpr, LINE: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         rm = tl.arange(0, BM)
@@ -157,50 +156,33 @@ def _kernels():
         m_mask = rm[:, None] < M
         n_mask = rn[None, :] < N
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-        if PDL:
+        if PRE > 0:
             # Programmatic dependent launch: this grid may start while the previous kernel still runs. Let the next
             # kernel launch too (TRIGGER 0: now; 1: once this program's loop is done); the first PRE weight tiles do
             # not depend on the previous kernel, so they stream in (and L2_LINES more lines per column are
             # prefetched into L2) before waiting for it (its output is x).
-            if TRIGGER == 0:
+            if PDL and TRIGGER == 0:
                 tl.extra.cuda.gdc_launch_dependents()
             rkp = tl.arange(0, PRE * BK)
             kp_ok = (rkp < k_per_split) & ((k0 + rkp) < K)
             b_pre = _w_tile(w + rn[None, :].to(tl.int64) * stride_wn + (k0 + rkp)[:, None], n_mask, kp_ok, False,
                             EVEN_N)
-            if L2_LINES > 0:
+            if PDL and L2_LINES > 0:
                 _l2_prefetch(w, rn, N, stride_wn, k0 + PRE * BK, tl.minimum(k0 + k_per_split, K), L2_LINES, LINE)
-            tl.extra.cuda.gdc_wait()
+            if PDL:
+                tl.extra.cuda.gdc_wait()
             p_xp = x + rm[:, None] * stride_xm + (k0 + rkp)[None, :]
             acc = _mma(acc, _x_tile(p_xp, m_mask, kp_ok, up_off, False, SWIGLU), b_pre, IEEE, UPCAST)
             p_x += PRE * BK
             p_w += PRE * BK
-        if AHEAD:
-            # register double buffering: the next K block's tiles are loaded before this block's dot, so two blocks
-            # of loads are in flight per program (masked past the split's end; SWIGLU's activation still waits for
-            # its tile)
-            kn_ok = ((PRE * BK * PDL + rk) < k_per_split) & ((k0 + PRE * BK * PDL + rk) < K)
-            b_nx = _w_tile(p_w, n_mask, kn_ok, False, EVEN_N)
-            a_nx = _x_tile(p_x, m_mask, kn_ok, up_off, False, SWIGLU)
-            for kk in range(PRE * BK * PDL, k_per_split, BK):
-                b_cur = b_nx
-                a_cur = a_nx
-                kn_ok = ((kk + BK + rk) < k_per_split) & ((k0 + kk + BK + rk) < K)
-                p_x += BK
-                p_w += BK
-                b_nx = _w_tile(p_w, n_mask, kn_ok, False, EVEN_N)
-                a_nx = _x_tile(p_x, m_mask, kn_ok, up_off, False, SWIGLU)
-                acc = _mma(acc, a_cur, b_cur, IEEE, UPCAST)
-        else:
-            for kk in range(PRE * BK * PDL, k_per_split, BK):
-                k_ok = (k0 + kk + rk) < K
-                b = _w_tile(p_w, n_mask, k_ok, EVEN_K, EVEN_N)
-                acc = _mma(acc, _x_tile(p_x, m_mask, k_ok, up_off, EVEN_K, SWIGLU), b, IEEE, UPCAST)
-                p_x += BK
-                p_w += BK
-        if PDL:
-            if TRIGGER == 1:
-                tl.extra.cuda.gdc_launch_dependents()
+        for kk in range(PRE * BK, k_per_split, BK):
+            k_ok = (k0 + kk + rk) < K
+            b = _w_tile(p_w, n_mask, k_ok, EVEN_K, EVEN_N)
+            acc = _mma(acc, _x_tile(p_x, m_mask, k_ok, up_off, EVEN_K, SWIGLU), b, IEEE, UPCAST)
+            p_x += BK
+            p_w += BK
+        if PDL and TRIGGER == 1:
+            tl.extra.cuda.gdc_launch_dependents()
         out_mask = m_mask & n_mask
         offs = rm[:, None] * N + rn[None, :]
         if PARTIAL:  # fp32 partial of this K split: [SPLIT, M, N]
@@ -255,10 +237,6 @@ a chain of 24 layers' four projections, one-wave configurations tuned for it, 1.
 docs/perf/engine.md). Outputs are bitwise the same either way."""
 
 
-LOAD_AHEAD = env_int("FLARECTL_GEMV_LOAD_AHEAD", 0, low=0, high=1)
-"""1: the skinny kernels load the next K block's tiles before the current block's dot (register double buffering:
-two blocks of loads in flight per program, whatever Triton's software pipelining does); env
-``FLARECTL_GEMV_LOAD_AHEAD``."""
 PDL_PRELOAD_KB = env_int("FLARECTL_ENGINE_PDL_PRELOAD_KB", 0, low=0, high=256)
 """With PDL: weight bytes (KB) each program loads before ``gdc_wait`` — whole BK tiles, at least one (0: one tile,
 the session-6 behaviour); env ``FLARECTL_ENGINE_PDL_PRELOAD_KB``."""
@@ -268,7 +246,12 @@ PDL_L2_KB = env_int("FLARECTL_ENGINE_PDL_L2_KB", 0, low=0, high=1024)
 """With PDL: weight bytes (KB) per program prefetched into L2 (after the preloaded tiles) before ``gdc_wait``."""
 
 
-def pdl_plan(cfg: Config, bm: int, elem: int) -> tuple[int, int, int]:
+PDL_INTERPRET = False
+"""Tests: interpreted launches take a PDL launch's load order (``pdl_plan``'s tiles loaded first, then the loop) without
+its griddepcontrol instructions and L2 prefetches (neither runs off sm_90), so the twin checks its arithmetic."""
+
+
+def pdl_plan(cfg: Config, elem: int) -> tuple[int, int, int]:
     """(tiles loaded before ``gdc_wait``, trigger 0/1, L2 lines per column prefetched) for a PDL launch (a power of
     two each, as Triton's ranges need)."""
     tile = cfg.bk * cfg.bn * elem
@@ -326,9 +309,9 @@ def _common(x: torch.Tensor, N: int, even_k: bool, cfg: Config, pdl: bool | None
     out = dict(BM=bm, BN=cfg.bn, BK=cfg.bk, EVEN_K=even_k, EVEN_N=N % cfg.bn == 0, IEEE=f32,
                UPCAST=_interpreting() and not f32, num_warps=cfg.warps, num_stages=stages)
     pdl = use_pdl(x.device, pdl)
-    out["PDL"] = int(pdl)
-    pre, trigger, l2_lines = pdl_plan(cfg, bm, x.element_size()) if pdl else (1, 0, 0)
-    out.update(PRE=pre, TRIGGER=trigger, L2_LINES=l2_lines, LINE=128 // x.element_size(), AHEAD=LOAD_AHEAD)
+    pre, trigger, l2_lines = pdl_plan(cfg, x.element_size()) if pdl or PDL_INTERPRET else (0, 0, 0)
+    # PRE > 0 and PDL 0: the PDL launch's load order without the griddepcontrol instructions (tests, interpreted)
+    out.update(PDL=int(pdl), PRE=pre, TRIGGER=trigger, L2_LINES=l2_lines if pdl else 0, LINE=128 // x.element_size())
     if pdl:
         out["launch_pdl"] = True
     return out

@@ -213,7 +213,7 @@ def _kernel():
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                          EVEN_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ADD: tl.constexpr,
                          GLU: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr, PRE: tl.constexpr,
-                         TRIGGER: tl.constexpr, L2_LINES: tl.constexpr, LINE: tl.constexpr, AHEAD: tl.constexpr):
+                         TRIGGER: tl.constexpr, L2_LINES: tl.constexpr, LINE: tl.constexpr):
         # The A tile's rows are x's (ADD: x's in the top half, the residual's in the bottom half), loaded straight
         # into the dots (computed operands would cost the loads their pipelining): acc = A @ W^T (ADD: the halves
         # summed, (x + r) @ W^T), and the Gram matrix A @ A^T on the tensor cores gives the rows' sums of squares
@@ -236,51 +236,35 @@ def _kernel():
         n_mask = rn[None, :] < N
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         gram = tl.zeros([BM, BM], dtype=tl.float32)
-        if PDL:
+        if PRE > 0:
             # Programmatic dependent launch (gemv.use_pdl, gemv.pdl_plan): let the next kernel launch (TRIGGER 0:
             # now; 1: after the loop), stream the first PRE weight tiles (and prefetch L2_LINES more lines per column
             # into L2: they do not depend on the previous kernel), then wait for the previous kernel before reading x.
-            if TRIGGER == 0:
+            if PDL and TRIGGER == 0:
                 tl.extra.cuda.gdc_launch_dependents()
             rkp = tl.arange(0, PRE * BK)
             kp_ok = (rkp < k_per_split) & ((k0 + rkp) < K)
             b_pre = _w_tile(w + rn[None, :].to(tl.int64) * stride_wn + (k0 + rkp)[:, None], n_mask, kp_ok, False,
                             EVEN_N)
-            if L2_LINES > 0:
+            if PDL and L2_LINES > 0:
                 _l2_prefetch(w, rn, N, stride_wn, k0 + PRE * BK, tl.minimum(k0 + k_per_split, K), L2_LINES, LINE)
-            tl.extra.cuda.gdc_wait()
+            if PDL:
+                tl.extra.cuda.gdc_wait()
             a_pre = _a_tile(base[:, None] + (k0 + rkp)[None, :], a_ok, kp_ok, False)
             acc = _mma(acc, a_pre, b_pre, IEEE, UPCAST)
             gram = _mma(gram, a_pre, tl.trans(a_pre), IEEE, UPCAST)
             p_a += PRE * BK
             p_w += PRE * BK
-        if AHEAD:
-            # register double buffering (gemv.LOAD_AHEAD): the next K block's tiles load before this block's dots
-            kn_ok = ((PRE * BK * PDL + rk) < k_per_split) & ((k0 + PRE * BK * PDL + rk) < K)
-            b_nx = _w_tile(p_w, n_mask, kn_ok, False, EVEN_N)
-            a_nx = _a_tile(p_a, a_ok, kn_ok, False)
-            for kk in range(PRE * BK * PDL, k_per_split, BK):
-                b_cur = b_nx
-                a_cur = a_nx
-                kn_ok = ((kk + BK + rk) < k_per_split) & ((k0 + kk + BK + rk) < K)
-                p_a += BK
-                p_w += BK
-                b_nx = _w_tile(p_w, n_mask, kn_ok, False, EVEN_N)
-                a_nx = _a_tile(p_a, a_ok, kn_ok, False)
-                acc = _mma(acc, a_cur, b_cur, IEEE, UPCAST)
-                gram = _mma(gram, a_cur, tl.trans(a_cur), IEEE, UPCAST)
-        else:
-            for kk in range(PRE * BK * PDL, k_per_split, BK):
-                k_ok = (k0 + kk + rk) < K
-                b = _w_tile(p_w, n_mask, k_ok, EVEN_K, EVEN_N)
-                a = _a_tile(p_a, a_ok, k_ok, EVEN_K)
-                acc = _mma(acc, a, b, IEEE, UPCAST)
-                gram = _mma(gram, a, tl.trans(a), IEEE, UPCAST)
-                p_a += BK
-                p_w += BK
-        if PDL:
-            if TRIGGER == 1:
-                tl.extra.cuda.gdc_launch_dependents()
+        for kk in range(PRE * BK, k_per_split, BK):
+            k_ok = (k0 + kk + rk) < K
+            b = _w_tile(p_w, n_mask, k_ok, EVEN_K, EVEN_N)
+            a = _a_tile(p_a, a_ok, k_ok, EVEN_K)
+            acc = _mma(acc, a, b, IEEE, UPCAST)
+            gram = _mma(gram, a, tl.trans(a), IEEE, UPCAST)
+            p_a += BK
+            p_w += BK
+        if PDL and TRIGGER == 1:
+            tl.extra.cuda.gdc_launch_dependents()
         diag = ri[:, None] == ri[None, :]
         if ADD:
             cross = ri[None, :] == ri[:, None] + R

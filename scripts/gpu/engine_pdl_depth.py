@@ -6,8 +6,7 @@ with one weight tile loaded before ``gdc_wait``. Here the depth before the wait 
 
 * ``pre``: weight bytes per program loaded into registers before ``gdc_wait`` (``gemv.PDL_PRELOAD_KB``);
 * ``trigger``: the next kernel may launch as a program starts (0) or once its main loop is done (1);
-* ``l2``: weight bytes per program prefetched into L2 before the wait (``gemv.PDL_L2_KB``);
-* ``ahead``: the next K block's tiles loaded before this block's dot (``gemv.LOAD_AHEAD``, with or without PDL).
+* ``l2``: weight bytes per program prefetched into L2 before the wait (``gemv.PDL_L2_KB``).
 
 Per shape, each configuration of a small one-wave grid is timed in a chain of 24 launches on distinct weights (CUDA
 graph, every weight from HBM) without PDL and with PDL at each depth; the mixed chain (24 layers x in_proj, out_proj,
@@ -33,15 +32,14 @@ from engine_pdl_chain import BW, LAYERS, Shape, graph_ms  # noqa: E402
 
 from flarectl.engine import gemv  # noqa: E402
 
-VARIANTS = {  # name: (pdl, preload KB, trigger late, L2 KB, load ahead)
-    "off": (False, 0, 0, 0, 0),
-    "off_ahead": (False, 0, 0, 0, 1),
-    "pdl_tile": (True, 0, 0, 0, 0),
-    "pdl_pre32": (True, 32, 0, 0, 0),
-    "pdl_pre32_ahead": (True, 32, 0, 0, 1),
-    "pdl_pre64": (True, 64, 0, 0, 0),
-    "pdl_pre32_late": (True, 32, 1, 0, 0),
-    "pdl_l2_64": (True, 0, 0, 64, 0),
+VARIANTS = {  # name: (pdl, preload KB, trigger late, L2 KB)
+    "off": (False, 0, 0, 0),
+    "pdl_tile": (True, 0, 0, 0),
+    "pdl_pre32": (True, 32, 0, 0),
+    "pdl_pre64": (True, 64, 0, 0),
+    "pdl_pre32_late": (True, 32, 1, 0),
+    "pdl_l2_64": (True, 0, 0, 64),
+    "pdl_pre32_l2_64": (True, 32, 0, 64),
 }
 
 
@@ -50,8 +48,8 @@ def log(*a):
 
 
 def set_variant(name):
-    pdl, pre, late, l2, ahead = VARIANTS[name]
-    gemv.PDL_PRELOAD_KB, gemv.PDL_TRIGGER_LATE, gemv.PDL_L2_KB, gemv.LOAD_AHEAD = pre, late, l2, ahead
+    pdl, pre, late, l2 = VARIANTS[name]
+    gemv.PDL_PRELOAD_KB, gemv.PDL_TRIGGER_LATE, gemv.PDL_L2_KB = pre, late, l2
     return pdl
 
 
@@ -68,7 +66,7 @@ def configs(sh):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--sweep-variants", default="off,off_ahead,pdl_pre32,pdl_pre32_ahead",
+    ap.add_argument("--sweep-variants", default="off,pdl_tile,pdl_pre32",
                     help="variants swept over every configuration per shape")
     ap.add_argument("--fixed", action="store_true",
                     help="no per-shape sweep: every variant with session 8's best chain configurations (PDL off)")
@@ -113,9 +111,9 @@ def main():
         pdl = set_variant(v) if v != "engine" else None
         return [shapes[n].call(i, None if v == "engine" else cfgs[n], pdl) for i in range(LAYERS) for n in names]
 
-    order = ["engine", "off"] + [v for v in VARIANTS if v != "off"] + ["engine", "off", "off_ahead", "pdl_pre32_ahead"]
+    order = ["engine", "off"] + [v for v in VARIANTS if v != "off"] + ["engine", "off", "pdl_pre32"]
     if a.fixed:  # the engine's op tunes every shape first: last
-        order = list(VARIANTS) + ["off", "off_ahead", "pdl_pre32_ahead", "engine"]
+        order = list(VARIANTS) + ["off", "pdl_pre32", "engine"]
     for v in order:
         ms = graph_ms(lambda: chain(v, best.get(v, {})))  # noqa: B023
         res["chain"].setdefault(v, []).append(ms)
