@@ -586,6 +586,65 @@ if not CHILD:
             gemv.NAN_FILL = False
 
     @pytest.mark.gpu
+    def test_pdl_depth_on_cuda_matches_twin_in_a_graph(monkeypatch):
+        """Programmatic dependent launch with the session-13 depth knobs (weights preloaded before ``gdc_wait``: one
+        tile, 32 KB; the late trigger; L2 prefetch lines) on an H100: a chain of dependent launches — norm projection
+        -> out-projection-shaped GEMM (split-K in-kernel) -> norm gate|up with SwiGLU -> down (split-K in-kernel), the
+        next layer's input the previous output, as in a GDN layer — captured in a CUDA graph and replayed == the same
+        chain eager with PDL off == the twins chained in fp32 (bf16 tolerance); the same bits replay after replay; one
+        preloaded tile gives PDL off's bits exactly (same summation order); counters back at zero."""
+        from flarectl.engine import norm_gemv
+
+        if not gemv.use_pdl(torch.device("cuda"), True):
+            pytest.skip("PDL needs sm_90+")
+        g = torch.Generator(device="cuda").manual_seed(3)
+        D, I, M = 2048, 6144, 8
+        r = lambda *sh: (torch.randn(*sh, device="cuda", generator=g) / sh[-1] ** 0.5).to(torch.bfloat16)  # noqa: E731
+        w_in, w_out, w_gu, w_down = r(4096, D), r(D, 4096), r(2 * I, D), r(D, I)
+        x0, res0 = torch.randn(M, D, device="cuda", generator=g).bfloat16(), r(M, D) * 8
+        cfgs = {"in": gemv.Config(64, 256, 1, 4, 3), "out": gemv.Config(32, 256, 4, 4, 3),
+                "gu": gemv.Config(128, 128, 1, 4, 3), "down": gemv.Config(32, 128, 4, 4, 4)}
+
+        def chain(pdl):
+            y, h = norm_gemv.launch(x0, res0, w_in, 1e-6, False, cfgs["in"], pdl)
+            o = gemv.launch_fused(y, w_out, None, False, cfgs["out"], pdl)
+            a, h2 = norm_gemv.launch(o, h, w_gu, 1e-6, True, cfgs["gu"], pdl)
+            return gemv.launch_fused(a, w_down, h2, False, cfgs["down"], pdl)
+
+        def twin():
+            y, h = norm_gemv.norm_linear_reference(x0, res0, w_in, 1e-6, False)
+            o = gemv.skinny_linear_fused_reference(y, w_out, None, False)
+            a, h2 = norm_gemv.norm_linear_reference(o, h, w_gu, 1e-6, True)
+            return gemv.skinny_linear_fused_reference(a, w_down, h2, False)
+
+        off = chain(False)
+        ref = twin().float()
+        torch.testing.assert_close(off.float(), ref, rtol=3e-2, atol=3e-2 * float(ref.abs().max()))
+        for preload_kb, late, l2_kb in ((0, 0, 0), (32, 0, 0), (32, 1, 64)):
+            monkeypatch.setattr(gemv, "PDL_PRELOAD_KB", preload_kb)
+            monkeypatch.setattr(gemv, "PDL_TRIGGER_LATE", late)
+            monkeypatch.setattr(gemv, "PDL_L2_KB", l2_kb)
+            eager = chain(True)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                chain(True)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = chain(True)
+            graph.replay()
+            first = out.clone()
+            for _ in range(3):
+                graph.replay()
+                assert torch.equal(out, first), (preload_kb, late, l2_kb)
+            assert torch.equal(first, eager), (preload_kb, late, l2_kb)
+            torch.testing.assert_close(first.float(), ref, rtol=3e-2, atol=3e-2 * float(ref.abs().max()))
+            if preload_kb == 0:
+                assert torch.equal(first, off)  # one tile first, then the loop: PDL off's order
+        assert not gemv.arrival_counters(x0.device, 1).any()
+
+    @pytest.mark.gpu
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
     def test_decode_attention_on_cuda_matches_twin(dtype):
         """The decode-attention kernel at the Qwen3.5-2B attention shape (C 8, 8 query / 2 kv heads, D 256, 524
