@@ -254,6 +254,21 @@ if not CHILD:
         monkeypatch.setattr(gemv, "_CHOSEN", {})
         assert gemv.config_for(x, w) == gemv.default_config(3, 17, 40, x.device)
 
+    def test_tune_leaves_cublas_out_under_pdl(monkeypatch):
+        """Tuning times cuBLAS beside the kernel's candidates, except under PDL (a cuBLAS launch would serialise the
+        programmatic launches around it): measured with a stand-in timer, on CPU."""
+        calls = []
+        monkeypatch.setattr(gemv, "measure", lambda run, w, repeats=10: calls.append(run) or float(len(calls)))
+        monkeypatch.setattr(gemv, "candidates", lambda M, N, K, device: [gemv.Config(16, 16, 1)])
+        monkeypatch.setattr(gemv, "TIMINGS", {})
+        x, w = torch.randn(3, 40), torch.randn(17, 40)
+        gemv.tune(x, w)
+        assert [c for c, _ in next(iter(gemv.TIMINGS.values()))] == [gemv.CUBLAS, gemv.Config(16, 16, 1)]
+        monkeypatch.setattr(gemv, "use_pdl", lambda device, want=None: True)
+        monkeypatch.setattr(gemv, "TIMINGS", {})
+        assert gemv.tune(x, w) == gemv.Config(16, 16, 1)
+        assert [c for c, _ in next(iter(gemv.TIMINGS.values()))] == [gemv.Config(16, 16, 1)]
+
     @pytest.mark.gpu
     def test_chain_tuning_on_cuda():
         """chain_ms copies the weight so the chain streams from HBM, and tune() in chain mode picks a candidate
@@ -592,7 +607,8 @@ if not CHILD:
         -> out-projection-shaped GEMM (split-K in-kernel) -> norm gate|up with SwiGLU -> down (split-K in-kernel), the
         next layer's input the previous output, as in a GDN layer — captured in a CUDA graph and replayed == the same
         chain eager with PDL off == the twins chained in fp32 (bf16 tolerance); the same bits replay after replay; one
-        preloaded tile gives PDL off's bits exactly (same summation order); counters back at zero."""
+        preloaded tile gives PDL off's bits exactly (same summation order); counters back at zero. And the decode-attention
+        kernel launched programmatically == PDL off's bits == the twin."""
         from flarectl.engine import norm_gemv
 
         if not gemv.use_pdl(torch.device("cuda"), True):
@@ -643,6 +659,21 @@ if not CHILD:
             if preload_kb == 0:
                 assert torch.equal(first, off)  # one tile first, then the loop: PDL off's order
         assert not gemv.arrival_counters(x0.device, 1).any()
+        # the decode-attention kernel launched programmatically (AR step, 2 splits) == the twin, == PDL off's bits
+        from flarectl.engine import attention
+
+        C, HQ, HKV, Dh, cap = 8, 8, 2, 256, 524
+        q = torch.randn(C, 1, HQ, Dh, device="cuda", generator=g).bfloat16().transpose(1, 2)
+        key, value = (torch.randn(C, HKV, cap, Dh, device="cuda", generator=g).bfloat16() for _ in range(2))
+        lengths = torch.randint(1, cap - 1, (C,), device="cuda", generator=g)
+        args = (q, key, value, q[:, :2, :0], q[:, :2, :0], lengths, torch.ones_like(lengths),
+                torch.zeros_like(lengths), 1, cap, Dh ** -0.5)
+        want = attention.launch(*args, splits=2)
+        monkeypatch.setattr(gemv, "PDL", True)
+        got = attention.launch(*args, splits=2)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(got.float(), attention.decode_attention_reference(*args).float(), rtol=2e-2,
+                                   atol=2e-2)
 
     @pytest.mark.gpu
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

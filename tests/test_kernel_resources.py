@@ -132,3 +132,27 @@ def test_skinny_kernels_compile_for_sm90_pipelined(kernel, pdl, pre, trigger, l2
     assert c.metadata.shared >= 2 * 128 * 64 * 2  # at least two stages of weight tiles in shared memory
     assert c.metadata.shared <= H100_SHARED_BYTES
     assert regs is None or regs <= 255, regs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pdl", [0, 1])
+def test_decode_attention_kernel_compiles_for_sm90(pdl):
+    """The decode-attention kernel at the Qwen3.5-2B attention shape (bf16, 8 query / 2 kv heads, D 256, an AR step's
+    4 query heads per tile, 2 splits) compiles for sm_90 within the shared-memory limit, with the griddepcontrol
+    instructions exactly when PDL is on (``gemv.use_pdl``: the step's launches stay programmatic around attention)."""
+    pytest.importorskip("triton")
+    from flarectl.engine import attention
+
+    fn = attention._kernel()
+    consts = dict(HKV=2, G=4, D=256, BD=256, BM=16, BN=64, BW=16, SPLITS=2, TQ=1, IEEE=False, UPCAST=False, PDL=pdl)
+    types = {n: "*bf16" for n in ("q", "kc", "vc", "kw", "vw", "out")}
+    types.update(ws_acc="*fp32", ws_ml="*fp32", counter="*i32", lengths="*i64", counts="*i64", wlen="*i64",
+                 scale="fp32")
+    ints = [n for n in fn.arg_names if n not in types and n not in consts]
+    types.update({n: "i32" for n in ints})
+    aligned = ["q", "kc", "vc", "kw", "vw", "out", "ws_acc", "ws_ml", "counter", "lengths", "counts", "wlen"]
+    c, regs = _compile_sm90(fn, types, consts, num_warps=4, num_stages=3, aligned=aligned)
+    ptx = c.asm["ptx"]
+    assert ("griddepcontrol.wait" in ptx) == bool(pdl) and ("griddepcontrol.launch_dependents" in ptx) == bool(pdl)
+    assert c.metadata.shared <= H100_SHARED_BYTES
+    assert regs is None or regs <= 255, regs

@@ -143,10 +143,13 @@ def _kernel():
                                 W, wc, cap, ww, chunk, scale,
                                 HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                                 BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLITS: tl.constexpr,
-                                TQ: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                                TQ: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
         # program (row c, kv head g, block of TQ query tokens, split sp): its tile's rows are the G query heads of
         # each of its tokens (row r: token t0 + r // G, head g * G + r % G), so the block's tokens read each cache
         # slot once
+        if PDL:  # programmatic dependent launch (gemv.use_pdl): every input may come from the previous kernel
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0)
         sp = tl.program_id(1)
         NT = (W + TQ - 1) // TQ
@@ -244,7 +247,7 @@ def launch(q, key, value, k_win, v_win, lengths, counts, wlen, wc: int, cap: int
     slots per inner step and warps per program (None: ``BLOCK_N``, ``NUM_WARPS``)."""
     import triton
 
-    from flarectl.engine.gemv import _interpreting, arrival_counters
+    from flarectl.engine.gemv import _interpreting, arrival_counters, use_pdl
 
     C, HQ, W, D = q.shape
     HKV = key.shape[1]
@@ -276,6 +279,7 @@ def launch(q, key, value, k_win, v_win, lengths, counts, wlen, wc: int, cap: int
     kw = k_win if ww else q  # any valid pointer: never read without window keys
     vw = v_win if ww else q
     f32 = q.dtype == torch.float32
+    pdl = use_pdl(q.device)
     _kernel()[(programs, split)](
         q, key, value, kw, vw, out, ws_acc, ws_ml, counter, lengths, counts, wlen,
         q.stride(0), q.stride(1), q.stride(2), key.stride(0), key.stride(1), key.stride(2),
@@ -283,7 +287,8 @@ def launch(q, key, value, k_win, v_win, lengths, counts, wlen, wc: int, cap: int
         vw.stride(0), vw.stride(1), vw.stride(2), out.stride(0), out.stride(1), out.stride(2),
         W, wc, cap, ww, chunk, scale,
         HKV=HKV, G=G, D=D, BD=BD, BM=BM, BN=bn, BW=max(16, triton.next_power_of_2(max(ww, 1))), SPLITS=split,
-        TQ=tq, IEEE=f32, UPCAST=_interpreting() and not f32, num_warps=num_warps or NUM_WARPS, **({"num_stages": 2} if wide else {}))
+        TQ=tq, IEEE=f32, UPCAST=_interpreting() and not f32, PDL=int(pdl), num_warps=num_warps or NUM_WARPS,
+        **({"num_stages": 2} if wide else {}), **({"launch_pdl": True} if pdl else {}))
     return out
 
 

@@ -507,15 +507,17 @@ def _variant(residual, swiglu: bool) -> str:
 
 def tune(x: torch.Tensor, w: torch.Tensor, repeats: int = 10, residual: torch.Tensor | None = None,
          swiglu: bool = False) -> Config:
-    """Time every candidate and (plain products only) ``F.linear`` (cuBLAS) as ``measure`` does and keep the
-    fastest for this shape (``CUBLAS`` if cuBLAS wins: then the op calls ``F.linear``). Fused products
+    """Time every candidate and (plain products only, PDL off) ``F.linear`` (cuBLAS) as ``measure`` does and keep
+    the fastest for this shape (``CUBLAS`` if cuBLAS wins: then the op calls ``F.linear``). Fused products
     (``residual`` / ``swiglu``, ``launch_fused``) choose among the kernel's configurations."""
     variant = _variant(residual, swiglu)
     key = _key(x, w, variant)
     M = x.shape[0]
     K = x.shape[1] // 2 if swiglu else x.shape[1]
     N = w.shape[0]
-    results = [] if variant else [(CUBLAS, measure(lambda wi: F.linear(x, wi), w, repeats))]
+    # cuBLAS is no candidate under PDL: its launches are not programmatic, so each one would serialise the PDL
+    # launches on both sides of it in the step, which a chain of one shape cannot show
+    results = [] if variant or use_pdl(x.device) else [(CUBLAS, measure(lambda wi: F.linear(x, wi), w, repeats))]
     for cfg in candidates(M, N, K, x.device):
         run = ((lambda wi: launch_fused(x, wi, residual, swiglu, cfg)) if variant  # noqa: B023
                else (lambda wi: launch(x, wi, cfg)))  # noqa: B023
