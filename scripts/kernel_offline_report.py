@@ -6,7 +6,7 @@ software-pipelined (``cp.async``), the griddepcontrol instructions, and how many
 228 KB, 64K registers, at most 32 blocks) — alone, and beside one program of the previous projection, which is what
 programmatic dependent launch needs to overlap two launches.
 
-    python3 scripts/kernel_offline_report.py [--pdl-preload-kb 0,32,64]
+    python3 scripts/kernel_offline_report.py [--pdl-preload-kb 0,32,64] [--no-cap]
     # the device's Triton: pip install --no-deps --target /tmp/t36 triton==3.6.0; PYTHONPATH=/tmp/t36 python3 ...
 """
 
@@ -94,7 +94,10 @@ def per_sm(b: dict, other: dict | None = None) -> int:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pdl-preload-kb", default="0,32,64")
+    ap.add_argument("--no-cap", action="store_true", help="ignore gemv.PDL_PRELOAD_MAX_BYTES_PER_THREAD")
     a = ap.parse_args()
+    if a.no_cap:
+        gemv.PDL_PRELOAD_MAX_BYTES_PER_THREAD = 1 << 30
     print(f"triton {triton.__version__}, sm_90, bf16, M = 8 (the norm kernels: a 16-row tile, x over the residual)\n")
     print("| projection | config | PDL preload | programs | stages | shared KB | registers | spills B | pipelined | "
           "programs / SM alone | beside the previous projection |")

@@ -254,6 +254,25 @@ if not CHILD:
         monkeypatch.setattr(gemv, "_CHOSEN", {})
         assert gemv.config_for(x, w) == gemv.default_config(3, 17, 40, x.device)
 
+    def test_pdl_plan(monkeypatch):
+        """Tiles preloaded before ``gdc_wait``: as many as ``PDL_PRELOAD_KB`` holds (a power of two, at least one)
+        within 64 registers' worth per thread; L2 lines per column from ``PDL_L2_KB``; the trigger as set."""
+        bf16 = 2
+        monkeypatch.setattr(gemv, "PDL_PRELOAD_KB", 0)
+        monkeypatch.setattr(gemv, "PDL_L2_KB", 0)
+        monkeypatch.setattr(gemv, "PDL_TRIGGER_LATE", 1)
+        assert gemv.pdl_plan(gemv.Config(32, 128, 4), bf16) == (1, 1, 0)
+        monkeypatch.setattr(gemv, "PDL_PRELOAD_KB", 64)
+        assert gemv.pdl_plan(gemv.Config(32, 128, 4), bf16)[0] == 4  # 8 KB tiles, capped at 32 KB (4 warps)
+        assert gemv.pdl_plan(gemv.Config(32, 128, 4, 8), bf16)[0] == 8  # 8 warps: 64 KB allowed
+        assert gemv.pdl_plan(gemv.Config(64, 256, 1), bf16)[0] == 1  # one 32 KB tile already fills the cap
+        monkeypatch.setattr(gemv, "PDL_PRELOAD_KB", 20)
+        assert gemv.pdl_plan(gemv.Config(32, 128, 4), bf16)[0] == 2  # whole tiles, a power of two
+        monkeypatch.setattr(gemv, "PDL_L2_KB", 64)
+        assert gemv.pdl_plan(gemv.Config(64, 128, 1), bf16)[2] == 8  # 64 KB / (64 columns x 128 B)
+        monkeypatch.setattr(gemv, "PDL_L2_KB", 1)
+        assert gemv.pdl_plan(gemv.Config(64, 128, 1), bf16)[2] == 1
+
     def test_tune_leaves_cublas_out_under_pdl(monkeypatch):
         """Tuning times cuBLAS beside the kernel's candidates, except under PDL (a cuBLAS launch would serialise the
         programmatic launches around it): measured with a stand-in timer, on CPU."""

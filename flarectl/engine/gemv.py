@@ -251,12 +251,19 @@ PDL_INTERPRET = False
 its griddepcontrol instructions and L2 prefetches (neither runs off sm_90), so the twin checks its arithmetic."""
 
 
+PDL_PRELOAD_MAX_BYTES_PER_THREAD = 256
+"""Cap on the preloaded tiles: bytes per thread (256 = 64 registers). Offline sm_90 builds (Triton 3.6, session 13)
+of the GDN input projection with 64 KB preloaded reached 255 registers and spilled 224 bytes."""
+
+
 def pdl_plan(cfg: Config, elem: int) -> tuple[int, int, int]:
     """(tiles loaded before ``gdc_wait``, trigger 0/1, L2 lines per column prefetched) for a PDL launch (a power of
-    two each, as Triton's ranges need)."""
+    two each, as Triton's ranges need): as many tiles as ``PDL_PRELOAD_KB`` holds, within
+    ``PDL_PRELOAD_MAX_BYTES_PER_THREAD``, at least one."""
     tile = cfg.bk * cfg.bn * elem
+    cap = min(PDL_PRELOAD_KB * 1024, PDL_PRELOAD_MAX_BYTES_PER_THREAD * 32 * cfg.warps)
     pre = 1
-    while (pre * 2) * tile <= PDL_PRELOAD_KB * 1024:
+    while (pre * 2) * tile <= cap:
         pre *= 2
     lines = 0
     if PDL_L2_KB:
