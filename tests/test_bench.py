@@ -135,6 +135,23 @@ def test_json_records_the_step_paths(tmp_path, monkeypatch):
     assert data["gemv"] is False and data["gemv_tune"] is None and data["fuse_norm"] is False
     assert data["attn_kernel"] is False and data["fuse_down"] is False and data["gemv_max_rows"] is None
     assert "mixer_token_block" not in data  # no GDN layers
+    assert data["pdl"] is False and "pdl_preload_kb" not in data  # PDL needs sm_90+
+
+
+def test_step_paths_record_pdl_depth(monkeypatch):
+    """With programmatic dependent launch on, the JSON records carry its depth knobs (a stand-in step: PDL itself
+    needs sm_90+)."""
+    from types import SimpleNamespace
+
+    from flarectl.engine import gemv
+
+    step = SimpleNamespace(gemv=True, fuse_norm=True, fuse_down=False, attn_kernel=False, pdl=True)
+    monkeypatch.setattr(gemv, "PDL_PRELOAD_KB", 32)
+    monkeypatch.setattr(gemv, "PDL_L2_KB", 64)
+    monkeypatch.setattr(gemv, "PDL_TRIGGER_LATE", 1)
+    paths = bench.step_paths(SimpleNamespace(eager=step))
+    assert paths["pdl"] is True and paths["pdl_preload_kb"] == 32 and paths["pdl_l2_kb"] == 64
+    assert paths["pdl_trigger_late"] is True
 
 
 def test_json_records_the_mixer_choices(tmp_path):

@@ -183,7 +183,8 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
 def step_paths(backend) -> dict:
     """The static step's kernel choices (skinny GEMMs: how they were tuned and up to how many rows; fused norm
     projections, fused down projection, decode-attention kernel; the mixer's token block and state columns per
-    program), for the JSON records; empty for backends without a static step."""
+    program; programmatic dependent launch and its depth), for the JSON records; empty for backends without a static
+    step."""
     from flarectl.engine import attention, gemv, mixer
 
     step = getattr(backend, "eager", None)
@@ -199,6 +200,10 @@ def step_paths(backend) -> dict:
     if getattr(step, "kernel", None) == "mixer":
         out |= {"mixer_token_block": mixer.TOKEN_BLOCK, "mixer_v_block": mixer.V_BLOCK,
                 "mixer_v_block_multi": mixer.V_BLOCK_MULTI or mixer.V_BLOCK}
+    out["pdl"] = bool(getattr(step, "pdl", False))  # programmatic dependent launch, and its depth knobs
+    if out["pdl"]:
+        out |= {"pdl_preload_kb": gemv.PDL_PRELOAD_KB, "pdl_trigger_late": bool(gemv.PDL_TRIGGER_LATE),
+                "pdl_l2_kb": gemv.PDL_L2_KB}
     return out
 
 
