@@ -230,11 +230,13 @@ def split_plan(K: int, bk: int, split: int) -> tuple[int, int]:
 
 PDL: bool | None = None
 """Programmatic dependent launch of the kernels (Hopper+): each launch lets the next one launch, may start while the
-previous kernel runs, streams its first weight tile (the mixer: its state slice), then waits for it (``gdc_wait``).
-None: env ``FLARECTL_ENGINE_PDL=1``, else off. Off because it does not pay on the H100: AR step at C=8 2.311 ms
+previous kernel runs, streams its first weight tiles (``pdl_plan``; the mixer: its state slice), then waits for it
+(``gdc_wait``); the decode-attention kernel waits first; tuning leaves cuBLAS out. None: env
+``FLARECTL_ENGINE_PDL=1``, else off. Off because it does not pay on the H100: AR step at C=8 2.311 ms
 (replay) with it on the engine's kernels, 2.249 ms with inductor's too, against 2.209-2.222 ms without (session 6);
 a chain of 24 layers' four projections, one-wave configurations tuned for it, 1.380 vs 1.381 ms without (session 8,
-docs/perf/engine.md). Outputs are bitwise the same either way."""
+docs/perf/engine.md). With one preloaded tile outputs are bitwise the same either way. Session 13 added the depth
+knobs below; not yet timed on a GPU."""
 
 
 PDL_PRELOAD_KB = env_int("FLARECTL_ENGINE_PDL_PRELOAD_KB", 0, low=0, high=256)
