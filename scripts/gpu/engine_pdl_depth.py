@@ -95,7 +95,7 @@ def main():
             rows.append((cfg, row))
             log(f"{n:8s} {cfg}  " + "  ".join(f"{v} {row[v]:6.2f}" for v in sweep))
         for v in VARIANTS:
-            key = v if v in sweep else "pdl_pre32"
+            key = v if v in sweep else ("pdl_pre32" if "pdl_pre32" in sweep else sweep[-1])
             best[v][n] = min(rows, key=lambda r: r[1][key])[0]  # noqa: B023
         t_op = graph_ms(lambda: [sh.call(i, None, None) for i in range(LAYERS)]) / LAYERS * 1e3  # noqa: B023
         res["per_shape"][n] = dict(mb=sh.bytes / 1e6, roofline_us=sh.bytes / BW * 1e6, engine_op_us=t_op,
