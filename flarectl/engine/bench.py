@@ -193,7 +193,7 @@ def step_paths(backend) -> dict:
     out = {"gemv": bool(step.gemv), "gemv_tune": gemv.tune_mode() if step.gemv else None,
            "gemv_max_rows": gemv.MAX_ROWS if step.gemv else None,
            "fuse_norm": bool(step.fuse_norm), "fuse_down": bool(step.fuse_down),
-           "attn_kernel": bool(step.attn_kernel)}
+           "attn_kernel": bool(step.attn_kernel), "layer_chain": bool(getattr(step, "layer_chain", False))}
     if step.attn_kernel:
         out |= {"attn_tokens_per_program": attention.TOKENS_PER_PROGRAM, "attn_block_n": attention.BLOCK_N,
                 "attn_warps": attention.NUM_WARPS}

@@ -16,8 +16,9 @@ are identity updates: decay 1, beta 0) and the convolution state is gathered at 
 (C, Wc, Ww) shape is captured once as a CUDA graph and replayed.
 
 The step is cut into pure functions — a prologue (positions, embedding, RoPE, mask), one block per decoder layer
-(``gdn_block`` / ``attention_block``: norm, mixer, residual, MLP, cache update; each returns ``(hidden, pending)``,
-``pending`` being a residual add left to the next block, which fuses it into its own norm) and the head — so that with
+(``gdn_block`` / ``attention_block``: norm, mixer, residual, MLP, cache update; each returns ``(hidden, pending,
+ready)``, ``pending`` being a residual add left to the next block, which fuses it into its own norm, and ``ready``
+the next block's input projection where ``layer_chain`` made it) and the head — so that with
 ``compile=True`` (the default on CUDA) each is ``torch.compile``d (inductor, ``dynamic=False``; the same code
 serves every layer of a kind) and the CUDA graph captures the fused kernels: eager, a decoder layer is ~90 small
 kernels, which made the step cost ~4x the weight-bandwidth roofline (docs/perf/engine.md). The GDN recurrence is
@@ -38,9 +39,10 @@ import torch.nn.functional as F
 from flarectl.engine.gemv import (fused_applies, linear, module_linear, plain_weight, resolve_fuse_down, resolve_gemv,
                                   skinny_linear_fused, use_pdl)
 from flarectl.engine.gemv import tune_mode as gemv_tune_mode
-from flarectl.engine import norm_gemv
+from flarectl.engine import layer_chain, norm_gemv
 from flarectl.engine.attention import attention_mask, decode_attention
 from flarectl.engine.attention import resolve as resolve_attn
+from flarectl.engine.layer_chain import resolve as layer_chain_resolve
 from flarectl.engine.prefetch import l2_prefetch
 from flarectl.models.adapter import ATTENTION
 from flarectl.models.attention import _project, apply_rope
@@ -378,10 +380,13 @@ def _mlp(mlp, x, w_gate_up, gemv: bool = False, w_down=None, pf=None, residual=N
     return out if residual is None else residual + out
 
 
-def _open(norm, hidden, pending, w, eps, gemv: bool):
+def _open(norm, hidden, pending, w, eps, gemv: bool, ready=None):
     """A sub-block's opening: ``h = hidden + pending`` (``pending`` None: nothing to add) and the input of its
-    projection -> (x, projection or None, h). ``eps`` given (``w`` has the norm's gain folded in): the add, the norm
-    and the projection ``w`` in one kernel (``norm_gemv.project``), x None; else x = norm(h), the projection None."""
+    projection -> (x, projection or None, h). ``ready``: the projection, already made by the previous block's
+    ``layer_chain`` (x None). ``eps`` given (``w`` has the norm's gain folded in): the add, the norm and the
+    projection ``w`` in one kernel (``norm_gemv.project``), x None; else x = norm(h), the projection None."""
+    if ready is not None:
+        return None, ready, hidden
     if eps is not None:
         y, h = norm_gemv.project(hidden, pending, w, eps, False, gemv)
         return None, y, h
@@ -404,9 +409,28 @@ def _mlp_tail(layer, hidden, o, w_gate_up, gemv: bool, w_down, pf, fuse_down: bo
                 fuse_down), None
 
 
+def _close(layer, hidden, o, out_module, w_out, w_gate_up, gemv: bool, w_down, pf, fuse_down: bool, eps_mlp,
+           chain):
+    """A block's closing after its mixer's output ``o`` [C, W, KV]: out_proj, the residual add and the MLP
+    sub-block -> (hidden, pending, ready). ``chain`` (w_next or None, eps_next): where ``layer_chain.applies``,
+    all of it and the next block's norm + input projection in one launch (``layer_chain``): pending None, ``ready``
+    the next block's projection (None without w_next); else ``_mlp_tail`` after out_proj (ready None)."""
+    if chain is not None and eps_mlp is not None:
+        w_next, eps_next = chain
+        o2, h = o.reshape(-1, o.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
+        if layer_chain.applies(o2, h, w_out, w_gate_up, w_down, w_next):
+            h, proj = layer_chain.layer_chain(o2, h, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_next)
+            lead = hidden.shape[:-1]
+            return h.view_as(hidden), None, (proj.view(*lead, proj.shape[-1]) if w_next is not None else None)
+    hidden, pending = _mlp_tail(layer, hidden, module_linear(o, out_module, w_out, gemv), w_gate_up, gemv, w_down,
+                                pf, fuse_down, eps_mlp)
+    return hidden, pending, None
+
+
 def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit, wc: int, kernel: str,
               w_in=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None, pf=None,
-              fuse_down: bool = False, pending=None, eps_in=None, eps_mlp=None, seen=None):
+              fuse_down: bool = False, pending=None, eps_in=None, eps_mlp=None, seen=None, chain=None,
+              ready=None):
     """One Gated DeltaNet decoder layer of the step: hidden [C, W, hidden] -> [C, W, hidden]. Writes the state and
     conv context after each row's clean tokens into ``last_state`` / ``last_conv`` and into the cache
     (``state`` / ``conv``) for rows with ``commit``. ``w_in`` / ``w_gate_up``: fused copies of the input
@@ -417,10 +441,11 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
     down projection and residual add as one kernel (``_mlp``). ``pending``: the previous block's residual add, or
     None; ``eps_in`` / ``eps_mlp``: the norms' eps when their gains are folded into ``w_in`` / ``w_gate_up``
     (``_open``, ``_mlp_tail``). ``seen`` [C]: the clean tokens each row's window sees (None: ``counts``).
-    Returns (hidden, pending)."""
+    ``chain`` / ``ready``: this block's closing in one launch with the next block's input projection (``_close``),
+    and this block's own input projection made so by the previous one. Returns (hidden, pending, ready)."""
     module = layer.linear_attn
     _pf(hidden, pf, 0)
-    x, proj, hidden = _open(layer.input_layernorm, hidden, pending, w_in, eps_in, gemv)
+    x, proj, hidden = _open(layer.input_layernorm, hidden, pending, w_in, eps_in, gemv, ready)
     if kernel == "mixer" and mixer_applies(module, w_in):  # the whole mixer as one op (one Triton kernel on CUDA)
         proj = linear(x, w_in, gemv) if proj is None else proj
         normed = gdn_mixer(proj, module.conv1d.weight.squeeze(1), module.conv1d.bias, module.A_log, module.dt_bias,
@@ -428,8 +453,8 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
                            module.num_k_heads, module.num_v_heads, module.head_k_dim, module.head_v_dim,
                            float(module.norm.variance_epsilon), seen)
         _pf(normed, pf, 1)
-        return _mlp_tail(layer, hidden, module_linear(normed, module.out_proj, w_out, gemv), w_gate_up, gemv,
-                         w_down, pf, fuse_down, eps_mlp)
+        return _close(layer, hidden, normed, module.out_proj, w_out, w_gate_up, gemv, w_down, pf, fuse_down,
+                      eps_mlp, chain)
     if kernel == "mixer":
         kernel = "triton" if hidden.device.type == "cuda" else "torch"
     width = hidden.shape[1]
@@ -474,8 +499,8 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
     hv = module.head_v_dim  # gated RMSNorm with z, out_proj: as gdn._output
     normed = module.norm(core.reshape(-1, hv).to(hidden.dtype), z.reshape(-1, hv)).reshape(*hidden.shape[:2], -1)
     _pf(normed, pf, 1)
-    return _mlp_tail(layer, hidden, module_linear(normed, module.out_proj, w_out, gemv), w_gate_up, gemv, w_down,
-                     pf, fuse_down, eps_mlp)
+    return _close(layer, hidden, normed, module.out_proj, w_out, w_gate_up, gemv, w_down, pf, fuse_down, eps_mlp,
+                  chain)
 
 
 def _split_qkv(module, qkv, gated: bool):
@@ -497,16 +522,16 @@ def _split_qkv(module, qkv, gated: bool):
 def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int, cap: int, gated: bool,
                     w_qkv=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None, pf=None,
                     fuse_down: bool = False, counts=None, wlen=None, attn_kernel: bool = False, pending=None,
-                    eps_in=None, eps_mlp=None):
+                    eps_in=None, eps_mlp=None, chain=None, ready=None):
     """One softmax-attention decoder layer of the step (keys/values of the clean tokens written at each row's
     length; attention over the first ``cap`` slots plus the window). ``w_qkv`` / ``w_gate_up``: fused weights or
     None. ``pf``: as ``gdn_block``. ``attn_kernel``: ``attention.decode_attention`` (visibility from ``lengths``,
     ``counts``, ``wlen``; ``mask`` unused) instead of SDPA over the masked capacity. ``pending``, ``eps_in``,
-    ``eps_mlp``: as ``gdn_block``. Returns (hidden, pending)."""
+    ``eps_mlp``, ``chain``, ``ready``: as ``gdn_block``. Returns (hidden, pending, ready)."""
     module = layer.self_attn
     if w_qkv is not None:
         _pf(hidden, pf, 0)
-    x, qkv, hidden = _open(layer.input_layernorm, hidden, pending, w_qkv, eps_in, gemv)
+    x, qkv, hidden = _open(layer.input_layernorm, hidden, pending, w_qkv, eps_in, gemv, ready)
     bsz, width, _ = hidden.shape
     q, k, v, gate = (_project(module, x, gated) if w_qkv is None
                      else _split_qkv(module, linear(x, w_qkv, gemv) if qkv is None else qkv, gated))
@@ -531,8 +556,7 @@ def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int,
     if gate is not None:
         out = out * torch.sigmoid(gate)
     _pf(out, pf, 1)
-    return _mlp_tail(layer, hidden, module_linear(out, module.o_proj, w_out, gemv), w_gate_up, gemv, w_down, pf,
-                     fuse_down, eps_mlp)
+    return _close(layer, hidden, out, module.o_proj, w_out, w_gate_up, gemv, w_down, pf, fuse_down, eps_mlp, chain)
 
 
 def positions(lengths, counts, wc: int, width: int) -> torch.Tensor:
@@ -610,7 +634,7 @@ class StaticStep:
                  fuse: bool | None = None, compile_mode: str | None = None, gemv: bool | None = None,
                  prefetch_mb: float | None = None, prefetch_method: str | None = None,
                  fuse_down: bool | None = None, pdl: bool | None = None, attn_kernel: bool | None = None,
-                 fuse_norm: bool | None = None):
+                 fuse_norm: bool | None = None, layer_chain: bool | None = None):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}; got {compile_mode!r}")
         self.model, self.cache = model, cache
@@ -652,6 +676,9 @@ class StaticStep:
         self.fuse_norm = norm_gemv.resolve(fuse_norm, self.gemv) and not self.fuse_down and bool(self.fused)
         if self.fuse_norm:
             self._fold_norms()
+        self.layer_chain = layer_chain_resolve(layer_chain, self.gemv, dev) and self.fuse_norm
+        if self.layer_chain:
+            self._plan_chains()
         self._plan_prefetch(resolve_prefetch(prefetch_mb, dev), prefetch_method or DEFAULT_PREFETCH_METHOD)
         self._set_fns()
         self._shapes: set[tuple] = set()
@@ -700,6 +727,18 @@ class StaticStep:
             if gain is not None:
                 f["w_gate_up"] = norm_gemv.interleave_glu(norm_gemv.fold_gain(f["w_gate_up"], gain[0]))
                 f["eps_mlp"] = gain[1]
+
+    def _plan_chains(self) -> None:
+        """Per layer whose MLP takes the folded norm (``eps_mlp``): ``chain`` = (the next layer's folded input
+        projection or None, its eps) for ``_close``. The next layer's input is ready only where its norm is folded."""
+        n = len(self.model.layers)
+        for i in range(n):
+            f = self.fused.get(i, {})
+            if f.get("eps_mlp") is None or f.get("w_out") is None or f.get("w_down") is None:
+                continue
+            nxt = self.fused.get(i + 1, {}) if i + 1 < n else {}
+            key = "w_qkv" if i + 1 < n and self.model.layer_kinds[i + 1] == ATTENTION else "w_in"
+            f["chain"] = (nxt[key], nxt["eps_in"]) if nxt.get("eps_in") is not None else (None, 0.0)
 
     def _plan_prefetch(self, mb: float, method: str) -> None:
         """The GEMM weights of the step in launch order (per layer: fused input projection, out_proj/o_proj, fused
@@ -828,18 +867,20 @@ class StaticStep:
         hidden, cos, sin, mask = self._prologue(ids, win, wlen, wc, cap,
                                                 ATTENTION in model.layer_kinds and not self.attn_kernel)
         pending = None  # a residual add each block leaves to the next (fused into its norm), or None
+        ready = None  # the next block's input projection, made by this block's layer_chain, or None
         for i, (kind, layer) in enumerate(zip(model.layer_kinds, model.layers)):
             if kind == ATTENTION:
                 kv = cache.attention[i]
-                hidden, pending = self._attn(layer, hidden, kv.key, kv.value, cache.lengths, cos, sin, mask, wc,
-                                             cap, gated, gemv=self.gemv, pf=self._pf.get(i), counts=win,
-                                             wlen=wlen, attn_kernel=self.attn_kernel, pending=pending,
-                                             **self.fused.get(i, {}))
+                hidden, pending, ready = self._attn(layer, hidden, kv.key, kv.value, cache.lengths, cos, sin, mask,
+                                                    wc, cap, gated, gemv=self.gemv, pf=self._pf.get(i), counts=win,
+                                                    wlen=wlen, attn_kernel=self.attn_kernel, pending=pending,
+                                                    ready=ready, **self.fused.get(i, {}))
             else:
                 c = cache.gdn[i]
-                hidden, pending = self._gdn(layer, hidden, c.state, c.conv, self.last_state[i], self.last_conv[i],
-                                            counts, commit, wc, self.recurrence, gemv=self.gemv, pf=self._pf.get(i),
-                                            pending=pending, seen=seen, **self.fused.get(i, {}))
+                hidden, pending, ready = self._gdn(layer, hidden, c.state, c.conv, self.last_state[i],
+                                                   self.last_conv[i], counts, commit, wc, self.recurrence,
+                                                   gemv=self.gemv, pf=self._pf.get(i), pending=pending, seen=seen,
+                                                   ready=ready, **self.fused.get(i, {}))
         self.last_counts.copy_(counts)
         self.last_commit.copy_(commit)
         cache.lengths.add_(torch.where(commit, counts, 0))

@@ -203,6 +203,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--cpu-check", action="store_true")
     ap.add_argument("--tilings", default=",".join(TILINGS))
+    ap.add_argument("--per-launch", default="1,24", help="layers per launch to time")
     a = ap.parse_args()
     if a.cpu_check:
         return cpu_check()
@@ -249,7 +250,7 @@ def main():
         tiling = TILINGS[tname]
         for bk, stages in ((128, 4), (256, 3)):
             for pf in (False, True):
-                for per_launch in (1, layers):
+                for per_launch in [int(v) for v in a.per_launch.split(",")]:
                     name = f"persistent {tname} bk{bk} s{stages} pf{int(pf)} layers/launch {per_launch}"
 
                     def run(per_launch=per_launch, bk=bk, stages=stages, pf=pf, tiling=tiling):

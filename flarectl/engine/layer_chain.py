@@ -1,0 +1,359 @@
+"""The projections between two mixers in one launch: a persistent kernel with grid barriers.
+
+Between one layer's mixer (GDN or attention) and the next layer's, an AR step runs four skinny GEMMs
+(``gemv``, ``norm_gemv``), each its own launch, and each launch costs ~4-7 us over its weight bytes (ramp, tail and
+launch; docs/perf/engine.md, sessions 5-13): ~0.5 ms of the 2.13 ms AR step at C = 8 (Qwen3.5-2B shape).
+``layer_chain`` runs the four as *phases* of one launch of ``G`` programs (one per SM, all resident):
+
+    h1   = hidden + o @ w_out^T                              [M, D]   out_proj and the residual add
+    act  = glu(rstd(h1) * (h1 @ w_gate_up^T))                [M, I]   post-attention norm, gate|up, SwiGLU
+    h2   = h1 + act @ w_down^T                               [M, D]   down and the residual add: the next hidden
+    proj = rstd(h2) * (h2 @ w_next^T)                        [M, Nn]  the next layer's norm and input projection
+
+(``w_gate_up`` / ``w_next`` with the norms' gains folded in and gate|up rows interleaved, as ``norm_gemv`` takes
+them; no ``w_next`` after the last layer: three phases). Every program owns whole column tiles of a phase (full K,
+so no split-K partials: deterministic, and a row's result does not depend on the other rows). Programs meet at a
+grid barrier between phases (an arrival counter, release / acquire at GPU scope); before it waits, each program
+prefetches into L2 the weight rows of its first tile in the next phase (``cp.async.bulk.prefetch.L2``, sm_90+):
+they do not depend on the barrier, so HBM keeps streaming through it. The last program out resets the counter, so
+launches that follow one another on a stream (or in a CUDA graph) share it. A spin that polls ``MAX_SPIN`` times
+gives up and counts a failure (``failures``): a grid that is not all resident (another process on the GPU, MPS)
+gives wrong numbers and a flag, never a hang.
+
+``layer_chain`` (the op ``flarectl::layer_chain``, opaque to torch.compile, capturable in a CUDA graph) is the fast
+path; ``layer_chain_reference`` its pure-torch twin (fp32 products and sums, eager torch's roundings). On CPU the op
+runs the twin unless Triton's interpreter is on; interpreted, the grid is one program (programs run one after
+another, so a barrier could not be met by more), and ``ONLY`` runs one phase alone on more programs (tests).
+
+Off unless asked (``resolve``: env ``FLARECTL_ENGINE_LAYER_CHAIN=1``): not yet timed on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from flarectl.engine import gemv
+from flarectl.engine.envs import env_int
+
+MAX_ROWS = 16
+"""Largest M (C x W tokens) the kernel takes: the AR step up to 16 slots (one 16-row dot tile)."""
+
+MAX_SPIN = 1 << 22
+"""Polls of the barrier counter before a program gives up (seconds on a GPU; a resident grid needs a few hundred)."""
+
+ENABLED: bool | None = None
+"""The static step's default: None reads env ``FLARECTL_ENGINE_LAYER_CHAIN`` (1 on), else off."""
+
+BN_LIMIT = 128
+"""Widest column tile (wider phases loop over tiles)."""
+
+BK_MAX = env_int("FLARECTL_ENGINE_LAYER_CHAIN_BK", 128, low=16, high=512, power_of_two=True)
+"""Largest K block (env ``FLARECTL_ENGINE_LAYER_CHAIN_BK``); the pipeline's stages shrink to fit shared memory."""
+
+
+def resolve(flag: bool | None, use_gemv: bool, device: torch.device) -> bool:
+    """Whether the step chains its projections: ``flag`` (None: ``ENABLED``, else the env), only with the skinny
+    kernels (``use_gemv``) on CUDA or under the interpreter."""
+    if flag is None:
+        flag = ENABLED if ENABLED is not None else os.environ.get("FLARECTL_ENGINE_LAYER_CHAIN", "0").strip().lower() in (
+            "1", "true", "yes", "on")
+    return bool(flag) and use_gemv and (device.type == "cuda" or gemv._interpreting())
+
+
+def _glu(y: torch.Tensor) -> torch.Tensor:
+    return F.silu(y[..., 0::2]) * y[..., 1::2]
+
+
+def _norm_project(h: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    acc = torch.promote_types(h.dtype, torch.float32)
+    hf = h.to(acc)
+    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return ((hf @ w.to(acc).t()) * rstd).to(h.dtype)
+
+
+def layer_chain_reference(o: torch.Tensor, hidden: torch.Tensor, w_out: torch.Tensor, w_gate_up: torch.Tensor,
+                          eps_mlp: float, w_down: torch.Tensor, w_next: torch.Tensor | None,
+                          eps_next: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The twin. o [M, KV] (the mixer's output), hidden [M, D], w_out [D, KV], w_gate_up [2I, D] (gain folded, rows
+    interleaved), w_down [D, I], w_next [Nn, D] (gain folded) or None -> (h2 [M, D], proj [M, Nn], or [M, 0]
+    without ``w_next``), in o's dtype; products and sums in fp32 (fp64 stays fp64), each intermediate rounded to
+    o's dtype as eager torch rounds it."""
+    acc = torch.promote_types(o.dtype, torch.float32)
+    h1 = hidden + (o.to(acc) @ w_out.to(acc).t()).to(o.dtype)
+    act = _glu(_norm_project(h1, w_gate_up, eps_mlp))
+    h2 = h1 + (act.to(acc) @ w_down.to(acc).t()).to(o.dtype)
+    proj = _norm_project(h2, w_next, eps_next) if w_next is not None else o.new_empty(o.shape[0], 0)
+    return h2, proj
+
+
+def block_k(*ks: int) -> int | None:
+    """The K block all phases share: the largest power of two from ``BK_MAX`` down to 16 dividing every K (no K
+    masks), or None."""
+    bk = BK_MAX
+    while bk >= 16:
+        if all(k % bk == 0 for k in ks):
+            return bk
+        bk //= 2
+    return None
+
+
+def tile_n(N: int, programs: int, glu: bool) -> int:
+    """Columns per tile: the narrowest power of two (16, or 32 with the activation: 16 outputs) whose tiles fit one
+    per program, at most ``BN_LIMIT`` (wider phases loop)."""
+    bn = 32 if glu else 16
+    while bn < BN_LIMIT and -(-N // bn) > programs:
+        bn *= 2
+    return bn
+
+
+def applies(o: torch.Tensor, hidden: torch.Tensor, w_out: torch.Tensor, w_gate_up: torch.Tensor | None,
+            w_down: torch.Tensor | None, w_next: torch.Tensor | None) -> bool:
+    """Shapes and dtypes the kernel takes: M <= ``MAX_ROWS`` rows, one float dtype for all, contiguous 2-D weights
+    of matching shapes (even gate|up rows), every K a multiple of 16, on CUDA or interpreted, one device."""
+    if w_gate_up is None or w_down is None:
+        return False
+    D, KV = hidden.shape[-1], o.shape[-1]
+    rows = o.numel() // max(KV, 1)
+    ws = [w_out, w_gate_up, w_down] + ([w_next] if w_next is not None else [])
+    if not (0 < rows <= MAX_ROWS and hidden.numel() == rows * D
+            and o.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and all(w.dim() == 2 and w.is_contiguous() and w.dtype == o.dtype and w.device == o.device for w in ws)
+            and hidden.dtype == o.dtype and (o.is_cuda or gemv._interpreting())):
+        return False
+    inter = w_gate_up.shape[0] // 2
+    ok = (tuple(w_out.shape) == (D, KV) and tuple(w_gate_up.shape) == (2 * inter, D) and inter > 0
+          and tuple(w_down.shape) == (D, inter) and (w_next is None or w_next.shape[1] == D))
+    return ok and block_k(KV, D, inter) is not None
+
+
+# -- the kernel -------------------------------------------------------------------------------------------------
+
+_KERNEL = None
+
+
+def _kernel():
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL
+    import triton
+    import triton.language as tl
+
+    gemv._kernels()  # defines the shared helper gemv._mma
+    _mma = gemv._mma
+
+    @triton.jit
+    def _phase(x, w, y, res, M, eps, pid, G, N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               BK: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+               UPCAST: tl.constexpr):
+        """y = epilogue(prologue(x) @ w^T) over this program's column tiles (pid, pid + G, ...), full K each.
+        NORM: rows scaled by rsqrt(mean(x^2) + eps); GLU: interleaved (gate, up) columns -> silu(gate) * up
+        (y has N / 2 columns); RESIDUAL: res + y. Activations are read from L2 (.cg: other programs wrote them)."""
+        rm = tl.arange(0, BM)
+        rk = tl.arange(0, BK)
+        m_ok = rm < M
+        if NORM:
+            ss = tl.zeros([BM], dtype=tl.float32)
+            for k in range(0, K, BK):
+                a = tl.load(x + rm[:, None] * K + (k + rk)[None, :], mask=m_ok[:, None], other=0.0,
+                            cache_modifier=".cg").to(tl.float32)
+                ss += tl.sum(a * a, axis=1)
+            rstd = 1.0 / tl.sqrt(ss / K + eps)
+        for t in range(pid, tl.cdiv(N, BN), G):
+            rn = t * BN + tl.arange(0, BN)
+            n_ok = rn < N
+            p_w = w + rn[None, :].to(tl.int64) * K + rk[:, None]  # [BK, BN] tile of w^T
+            p_x = x + rm[:, None] * K + rk[None, :]
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for _k in range(0, K, BK):
+                b = tl.load(p_w, mask=n_ok[None, :], other=0.0)
+                a = tl.load(p_x, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+                acc = _mma(acc, a, b, IEEE, UPCAST)
+                p_w += BK
+                p_x += BK
+            if NORM:
+                acc = acc * rstd[:, None]
+            if GLU:  # as eager torch rounds them: y, silu(gate), silu(gate) * up
+                HALF: tl.constexpr = BN // 2
+                o = acc.to(y.dtype.element_ty).to(tl.float32)
+                gate, up = tl.split(tl.reshape(o, [BM, HALF, 2]))
+                act = (gate / (1.0 + tl.exp(-gate))).to(y.dtype.element_ty).to(tl.float32)
+                cols = t * HALF + tl.arange(0, HALF)
+                tl.store(y + rm[:, None] * (N // 2) + cols[None, :], (act * up).to(y.dtype.element_ty),
+                         mask=m_ok[:, None] & (cols < N // 2)[None, :])
+            else:
+                offs = rm[:, None] * N + rn[None, :]
+                mask = m_ok[:, None] & n_ok[None, :]
+                out = acc.to(y.dtype.element_ty)
+                if RESIDUAL:
+                    r = tl.load(res + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                    out = (r.to(tl.float32) + out.to(tl.float32)).to(y.dtype.element_ty)
+                tl.store(y + offs, out, mask=mask)
+
+    @triton.jit
+    def _prefetch(w, pid, N: tl.constexpr, K: tl.constexpr, BN: tl.constexpr, ELEM: tl.constexpr,
+                  PF: tl.constexpr):
+        """Hint: this program's first tile of w (BN whole rows of K) into L2."""
+        if PF:
+            if pid < tl.cdiv(N, BN):
+                rn = tl.minimum(pid * BN + tl.arange(0, BN), N - 1)
+                size = tl.full([BN], K * ELEM, tl.int32)
+                tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                                          [w + rn.to(tl.int64) * K, size], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _grid_sync(sync, target, SPIN: tl.constexpr):
+        """Arrive (release), poll until ``target`` programs have arrived, acquire. After SPIN polls: count a failure
+        in sync[2] and go on."""
+        tl.debug_barrier()  # every thread's stores of this phase issued before the arrival
+        seen = tl.atomic_add(sync, 1, sem="acq_rel", scope="gpu") + 1
+        polls = 0
+        while (seen < target) & (polls < SPIN):
+            seen = tl.load(sync, volatile=True)
+            polls += 1
+        tl.atomic_add(sync, 0, sem="acquire", scope="gpu")
+        if seen < target:
+            tl.atomic_add(sync + 2, 1)
+        tl.debug_barrier()
+
+    globals().update(_phase=_phase, _prefetch=_prefetch, _grid_sync=_grid_sync, _mma=_mma, tl=tl)
+
+    @triton.jit
+    def layer_chain_kernel(o, hidden, w_out, w_gate_up, w_down, w_next, h1, act, h2, proj, sync, M, eps_mlp,
+                           eps_next, D: tl.constexpr, KV: tl.constexpr, I: tl.constexpr, NN: tl.constexpr,
+                           BN_OUT: tl.constexpr, BN_GU: tl.constexpr, BN_DOWN: tl.constexpr,
+                           BN_NEXT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NEXT: tl.constexpr,
+                           ONLY: tl.constexpr, PF: tl.constexpr, ELEM: tl.constexpr, SPIN: tl.constexpr,
+                           IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        pid = tl.program_id(0)
+        G = tl.num_programs(0)
+        if ONLY == 0 or ONLY == 1:
+            _phase(o, w_out, h1, hidden, M, 0.0, pid, G, D, KV, BM, BN_OUT, BK, False, False, True, IEEE, UPCAST)
+        if ONLY == 0:
+            _prefetch(w_gate_up, pid, 2 * I, D, BN_GU, ELEM, PF)
+            _grid_sync(sync, G, SPIN)
+        if ONLY == 0 or ONLY == 2:
+            _phase(h1, w_gate_up, act, h1, M, eps_mlp, pid, G, 2 * I, D, BM, BN_GU, BK, True, True, False, IEEE,
+                   UPCAST)
+        if ONLY == 0:
+            _prefetch(w_down, pid, D, I, BN_DOWN, ELEM, PF)
+            _grid_sync(sync, 2 * G, SPIN)
+        if ONLY == 0 or ONLY == 3:
+            _phase(act, w_down, h2, h1, M, 0.0, pid, G, D, I, BM, BN_DOWN, BK, False, False, True, IEEE, UPCAST)
+        if NEXT:
+            if ONLY == 0:
+                _prefetch(w_next, pid, NN, D, BN_NEXT, ELEM, PF)
+                _grid_sync(sync, 3 * G, SPIN)
+            if ONLY == 0 or ONLY == 4:
+                _phase(h2, w_next, proj, h2, M, eps_next, pid, G, NN, D, BM, BN_NEXT, BK, True, False, False, IEEE,
+                       UPCAST)
+        if ONLY == 0:
+            # the last program out resets the counter: every program is past its last poll by then
+            tl.debug_barrier()
+            out = tl.atomic_add(sync + 1, 1, sem="acq_rel", scope="gpu")
+            if out == G - 1:
+                tl.atomic_xchg(sync, 0)
+                tl.atomic_xchg(sync + 1, 0)
+
+    _KERNEL = layer_chain_kernel
+    return _KERNEL
+
+
+_SYNC: dict[str, torch.Tensor] = {}
+
+
+def sync_buffer(device: torch.device) -> torch.Tensor:
+    """The device's barrier words, kept for the process (graphs hold the address): [arrivals, exits, failures]."""
+    key = str(device)
+    if key not in _SYNC:
+        _SYNC[key] = torch.zeros(4, dtype=torch.int32, device=device)
+    return _SYNC[key]
+
+
+def failures(device: torch.device) -> int:
+    """Barrier spins that gave up on ``device`` since the process started (0 unless the grid was not resident)."""
+    buf = _SYNC.get(str(device))
+    return 0 if buf is None else int(buf[2].item())
+
+
+def programs(device: torch.device) -> int:
+    """The grid: one program per SM on CUDA; one interpreted (programs run one after another there)."""
+    return gemv._sm_count(device) if device.type == "cuda" else 1
+
+
+def launch(o: torch.Tensor, hidden: torch.Tensor, w_out: torch.Tensor, w_gate_up: torch.Tensor, eps_mlp: float,
+           w_down: torch.Tensor, w_next: torch.Tensor | None, eps_next: float, grid: int | None = None,
+           only: int = 0, prefetch: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch (``layer_chain``'s contract, 2-D o / hidden). ``grid``: programs (None: ``programs``); ``only``
+    1-4: that phase alone, without barriers (tests; the inputs of later phases are h1 / act / h2 as left by
+    earlier calls: pass them through ``scratch``); ``prefetch``: the L2 prefetch (None: on sm_90+)."""
+    kernel = _kernel()
+    o, hidden = o.contiguous(), hidden.contiguous()
+    M, KV = o.shape
+    D, inter = hidden.shape[1], w_down.shape[1]
+    NN = w_next.shape[0] if w_next is not None else 0
+    dev = o.device
+    G = programs(dev) if grid is None else grid
+    if only == 0 and G > 1 and not o.is_cuda:
+        raise ValueError("an interpreted chain runs on one program (its barriers need every program resident)")
+    h1, act, h2 = (gemv._empty((M, n), o.dtype, dev) for n in (D, inter, D))
+    proj = gemv._empty((M, NN), o.dtype, dev)
+    _launch(kernel, o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_next, h1, act, h2, proj, G, only,
+            prefetch)
+    return h2, proj
+
+
+def _launch(kernel, o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_next, h1, act, h2, proj, G, only,
+            prefetch):
+    M, KV = o.shape
+    D, inter = hidden.shape[1], w_down.shape[1]
+    NN = w_next.shape[0] if w_next is not None else 0
+    bk = block_k(KV, D, inter)
+    if bk is None:
+        raise ValueError(f"layer_chain needs every K a multiple of 16, got {KV}, {D}, {inter}")
+    f32 = o.dtype == torch.float32
+    if prefetch is None:
+        prefetch = o.is_cuda and torch.cuda.get_device_capability(o.device)[0] >= 9
+    dev = o.device
+    bns = dict(BN_OUT=tile_n(D, G, False), BN_GU=tile_n(2 * inter, G, True), BN_DOWN=tile_n(D, G, False),
+               BN_NEXT=tile_n(max(NN, 1), G, False))
+    bm = gemv.row_block(M)
+    stages = gemv.fit_stages(2 if f32 else 4, bm, max(bns.values()), bk, o.element_size(), gemv.smem_bytes(dev))
+    kernel[(G,)](o, hidden, w_out, w_gate_up, w_down, w_next if w_next is not None else w_out, h1, act, h2, proj,
+                 sync_buffer(dev), M, float(eps_mlp), float(eps_next), D=D, KV=KV, I=inter, NN=max(NN, 1), **bns,
+                 BM=bm, BK=bk,
+                 NEXT=w_next is not None, ONLY=only, PF=bool(prefetch), ELEM=o.element_size(), SPIN=MAX_SPIN,
+                 IEEE=f32, UPCAST=gemv._interpreting() and not f32, num_warps=4, num_stages=stages)
+
+
+def launch_phases(o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_next, grid: int):
+    """Tests: the four phases as four launches of ``grid`` programs each (``ONLY``), no barriers -> (h2, proj, h1,
+    act): checks the partition of tiles over programs, which one interpreted program cannot."""
+    kernel = _kernel()
+    o, hidden = o.contiguous(), hidden.contiguous()
+    M = o.shape[0]
+    D, inter = hidden.shape[1], w_down.shape[1]
+    NN = w_next.shape[0] if w_next is not None else 0
+    h1, act, h2 = (gemv._empty((M, n), o.dtype, o.device) for n in (D, inter, D))
+    proj = gemv._empty((M, NN), o.dtype, o.device)
+    for only in (1, 2, 3, 4) if w_next is not None else (1, 2, 3):
+        _launch(kernel, o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_next, h1, act, h2, proj, grid,
+                only, False)
+    return h2, proj, h1, act
+
+
+@torch.library.custom_op("flarectl::layer_chain", mutates_args=())
+def layer_chain(o: torch.Tensor, hidden: torch.Tensor, w_out: torch.Tensor, w_gate_up: torch.Tensor, eps_mlp: float,
+                w_down: torch.Tensor, w_next: torch.Tensor | None, eps_next: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h2, proj) of ``layer_chain_reference`` in one launch: o [M, KV], hidden [M, D] (M <= ``MAX_ROWS``). The
+    Triton kernel on CUDA or under the interpreter (one program), the twin elsewhere."""
+    if not (o.is_cuda or gemv._interpreting()):
+        return layer_chain_reference(o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_next)
+    return launch(o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_next)
+
+
+@layer_chain.register_fake
+def _(o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_next):
+    return hidden.new_empty(hidden.shape), o.new_empty(o.shape[0], w_next.shape[0] if w_next is not None else 0)
