@@ -50,6 +50,9 @@ ENABLED: bool | None = None
 BN_LIMIT = 128
 """Widest column tile (wider phases loop over tiles)."""
 
+PREFETCH = env_int("FLARECTL_ENGINE_LAYER_CHAIN_PF", 1, low=0, high=1)
+"""The L2 prefetch of each program's next tile before a barrier, on sm_90+ (env ``FLARECTL_ENGINE_LAYER_CHAIN_PF``)."""
+
 BK_MAX = env_int("FLARECTL_ENGINE_LAYER_CHAIN_BK", 128, low=16, high=512, power_of_two=True)
 """Largest K block (env ``FLARECTL_ENGINE_LAYER_CHAIN_BK``); the pipeline's stages shrink to fit shared memory."""
 
@@ -287,8 +290,7 @@ def launch(o: torch.Tensor, hidden: torch.Tensor, w_out: torch.Tensor, w_gate_up
            w_down: torch.Tensor, w_next: torch.Tensor | None, eps_next: float, grid: int | None = None,
            only: int = 0, prefetch: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch (``layer_chain``'s contract, 2-D o / hidden). ``grid``: programs (None: ``programs``); ``only``
-    1-4: that phase alone, without barriers (tests; the inputs of later phases are h1 / act / h2 as left by
-    earlier calls: pass them through ``scratch``); ``prefetch``: the L2 prefetch (None: on sm_90+)."""
+    1-4: that phase alone, without barriers (tests, through ``launch_phases``); ``prefetch``: the L2 prefetch (None: ``PREFETCH``, on sm_90+)."""
     kernel = _kernel()
     o, hidden = o.contiguous(), hidden.contiguous()
     M, KV = o.shape
@@ -315,7 +317,7 @@ def _launch(kernel, o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_ne
         raise ValueError(f"layer_chain needs every K a multiple of 16, got {KV}, {D}, {inter}")
     f32 = o.dtype == torch.float32
     if prefetch is None:
-        prefetch = o.is_cuda and torch.cuda.get_device_capability(o.device)[0] >= 9
+        prefetch = bool(PREFETCH) and o.is_cuda and torch.cuda.get_device_capability(o.device)[0] >= 9
     dev = o.device
     bns = dict(BN_OUT=tile_n(D, G, False), BN_GU=tile_n(2 * inter, G, True), BN_DOWN=tile_n(D, G, False),
                BN_NEXT=tile_n(max(NN, 1), G, False))
