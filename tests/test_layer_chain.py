@@ -96,7 +96,9 @@ if not CHILD:
         a = _problem(4, 32, 48, 24 * 2, 40)
         args = (a["o"], a["hidden"], a["w_out"], a["w_gate_up"], a["w_down"], a["w_next"])
         assert not lc.applies(*args)  # CPU, not interpreting
-        assert lc.block_k(2048, 2048, 6144) == 128 and lc.block_k(48, 32) == 16 and lc.block_k(48, 40) is None
+        assert [lc.block_k(2048, 16, 2), lc.block_k(6144, 128, 2), lc.block_k(2048, 64, 2), lc.block_k(48, 16, 2),
+                lc.block_k(2048, 16, 4)] == [512, 128, 256, 16, 512]
+        assert lc.block_k(40, 16, 2) is None
         assert [lc.tile_n(n, 132, glu) for n, glu in ((8224, False), (2048, False), (12288, True), (10 ** 6, False))] \
             == [64, 16, 128, 128]
         assert lc.tile_n(12288, 1, True) == 128 and lc.tile_n(40, 8, True) == 32

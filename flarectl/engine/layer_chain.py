@@ -53,8 +53,11 @@ BN_LIMIT = 128
 PREFETCH = env_int("FLARECTL_ENGINE_LAYER_CHAIN_PF", 1, low=0, high=1)
 """The L2 prefetch of each program's next tile before a barrier, on sm_90+ (env ``FLARECTL_ENGINE_LAYER_CHAIN_PF``)."""
 
-BK_MAX = env_int("FLARECTL_ENGINE_LAYER_CHAIN_BK", 128, low=16, high=512, power_of_two=True)
-"""Largest K block (env ``FLARECTL_ENGINE_LAYER_CHAIN_BK``); the pipeline's stages shrink to fit shared memory."""
+TILE_KB = env_int("FLARECTL_ENGINE_LAYER_CHAIN_TILE_KB", 32, low=1, high=128, power_of_two=True)
+"""Weight bytes (KB) per pipeline stage of every phase (env ``FLARECTL_ENGINE_LAYER_CHAIN_TILE_KB``): a phase of
+narrow tiles takes longer K blocks, so each program keeps as many bytes in flight as one of wide tiles."""
+
+BK_MAX = 512
 
 
 def resolve(flag: bool | None, use_gemv: bool, device: torch.device) -> bool:
@@ -92,15 +95,15 @@ def layer_chain_reference(o: torch.Tensor, hidden: torch.Tensor, w_out: torch.Te
     return h2, proj
 
 
-def block_k(*ks: int) -> int | None:
-    """The K block all phases share: the largest power of two from ``BK_MAX`` down to 16 dividing every K (no K
-    masks), or None."""
-    bk = BK_MAX
-    while bk >= 16:
-        if all(k % bk == 0 for k in ks):
-            return bk
+def block_k(K: int, bn: int, elem: int) -> int | None:
+    """A phase's K block: ``TILE_KB`` of weights per stage over ``bn`` columns, a power of two in [16, ``BK_MAX``]
+    that divides K (no K masks), or None."""
+    bk = 16
+    while bk * 2 <= min(BK_MAX, TILE_KB * 1024 // (bn * elem)):
+        bk *= 2
+    while bk >= 16 and K % bk:
         bk //= 2
-    return None
+    return bk if bk >= 16 else None
 
 
 def tile_n(N: int, programs: int, glu: bool) -> int:
@@ -129,7 +132,7 @@ def applies(o: torch.Tensor, hidden: torch.Tensor, w_out: torch.Tensor, w_gate_u
     inter = w_gate_up.shape[0] // 2
     ok = (tuple(w_out.shape) == (D, KV) and tuple(w_gate_up.shape) == (2 * inter, D) and inter > 0
           and tuple(w_down.shape) == (D, inter) and (w_next is None or w_next.shape[1] == D))
-    return ok and block_k(KV, D, inter) is not None
+    return ok and all(k % 16 == 0 for k in (KV, D, inter))
 
 
 # -- the kernel -------------------------------------------------------------------------------------------------
@@ -150,7 +153,7 @@ def _kernel():
     @triton.jit
     def _phase(x, w, y, res, M, eps, pid, G, N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                BK: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
-               UPCAST: tl.constexpr):
+               UPCAST: tl.constexpr, STAGES: tl.constexpr):
         """y = epilogue(prologue(x) @ w^T) over this program's column tiles (pid, pid + G, ...), full K each.
         NORM: rows scaled by rsqrt(mean(x^2) + eps); GLU: interleaved (gate, up) columns -> silu(gate) * up
         (y has N / 2 columns); RESIDUAL: res + y. Activations are read from L2 (.cg: other programs wrote them)."""
@@ -170,7 +173,7 @@ def _kernel():
             p_w = w + rn[None, :].to(tl.int64) * K + rk[:, None]  # [BK, BN] tile of w^T
             p_x = x + rm[:, None] * K + rk[None, :]
             acc = tl.zeros([BM, BN], dtype=tl.float32)
-            for _k in range(0, K, BK):
+            for _k in tl.range(0, K, BK, num_stages=STAGES):
                 b = tl.load(p_w, mask=n_ok[None, :], other=0.0)
                 a = tl.load(p_x, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
                 acc = _mma(acc, a, b, IEEE, UPCAST)
@@ -227,31 +230,34 @@ def _kernel():
     def layer_chain_kernel(o, hidden, w_out, w_gate_up, w_down, w_next, h1, act, h2, proj, sync, M, eps_mlp,
                            eps_next, D: tl.constexpr, KV: tl.constexpr, I: tl.constexpr, NN: tl.constexpr,
                            BN_OUT: tl.constexpr, BN_GU: tl.constexpr, BN_DOWN: tl.constexpr,
-                           BN_NEXT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NEXT: tl.constexpr,
+                           BN_NEXT: tl.constexpr, BK_OUT: tl.constexpr, BK_GU: tl.constexpr,
+                           BK_DOWN: tl.constexpr, BK_NEXT: tl.constexpr, BM: tl.constexpr, NEXT: tl.constexpr,
                            ONLY: tl.constexpr, PF: tl.constexpr, ELEM: tl.constexpr, SPIN: tl.constexpr,
-                           IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                           IEEE: tl.constexpr, UPCAST: tl.constexpr, STAGES: tl.constexpr):
         pid = tl.program_id(0)
         G = tl.num_programs(0)
         if ONLY == 0 or ONLY == 1:
-            _phase(o, w_out, h1, hidden, M, 0.0, pid, G, D, KV, BM, BN_OUT, BK, False, False, True, IEEE, UPCAST)
+            _phase(o, w_out, h1, hidden, M, 0.0, pid, G, D, KV, BM, BN_OUT, BK_OUT, False, False, True, IEEE, UPCAST,
+                   STAGES)
         if ONLY == 0:
             _prefetch(w_gate_up, pid, 2 * I, D, BN_GU, ELEM, PF)
             _grid_sync(sync, G, SPIN)
         if ONLY == 0 or ONLY == 2:
-            _phase(h1, w_gate_up, act, h1, M, eps_mlp, pid, G, 2 * I, D, BM, BN_GU, BK, True, True, False, IEEE,
-                   UPCAST)
+            _phase(h1, w_gate_up, act, h1, M, eps_mlp, pid, G, 2 * I, D, BM, BN_GU, BK_GU, True, True, False, IEEE,
+                   UPCAST, STAGES)
         if ONLY == 0:
             _prefetch(w_down, pid, D, I, BN_DOWN, ELEM, PF)
             _grid_sync(sync, 2 * G, SPIN)
         if ONLY == 0 or ONLY == 3:
-            _phase(act, w_down, h2, h1, M, 0.0, pid, G, D, I, BM, BN_DOWN, BK, False, False, True, IEEE, UPCAST)
+            _phase(act, w_down, h2, h1, M, 0.0, pid, G, D, I, BM, BN_DOWN, BK_DOWN, False, False, True, IEEE,
+                   UPCAST, STAGES)
         if NEXT:
             if ONLY == 0:
                 _prefetch(w_next, pid, NN, D, BN_NEXT, ELEM, PF)
                 _grid_sync(sync, 3 * G, SPIN)
             if ONLY == 0 or ONLY == 4:
-                _phase(h2, w_next, proj, h2, M, eps_next, pid, G, NN, D, BM, BN_NEXT, BK, True, False, False, IEEE,
-                       UPCAST)
+                _phase(h2, w_next, proj, h2, M, eps_next, pid, G, NN, D, BM, BN_NEXT, BK_NEXT, True, False, False,
+                       IEEE, UPCAST, STAGES)
         if ONLY == 0:
             # the last program out resets the counter: every program is past its last poll by then
             tl.debug_barrier()
@@ -312,8 +318,7 @@ def _launch(kernel, o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_ne
     M, KV = o.shape
     D, inter = hidden.shape[1], w_down.shape[1]
     NN = w_next.shape[0] if w_next is not None else 0
-    bk = block_k(KV, D, inter)
-    if bk is None:
+    if any(k % 16 for k in (KV, D, inter)):
         raise ValueError(f"layer_chain needs every K a multiple of 16, got {KV}, {D}, {inter}")
     f32 = o.dtype == torch.float32
     if prefetch is None:
@@ -321,13 +326,16 @@ def _launch(kernel, o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_ne
     dev = o.device
     bns = dict(BN_OUT=tile_n(D, G, False), BN_GU=tile_n(2 * inter, G, True), BN_DOWN=tile_n(D, G, False),
                BN_NEXT=tile_n(max(NN, 1), G, False))
-    bm = gemv.row_block(M)
-    stages = gemv.fit_stages(2 if f32 else 4, bm, max(bns.values()), bk, o.element_size(), gemv.smem_bytes(dev))
+    bm, elem = gemv.row_block(M), o.element_size()
+    bks = dict(BK_OUT=block_k(KV, bns["BN_OUT"], elem), BK_GU=block_k(D, bns["BN_GU"], elem),
+               BK_DOWN=block_k(inter, bns["BN_DOWN"], elem), BK_NEXT=block_k(D, bns["BN_NEXT"], elem))
+    widest = max((bm * bk + bk * bn) for bk, bn in zip(bks.values(), bns.values()))  # elements per stage
+    stages = max(1, min(2 if f32 else 4, (gemv.smem_bytes(dev) - 8 * 1024) // (widest * elem)))
     kernel[(G,)](o, hidden, w_out, w_gate_up, w_down, w_next if w_next is not None else w_out, h1, act, h2, proj,
                  sync_buffer(dev), M, float(eps_mlp), float(eps_next), D=D, KV=KV, I=inter, NN=max(NN, 1), **bns,
-                 BM=bm, BK=bk,
+                 **bks, BM=bm,
                  NEXT=w_next is not None, ONLY=only, PF=bool(prefetch), ELEM=o.element_size(), SPIN=MAX_SPIN,
-                 IEEE=f32, UPCAST=gemv._interpreting() and not f32, num_warps=4, num_stages=stages)
+                 IEEE=f32, UPCAST=gemv._interpreting() and not f32, num_warps=4, num_stages=stages, STAGES=stages)
 
 
 def launch_phases(o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_next, grid: int):

@@ -3,7 +3,8 @@
 # 1. the layer-chain GPU tests (tests/test_layer_chain.py -m gpu: the real grid with its barriers at the 2B shapes,
 #    graphed; the chained engine step == unchained);
 # 2. the CLI step cost (AR / trust / window, C=8, Qwen3.5-2B shape, random weights) per STEP_VARIANTS (default
-#    "off chain": the defaults; FLARECTL_ENGINE_LAYER_CHAIN=1; also chain256 = the chain with K blocks of 256,
+#    "off chain": the defaults; FLARECTL_ENGINE_LAYER_CHAIN=1; also chain16 / chain64 = the chain with 16 / 64 KB of
+#    weights per pipeline stage,
 #    chain_nopf = the chain without its L2 prefetch, pre32 = PDL with 32 KB preloaded), one process each, same machine, ~110 s each;
 # 3. the persistent-chain probe (scripts/gpu/engine_persistent_chain.py, PROBE_TIMEOUT s, one layer per launch).
 source scripts/gpu/engine_setup.sh
@@ -16,7 +17,8 @@ for v in ${STEP_VARIANTS:-off chain}; do
   case $v in
     off) envs="FLARECTL_ENGINE_LAYER_CHAIN=0" ;;
     chain) envs="FLARECTL_ENGINE_LAYER_CHAIN=1" ;;
-    chain256) envs="FLARECTL_ENGINE_LAYER_CHAIN=1 FLARECTL_ENGINE_LAYER_CHAIN_BK=256" ;;
+    chain16) envs="FLARECTL_ENGINE_LAYER_CHAIN=1 FLARECTL_ENGINE_LAYER_CHAIN_TILE_KB=16" ;;
+    chain64) envs="FLARECTL_ENGINE_LAYER_CHAIN=1 FLARECTL_ENGINE_LAYER_CHAIN_TILE_KB=64" ;;
     chain_nopf) envs="FLARECTL_ENGINE_LAYER_CHAIN=1 FLARECTL_ENGINE_LAYER_CHAIN_PF=0" ;;
     pre32) envs="FLARECTL_ENGINE_PDL=1 FLARECTL_ENGINE_PDL_PRELOAD_KB=32" ;;
   esac
