@@ -28,6 +28,7 @@ for v in ${STEP_VARIANTS:-off chain}; do
   cp /tmp/step_$v/bench.json "$OUT/step_cost_$v.json" 2>/dev/null
   echo "== $v ($envs) $(( $(date +%s) - s )) s"; grep -E "^│ (ar|trust|window) " "$OUT/step_cost_$v.log"
 done
+[ "${PROBE_TIMEOUT:-100}" -gt 0 ] || exit 0
 timeout "${PROBE_TIMEOUT:-100}" python3 scripts/gpu/engine_persistent_chain.py --out "$OUT" --per-launch 1 \
   > "$OUT/persistent_chain.log" 2>&1
 echo "== probe rc $?"; grep -v "^\[" "$OUT/persistent_chain.log" | tail -16; grep -E "chain \(|copy|Error" "$OUT/persistent_chain.log" | head -6
