@@ -256,3 +256,28 @@ else:
         finally:
             lc.launch = orig
         assert len(calls) >= 4 * len(m.layers), "the chain did not close every layer"
+
+    def test_a_barrier_that_gave_up_fails_the_engine():
+        """A flagged barrier (sync[2] counts a spin that gave up) ends the run in a FlareError before the finished
+        request is handed out; a failure counted before the step was built is not this step's."""
+        from flarectl.engine.backends import SlotBackend
+        from flarectl.engine.engine import Engine
+        from flarectl.engine.requests import Request
+        from flarectl.errors import FlareError
+        from flarectl.models.loading import load_model
+
+        m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+        flags = lc.sync_buffer(torch.device("cpu"))
+        flags[2] += 1  # an earlier engine's failure
+        engine = Engine(m, concurrency=2, capacity=64)
+        engine.backend = SlotBackend(m, 2, 64, fuse=True, gemv=True, fuse_norm=True, layer_chain=True)
+        assert engine.backend.eager.layer_chain
+        for p in ([5, 6, 7], [8, 9]):
+            engine.submit(Request(prompt=p, max_new_tokens=3, stop_ids=[-1]))
+        assert [r.finish_reason for r in engine.run()] == ["length", "length"]
+        engine.submit(Request(prompt=[10, 11], max_new_tokens=4))
+        engine.step()
+        flags[2] += 1  # a barrier of the next step gives up
+        with pytest.raises(FlareError, match="FLARECTL_ENGINE_LAYER_CHAIN=0"):
+            engine.run()
+        assert len(engine.done) == 2

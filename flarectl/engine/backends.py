@@ -109,6 +109,10 @@ class SlotBackend:
         if rows is not None:
             self.eager.commit_last(rows)
 
+    def check(self) -> None:
+        """Raise ``FlareError`` if the step's device kernels flagged wrong outputs (``StaticStep.check``)."""
+        self.eager.check()
+
     @torch.no_grad()
     def warmup(self, shapes: list[tuple[int, int]]) -> None:
         """Run (and on CUDA capture) each (Wc, Ww) step shape once, and compile the prefill shape, with nothing
@@ -137,6 +141,9 @@ class AdapterBackend:
         self.model = model
         self.capacity = capacity
         self.cache = model.new_cache(slots, capacity)
+
+    def check(self) -> None:
+        """Nothing to check: no kernel here flags its outputs."""
 
     def prefill(self, slots: list[int], contexts: list[list[int]]) -> None:
         prefill_into(self.model, self.cache, slots, contexts)
@@ -169,6 +176,9 @@ class RecomputeBackend:
         self.model = model
         self.capacity = capacity
         self.committed: list[list[int] | None] = [None] * slots
+
+    def check(self) -> None:
+        """Nothing to check: no kernel here flags its outputs."""
 
     def prefill(self, slots: list[int], contexts: list[list[int]]) -> None:
         for s, ctx in zip(slots, contexts):

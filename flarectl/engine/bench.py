@@ -335,6 +335,7 @@ def step_cost(model, *, concurrency: list[int], block_size: int, context: int = 
                     _sync(dev)
                     times.append(time.perf_counter() - t0)
             rows.append(StepCost(kind, c, wc, ww, 1000 * percentile(times, 50), roof_ms))
+        be.check()  # times of steps whose kernels flagged their outputs are not reported
     return {"weight_bytes": wbytes, "gdn_kernel": getattr(be, "gdn_kernel", None),
             "cuda_graphs": getattr(be, "cuda_graphs", False), "compiled": getattr(be, "compiled", False),
             **step_paths(be), "copy_bandwidth_bytes_per_s": bw, "roofline_ms": roof_ms,

@@ -227,7 +227,10 @@ class Engine:
         for slot in late:
             self.rows[slot].commit_late = False
         self.backend.finish_step(self._slot_mask(late) if late else None)
-        for slot in [s for s, r in self.rows.items() if r.finish is not None]:
+        finished = [s for s, r in self.rows.items() if r.finish is not None]
+        if finished:
+            self.backend.check()  # no result leaves if a kernel flagged its outputs
+        for slot in finished:
             row = self.rows.pop(slot)
             self.done[row.index] = row.result()
             self.backend.release(slot)

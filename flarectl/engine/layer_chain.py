@@ -18,7 +18,8 @@ prefetches into L2 the weight rows of its first tile in the next phase (``cp.asy
 they do not depend on the barrier, so HBM keeps streaming through it. The last program out resets the counter, so
 launches that follow one another on a stream (or in a CUDA graph) share it. A spin that polls ``MAX_SPIN`` times
 gives up and counts a failure (``failures``): a grid that is not all resident (another process on the GPU, MPS)
-gives wrong numbers and a flag, never a hang.
+gives wrong numbers and a flag, never a hang; the engine checks the flag (``check``) before it hands out a finished
+request, so wrong numbers end in a one-line error, never in a result.
 
 ``layer_chain`` (the op ``flarectl::layer_chain``, opaque to torch.compile, capturable in a CUDA graph) is the fast
 path; ``layer_chain_reference`` its pure-torch twin (fp32 products and sums, eager torch's roundings). On CPU the op
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 from flarectl.engine import gemv
 from flarectl.engine.envs import env_int
+from flarectl.errors import FlareError
 
 MAX_ROWS = 16
 """Largest M (C x W tokens) the kernel takes: the AR step up to 16 slots (one 16-row dot tile)."""
@@ -285,6 +287,16 @@ def failures(device: torch.device) -> int:
     """Barrier spins that gave up on ``device`` since the process started (0 unless the grid was not resident)."""
     buf = _SYNC.get(str(device))
     return 0 if buf is None else int(buf[2].item())
+
+
+def check(device: torch.device, since: int = 0) -> None:
+    """Raise ``FlareError`` (one line) if a barrier spin on ``device`` gave up after ``since`` failures had been
+    counted: the outputs of that launch, and of what followed it, are not to be trusted."""
+    n = failures(device) - since
+    if n > 0:
+        raise FlareError(f"layer chain: {n} grid barrier wait(s) on {device} gave up (the grid was not all resident: "
+                         "another process or MPS sharing the GPU?); outputs since are wrong — rerun with "
+                         "FLARECTL_ENGINE_LAYER_CHAIN=0")
 
 
 def programs(device: torch.device) -> int:

@@ -42,7 +42,7 @@ from flarectl.engine.gemv import tune_mode as gemv_tune_mode
 from flarectl.engine import layer_chain, norm_gemv
 from flarectl.engine.attention import attention_mask, decode_attention
 from flarectl.engine.attention import resolve as resolve_attn
-from flarectl.engine.layer_chain import resolve as layer_chain_resolve
+from flarectl.engine.layer_chain import failures as layer_chain_failures, resolve as layer_chain_resolve
 from flarectl.engine.prefetch import l2_prefetch
 from flarectl.models.adapter import ATTENTION
 from flarectl.models.attention import _project, apply_rope
@@ -679,6 +679,7 @@ class StaticStep:
         self.layer_chain = layer_chain_resolve(layer_chain, self.gemv, dev) and self.fuse_norm
         if self.layer_chain:
             self._plan_chains()
+        self._chain_failures = layer_chain_failures(dev) if self.layer_chain else 0
         self._plan_prefetch(resolve_prefetch(prefetch_mb, dev), prefetch_method or DEFAULT_PREFETCH_METHOD)
         self._set_fns()
         self._shapes: set[tuple] = set()
@@ -778,6 +779,12 @@ class StaticStep:
             c.state.copy_(torch.where(rows[:, None, None, None], self.last_state[i], c.state))
             c.conv.copy_(torch.where(rows[:, None, None], self.last_conv[i], c.conv))
         self.cache.lengths.add_(torch.where(rows, self.last_counts, 0))
+
+    def check(self) -> None:
+        """Raise ``FlareError`` if a layer-chain barrier gave up since this step was built (``layer_chain.check``); a
+        device read, so callers check once per finished request, not per step. Nothing to check without the chain."""
+        if self.layer_chain:
+            layer_chain.check(self.cache.lengths.device, self._chain_failures)
 
     def _attended_slots(self, wc: int) -> int:
         """How many cache slots attention reads: the whole capacity on CUDA (static shapes for graph capture); on
