@@ -99,9 +99,12 @@ if not CHILD:
         assert [lc.block_k(2048, 16, 2), lc.block_k(6144, 128, 2), lc.block_k(2048, 64, 2), lc.block_k(48, 16, 2),
                 lc.block_k(2048, 16, 4)] == [512, 128, 256, 16, 512]
         assert lc.block_k(40, 16, 2) is None
-        assert [lc.tile_n(n, 132, glu) for n, glu in ((8224, False), (2048, False), (12288, True), (10 ** 6, False))] \
-            == [64, 16, 128, 128]
-        assert lc.tile_n(12288, 1, True) == 128 and lc.tile_n(40, 8, True) == 32
+        shapes = ((8224, False), (2048, False), (12288, True), (5120, False), (10 ** 6, False))
+        assert [lc.tile_n(n, 132, glu, "fit") for n, glu in shapes] == [64, 16, 128, 64, 128]
+        assert [lc.tile_n(n, 132, glu, "balance") for n, glu in shapes] == [64, 16, 32, 16, 32]
+        assert lc.tile_n(160, 2, True, "balance") == 32 and lc.tile_n(160, 2, True, "fit") == 128
+        for tiling in lc.TILINGS:
+            assert lc.tile_n(12288, 1, True, tiling) == 128 and lc.tile_n(40, 8, True, tiling) == 32
         cpu = torch.device("cpu")
         assert not lc.resolve(True, True, cpu)
         monkeypatch.setattr(lc.gemv, "_INTERPRET", True)
@@ -148,15 +151,17 @@ if not CHILD:
         assert not any("chain" in f for f in off.fused.values())
 
     @pytest.mark.gpu
-    @pytest.mark.parametrize("M", [1, 8, 16])
-    def test_layer_chain_on_cuda_matches_twin(M):
+    @pytest.mark.parametrize("M,tiling", [(1, "fit"), (8, "fit"), (16, "fit"), (8, "balance"), (16, "balance")])
+    def test_layer_chain_on_cuda_matches_twin(M, tiling, monkeypatch):
         """The real grid (one program per SM, barriers, L2 prefetch) at the Qwen3.5-2B shapes (bf16; GDN out_proj
-        2048, MLP 6144, next in_proj 8224 and none), eager and replayed in a CUDA graph: close to the fp64 chain as
-        the twin is, bitwise the same on every replay, the barrier words back at zero, no failed spin."""
+        2048, MLP 6144, next in_proj 8224 (GDN) / 5120 (attention) / none), eager and replayed in a CUDA graph: close
+        to the fp64 chain as the twin is, bitwise the same on every replay, the barrier words back at zero, no failed
+        spin."""
         if not torch.cuda.is_available():
             pytest.skip("no CUDA")
+        monkeypatch.setattr(lc, "TILING", tiling)
         dev = torch.device("cuda")
-        for NN in (8224, 0):
+        for NN in (8224, 5120, 0):
             a = _problem(M, 2048, 2048, 6144, NN, torch.bfloat16, dev, seed=M)
             eager = _call(lc.layer_chain, a)
             _close_to_truth(eager, a)
@@ -218,10 +223,11 @@ else:
         _close_to_truth(_call(lc.layer_chain, b), b)
         assert lc.sync_buffer(torch.device("cpu")).tolist() == [0, 0, 0, 0]
 
-    @pytest.mark.parametrize("grid", [2, 3, 7])
-    def test_phases_on_several_programs_match_one(grid):
+    @pytest.mark.parametrize("grid,tiling", [(2, "fit"), (3, "fit"), (7, "fit"), (2, "balance"), (3, "balance")])
+    def test_phases_on_several_programs_match_one(grid, tiling, monkeypatch):
         """Each phase alone on ``grid`` programs (tiles pid, pid + grid, ...) gives the one-program chain's values
-        bitwise (fp32), intermediates included."""
+        bitwise (fp32), intermediates included; 'balance' gives programs several tiles (gate|up on 2: 3 and 2)."""
+        monkeypatch.setattr(lc, "TILING", tiling)
         a = _problem(6, 48, 32, 80, 72, seed=grid)
         h2, proj = _call(lc.layer_chain, a)
         p_h2, p_proj, h1, act = _call(lc.launch_phases, a, grid=grid)

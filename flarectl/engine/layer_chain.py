@@ -61,6 +61,13 @@ narrow tiles takes longer K blocks, so each program keeps as many bytes in fligh
 
 BK_MAX = 512
 
+TILINGS = ("fit", "balance")
+TILING = os.environ.get("FLARECTL_ENGINE_LAYER_CHAIN_TILING", "fit").strip().lower()
+"""How a phase's columns become tiles (env ``FLARECTL_ENGINE_LAYER_CHAIN_TILING``; ``tile_n``): 'fit' (one tile per
+program where it fits) or 'balance' (the fewest columns on the busiest program)."""
+if TILING not in TILINGS:
+    raise FlareError(f"FLARECTL_ENGINE_LAYER_CHAIN_TILING must be one of {', '.join(TILINGS)}; got {TILING!r}")
+
 
 def resolve(flag: bool | None, use_gemv: bool, device: torch.device) -> bool:
     """Whether the step chains its projections: ``flag`` (None: ``ENABLED``, else the env), only with the skinny
@@ -108,13 +115,18 @@ def block_k(K: int, bn: int, elem: int) -> int | None:
     return bk if bk >= 16 else None
 
 
-def tile_n(N: int, programs: int, glu: bool) -> int:
-    """Columns per tile: the narrowest power of two (16, or 32 with the activation: 16 outputs) whose tiles fit one
-    per program, at most ``BN_LIMIT`` (wider phases loop)."""
-    bn = 32 if glu else 16
-    while bn < BN_LIMIT and -(-N // bn) > programs:
-        bn *= 2
-    return bn
+def tile_n(N: int, programs: int, glu: bool, tiling: str | None = None) -> int:
+    """Columns per tile, a power of two from 16 (32 with the activation: 16 outputs) to ``BN_LIMIT``. ``tiling``
+    (None: ``TILING``) 'fit': the narrowest whose tiles fit one per program (wider phases loop); 'balance': the one
+    that puts the fewest columns on the busiest program (ties: the widest). E.g. gate|up of the Qwen3.5-2B shape
+    (12,288 columns) on 132 programs: 'fit' 96 tiles of 128 (36 programs idle), 'balance' 384 of 32 (96 columns on
+    the busiest program)."""
+    narrow = 32 if glu else 16
+    widths = [narrow << i for i in range(8) if narrow << i <= max(BN_LIMIT, narrow)]
+    if (tiling or TILING) == "balance":
+        busiest = lambda bn: -(-(-(-N // bn)) // programs) * bn  # noqa: E731
+        return min(reversed(widths), key=busiest)
+    return next((bn for bn in widths if -(-N // bn) <= programs), widths[-1])
 
 
 def applies(o: torch.Tensor, hidden: torch.Tensor, w_out: torch.Tensor, w_gate_up: torch.Tensor | None,
@@ -155,10 +167,11 @@ def _kernel():
     @triton.jit
     def _phase(x, w, y, res, M, eps, pid, G, N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                BK: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
-               UPCAST: tl.constexpr, STAGES: tl.constexpr):
+               UPCAST: tl.constexpr, STAGES: tl.constexpr, ELEM: tl.constexpr, PF: tl.constexpr):
         """y = epilogue(prologue(x) @ w^T) over this program's column tiles (pid, pid + G, ...), full K each.
         NORM: rows scaled by rsqrt(mean(x^2) + eps); GLU: interleaved (gate, up) columns -> silu(gate) * up
-        (y has N / 2 columns); RESIDUAL: res + y. Activations are read from L2 (.cg: other programs wrote them)."""
+        (y has N / 2 columns); RESIDUAL: res + y. Activations are read from L2 (.cg: other programs wrote them).
+        PF: each tile first asks L2 for the program's next one (a no-op with one tile per program)."""
         rm = tl.arange(0, BM)
         rk = tl.arange(0, BK)
         m_ok = rm < M
@@ -170,6 +183,7 @@ def _kernel():
                 ss += tl.sum(a * a, axis=1)
             rstd = 1.0 / tl.sqrt(ss / K + eps)
         for t in range(pid, tl.cdiv(N, BN), G):
+            _prefetch(w, t + G, N, K, BN, ELEM, PF)
             rn = t * BN + tl.arange(0, BN)
             n_ok = rn < N
             p_w = w + rn[None, :].to(tl.int64) * K + rk[:, None]  # [BK, BN] tile of w^T
@@ -201,12 +215,12 @@ def _kernel():
                 tl.store(y + offs, out, mask=mask)
 
     @triton.jit
-    def _prefetch(w, pid, N: tl.constexpr, K: tl.constexpr, BN: tl.constexpr, ELEM: tl.constexpr,
+    def _prefetch(w, tile, N: tl.constexpr, K: tl.constexpr, BN: tl.constexpr, ELEM: tl.constexpr,
                   PF: tl.constexpr):
-        """Hint: this program's first tile of w (BN whole rows of K) into L2."""
+        """Hint: tile ``tile`` of w (BN whole rows of K) into L2, if there is one."""
         if PF:
-            if pid < tl.cdiv(N, BN):
-                rn = tl.minimum(pid * BN + tl.arange(0, BN), N - 1)
+            if tile < tl.cdiv(N, BN):
+                rn = tl.minimum(tile * BN + tl.arange(0, BN), N - 1)
                 size = tl.full([BN], K * ELEM, tl.int32)
                 tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
                                           [w + rn.to(tl.int64) * K, size], dtype=tl.int32, is_pure=False, pack=1)
@@ -240,26 +254,26 @@ def _kernel():
         G = tl.num_programs(0)
         if ONLY == 0 or ONLY == 1:
             _phase(o, w_out, h1, hidden, M, 0.0, pid, G, D, KV, BM, BN_OUT, BK_OUT, False, False, True, IEEE, UPCAST,
-                   STAGES)
+                   STAGES, ELEM, PF)
         if ONLY == 0:
             _prefetch(w_gate_up, pid, 2 * I, D, BN_GU, ELEM, PF)
             _grid_sync(sync, G, SPIN)
         if ONLY == 0 or ONLY == 2:
             _phase(h1, w_gate_up, act, h1, M, eps_mlp, pid, G, 2 * I, D, BM, BN_GU, BK_GU, True, True, False, IEEE,
-                   UPCAST, STAGES)
+                   UPCAST, STAGES, ELEM, PF)
         if ONLY == 0:
             _prefetch(w_down, pid, D, I, BN_DOWN, ELEM, PF)
             _grid_sync(sync, 2 * G, SPIN)
         if ONLY == 0 or ONLY == 3:
             _phase(act, w_down, h2, h1, M, 0.0, pid, G, D, I, BM, BN_DOWN, BK_DOWN, False, False, True, IEEE,
-                   UPCAST, STAGES)
+                   UPCAST, STAGES, ELEM, PF)
         if NEXT:
             if ONLY == 0:
                 _prefetch(w_next, pid, NN, D, BN_NEXT, ELEM, PF)
                 _grid_sync(sync, 3 * G, SPIN)
             if ONLY == 0 or ONLY == 4:
                 _phase(h2, w_next, proj, h2, M, eps_next, pid, G, NN, D, BM, BN_NEXT, BK_NEXT, True, False, False,
-                       IEEE, UPCAST, STAGES)
+                       IEEE, UPCAST, STAGES, ELEM, PF)
         if ONLY == 0:
             # the last program out resets the counter: every program is past its last poll by then
             tl.debug_barrier()

@@ -5,7 +5,8 @@
 # 2. the CLI step cost (AR / trust / window, C=8, Qwen3.5-2B shape, random weights) per STEP_VARIANTS (default
 #    "off chain": the defaults; FLARECTL_ENGINE_LAYER_CHAIN=1; also chain16 / chain64 = the chain with 16 / 64 KB of
 #    weights per pipeline stage,
-#    chain_nopf = the chain without its L2 prefetch, pre32 = PDL with 32 KB preloaded), one process each, same machine, ~110 s each;
+#    chain_nopf = the chain without its L2 prefetch, chain_bal = the chain with 'balance' tiling (fewest columns on the
+#    busiest program), pre32 = PDL with 32 KB preloaded), one process each, same machine, ~110 s each;
 # 3. the persistent-chain probe (scripts/gpu/engine_persistent_chain.py, PROBE_TIMEOUT s, one layer per launch).
 source scripts/gpu/engine_setup.sh
 export TRITON_CACHE_DIR=/tmp/tcache_s14
@@ -20,6 +21,7 @@ for v in ${STEP_VARIANTS:-off chain}; do
     chain16) envs="FLARECTL_ENGINE_LAYER_CHAIN=1 FLARECTL_ENGINE_LAYER_CHAIN_TILE_KB=16" ;;
     chain64) envs="FLARECTL_ENGINE_LAYER_CHAIN=1 FLARECTL_ENGINE_LAYER_CHAIN_TILE_KB=64" ;;
     chain_nopf) envs="FLARECTL_ENGINE_LAYER_CHAIN=1 FLARECTL_ENGINE_LAYER_CHAIN_PF=0" ;;
+    chain_bal) envs="FLARECTL_ENGINE_LAYER_CHAIN=1 FLARECTL_ENGINE_LAYER_CHAIN_TILING=balance" ;;
     pre32) envs="FLARECTL_ENGINE_PDL=1 FLARECTL_ENGINE_PDL_PRELOAD_KB=32" ;;
   esac
   s=$(date +%s)
