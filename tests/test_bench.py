@@ -134,6 +134,7 @@ def test_json_records_the_step_paths(tmp_path, monkeypatch):
     # CPU: no skinny-GEMM kernels, so nothing tuned and nothing fused into them
     assert data["gemv"] is False and data["gemv_tune"] is None and data["fuse_norm"] is False
     assert data["attn_kernel"] is False and data["fuse_down"] is False and data["gemv_max_rows"] is None
+    assert data["gemv_inline_split"] is None and data["gemv_choices"] == {}
     assert "mixer_token_block" not in data  # no GDN layers
     assert data["pdl"] is False and "pdl_preload_kb" not in data  # PDL needs sm_90+
 
@@ -152,6 +153,7 @@ def test_step_paths_record_pdl_depth(monkeypatch):
     paths = bench.step_paths(SimpleNamespace(eager=step))
     assert paths["pdl"] is True and paths["pdl_preload_kb"] == 32 and paths["pdl_l2_kb"] == 64
     assert paths["pdl_trigger_late"] is True
+    assert paths["gemv_inline_split"] is bool(gemv.INLINE_SPLIT) and isinstance(paths["gemv_choices"], dict)
 
 
 def test_json_records_the_mixer_choices(tmp_path):

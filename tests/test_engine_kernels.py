@@ -10,6 +10,7 @@ registration (``torch.library.opcheck``), the dispatch rules, and the twin on CP
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -288,6 +289,28 @@ if not CHILD:
         assert gemv.tune(x, w) == gemv.Config(16, 16, 1)
         assert [c for c, _ in next(iter(gemv.TIMINGS.values()))] == [gemv.Config(16, 16, 1)]
 
+    def test_tune_times_inline_split(monkeypatch):
+        """Plain products: every split-K candidate is timed in both forms (``Config.inline``), fused ones and
+        one-split candidates once; ``FLARECTL_GEMV_INLINE_SPLIT=0`` (``INLINE_SPLIT``) leaves the inline form out.
+        The fastest wins (stand-in timer, on CPU)."""
+        split, one = gemv.Config(16, 16, 4), gemv.Config(16, 16, 1)
+        monkeypatch.setattr(gemv, "measure", lambda run, w, repeats=10: 1.0)
+        monkeypatch.setattr(gemv, "candidates", lambda M, N, K, device: [one, split])
+        monkeypatch.setattr(gemv, "use_pdl", lambda device, want=None: True)  # no cuBLAS entry
+        x, w = torch.randn(3, 64), torch.randn(17, 64)
+        for flag, want in ((1, [one, split, dataclasses.replace(split, inline=True)]), (0, [one, split])):
+            monkeypatch.setattr(gemv, "INLINE_SPLIT", flag)
+            monkeypatch.setattr(gemv, "TIMINGS", {})
+            gemv.tune(x, w)
+            assert [c for c, _ in next(iter(gemv.TIMINGS.values()))] == want
+        monkeypatch.setattr(gemv, "INLINE_SPLIT", 1)
+        monkeypatch.setattr(gemv, "TIMINGS", {})
+        gemv.tune(torch.randn(3, 128), w, residual=torch.randn(3, 17), swiglu=True)
+        assert [c for c, _ in next(iter(gemv.TIMINGS.values()))] == [one, split]
+        times = iter([3.0, 2.0, 1.0])
+        monkeypatch.setattr(gemv, "measure", lambda run, w, repeats=10: next(times))
+        assert gemv.tune(x, w) == dataclasses.replace(split, inline=True)
+
     @pytest.mark.gpu
     def test_chain_tuning_on_cuda():
         """chain_ms copies the weight so the chain streams from HBM, and tune() in chain mode picks a candidate
@@ -544,7 +567,8 @@ if not CHILD:
                 w = torch.randn(N, K, device="cuda", generator=g).to(dtype)
                 ref = (x.double() @ w.double().t())
                 tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-                for cfg in gemv.candidates(M, N, K, x.device):
+                configs = gemv.candidates(M, N, K, x.device)
+                for cfg in configs + [dataclasses.replace(c, inline=True) for c in configs if c.split > 1]:
                     y = gemv.launch(x, w, cfg)
                     assert y.dtype == dtype and not y.isnan().any(), cfg
                     err = float((y.double() - ref).norm() / ref.norm())
@@ -767,6 +791,26 @@ else:
                 assert not y.isnan().any(), cfg
                 torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * max(1.0, float(ref.abs().max())))
                 torch.testing.assert_close(y.float(), twin.float(), rtol=tol, atol=tol * max(1.0, float(ref.abs().max())))
+
+    @pytest.mark.parametrize("M,N,K", [(1, 17, 40), (3, 33, 130), (8, 40, 64), (13, 7, 257), (40, 33, 96)])
+    def test_inline_split_equals_two_launches(M, N, K, monkeypatch):
+        """``Config.inline``: split-K finished by the last split of each column block (one launch, through
+        ``launch_fused``) gives the same bits as the partials + reduce kernel (same summation order), NaN-filled
+        outputs and partials, counters back at zero; a one-split config ignores the flag."""
+        fused = []
+        real = gemv.launch_fused
+        monkeypatch.setattr(gemv, "launch_fused", lambda *a, **k: fused.append(a[4]) or real(*a, **k))
+        g = torch.Generator().manual_seed(M * 7 + N + K)
+        for dtype in (torch.float32, torch.bfloat16):
+            x, w = torch.randn(M, K, generator=g).to(dtype), torch.randn(N, K, generator=g).to(dtype)
+            for cfg in (gemv.Config(16, 32, 3), gemv.Config(32, 16, 4), gemv.Config(16, 16, 1)):
+                two = gemv.launch(x, w, cfg)
+                fused.clear()
+                one = gemv.launch(x, w, dataclasses.replace(cfg, inline=True))
+                assert not one.isnan().any() and torch.equal(one, two), (dtype, cfg)
+                split = gemv.split_plan(K, cfg.bk, cfg.split)[0]
+                assert len(fused) == (split > 1), (cfg, split)
+            assert not gemv.arrival_counters(x.device, 1).any()
 
     def test_mutations_are_caught():
         """The check has teeth: a wrong split plan (one K block dropped) fails it."""

@@ -151,15 +151,17 @@ if not CHILD:
         assert not any("chain" in f for f in off.fused.values())
 
     @pytest.mark.gpu
-    @pytest.mark.parametrize("M,tiling", [(1, "fit"), (8, "fit"), (16, "fit"), (8, "balance"), (16, "balance")])
-    def test_layer_chain_on_cuda_matches_twin(M, tiling, monkeypatch):
-        """The real grid (one program per SM, barriers, L2 prefetch) at the Qwen3.5-2B shapes (bf16; GDN out_proj
-        2048, MLP 6144, next in_proj 8224 (GDN) / 5120 (attention) / none), eager and replayed in a CUDA graph: close
+    @pytest.mark.parametrize("M,tiling,prefetch", [(1, "fit", 0), (8, "fit", 0), (16, "fit", 0), (8, "balance", 0),
+                                                   (16, "balance", 0), (8, "fit", 1)])
+    def test_layer_chain_on_cuda_matches_twin(M, tiling, prefetch, monkeypatch):
+        """The real grid (one program per SM, barriers, with and without the L2 prefetch) at the Qwen3.5-2B shapes
+        (bf16; GDN out_proj 2048, MLP 6144, next in_proj 8224 (GDN) / 5120 (attention) / none), eager and replayed in a CUDA graph: close
         to the fp64 chain as the twin is, bitwise the same on every replay, the barrier words back at zero, no failed
         spin."""
         if not torch.cuda.is_available():
             pytest.skip("no CUDA")
         monkeypatch.setattr(lc, "TILING", tiling)
+        monkeypatch.setattr(lc, "PREFETCH", prefetch)
         dev = torch.device("cuda")
         for NN in (8224, 5120, 0):
             a = _problem(M, 2048, 2048, 6144, NN, torch.bfloat16, dev, seed=M)

@@ -181,10 +181,10 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
 
 
 def step_paths(backend) -> dict:
-    """The static step's kernel choices (skinny GEMMs: how they were tuned and up to how many rows; fused norm
-    projections, fused down projection, decode-attention kernel; the mixer's token block and state columns per
-    program; programmatic dependent launch and its depth), for the JSON records; empty for backends without a static
-    step."""
+    """The static step's kernel choices (skinny GEMMs: how they were tuned, up to how many rows, whether split-K may
+    finish in the kernel, the configuration chosen per shape so far; fused norm projections, fused down projection,
+    decode-attention kernel; the mixer's token block and state columns per program; programmatic dependent launch
+    and its depth), for the JSON records; empty for backends without a static step."""
     from flarectl.engine import attention, gemv, mixer
 
     step = getattr(backend, "eager", None)
@@ -192,6 +192,8 @@ def step_paths(backend) -> dict:
         return {}
     out = {"gemv": bool(step.gemv), "gemv_tune": gemv.tune_mode() if step.gemv else None,
            "gemv_max_rows": gemv.MAX_ROWS if step.gemv else None,
+           "gemv_inline_split": bool(gemv.INLINE_SPLIT) if step.gemv else None,
+           "gemv_choices": {str(k): str(v) for k, v in gemv._CHOSEN.items()} if step.gemv else {},
            "fuse_norm": bool(step.fuse_norm), "fuse_down": bool(step.fuse_down),
            "attn_kernel": bool(step.attn_kernel), "layer_chain": bool(getattr(step, "layer_chain", False))}
     if step.attn_kernel:

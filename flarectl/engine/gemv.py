@@ -10,7 +10,8 @@ bandwidth at these shapes on an H100 (docs/perf/engine.md); this is a GEMV-class
   accumulated in fp32 (bf16/fp16 inputs; fp32 inputs use IEEE products, no TF32). Up to 16 rows serve AR steps
   (C x 1), up to 64 the trust steps (C x (B clean + B window), e.g. 8 x (4 + 4));
 * split-K is **deterministic**: each split writes its fp32 partial [SPLIT, M, N] and a second small kernel sums
-  them in a fixed order and casts (no atomics: the same inputs give the same bits, replay after replay).
+  them in a fixed order and casts, or (``Config.inline``, a tuning candidate since session 16) the last split of
+  each column block to arrive sums them in the same order inside the kernel: the same bits, one launch fewer.
 
 The launch configuration (BN, BK, SPLIT, warps, stages) is chosen per (M, N, K, dtype) the first time a shape runs
 outside CUDA-graph capture by timing a few candidates and cuBLAS itself (``tune``) the way a decode step runs them:
@@ -28,7 +29,7 @@ interpreter is on (``TRITON_INTERPRET=1``, which the tests use to run the kernel
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,14 @@ class Config:
     split: int
     warps: int = 4
     stages: int = 4
+    inline: bool = False
+    """Split-K (``split`` > 1) of a plain product finished inside the kernel (``launch_fused``'s last-arriving split
+    sums the partials in split order) instead of by a second reduce launch: the same bits, one launch fewer."""
+
+
+INLINE_SPLIT = env_int("FLARECTL_GEMV_INLINE_SPLIT", 1, low=0, high=1)
+"""Whether ``tune`` also times each split-K candidate of a plain product with its split finished in the kernel
+(``Config.inline``); env ``FLARECTL_GEMV_INLINE_SPLIT=0``: only the two-launch form (as before session 16)."""
 
 
 def skinny_linear_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -327,12 +336,15 @@ def _common(x: torch.Tensor, N: int, even_k: bool, cfg: Config, pdl: bool | None
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, cfg: Config, pdl: bool | None = None) -> torch.Tensor:
-    """The kernel with one launch configuration: x [M, K] (M <= MAX_ROWS), w [N, K] -> [M, N] in x's dtype."""
+    """The kernel with one launch configuration: x [M, K] (M <= MAX_ROWS), w [N, K] -> [M, N] in x's dtype. Split-K
+    is summed by a second small kernel, or (``cfg.inline``) by the last split of each column block."""
     gemv_kernel, reduce_kernel = _kernels()
     x = x.contiguous()
     M, K = x.shape
     N = w.shape[0]
     split, per = split_plan(K, cfg.bk, cfg.split)
+    if cfg.inline and split > 1:
+        return launch_fused(x, w, None, False, cfg, pdl)
     y = _empty((M, N), x.dtype, x.device)
     grid = (-(-N // cfg.bn), split)
     common = _common(x, N, split * per == K, cfg, pdl)
@@ -527,7 +539,10 @@ def tune(x: torch.Tensor, w: torch.Tensor, repeats: int = 10, residual: torch.Te
     # cuBLAS is no candidate under PDL: its launches are not programmatic, so each one would serialise the PDL
     # launches on both sides of it in the step, which a chain of one shape cannot show
     results = [] if variant or use_pdl(x.device) else [(CUBLAS, measure(lambda wi: F.linear(x, wi), w, repeats))]
-    for cfg in candidates(M, N, K, x.device):
+    configs = candidates(M, N, K, x.device)
+    if not variant and INLINE_SPLIT:
+        configs += [replace(c, inline=True) for c in configs if c.split > 1]
+    for cfg in configs:
         run = ((lambda wi: launch_fused(x, wi, residual, swiglu, cfg)) if variant  # noqa: B023
                else (lambda wi: launch(x, wi, cfg)))  # noqa: B023
         try:

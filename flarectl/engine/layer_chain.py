@@ -13,9 +13,9 @@ launch; docs/perf/engine.md, sessions 5-13): ~0.5 ms of the 2.13 ms AR step at C
 (``w_gate_up`` / ``w_next`` with the norms' gains folded in and gate|up rows interleaved, as ``norm_gemv`` takes
 them; no ``w_next`` after the last layer: three phases). Every program owns whole column tiles of a phase (full K,
 so no split-K partials: deterministic, and a row's result does not depend on the other rows). Programs meet at a
-grid barrier between phases (an arrival counter, release / acquire at GPU scope); before it waits, each program
-prefetches into L2 the weight rows of its first tile in the next phase (``cp.async.bulk.prefetch.L2``, sm_90+):
-they do not depend on the barrier, so HBM keeps streaming through it. The last program out resets the counter, so
+grid barrier between phases (an arrival counter, release / acquire at GPU scope); optionally (``PREFETCH``, off by
+default), before it waits, each program prefetches into L2 the weight rows of its first tile in the next phase
+(``cp.async.bulk.prefetch.L2``, sm_90+). The last program out resets the counter, so
 launches that follow one another on a stream (or in a CUDA graph) share it. A spin that polls ``MAX_SPIN`` times
 gives up and counts a failure (``failures``): a grid that is not all resident (another process on the GPU, MPS)
 gives wrong numbers and a flag, never a hang; the engine checks the flag (``check``) before it hands out a finished
@@ -26,7 +26,10 @@ path; ``layer_chain_reference`` its pure-torch twin (fp32 products and sums, eag
 runs the twin unless Triton's interpreter is on; interpreted, the grid is one program (programs run one after
 another, so a barrier could not be met by more), and ``ONLY`` runs one phase alone on more programs (tests).
 
-Off unless asked (``resolve``: env ``FLARECTL_ENGINE_LAYER_CHAIN=1``): not yet timed on a GPU.
+Off unless asked (``resolve``: env ``FLARECTL_ENGINE_LAYER_CHAIN=1``). Timed on an H100 (session 16, Qwen3.5-2B
+shape, C = 8): correct (its GPU tests pass), but slower than the launch chain it replaces, AR step 2.252 ms against
+2.137 ms without it (2.573 ms with the L2 prefetch); the plain-GEMV probe agrees (one persistent launch per layer
+1.362 ms against 1.241 ms for four launches). Kept as an opt-in, tested path; docs/perf/engine.md, session 16.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ ENABLED: bool | None = None
 BN_LIMIT = 128
 """Widest column tile (wider phases loop over tiles)."""
 
-PREFETCH = env_int("FLARECTL_ENGINE_LAYER_CHAIN_PF", 1, low=0, high=1)
-"""The L2 prefetch of each program's next tile before a barrier, on sm_90+ (env ``FLARECTL_ENGINE_LAYER_CHAIN_PF``)."""
+PREFETCH = env_int("FLARECTL_ENGINE_LAYER_CHAIN_PF", 0, low=0, high=1)
+"""The L2 prefetch of each program's next tile before a barrier, on sm_90+ (env ``FLARECTL_ENGINE_LAYER_CHAIN_PF=1``).
+Off by default: on the H100 (session 16) it made the chained AR step 0.32 ms slower (2.573 vs 2.252 ms)."""
 
 TILE_KB = env_int("FLARECTL_ENGINE_LAYER_CHAIN_TILE_KB", 32, low=1, high=128, power_of_two=True)
 """Weight bytes (KB) per pipeline stage of every phase (env ``FLARECTL_ENGINE_LAYER_CHAIN_TILE_KB``): a phase of
