@@ -290,8 +290,8 @@ if not CHILD:
         assert [c for c, _ in next(iter(gemv.TIMINGS.values()))] == [gemv.Config(16, 16, 1)]
 
     def test_tune_times_inline_split(monkeypatch):
-        """Plain products: every split-K candidate is timed in both forms (``Config.inline``), fused ones and
-        one-split candidates once; ``FLARECTL_GEMV_INLINE_SPLIT=0`` (``INLINE_SPLIT``) leaves the inline form out.
+        """With ``INLINE_SPLIT`` on (env ``FLARECTL_GEMV_INLINE_SPLIT=1``), plain products time every split-K
+        candidate in both forms (``Config.inline``), fused ones and one-split candidates once; off, no inline form.
         The fastest wins (stand-in timer, on CPU)."""
         split, one = gemv.Config(16, 16, 4), gemv.Config(16, 16, 1)
         monkeypatch.setattr(gemv, "measure", lambda run, w, repeats=10: 1.0)

@@ -10,8 +10,9 @@ bandwidth at these shapes on an H100 (docs/perf/engine.md); this is a GEMV-class
   accumulated in fp32 (bf16/fp16 inputs; fp32 inputs use IEEE products, no TF32). Up to 16 rows serve AR steps
   (C x 1), up to 64 the trust steps (C x (B clean + B window), e.g. 8 x (4 + 4));
 * split-K is **deterministic**: each split writes its fp32 partial [SPLIT, M, N] and a second small kernel sums
-  them in a fixed order and casts, or (``Config.inline``, a tuning candidate since session 16) the last split of
-  each column block to arrive sums them in the same order inside the kernel: the same bits, one launch fewer.
+  them in a fixed order and casts, or (``Config.inline``, an opt-in tuning candidate, ``INLINE_SPLIT``) the last
+  split of each column block to arrive sums them in the same order inside the kernel: the same bits, one launch
+  fewer.
 
 The launch configuration (BN, BK, SPLIT, warps, stages) is chosen per (M, N, K, dtype) the first time a shape runs
 outside CUDA-graph capture by timing a few candidates and cuBLAS itself (``tune``) the way a decode step runs them:
@@ -56,9 +57,10 @@ class Config:
     sums the partials in split order) instead of by a second reduce launch: the same bits, one launch fewer."""
 
 
-INLINE_SPLIT = env_int("FLARECTL_GEMV_INLINE_SPLIT", 1, low=0, high=1)
+INLINE_SPLIT = env_int("FLARECTL_GEMV_INLINE_SPLIT", 0, low=0, high=1)
 """Whether ``tune`` also times each split-K candidate of a plain product with its split finished in the kernel
-(``Config.inline``); env ``FLARECTL_GEMV_INLINE_SPLIT=0``: only the two-launch form (as before session 16)."""
+(``Config.inline``; env ``FLARECTL_GEMV_INLINE_SPLIT=1``). Off until its GPU test has run (built in session 16,
+whose device time ran out first): the kernel path is ``launch_fused``'s, GPU-tested with its fusions on."""
 
 
 def skinny_linear_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -2,22 +2,29 @@
 # Issue 6, session 16 (device tool, carry [".whl", ".engine_carry"]), most telling first:
 # 1. the CLI step cost (AR / trust / window, C=8, Qwen3.5-2B shape, random weights) per STEP_VARIANTS, one process
 #    each, same machine (~110 s for the first, ~35 s after: Triton's cache is warm):
-#      off      the defaults (since session 16 the tuner also times split-K finished in the kernel, Config.inline);
-#      noinline FLARECTL_GEMV_INLINE_SPLIT=0 (the two-launch split-K only, as before session 16);
+#      off      the defaults;
+#      inline   FLARECTL_GEMV_INLINE_SPLIT=1 (the tuner also times split-K finished in the kernel, Config.inline);
 #      pre32    PDL with up to 32 KB of weights loaded before each wait (session 13's knob, never run);
 #      l2       pre32 plus 64 KB per program prefetched into L2 before the wait;
 #      late     pre32 with the next launch triggered after the loop;
 # 2. the skinny-kernel GPU tests (every candidate, inline split included == fp64; same bits on a repeat) and the
 #    PDL-depth test (graphed chain == eager == twins).
+# TESTS_AFTER=<variant> runs the tests right after that variant (TEST_K picks them).
 # Everything lands in $OUT/session16.tgz (logs and bench JSON) and $OUT/summary.log.
 source scripts/gpu/engine_setup.sh
 export TRITON_CACHE_DIR=/tmp/tcache_s16
 L=/tmp/s16; mkdir -p $L
+gpu_tests() {
+  local s=$(date +%s)
+  timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_engine_kernels.py \
+    -k "${TEST_K:-test_kernel_on_cuda_matches_twin or pdl_depth_on_cuda}" > "$L/gpu_tests.log" 2>&1
+  echo "== GPU tests rc $? $(( $(date +%s) - s )) s"; tail -3 "$L/gpu_tests.log"
+}
 {
-for v in ${STEP_VARIANTS:-off noinline pre32 l2}; do
+for v in ${STEP_VARIANTS:-off inline pre32 l2}; do
   case $v in
     off) envs="FLARECTL_ENGINE_PDL=0" ;;
-    noinline) envs="FLARECTL_GEMV_INLINE_SPLIT=0" ;;
+    inline) envs="FLARECTL_GEMV_INLINE_SPLIT=1" ;;
     pre32) envs="FLARECTL_ENGINE_PDL=1 FLARECTL_ENGINE_PDL_PRELOAD_KB=32" ;;
     l2) envs="FLARECTL_ENGINE_PDL=1 FLARECTL_ENGINE_PDL_PRELOAD_KB=32 FLARECTL_ENGINE_PDL_L2_KB=64" ;;
     late) envs="FLARECTL_ENGINE_PDL=1 FLARECTL_ENGINE_PDL_PRELOAD_KB=32 FLARECTL_ENGINE_PDL_TRIGGER_LATE=1" ;;
@@ -27,11 +34,10 @@ for v in ${STEP_VARIANTS:-off noinline pre32 l2}; do
     --concurrency 8 --gdn-kernel mixer --out /tmp/step_$v 2>&1 | grep -v "^USDT" > "$L/step_cost_$v.log"
   for f in /tmp/step_$v/*.json; do cp "$f" "$L/${v}_$(basename "$f")"; done 2>/dev/null
   echo "== $v ($envs) $(( $(date +%s) - s )) s"; grep -E "^│ (ar|trust|window) |rror" "$L/step_cost_$v.log" | head -5
+  [ "$v" = "${TESTS_AFTER:-none}" ] && gpu_tests
+  tar czf "$OUT/session16.tgz" -C /tmp s16
 done
-s=$(date +%s)
-timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_engine_kernels.py \
-  -k "test_kernel_on_cuda_matches_twin or pdl_depth_on_cuda" > "$L/gpu_tests.log" 2>&1
-echo "== GPU tests rc $? $(( $(date +%s) - s )) s"; tail -3 "$L/gpu_tests.log"
+[ "${TESTS_AFTER:-none}" = none ] && gpu_tests
 } 2>&1 | tee "$OUT/summary.log"
 cp "$OUT/engine_env.log" $L/ 2>/dev/null
 tar czf "$OUT/session16.tgz" -C /tmp s16
