@@ -154,6 +154,11 @@ def test_step_paths_record_pdl_depth(monkeypatch):
     assert paths["pdl"] is True and paths["pdl_preload_kb"] == 32 and paths["pdl_l2_kb"] == 64
     assert paths["pdl_trigger_late"] is True
     assert paths["gemv_inline_split"] is bool(gemv.INLINE_SPLIT) and isinstance(paths["gemv_choices"], dict)
+    assert "layer_chain_preload" not in paths  # the stand-in step has no chain
+    step.layer_chain = True
+    paths = bench.step_paths(SimpleNamespace(eager=step))
+    assert paths["layer_chain"] is True and paths["layer_chain_tiling"] in ("fit", "balance")
+    assert {"layer_chain_prefetch", "layer_chain_preload", "layer_chain_norm_loop", "layer_chain_tile_kb"} <= set(paths)
 
 
 def test_json_records_the_mixer_choices(tmp_path):

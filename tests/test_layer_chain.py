@@ -151,17 +151,21 @@ if not CHILD:
         assert not any("chain" in f for f in off.fused.values())
 
     @pytest.mark.gpu
-    @pytest.mark.parametrize("M,tiling,prefetch", [(1, "fit", 0), (8, "fit", 0), (16, "fit", 0), (8, "balance", 0),
-                                                   (16, "balance", 0), (8, "fit", 1)])
-    def test_layer_chain_on_cuda_matches_twin(M, tiling, prefetch, monkeypatch):
-        """The real grid (one program per SM, barriers, with and without the L2 prefetch) at the Qwen3.5-2B shapes
-        (bf16; GDN out_proj 2048, MLP 6144, next in_proj 8224 (GDN) / 5120 (attention) / none), eager and replayed in a CUDA graph: close
-        to the fp64 chain as the twin is, bitwise the same on every replay, the barrier words back at zero, no failed
-        spin."""
+    @pytest.mark.parametrize("M,tiling,prefetch,preload,norm_loop", [
+        (1, "fit", 0, 0, 0), (8, "fit", 0, 0, 0), (16, "fit", 0, 0, 0), (8, "balance", 0, 0, 0),
+        (16, "balance", 0, 0, 0), (8, "fit", 1, 0, 0), (8, "fit", 0, 1, 0), (8, "fit", 0, 1, 1),
+        (16, "balance", 0, 1, 1)])
+    def test_layer_chain_on_cuda_matches_twin(M, tiling, prefetch, preload, norm_loop, monkeypatch):
+        """The real grid (one program per SM, barriers, with and without the L2 prefetch, the preload, the norm's
+        sums in the K loop) at the Qwen3.5-2B shapes (bf16; GDN out_proj 2048, MLP 6144, next in_proj 8224 (GDN) /
+        5120 (attention) / none), eager and replayed in a CUDA graph: close to the fp64 chain as the twin is, bitwise
+        the same on every replay, the barrier words back at zero, no failed spin."""
         if not torch.cuda.is_available():
             pytest.skip("no CUDA")
         monkeypatch.setattr(lc, "TILING", tiling)
         monkeypatch.setattr(lc, "PREFETCH", prefetch)
+        monkeypatch.setattr(lc, "PRELOAD", preload)
+        monkeypatch.setattr(lc, "NORM_LOOP", norm_loop)
         dev = torch.device("cuda")
         for NN in (8224, 5120, 0):
             a = _problem(M, 2048, 2048, 6144, NN, torch.bfloat16, dev, seed=M)
@@ -215,24 +219,36 @@ else:
                                                   (3, 16, 16, 16, 24)])
     def test_kernel_matches_twin(M, D, KV, inter, NN):
         """One program for the whole chain (every phase loops over all its tiles; odd N leaves partial tiles):
-        fp32 to 1e-5 of the twin; bf16 as close to the fp64 chain as the twin is."""
+        fp32 to 1e-5 of the twin; bf16 as close to the fp64 chain as the twin is; the norms' sums of squares before
+        the K loop or in it (``NORM_LOOP``), each with the first weight block of every phase preloaded before its
+        barrier (``PRELOAD``) giving the same bits as without."""
         a = _problem(M, D, KV, inter, NN, seed=M + D)
-        got = _call(lc.layer_chain, a)
-        for g, w in zip(got, _call(lc.layer_chain_reference, a)):
-            assert g.shape == w.shape and not g.isnan().any()
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
         b = {k: v.bfloat16() if torch.is_tensor(v) else v for k, v in a.items()}
-        _close_to_truth(_call(lc.layer_chain, b), b)
+        for norm_loop in (False, True):
+            got = _call(lc.launch, a, preload=False, norm_loop=norm_loop)
+            for g, w in zip(got, _call(lc.layer_chain_reference, a)):
+                assert g.shape == w.shape and not g.isnan().any()
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+            for g, p in zip(got, _call(lc.launch, a, preload=True, norm_loop=norm_loop)):
+                assert torch.equal(g, p)
+            for preload in (False, True):
+                _close_to_truth(_call(lc.launch, b, preload=preload, norm_loop=norm_loop), b)
         assert lc.sync_buffer(torch.device("cpu")).tolist() == [0, 0, 0, 0]
 
-    @pytest.mark.parametrize("grid,tiling", [(2, "fit"), (3, "fit"), (7, "fit"), (2, "balance"), (3, "balance")])
-    def test_phases_on_several_programs_match_one(grid, tiling, monkeypatch):
+    @pytest.mark.parametrize("grid,tiling,preload,norm_loop", [
+        (2, "fit", False, False), (3, "fit", False, False), (7, "fit", False, False), (2, "balance", False, False),
+        (3, "balance", False, False), (3, "fit", True, False), (2, "balance", True, True), (7, "fit", True, True),
+        (3, "balance", False, True)])
+    def test_phases_on_several_programs_match_one(grid, tiling, preload, norm_loop, monkeypatch):
         """Each phase alone on ``grid`` programs (tiles pid, pid + grid, ...) gives the one-program chain's values
-        bitwise (fp32), intermediates included; 'balance' gives programs several tiles (gate|up on 2: 3 and 2)."""
+        bitwise (fp32), intermediates included; 'balance' gives programs several tiles (gate|up on 2: 3 and 2);
+        ``preload``: each program's first tile starts from its preloaded block, the later ones do not (7 programs:
+        some have no tile, so their preload is masked); ``norm_loop``: against the one-program chain that takes the
+        sums of squares in the K loop too."""
         monkeypatch.setattr(lc, "TILING", tiling)
         a = _problem(6, 48, 32, 80, 72, seed=grid)
-        h2, proj = _call(lc.layer_chain, a)
-        p_h2, p_proj, h1, act = _call(lc.launch_phases, a, grid=grid)
+        h2, proj = _call(lc.launch, a, preload=False, norm_loop=norm_loop)
+        p_h2, p_proj, h1, act = _call(lc.launch_phases, a, grid=grid, preload=preload, norm_loop=norm_loop)
         assert torch.equal(p_h2, h2) and torch.equal(p_proj, proj)
         want_h1 = a["hidden"] + a["o"] @ a["w_out"].t()
         torch.testing.assert_close(h1, want_h1, rtol=1e-5, atol=1e-5)

@@ -196,6 +196,12 @@ def step_paths(backend) -> dict:
            "gemv_choices": {str(k): str(v) for k, v in gemv._CHOSEN.items()} if step.gemv else {},
            "fuse_norm": bool(step.fuse_norm), "fuse_down": bool(step.fuse_down),
            "attn_kernel": bool(step.attn_kernel), "layer_chain": bool(getattr(step, "layer_chain", False))}
+    if out["layer_chain"]:
+        from flarectl.engine import layer_chain
+
+        out |= {"layer_chain_tiling": layer_chain.TILING, "layer_chain_tile_kb": layer_chain.TILE_KB,
+                "layer_chain_prefetch": bool(layer_chain.PREFETCH), "layer_chain_preload": bool(layer_chain.PRELOAD),
+                "layer_chain_norm_loop": bool(layer_chain.NORM_LOOP)}
     if step.attn_kernel:
         out |= {"attn_tokens_per_program": attention.TOKENS_PER_PROGRAM, "attn_block_n": attention.BLOCK_N,
                 "attn_warps": attention.NUM_WARPS}

@@ -30,6 +30,10 @@ Off unless asked (``resolve``: env ``FLARECTL_ENGINE_LAYER_CHAIN=1``). Timed on 
 shape, C = 8): correct (its GPU tests pass), but slower than the launch chain it replaces, AR step 2.252 ms against
 2.137 ms without it (2.573 ms with the L2 prefetch); the plain-GEMV probe agrees (one persistent launch per layer
 1.362 ms against 1.241 ms for four launches). Kept as an opt-in, tested path; docs/perf/engine.md, session 16.
+Two knobs built after that measurement, to take back the barrier's cost, are untimed: ``PRELOAD`` (each program's
+first weight block of the next phase in registers before it waits, so the phase does not start its pipeline from
+nothing) and ``NORM_LOOP`` (the norms' sums of squares inside the K loop instead of a pass over the activations
+before it).
 """
 
 from __future__ import annotations
@@ -58,6 +62,17 @@ BN_LIMIT = 128
 PREFETCH = env_int("FLARECTL_ENGINE_LAYER_CHAIN_PF", 0, low=0, high=1)
 """The L2 prefetch of each program's next tile before a barrier, on sm_90+ (env ``FLARECTL_ENGINE_LAYER_CHAIN_PF=1``).
 Off by default: on the H100 (session 16) it made the chained AR step 0.32 ms slower (2.573 vs 2.252 ms)."""
+
+PRELOAD = env_int("FLARECTL_ENGINE_LAYER_CHAIN_PRELOAD", 0, low=0, high=1)
+"""Before each barrier, every program loads the first K block of its first tile of the next phase into registers
+(env ``FLARECTL_ENGINE_LAYER_CHAIN_PRELOAD=1``): those weights do not depend on the barrier, so they stream while the
+program waits and the phase starts with a block in hand. Off until timed on a GPU (session 16 built it after its
+device time ran out)."""
+
+NORM_LOOP = env_int("FLARECTL_ENGINE_LAYER_CHAIN_NORM_LOOP", 0, low=0, high=1)
+"""The norm phases' sums of squares inside the K loop (the Gram matrix on the tensor cores; env
+``FLARECTL_ENGINE_LAYER_CHAIN_NORM_LOOP=1``) instead of a pass over the activations before it. Off until timed: on
+sm_90 it takes the 'fit' kernel from 148 to 255 registers (Triton 3.6, offline)."""
 
 TILE_KB = env_int("FLARECTL_ENGINE_LAYER_CHAIN_TILE_KB", 32, low=1, high=128, power_of_two=True)
 """Weight bytes (KB) per pipeline stage of every phase (env ``FLARECTL_ENGINE_LAYER_CHAIN_TILE_KB``): a phase of
@@ -169,54 +184,110 @@ def _kernel():
     _mma = gemv._mma
 
     @triton.jit
-    def _phase(x, w, y, res, M, eps, pid, G, N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-               BK: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
-               UPCAST: tl.constexpr, STAGES: tl.constexpr, ELEM: tl.constexpr, PF: tl.constexpr):
-        """y = epilogue(prologue(x) @ w^T) over this program's column tiles (pid, pid + G, ...), full K each.
-        NORM: rows scaled by rsqrt(mean(x^2) + eps); GLU: interleaved (gate, up) columns -> silu(gate) * up
-        (y has N / 2 columns); RESIDUAL: res + y. Activations are read from L2 (.cg: other programs wrote them).
-        PF: each tile first asks L2 for the program's next one (a no-op with one tile per program)."""
+    def _k_block(acc, gram, a, b, GRAM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """One K block: acc += a @ b; GRAM: gram += a @ a^T (the rows' sums of squares on its diagonal)."""
+        acc = _mma(acc, a, b, IEEE, UPCAST)
+        if GRAM:
+            gram = _mma(gram, a, tl.trans(a), IEEE, UPCAST)
+        return acc, gram
+
+    @triton.jit
+    def _tile(x, w, y, res, M, eps, rstd, t, b_pre, N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
+              IEEE: tl.constexpr, UPCAST: tl.constexpr, STAGES: tl.constexpr, PRE: tl.constexpr,
+              NORM_LOOP: tl.constexpr):
+        """Column tile ``t`` of y = epilogue(prologue(x) @ w^T), full K. NORM: rows scaled by rsqrt(mean(x^2) + eps):
+        ``rstd`` from the phase's pass over x before its tiles, or (NORM_LOOP) from sums of squares taken in the K
+        loop (the Gram matrix x x^T on the tensor cores, as ``norm_gemv``: the weights stream from the start); GLU:
+        interleaved (gate, up) columns -> silu(gate) * up (y has N / 2 columns); RESIDUAL: res + y. PRE: ``b_pre``
+        is this tile's first [BK, BN] block of w^T, loaded before the barrier. Activations are read from L2 (.cg:
+        other programs wrote them)."""
         rm = tl.arange(0, BM)
         rk = tl.arange(0, BK)
         m_ok = rm < M
+        rn = t * BN + tl.arange(0, BN)
+        n_ok = rn < N
+        p_w = w + rn[None, :].to(tl.int64) * K + rk[:, None]  # [BK, BN] tile of w^T
+        p_x = x + rm[:, None] * K + rk[None, :]
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        gram = tl.zeros([BM, BM], dtype=tl.float32)
+        IN_LOOP: tl.constexpr = NORM and NORM_LOOP
+        K0: tl.constexpr = BK if PRE else 0
+        if PRE:
+            a = tl.load(p_x, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+            acc, gram = _k_block(acc, gram, a, b_pre, IN_LOOP, IEEE, UPCAST)
+            p_w += BK
+            p_x += BK
+        for _k in tl.range(K0, K, BK, num_stages=STAGES):
+            b = tl.load(p_w, mask=n_ok[None, :], other=0.0)
+            a = tl.load(p_x, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+            acc, gram = _k_block(acc, gram, a, b, IN_LOOP, IEEE, UPCAST)
+            p_w += BK
+            p_x += BK
+        if IN_LOOP:
+            ss = tl.sum(tl.where(rm[:, None] == rm[None, :], gram, 0.0), axis=1)
+            rstd = 1.0 / tl.sqrt(ss / K + eps)
         if NORM:
+            acc = acc * rstd[:, None]
+        if GLU:  # as eager torch rounds them: y, silu(gate), silu(gate) * up
+            HALF: tl.constexpr = BN // 2
+            o = acc.to(y.dtype.element_ty).to(tl.float32)
+            gate, up = tl.split(tl.reshape(o, [BM, HALF, 2]))
+            act = (gate / (1.0 + tl.exp(-gate))).to(y.dtype.element_ty).to(tl.float32)
+            cols = t * HALF + tl.arange(0, HALF)
+            tl.store(y + rm[:, None] * (N // 2) + cols[None, :], (act * up).to(y.dtype.element_ty),
+                     mask=m_ok[:, None] & (cols < N // 2)[None, :])
+        else:
+            offs = rm[:, None] * N + rn[None, :]
+            mask = m_ok[:, None] & n_ok[None, :]
+            out = acc.to(y.dtype.element_ty)
+            if RESIDUAL:
+                r = tl.load(res + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                out = (r.to(tl.float32) + out.to(tl.float32)).to(y.dtype.element_ty)
+            tl.store(y + offs, out, mask=mask)
+
+    @triton.jit
+    def _phase(x, w, y, res, M, eps, pid, G, b_pre, N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
+               IEEE: tl.constexpr, UPCAST: tl.constexpr, STAGES: tl.constexpr, ELEM: tl.constexpr, PF: tl.constexpr,
+               PRE: tl.constexpr, NORM_LOOP: tl.constexpr):
+        """This program's column tiles of the phase (pid, pid + G, ...): ``_tile`` each. PF: each tile first asks
+        L2 for the program's next one (a no-op with one tile per program). PRE: the first tile's first K block is
+        ``b_pre`` (``_preload``)."""
+        tiles = tl.cdiv(N, BN)
+        rstd = 0.0
+        if NORM and not NORM_LOOP:
+            rm = tl.arange(0, BM)
+            rk = tl.arange(0, BK)
             ss = tl.zeros([BM], dtype=tl.float32)
             for k in range(0, K, BK):
-                a = tl.load(x + rm[:, None] * K + (k + rk)[None, :], mask=m_ok[:, None], other=0.0,
+                a = tl.load(x + rm[:, None] * K + (k + rk)[None, :], mask=(rm < M)[:, None], other=0.0,
                             cache_modifier=".cg").to(tl.float32)
                 ss += tl.sum(a * a, axis=1)
             rstd = 1.0 / tl.sqrt(ss / K + eps)
-        for t in range(pid, tl.cdiv(N, BN), G):
+        first = pid
+        if PRE:
+            if pid < tiles:
+                _prefetch(w, pid + G, N, K, BN, ELEM, PF)
+                _tile(x, w, y, res, M, eps, rstd, pid, b_pre, N, K, BM, BN, BK, NORM, GLU, RESIDUAL, IEEE, UPCAST,
+                      STAGES, True, NORM_LOOP)
+            first = pid + G
+        for t in range(first, tiles, G):
             _prefetch(w, t + G, N, K, BN, ELEM, PF)
-            rn = t * BN + tl.arange(0, BN)
-            n_ok = rn < N
-            p_w = w + rn[None, :].to(tl.int64) * K + rk[:, None]  # [BK, BN] tile of w^T
-            p_x = x + rm[:, None] * K + rk[None, :]
-            acc = tl.zeros([BM, BN], dtype=tl.float32)
-            for _k in tl.range(0, K, BK, num_stages=STAGES):
-                b = tl.load(p_w, mask=n_ok[None, :], other=0.0)
-                a = tl.load(p_x, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
-                acc = _mma(acc, a, b, IEEE, UPCAST)
-                p_w += BK
-                p_x += BK
-            if NORM:
-                acc = acc * rstd[:, None]
-            if GLU:  # as eager torch rounds them: y, silu(gate), silu(gate) * up
-                HALF: tl.constexpr = BN // 2
-                o = acc.to(y.dtype.element_ty).to(tl.float32)
-                gate, up = tl.split(tl.reshape(o, [BM, HALF, 2]))
-                act = (gate / (1.0 + tl.exp(-gate))).to(y.dtype.element_ty).to(tl.float32)
-                cols = t * HALF + tl.arange(0, HALF)
-                tl.store(y + rm[:, None] * (N // 2) + cols[None, :], (act * up).to(y.dtype.element_ty),
-                         mask=m_ok[:, None] & (cols < N // 2)[None, :])
-            else:
-                offs = rm[:, None] * N + rn[None, :]
-                mask = m_ok[:, None] & n_ok[None, :]
-                out = acc.to(y.dtype.element_ty)
-                if RESIDUAL:
-                    r = tl.load(res + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                    out = (r.to(tl.float32) + out.to(tl.float32)).to(y.dtype.element_ty)
-                tl.store(y + offs, out, mask=mask)
+            _tile(x, w, y, res, M, eps, rstd, t, b_pre, N, K, BM, BN, BK, NORM, GLU, RESIDUAL, IEEE, UPCAST, STAGES,
+                  False, NORM_LOOP)
+
+    @triton.jit
+    def _preload(w, pid, N: tl.constexpr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRE: tl.constexpr):
+        """PRE: the first [BK, BN] block of w^T of this program's first tile in a phase, loaded into registers
+        before the barrier that phase waits on (the weights do not depend on it: the loads are in flight while the
+        program waits); else a placeholder."""
+        if PRE:
+            rn = pid * BN + tl.arange(0, BN)
+            rk = tl.arange(0, BK)
+            return tl.load(w + rn[None, :].to(tl.int64) * K + rk[:, None], mask=(rn < N)[None, :], other=0.0)
+        else:
+            return 0.0
 
     @triton.jit
     def _prefetch(w, tile, N: tl.constexpr, K: tl.constexpr, BN: tl.constexpr, ELEM: tl.constexpr,
@@ -244,7 +315,8 @@ def _kernel():
             tl.atomic_add(sync + 2, 1)
         tl.debug_barrier()
 
-    globals().update(_phase=_phase, _prefetch=_prefetch, _grid_sync=_grid_sync, _mma=_mma, tl=tl)
+    globals().update(_phase=_phase, _tile=_tile, _k_block=_k_block, _preload=_preload, _prefetch=_prefetch,
+                     _grid_sync=_grid_sync, _mma=_mma, tl=tl)
 
     @triton.jit
     def layer_chain_kernel(o, hidden, w_out, w_gate_up, w_down, w_next, h1, act, h2, proj, sync, M, eps_mlp,
@@ -252,32 +324,36 @@ def _kernel():
                            BN_OUT: tl.constexpr, BN_GU: tl.constexpr, BN_DOWN: tl.constexpr,
                            BN_NEXT: tl.constexpr, BK_OUT: tl.constexpr, BK_GU: tl.constexpr,
                            BK_DOWN: tl.constexpr, BK_NEXT: tl.constexpr, BM: tl.constexpr, NEXT: tl.constexpr,
-                           ONLY: tl.constexpr, PF: tl.constexpr, ELEM: tl.constexpr, SPIN: tl.constexpr,
+                           ONLY: tl.constexpr, PF: tl.constexpr, PRE: tl.constexpr, NORM_LOOP: tl.constexpr,
+                           ELEM: tl.constexpr, SPIN: tl.constexpr,
                            IEEE: tl.constexpr, UPCAST: tl.constexpr, STAGES: tl.constexpr):
         pid = tl.program_id(0)
         G = tl.num_programs(0)
         if ONLY == 0 or ONLY == 1:
-            _phase(o, w_out, h1, hidden, M, 0.0, pid, G, D, KV, BM, BN_OUT, BK_OUT, False, False, True, IEEE, UPCAST,
-                   STAGES, ELEM, PF)
-        if ONLY == 0:
-            _prefetch(w_gate_up, pid, 2 * I, D, BN_GU, ELEM, PF)
-            _grid_sync(sync, G, SPIN)
+            _phase(o, w_out, h1, hidden, M, 0.0, pid, G, 0.0, D, KV, BM, BN_OUT, BK_OUT, False, False, True, IEEE,
+                   UPCAST, STAGES, ELEM, PF, False, NORM_LOOP)
         if ONLY == 0 or ONLY == 2:
-            _phase(h1, w_gate_up, act, h1, M, eps_mlp, pid, G, 2 * I, D, BM, BN_GU, BK_GU, True, True, False, IEEE,
-                   UPCAST, STAGES, ELEM, PF)
-        if ONLY == 0:
-            _prefetch(w_down, pid, D, I, BN_DOWN, ELEM, PF)
-            _grid_sync(sync, 2 * G, SPIN)
-        if ONLY == 0 or ONLY == 3:
-            _phase(act, w_down, h2, h1, M, 0.0, pid, G, D, I, BM, BN_DOWN, BK_DOWN, False, False, True, IEEE,
-                   UPCAST, STAGES, ELEM, PF)
-        if NEXT:
+            b_pre = _preload(w_gate_up, pid, 2 * I, D, BN_GU, BK_GU, PRE)
             if ONLY == 0:
-                _prefetch(w_next, pid, NN, D, BN_NEXT, ELEM, PF)
-                _grid_sync(sync, 3 * G, SPIN)
+                _prefetch(w_gate_up, pid, 2 * I, D, BN_GU, ELEM, PF)
+                _grid_sync(sync, G, SPIN)
+            _phase(h1, w_gate_up, act, h1, M, eps_mlp, pid, G, b_pre, 2 * I, D, BM, BN_GU, BK_GU, True, True, False,
+                   IEEE, UPCAST, STAGES, ELEM, PF, PRE, NORM_LOOP)
+        if ONLY == 0 or ONLY == 3:
+            b_pre = _preload(w_down, pid, D, I, BN_DOWN, BK_DOWN, PRE)
+            if ONLY == 0:
+                _prefetch(w_down, pid, D, I, BN_DOWN, ELEM, PF)
+                _grid_sync(sync, 2 * G, SPIN)
+            _phase(act, w_down, h2, h1, M, 0.0, pid, G, b_pre, D, I, BM, BN_DOWN, BK_DOWN, False, False, True, IEEE,
+                   UPCAST, STAGES, ELEM, PF, PRE, NORM_LOOP)
+        if NEXT:
             if ONLY == 0 or ONLY == 4:
-                _phase(h2, w_next, proj, h2, M, eps_next, pid, G, NN, D, BM, BN_NEXT, BK_NEXT, True, False, False,
-                       IEEE, UPCAST, STAGES, ELEM, PF)
+                b_pre = _preload(w_next, pid, NN, D, BN_NEXT, BK_NEXT, PRE)
+                if ONLY == 0:
+                    _prefetch(w_next, pid, NN, D, BN_NEXT, ELEM, PF)
+                    _grid_sync(sync, 3 * G, SPIN)
+                _phase(h2, w_next, proj, h2, M, eps_next, pid, G, b_pre, NN, D, BM, BN_NEXT, BK_NEXT, True, False,
+                       False, IEEE, UPCAST, STAGES, ELEM, PF, PRE, NORM_LOOP)
         if ONLY == 0:
             # the last program out resets the counter: every program is past its last poll by then
             tl.debug_barrier()
@@ -324,9 +400,12 @@ def programs(device: torch.device) -> int:
 
 def launch(o: torch.Tensor, hidden: torch.Tensor, w_out: torch.Tensor, w_gate_up: torch.Tensor, eps_mlp: float,
            w_down: torch.Tensor, w_next: torch.Tensor | None, eps_next: float, grid: int | None = None,
-           only: int = 0, prefetch: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           only: int = 0, prefetch: bool | None = None, preload: bool | None = None,
+           norm_loop: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch (``layer_chain``'s contract, 2-D o / hidden). ``grid``: programs (None: ``programs``); ``only``
-    1-4: that phase alone, without barriers (tests, through ``launch_phases``); ``prefetch``: the L2 prefetch (None: ``PREFETCH``, on sm_90+)."""
+    1-4: that phase alone, without barriers (tests, through ``launch_phases``); ``prefetch``: the L2 prefetch (None:
+    ``PREFETCH``, on sm_90+); ``preload``: each phase's first weight block loaded before its barrier (None:
+    ``PRELOAD``); ``norm_loop``: the norms' sums of squares in the K loop (None: ``NORM_LOOP``)."""
     kernel = _kernel()
     o, hidden = o.contiguous(), hidden.contiguous()
     M, KV = o.shape
@@ -339,12 +418,12 @@ def launch(o: torch.Tensor, hidden: torch.Tensor, w_out: torch.Tensor, w_gate_up
     h1, act, h2 = (gemv._empty((M, n), o.dtype, dev) for n in (D, inter, D))
     proj = gemv._empty((M, NN), o.dtype, dev)
     _launch(kernel, o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_next, h1, act, h2, proj, G, only,
-            prefetch)
+            prefetch, preload, norm_loop)
     return h2, proj
 
 
 def _launch(kernel, o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_next, h1, act, h2, proj, G, only,
-            prefetch):
+            prefetch, preload=None, norm_loop=None):
     M, KV = o.shape
     D, inter = hidden.shape[1], w_down.shape[1]
     NN = w_next.shape[0] if w_next is not None else 0
@@ -363,12 +442,14 @@ def _launch(kernel, o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_ne
     stages = max(1, min(2 if f32 else 4, (gemv.smem_bytes(dev) - 8 * 1024) // (widest * elem)))
     kernel[(G,)](o, hidden, w_out, w_gate_up, w_down, w_next if w_next is not None else w_out, h1, act, h2, proj,
                  sync_buffer(dev), M, float(eps_mlp), float(eps_next), D=D, KV=KV, I=inter, NN=max(NN, 1), **bns,
-                 **bks, BM=bm,
-                 NEXT=w_next is not None, ONLY=only, PF=bool(prefetch), ELEM=o.element_size(), SPIN=MAX_SPIN,
+                 **bks, BM=bm, NEXT=w_next is not None, ONLY=only, PF=bool(prefetch),
+                 PRE=bool(PRELOAD if preload is None else preload),
+                 NORM_LOOP=bool(NORM_LOOP if norm_loop is None else norm_loop), ELEM=o.element_size(), SPIN=MAX_SPIN,
                  IEEE=f32, UPCAST=gemv._interpreting() and not f32, num_warps=4, num_stages=stages, STAGES=stages)
 
 
-def launch_phases(o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_next, grid: int):
+def launch_phases(o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_next, grid: int,
+                  preload: bool | None = None, norm_loop: bool | None = None):
     """Tests: the four phases as four launches of ``grid`` programs each (``ONLY``), no barriers -> (h2, proj, h1,
     act): checks the partition of tiles over programs, which one interpreted program cannot."""
     kernel = _kernel()
@@ -380,7 +461,7 @@ def launch_phases(o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_next
     proj = gemv._empty((M, NN), o.dtype, o.device)
     for only in (1, 2, 3, 4) if w_next is not None else (1, 2, 3):
         _launch(kernel, o, hidden, w_out, w_gate_up, eps_mlp, w_down, w_next, eps_next, h1, act, h2, proj, grid,
-                only, False)
+                only, False, preload, norm_loop)
     return h2, proj, h1, act
 
 

@@ -7,8 +7,12 @@
 #      pre32    PDL with up to 32 KB of weights loaded before each wait (session 13's knob, never run);
 #      l2       pre32 plus 64 KB per program prefetched into L2 before the wait;
 #      late     pre32 with the next launch triggered after the loop;
-# 2. the skinny-kernel GPU tests (every candidate, inline split included == fp64; same bits on a repeat) and the
-#    PDL-depth test (graphed chain == eager == twins).
+#      chain    the layer chain as measured in session 16 (FLARECTL_ENGINE_LAYER_CHAIN=1: AR 2.252 ms vs off 2.137);
+#      chain_pre    the chain with each phase's first weight block loaded before its barrier (PRELOAD);
+#      chain_pre_nl chain_pre with the norms' sums of squares inside the K loop (NORM_LOOP);
+# 2. the GPU tests (TEST_FILES, TEST_K): by default the skinny-kernel test (every candidate, inline split included ==
+#    fp64; same bits on a repeat), the PDL-depth test (graphed chain == eager == twins) and the layer chain's tests
+#    (real grid with its barriers, every knob, graphed; the chained engine step == unchained).
 # TESTS_AFTER=<variant> runs the tests right after that variant (TEST_K picks them).
 # Everything lands in $OUT/session16.tgz (logs and bench JSON) and $OUT/summary.log.
 source scripts/gpu/engine_setup.sh
@@ -16,18 +20,22 @@ export TRITON_CACHE_DIR=/tmp/tcache_s16
 L=/tmp/s16; mkdir -p $L
 gpu_tests() {
   local s=$(date +%s)
-  timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_engine_kernels.py \
-    -k "${TEST_K:-test_kernel_on_cuda_matches_twin or pdl_depth_on_cuda}" > "$L/gpu_tests.log" 2>&1
+  timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+    ${TEST_FILES:-tests/test_engine_kernels.py tests/test_layer_chain.py} \
+    -k "${TEST_K:-test_kernel_on_cuda_matches_twin or pdl_depth_on_cuda or layer_chain}" > "$L/gpu_tests.log" 2>&1
   echo "== GPU tests rc $? $(( $(date +%s) - s )) s"; tail -3 "$L/gpu_tests.log"
 }
 {
-for v in ${STEP_VARIANTS:-off inline pre32 l2}; do
+for v in ${STEP_VARIANTS:-off chain chain_pre chain_pre_nl inline pre32}; do
   case $v in
     off) envs="FLARECTL_ENGINE_PDL=0" ;;
     inline) envs="FLARECTL_GEMV_INLINE_SPLIT=1" ;;
     pre32) envs="FLARECTL_ENGINE_PDL=1 FLARECTL_ENGINE_PDL_PRELOAD_KB=32" ;;
     l2) envs="FLARECTL_ENGINE_PDL=1 FLARECTL_ENGINE_PDL_PRELOAD_KB=32 FLARECTL_ENGINE_PDL_L2_KB=64" ;;
     late) envs="FLARECTL_ENGINE_PDL=1 FLARECTL_ENGINE_PDL_PRELOAD_KB=32 FLARECTL_ENGINE_PDL_TRIGGER_LATE=1" ;;
+    chain) envs="FLARECTL_ENGINE_LAYER_CHAIN=1" ;;
+    chain_pre) envs="FLARECTL_ENGINE_LAYER_CHAIN=1 FLARECTL_ENGINE_LAYER_CHAIN_PRELOAD=1" ;;
+    chain_pre_nl) envs="FLARECTL_ENGINE_LAYER_CHAIN=1 FLARECTL_ENGINE_LAYER_CHAIN_PRELOAD=1 FLARECTL_ENGINE_LAYER_CHAIN_NORM_LOOP=1" ;;
   esac
   s=$(date +%s)
   env $envs timeout "${STEP_TIMEOUT:-130}" python3 -m flarectl.cli bench --model qwen3.5-2b --random-init --step-cost \
