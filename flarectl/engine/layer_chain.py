@@ -72,7 +72,8 @@ device time ran out)."""
 NORM_LOOP = env_int("FLARECTL_ENGINE_LAYER_CHAIN_NORM_LOOP", 0, low=0, high=1)
 """The norm phases' sums of squares inside the K loop (the Gram matrix on the tensor cores; env
 ``FLARECTL_ENGINE_LAYER_CHAIN_NORM_LOOP=1``) instead of a pass over the activations before it. Off until timed: on
-sm_90 it takes the 'fit' kernel from 148 to 255 registers (Triton 3.6, offline)."""
+sm_90 (Triton 3.6, offline) it takes the 'fit' kernel from 148 to 255 registers (4 B spilled); 'balance' builds stay
+at 168-190, unspilled."""
 
 TILE_KB = env_int("FLARECTL_ENGINE_LAYER_CHAIN_TILE_KB", 32, low=1, high=128, power_of_two=True)
 """Weight bytes (KB) per pipeline stage of every phase (env ``FLARECTL_ENGINE_LAYER_CHAIN_TILE_KB``): a phase of
