@@ -490,9 +490,13 @@ if not CHILD:
             out = layer.self_attn.o_proj if kind == ATTENTION else layer.linear_attn.out_proj
             nxt = (step.fused[i + 1].get("w_qkv", step.fused[i + 1].get("w_in")) if i + 1 < len(m.layers)
                    else m.hf.lm_head.weight)
-            views = step._pf[i][0]
-            for v, w in zip(views, (out.weight, f["w_gate_up"], layer.mlp.down_proj.weight, nxt)):
+            plan, _ = step._pf[i]
+            for before, w in zip(plan, (out.weight, f["w_gate_up"], layer.mlp.down_proj.weight, nxt)):
+                ((v, method, grid),) = before
                 assert v.data_ptr() == w.data_ptr() and v.numel() == min(cap, w.numel() * w.element_size() // 4)
+                assert (method, grid) == ("bulk", 8)
+        ((v, _, _),), _ = step._pf_first  # the first input projection's weight, while the prologue runs
+        assert v.data_ptr() == step.fused[0].get("w_qkv", step.fused[0].get("w_in")).data_ptr()
         with pytest.raises(ValueError):
             SlotBackend(m, 2, 16, fuse=True, prefetch_mb=1, prefetch_method="nope")
         assert SlotBackend(m, 2, 16, fuse=False, prefetch_mb=1).eager.prefetch_mb == 0.0  # unfused: off
@@ -511,6 +515,74 @@ if not CHILD:
         for i in on.cache.gdn:
             assert torch.equal(on.cache.gdn[i].state, off.cache.gdn[i].state)
             assert torch.equal(on.cache.gdn[i].conv, off.cache.gdn[i].conv)
+
+    @pytest.mark.parametrize("lead", [0, 2])
+    def test_static_step_state_prefetch_plan_and_values(lead):
+        """``prefetch_state``: each GDN layer's whole recurrent state is planned ``lead`` GEMMs before its input
+        projection (clamped to the first GEMM), beside the weight prefetch when both are on; the step's logits,
+        cache and kept states are bitwise those without it (the 'load' method runs its kernel under the
+        interpreter only; here the plan and the values)."""
+        from flarectl.engine.backends import SlotBackend
+        from flarectl.models.loading import load_model
+
+        m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+        on = SlotBackend(m, 4, 64, fuse=True, prefetch_state="line_last", prefetch_state_lead=lead)
+        both = SlotBackend(m, 4, 64, fuse=True, prefetch_mb=0.01, prefetch_state="bulk", prefetch_state_lead=lead)
+        off = SlotBackend(m, 4, 64, fuse=True)
+        assert (on.eager.prefetch_state, on.eager.prefetch_state_lead, on.eager.prefetch_mb) == ("line_last", lead, 0)
+        assert off.eager.prefetch_state == "" and not off.eager._pf
+        gdn = sorted(on.cache.gdn)
+        assert gdn, "the debug hybrid has GDN layers"
+        planned = {}
+        for i, (plan, _) in on.eager._pf.items():
+            for j, before in enumerate(plan):
+                for v, method, grid in before:
+                    assert (method, grid) == ("line_last", 32)
+                    planned[4 * i + j] = v
+        want = {max(4 * i - lead, 0): on.cache.gdn[i].state for i in gdn}
+        assert sorted(planned) == sorted(want)
+        for g, state in want.items():
+            v = planned[g]
+            assert v.data_ptr() == state.data_ptr() and v.numel() * 4 == state.numel() * state.element_size()
+        for i, (plan, _) in both.eager._pf.items():  # weights (bulk) and states (bulk) side by side
+            for j, before in enumerate(plan):
+                assert len(before) == 1 + sum(max(4 * k - lead, 0) == 4 * i + j for k in gdn)
+        with pytest.raises(ValueError):
+            SlotBackend(m, 2, 16, fuse=True, prefetch_state="nope")
+        with pytest.raises(ValueError):
+            SlotBackend(m, 2, 16, fuse=True, prefetch_state="bulk", prefetch_state_lead=-1)
+        for b in (on, off):
+            b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
+        g = torch.Generator().manual_seed(0)
+        for wc, ww in [(1, 0), (0, 4), (1, 3), (1, 0)]:
+            ids = torch.randint(0, 250, (4, wc + ww), generator=g)
+            counts, wlen = torch.full((4,), wc), torch.full((4,), ww)
+            commit = torch.tensor([True, False, True, True])
+            outs = [b.step(ids, counts, wlen, commit, wc) for b in (on, off)]
+            for b in (on, off):
+                b.finish_step(torch.tensor([False, True, False, False]))
+            assert torch.equal(outs[0], outs[1])
+        for i in gdn:
+            assert torch.equal(on.cache.gdn[i].state, off.cache.gdn[i].state)
+
+    def test_resolve_prefetch_state(monkeypatch):
+        from flarectl.engine.static_step import resolve_prefetch_state
+        from flarectl.errors import FlareError
+
+        cuda, cpu = torch.device("cuda"), torch.device("cpu")
+        monkeypatch.delenv("FLARECTL_ENGINE_PREFETCH_STATE", raising=False)
+        monkeypatch.delenv("FLARECTL_ENGINE_PREFETCH_STATE_LEAD", raising=False)
+        assert resolve_prefetch_state(None, None, cuda) == ("", 0)  # off by default (untimed)
+        monkeypatch.setenv("FLARECTL_ENGINE_PREFETCH_STATE", "Line_Last")
+        monkeypatch.setenv("FLARECTL_ENGINE_PREFETCH_STATE_LEAD", "2")
+        assert resolve_prefetch_state(None, None, cuda) == ("line_last", 2)
+        assert resolve_prefetch_state(None, None, cpu) == ("", 0)  # env only acts on CUDA
+        assert resolve_prefetch_state("bulk", 1, cpu) == ("bulk", 1)
+        monkeypatch.setenv("FLARECTL_ENGINE_PREFETCH_STATE", "off")
+        assert resolve_prefetch_state(None, None, cuda)[0] == ""
+        monkeypatch.setenv("FLARECTL_ENGINE_PREFETCH_STATE_LEAD", "9")
+        with pytest.raises(FlareError):
+            resolve_prefetch_state(None, None, cuda)
 
     def test_prefetch_op_traces_under_torch_compile():
         """The prefetch op traces (fullgraph) between ops of a compiled function and leaves its values alone."""
@@ -537,7 +609,8 @@ if not CHILD:
 
     @pytest.mark.gpu
     def test_static_step_prefetch_on_cuda_equals_off():
-        """Graphed and compiled (the CUDA default) with the side-stream prefetch: logits bitwise equal to off."""
+        """Graphed and compiled (the CUDA default) with the side-stream prefetch of weights and/or GDN states: logits
+        bitwise equal to off."""
         if not torch.cuda.is_available():
             pytest.skip("no CUDA")
         from flarectl.engine.backends import SlotBackend
@@ -545,8 +618,11 @@ if not CHILD:
 
         m = load_model("debug-hybrid", dtype="bfloat16", device="cuda", seed=1)
         outs = []
-        for mb, method in ((0, "bulk"), (1, "bulk"), (1, "load_wide")):
-            b = SlotBackend(m, 4, 64, prefetch_mb=mb, prefetch_method=method)
+        variants = [{}, {"prefetch_mb": 1, "prefetch_method": "bulk"},
+                    {"prefetch_mb": 1, "prefetch_method": "load_wide"}, {"prefetch_state": "line_last"}, {"prefetch_state": "bulk", "prefetch_state_lead": 2},
+                    {"prefetch_mb": 1, "prefetch_state": "line", "prefetch_state_lead": 1}]
+        for kw in variants:
+            b = SlotBackend(m, 4, 64, **kw)
             b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
             ids = torch.arange(4, device="cuda")[:, None] + 3
             ones = torch.ones(4, dtype=torch.long, device="cuda")

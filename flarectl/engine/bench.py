@@ -195,7 +195,10 @@ def step_paths(backend) -> dict:
            "gemv_inline_split": bool(gemv.INLINE_SPLIT) if step.gemv else None,
            "gemv_choices": {str(k): str(v) for k, v in gemv._CHOSEN.items()} if step.gemv else {},
            "fuse_norm": bool(step.fuse_norm), "fuse_down": bool(step.fuse_down),
-           "attn_kernel": bool(step.attn_kernel), "layer_chain": bool(getattr(step, "layer_chain", False))}
+           "attn_kernel": bool(step.attn_kernel), "layer_chain": bool(getattr(step, "layer_chain", False)),
+           "prefetch_mb": getattr(step, "prefetch_mb", 0.0),
+           "prefetch_state": getattr(step, "prefetch_state", "") or None,
+           "prefetch_state_lead": getattr(step, "prefetch_state_lead", 0)}
     if out["layer_chain"]:
         from flarectl.engine import layer_chain
 

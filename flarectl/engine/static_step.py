@@ -42,6 +42,7 @@ from flarectl.engine.gemv import tune_mode as gemv_tune_mode
 from flarectl.engine import layer_chain, norm_gemv
 from flarectl.engine.attention import attention_mask, decode_attention
 from flarectl.engine.attention import resolve as resolve_attn
+from flarectl.engine.envs import env_int
 from flarectl.engine.layer_chain import failures as layer_chain_failures, resolve as layer_chain_resolve
 from flarectl.engine.prefetch import l2_prefetch
 from flarectl.models.adapter import ATTENTION
@@ -346,13 +347,15 @@ def fuse_weights(linears) -> torch.Tensor | None:
 
 
 def _pf(x, pf, j: int) -> None:
-    """Before a layer's GEMM ``j`` (``x`` its input): fork an L2 prefetch of the next GEMM's weight (``pf = (views,
-    token, method, grid)``, see ``StaticStep(prefetch_mb=)``) onto the side stream. A hint: no value changes.
+    """Before a layer's GEMM ``j`` (``x`` its input): fork the L2 prefetches planned there onto the side stream
+    (``pf = (per GEMM a tuple of (view, method, grid), token)``, see ``StaticStep._plan_prefetch``): the next GEMM's
+    weight (``prefetch_mb``) and/or a GDN layer's recurrent state (``prefetch_state``). A hint: no value changes.
     (Forking after GEMM j instead, with its output as the dependency, was measured too — session 6, run 5 — but
     that changes inductor's fusion around the GEMM outputs and so the bf16 rounding of the logits: not offered.)"""
     if pf is not None:
-        views, token, method, grid = pf
-        l2_prefetch(x, views[j], token, method, grid)
+        plan, token = pf
+        for view, method, grid in plan[j]:
+            l2_prefetch(x, view, token, method, grid)
 
 
 def silu_mlp(mlp) -> bool:
@@ -593,6 +596,24 @@ DEFAULT_PREFETCH_MB = 0.0
 """Off: on the H100 no prefetch variant made the step faster (docs/perf/engine.md, session 6)."""
 DEFAULT_PREFETCH_METHOD = "bulk"
 
+DEFAULT_PREFETCH_STATE = ""
+"""The GDN states' L2 prefetch (a ``prefetch.METHODS`` name; '' off). Off until timed (session 17 built it): each
+mixer reads its layer's fp32 state (8.4 MB at C = 8, Qwen3.5-2B shape) from HBM after the input projection, at
+~1.5 TB/s (11 us a layer, H100, session 16); pulled into L2 beside the projection, the reads would meet L2."""
+
+
+def resolve_prefetch_state(method: str | None, lead: int | None, device: torch.device) -> tuple[str, int]:
+    """(method, lead): None -> env ``FLARECTL_ENGINE_PREFETCH_STATE`` (a ``prefetch.METHODS`` name; '', '0' or
+    'off': off) and ``FLARECTL_ENGINE_PREFETCH_STATE_LEAD`` (GEMMs ahead of the layer's input projection, 0-3) on
+    CUDA, else ``DEFAULT_PREFETCH_STATE`` and 0. An explicit value is taken as it is (off CUDA it does nothing)."""
+    if method is None:
+        env = os.environ.get("FLARECTL_ENGINE_PREFETCH_STATE") if device.type == "cuda" else None
+        method = DEFAULT_PREFETCH_STATE if env is None else env.strip().lower()
+        method = "" if method in ("", "0", "off", "none", "false", "no") else method
+    if lead is None:
+        lead = env_int("FLARECTL_ENGINE_PREFETCH_STATE_LEAD", 0, low=0, high=3) if device.type == "cuda" else 0
+    return method or "", int(lead)
+
 
 def _compile(fn, mode: str | None = None, pdl: bool = False):
     """``torch.compile`` of one step piece; ``pdl``: inductor's kernels with programmatic dependent launch
@@ -626,7 +647,9 @@ class StaticStep:
     (``gemv.skinny_linear_fused``; None: ``gemv.resolve_fuse_down``). ``pdl``: inductor's kernels of the step with
     programmatic dependent launch (None: as the engine's own kernels, ``gemv.use_pdl``). ``attn_kernel``: attention
     layers through ``attention.decode_attention`` (each row's visible slots only; None: ``attention.resolve``).
-    ``fuse_norm``: each sub-block's residual add and RMSNorm inside its projection, and each MLP's activation inside
+    ``prefetch_state`` / ``prefetch_state_lead``: each GDN layer's recurrent state pulled into L2 on the side stream,
+    ``lead`` GEMMs before its input projection, with that ``prefetch.METHODS`` method (None: ``resolve_prefetch_state``;
+    off by default, untimed). ``fuse_norm``: each sub-block's residual add and RMSNorm inside its projection, and each MLP's activation inside
     gate|up (``norm_gemv``: the norm gains folded into the fused weight copies; None: ``norm_gemv.resolve``, on with
     ``gemv`` where ``norm_gemv.FUSE_NORM_DEFAULT``; never with ``fuse_down``, which needs gate|up un-activated)."""
 
@@ -634,7 +657,8 @@ class StaticStep:
                  fuse: bool | None = None, compile_mode: str | None = None, gemv: bool | None = None,
                  prefetch_mb: float | None = None, prefetch_method: str | None = None,
                  fuse_down: bool | None = None, pdl: bool | None = None, attn_kernel: bool | None = None,
-                 fuse_norm: bool | None = None, layer_chain: bool | None = None):
+                 fuse_norm: bool | None = None, layer_chain: bool | None = None,
+                 prefetch_state: str | None = None, prefetch_state_lead: int | None = None):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}; got {compile_mode!r}")
         self.model, self.cache = model, cache
@@ -680,7 +704,8 @@ class StaticStep:
         if self.layer_chain:
             self._plan_chains()
         self._chain_failures = layer_chain_failures(dev) if self.layer_chain else 0
-        self._plan_prefetch(resolve_prefetch(prefetch_mb, dev), prefetch_method or DEFAULT_PREFETCH_METHOD)
+        self._plan_prefetch(resolve_prefetch(prefetch_mb, dev), prefetch_method or DEFAULT_PREFETCH_METHOD,
+                            *resolve_prefetch_state(prefetch_state, prefetch_state_lead, dev))
         self._set_fns()
         self._shapes: set[tuple] = set()
 
@@ -741,18 +766,31 @@ class StaticStep:
             key = "w_qkv" if i + 1 < n and self.model.layer_kinds[i + 1] == ATTENTION else "w_in"
             f["chain"] = (nxt[key], nxt["eps_in"]) if nxt.get("eps_in") is not None else (None, 0.0)
 
-    def _plan_prefetch(self, mb: float, method: str) -> None:
-        """The GEMM weights of the step in launch order (per layer: fused input projection, out_proj/o_proj, fused
-        gate|up, down_proj; then the LM head) and, per layer, prefix views of the next GEMM's weight for each of its
-        four GEMMs (``_pf``). Off (``prefetch_mb`` 0) where a weight is not a plain tensor of the step."""
+    def _plan_prefetch(self, mb: float, method: str, state_method: str = "", state_lead: int = 0) -> None:
+        """What each GEMM forks onto the side stream before it runs (``_pf``), per layer and GEMM (input projection,
+        out_proj/o_proj, gate|up, down):
+
+        * ``mb`` > 0: (a prefix of) the next GEMM's weight, in launch order (the first layer's input projection
+          while the prologue runs; the LM head after the last down projection), with ``method``. Off where a weight
+          is not a plain tensor of the step.
+        * ``state_method``: each GDN layer's recurrent state (all slots: [C, HV, K, V] fp32), which its mixer reads
+          after the input projection, ``state_lead`` GEMMs before that projection (0: beside it; 2: beside the
+          previous layer's gate|up), with that method.
+
+        Hints only: no value changes."""
         from flarectl.engine import prefetch
 
-        if method not in prefetch.METHODS:
-            raise ValueError(f"prefetch method must be one of {prefetch.METHODS}; got {method!r}")
+        for m in (method, state_method or method):
+            if m not in prefetch.METHODS:
+                raise ValueError(f"prefetch method must be one of {prefetch.METHODS}; got {m!r}")
+        if state_lead < 0:
+            raise ValueError(f"prefetch state lead must be >= 0 GEMMs; got {state_lead}")
         self.prefetch_mb, self.prefetch_method = 0.0, method
-        self._pf_first, self._pf = None, {}
-        if mb <= 0:
-            return
+        self.prefetch_state, self.prefetch_state_lead = "", 0
+        self._pf_first, self._pf = (), {}
+        layers = len(self.model.layers)
+        before: list[list[tuple]] = [[] for _ in range(4 * layers)]  # before GEMM 4 * layer + j
+        first: list[tuple] = []
         seq = []
         for i, (kind, layer) in enumerate(zip(self.model.layer_kinds, self.model.layers)):
             f = self.fused.get(i, {})
@@ -760,16 +798,22 @@ class StaticStep:
             seq += [f.get("w_qkv" if kind == ATTENTION else "w_in"), plain_weight(out), f.get("w_gate_up"),
                     plain_weight(getattr(layer.mlp, "down_proj", None))]
         seq.append(plain_weight(self.model.hf.lm_head))
-        if any(w is None or not w.is_contiguous() for w in seq):
-            return
-        nbytes = int(mb * 2**20)
-        views = prefetch.plan(seq, nbytes)
-        token = torch.zeros(1024, dtype=torch.int32, device=self.cache.lengths.device)
-        grid = PREFETCH_GRID[method]
-        self._pf_first = (views[0], token, method, grid)
-        self._pf = {i: (tuple(views[4 * i + 1:4 * i + 5]), token, method, grid)
-                    for i in range(len(self.model.layers))}
-        self.prefetch_mb = float(mb)
+        if mb > 0 and all(w is not None and w.is_contiguous() for w in seq):
+            views = prefetch.plan(seq, int(mb * 2**20))
+            grid = PREFETCH_GRID[method]
+            first.append((views[0], method, grid))
+            for g in range(4 * layers):
+                before[g].append((views[g + 1], method, grid))
+            self.prefetch_mb = float(mb)
+        if state_method:
+            grid = PREFETCH_GRID[state_method]
+            for i, c in self.cache.gdn.items():
+                before[max(4 * i - state_lead, 0)].append((prefetch.words(c.state), state_method, grid))
+            self.prefetch_state, self.prefetch_state_lead = state_method, int(state_lead)
+        if first or any(before):
+            token = torch.zeros(1024, dtype=torch.int32, device=self.cache.lengths.device)
+            self._pf_first = (tuple(first), token)
+            self._pf = {i: (tuple(tuple(before[4 * i + j]) for j in range(4)), token) for i in range(layers)}
 
     @torch.no_grad()
     def commit_last(self, rows: torch.Tensor) -> None:
@@ -868,9 +912,10 @@ class StaticStep:
         win = counts if seen is None else seen  # the clean tokens each window sees (positions, visibility)
         cap = self._attended_slots(wc)
         gated = model.family == "qwen3_5"
-        if self._pf_first is not None:  # the first layer's first GEMM weight, while the prologue runs
-            view, token, method, grid = self._pf_first
-            l2_prefetch(ids, view, token, method, grid)
+        if self._pf_first:  # the first layer's first GEMM weight, while the prologue runs
+            first, token = self._pf_first
+            for view, method, grid in first:
+                l2_prefetch(ids, view, token, method, grid)
         hidden, cos, sin, mask = self._prologue(ids, win, wlen, wc, cap,
                                                 ATTENTION in model.layer_kinds and not self.attn_kernel)
         pending = None  # a residual add each block leaves to the next (fused into its norm), or None
@@ -895,7 +940,7 @@ class StaticStep:
             out = self._head(model.hf.model.norm, model.hf.lm_head, hidden, self.gemv, self.w_head, pending)
         else:
             out = hidden if pending is None else hidden + pending
-        if self._pf_first is not None:
+        if self._pf:
             from flarectl.engine import prefetch
 
             prefetch.join(cache.lengths.device)  # the side stream rejoins once per step (and before capture ends)
