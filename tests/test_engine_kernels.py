@@ -53,6 +53,26 @@ def _run_mixer(fn, a, wc, H, HV, K, V, eps=1e-6):
     return out, st, cv, ls, lc
 
 
+def _assert_same_steps(on, off):
+    """Clean / window / commit steps on two backends of one fp32 model: bitwise the same logits, lengths, states and
+    conv contexts (a timing-only option must change no value)."""
+    for b in (on, off):
+        b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
+    g = torch.Generator().manual_seed(0)
+    for wc, ww in [(1, 0), (0, 4), (1, 3), (5, 0), (1, 0)]:
+        ids = torch.randint(0, 250, (4, wc + ww), generator=g)
+        counts, wlen = torch.full((4,), wc), torch.full((4,), ww)
+        commit = torch.tensor([True, False, True, True])
+        outs = [b.step(ids, counts, wlen, commit, wc) for b in (on, off)]
+        for b in (on, off):
+            b.finish_step(torch.tensor([False, True, False, False]))
+        assert torch.equal(outs[0], outs[1])
+    assert torch.equal(on.cache.lengths, off.cache.lengths)
+    for i in on.cache.gdn:
+        assert torch.equal(on.cache.gdn[i].state, off.cache.gdn[i].state)
+        assert torch.equal(on.cache.gdn[i].conv, off.cache.gdn[i].conv)
+
+
 def _mixed_steps(backends, seed: int, random_wlen: bool = False):
     """Prefills four slots in every backend, then runs clean / window-only / mixed / clean steps with random counts,
     commits and late commits (``finish_step``) through all of them, asserting after each that every backend's
@@ -500,21 +520,7 @@ if not CHILD:
         with pytest.raises(ValueError):
             SlotBackend(m, 2, 16, fuse=True, prefetch_mb=1, prefetch_method="nope")
         assert SlotBackend(m, 2, 16, fuse=False, prefetch_mb=1).eager.prefetch_mb == 0.0  # unfused: off
-        for b in (on, off):
-            b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
-        g = torch.Generator().manual_seed(0)
-        for wc, ww in [(1, 0), (0, 4), (1, 3), (5, 0), (1, 0)]:
-            ids = torch.randint(0, 250, (4, wc + ww), generator=g)
-            counts, wlen = torch.full((4,), wc), torch.full((4,), ww)
-            commit = torch.tensor([True, False, True, True])
-            outs = [b.step(ids, counts, wlen, commit, wc) for b in (on, off)]
-            for b in (on, off):
-                b.finish_step(torch.tensor([False, True, False, False]))
-            assert torch.equal(outs[0], outs[1])
-        assert torch.equal(on.cache.lengths, off.cache.lengths)
-        for i in on.cache.gdn:
-            assert torch.equal(on.cache.gdn[i].state, off.cache.gdn[i].state)
-            assert torch.equal(on.cache.gdn[i].conv, off.cache.gdn[i].conv)
+        _assert_same_steps(on, off)
 
     @pytest.mark.parametrize("lead", [0, 2])
     def test_static_step_state_prefetch_plan_and_values(lead):
@@ -551,19 +557,7 @@ if not CHILD:
             SlotBackend(m, 2, 16, fuse=True, prefetch_state="nope")
         with pytest.raises(ValueError):
             SlotBackend(m, 2, 16, fuse=True, prefetch_state="bulk", prefetch_state_lead=-1)
-        for b in (on, off):
-            b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
-        g = torch.Generator().manual_seed(0)
-        for wc, ww in [(1, 0), (0, 4), (1, 3), (1, 0)]:
-            ids = torch.randint(0, 250, (4, wc + ww), generator=g)
-            counts, wlen = torch.full((4,), wc), torch.full((4,), ww)
-            commit = torch.tensor([True, False, True, True])
-            outs = [b.step(ids, counts, wlen, commit, wc) for b in (on, off)]
-            for b in (on, off):
-                b.finish_step(torch.tensor([False, True, False, False]))
-            assert torch.equal(outs[0], outs[1])
-        for i in gdn:
-            assert torch.equal(on.cache.gdn[i].state, off.cache.gdn[i].state)
+        _assert_same_steps(on, off)
 
     def test_resolve_prefetch_state(monkeypatch):
         from flarectl.engine.static_step import resolve_prefetch_state
