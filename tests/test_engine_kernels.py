@@ -73,6 +73,36 @@ def _assert_same_steps(on, off):
         assert torch.equal(on.cache.gdn[i].conv, off.cache.gdn[i].conv)
 
 
+def _core_problem(seed, C=3, wc=1, ww=0, hq=4, hkv=2, d=32, rot=8, S=40, dtype=torch.float32, gated=True,
+                  norm=True, device="cpu"):
+    """Arguments of ``attention_core`` (a q|k|v projection output, q/k norm gains, rotary tables, a random cache,
+    lengths up to the capacity's last slot so the clean tokens' slots are capped, window lengths 0..ww)."""
+    g = torch.Generator().manual_seed(seed)
+    W = wc + ww
+    width = hq * d * (2 if gated else 1) + 2 * hkv * d
+    r = lambda *sh: torch.randn(*sh, generator=g).to(dtype).to(device)  # noqa: E731
+    qkv = r(C, W, width)
+    gq = (1 + 0.2 * torch.randn(d, generator=g)).to(device) if norm else None
+    gk = (1 + 0.2 * torch.randn(d, generator=g)).to(device) if norm else None
+    ang = torch.rand(C, W, rot // 2, generator=g) * 6
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(dtype).to(device)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(dtype).to(device)
+    key, value = r(C, hkv, S, d), r(C, hkv, S, d)
+    lengths = torch.tensor([5, 0, S - 1, S // 2] * C)[:C].to(device)
+    counts = torch.randint(0, wc + 1, (C,), generator=g).to(device) if wc else torch.zeros(C, dtype=torch.long, device=device)
+    wlen = torch.randint(0, ww + 1, (C,), generator=g).to(device)
+    return [qkv, gq, gk, 1e-6, cos, sin, key, value, lengths, counts, wlen, wc, S, d ** -0.5, hq, hkv, gated]
+
+
+def _assert_bf16_near(got: torch.Tensor, want: torch.Tensor) -> None:
+    """bf16 results of one formula with roundings placed alike: at most 1% of elements beyond 2 ulp, none beyond 4
+    ulp of the tensor's largest magnitude (a rounding flipped upstream can move a difference by a few ulp)."""
+    got, want = got.float(), want.float()
+    diff = (got - want).abs()
+    assert (diff > 1.6e-2 * want.abs() + 1e-2).float().mean() <= 0.01, diff.max()
+    assert diff.max() <= 4 * 2.0 ** -7 * want.abs().max(), diff.max()
+
+
 def _mixed_steps(backends, seed: int, random_wlen: bool = False):
     """Prefills four slots in every backend, then runs clean / window-only / mixed / clean steps with random counts,
     commits and late commits (``finish_step``) through all of them, asserting after each that every backend's
@@ -156,6 +186,35 @@ if not CHILD:
         assert attention.resolve(True, torch.device("cpu")) and not attention.resolve(None, torch.device("cpu"))
         monkeypatch.setenv("FLARECTL_ENGINE_ATTN", "1")
         assert attention.resolve(None, torch.device("cuda")) and not attention.resolve(None, torch.device("cpu"))
+
+    def test_attention_core_op_registration_plan_and_cpu_twin(monkeypatch):
+        """``flarectl::attention_core`` passes opcheck (it mutates the cache); on CPU without the interpreter it is
+        the twin; ``plan`` reads the q/k norms' gains (None where their form is unknown); ``resolve``'s rules."""
+        from flarectl.engine import attention_core
+        from flarectl.models.loading import load_model
+
+        args = _core_problem(0, C=2, wc=2, ww=2)
+        torch.library.opcheck(attention_core.attention_core, tuple(args))
+        ref = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        torch.testing.assert_close(attention_core.attention_core(*args),
+                                   attention_core.attention_core_reference(*ref), rtol=0, atol=0)
+        assert torch.equal(args[6], ref[6]) and torch.equal(args[7], ref[7])
+        m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+        attn = next(layer.self_attn for kind, layer in zip(m.layer_kinds, m.layers) if kind == "attention")
+        gq, gk, eps = attention_core.plan(attn)
+        x = torch.randn(3, attn.head_dim)
+        torch.testing.assert_close(attention_core._norm(x, gq, eps), attn.q_norm(x))
+        torch.testing.assert_close(attention_core._norm(x, gk, eps), attn.k_norm(x))
+        attn_plain = torch.nn.Module()
+        assert attention_core.plan(attn_plain) == (None, None, 0.0)
+        attn_odd = torch.nn.Module()
+        attn_odd.q_norm, attn_odd.k_norm = torch.nn.LayerNorm(8), torch.nn.LayerNorm(8)
+        assert attention_core.plan(attn_odd) is None
+        monkeypatch.delenv("FLARECTL_ENGINE_ATTN_CORE", raising=False)
+        assert not attention_core.resolve(None, True) and attention_core.resolve(True, True)
+        assert not attention_core.resolve(True, False)  # it needs the attention kernel
+        monkeypatch.setenv("FLARECTL_ENGINE_ATTN_CORE", "1")
+        assert attention_core.resolve(None, True) and not attention_core.resolve(None, False)
 
     def test_norm_linear_op_registration_and_cpu_twin(monkeypatch):
         """``flarectl::norm_linear`` passes opcheck (residual or None, with and without the activation); on CPU it
@@ -790,6 +849,49 @@ if not CHILD:
 
     @pytest.mark.gpu
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    def test_attention_core_on_cuda_matches_twin(dtype):
+        """``attention_core`` at the Qwen3.5-2B attention shape (C 8, 8 query / 2 kv heads, D 256, 64 rotary dims,
+        gated, 524 slots): AR (W 1), verify (W 5) and draft (5 + 4) steps == the twin (output; cache written at the
+        same slots, to 2 ulp in bf16), NaN-filled outputs, the same bits on a repeat; then a graphed, compiled
+        engine step with it == without it (fp32 debug hybrid, 1e-4)."""
+        from flarectl.engine import attention, attention_core
+        from flarectl.engine.backends import SlotBackend
+        from flarectl.models.loading import load_model
+
+        attention.NAN_FILL = attention_core.NAN_FILL = True
+        try:
+            for wc, ww in ((1, 0), (5, 0), (5, 4)):
+                args = _core_problem(3, C=8, wc=wc, ww=ww, hq=8, hkv=2, d=256, rot=64, S=524, dtype=dtype,
+                                     device="cuda")
+                ref = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+                key0 = args[6].clone()
+                got = attention_core.attention_core(*args)
+                want = attention_core.attention_core_reference(*ref)
+                assert not got.isnan().any()
+                tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+                torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+                wrote = args[6] != key0
+                assert torch.equal(args[6][~wrote], ref[6][~wrote]) and torch.equal(args[7], ref[7])
+                if dtype == torch.bfloat16:
+                    _assert_bf16_near(args[6], ref[6])
+                again = [a.clone() if isinstance(a, torch.Tensor) else a for a in ref]
+                assert torch.equal(attention_core.attention_core(*again), attention_core.attention_core(*again))
+        finally:
+            attention.NAN_FILL = attention_core.NAN_FILL = False
+        m = load_model("debug-hybrid", dtype="float32", device="cuda", seed=1)
+        outs = []
+        for core in (True, False):
+            b = SlotBackend(m, 4, 64, attn_core=core)
+            assert b.eager.attn_core == core
+            b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
+            ids = torch.arange(4, device="cuda")[:, None] + 3
+            ones = torch.ones(4, dtype=torch.long, device="cuda")
+            outs.append([b.step(ids + i, ones, ones * 0, ones.bool(), 1).clone() for i in range(3)])
+        for a, r in zip(*outs):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+    @pytest.mark.gpu
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
     def test_decode_attention_on_cuda_matches_twin(dtype):
         """The decode-attention kernel at the Qwen3.5-2B attention shape (C 8, 8 query / 2 kv heads, D 256, 524
         slots): AR (W 1), verify (W 5) and draft (5 + 4) steps, split counts, tokens per program, slots per step and
@@ -1271,6 +1373,66 @@ else:
         finally:
             attention.NAN_FILL = False
             attention.BLOCK_N = block
+
+    CORE_SHAPES = [dict(), dict(wc=3, ww=2), dict(wc=0, ww=4), dict(gated=False, norm=False, rot=0),
+                   dict(C=2, wc=2, ww=3, hq=6, hkv=3, d=24, rot=12, S=21), dict(C=4, wc=5, hq=2, hkv=1, d=16, rot=16)]
+
+    @pytest.mark.parametrize("kw", CORE_SHAPES)
+    def test_attention_core_kernel_matches_twin(kw):
+        """``attention_core`` (prologue kernel + attention kernel with the gate, interpreted; NaN-filled outputs)
+        == the twin: the output, the clean tokens' k/v in the cache (slots capped at the capacity), every other slot
+        untouched. fp32 to 1e-5; bf16: the prologue's q / cache k to 2 ulp of the twin's eager roundings and the
+        output as close to an fp64 twin as the bf16 twin is (+ the attention kernel's P rounding). Shapes: clean,
+        window-only and mixed steps; GQA 1-3; odd D, rotary width and capacity; with and without gate and norms."""
+        from flarectl.engine import attention, attention_core
+
+        attention.NAN_FILL = attention_core.NAN_FILL = True
+        try:
+            for dtype in (torch.float32, torch.bfloat16):
+                args = _core_problem(7, dtype=dtype, **kw)
+                key0, value0 = args[6].clone(), args[7].clone()
+                ref = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+                got = attention_core.attention_core(*args)
+                want = attention_core.attention_core_reference(*ref)
+                assert not got.isnan().any()
+                wrote = args[6] != key0
+                assert torch.equal(args[6][~wrote], ref[6][~wrote])  # only the slots the twin writes
+                if dtype == torch.float32:
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(args[6], ref[6], rtol=1e-5, atol=1e-6)
+                    assert torch.equal(args[7], ref[7])  # values are copied, not computed
+                    continue
+                _assert_bf16_near(args[6], ref[6])
+                assert torch.equal(args[7], ref[7])
+                exact = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                         for a in _core_problem(7, dtype=dtype, **kw)]
+                exact = attention_core.attention_core_reference(*exact)
+                err_got = (got.double() - exact).abs().max().item()
+                err_twin = (want.double() - exact).abs().max().item()
+                assert err_got <= 3 * err_twin + 1e-2, (err_got, err_twin)
+                qkv, gq, eps, cos, sin = ref[0], ref[1], ref[3], ref[4], ref[5]
+                q, _, _ = attention_core.prologue(qkv, gq, ref[2], eps, cos, sin, key0.clone(), value0.clone(),
+                                                  ref[8], ref[11], ref[14], ref[15], ref[16])
+                qs = attention_core.split_heads(qkv, ref[14], ref[15], key0.shape[-1], ref[16])[0]
+                q_twin = attention_core.apply_rope(attention_core._norm(qs, gq, eps).transpose(1, 2), cos, sin)
+                _assert_bf16_near(q, q_twin)
+        finally:
+            attention.NAN_FILL = attention_core.NAN_FILL = False
+
+    def test_static_step_attention_core_equals_torch_path():
+        """The engine step with its attention layers through ``attention_core`` (interpreted) == through the
+        attention kernel with the norms, RoPE, cache write and gate in torch (fp32 debug hybrid, 1e-5), over
+        clean / window / commit / late-commit steps."""
+        from flarectl.engine.backends import SlotBackend
+        from flarectl.models.loading import load_model
+
+        m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+        backends = [SlotBackend(m, 4, 64, gdn_kernel="torch", gemv=False, attn_kernel=True, fuse=True, attn_core=k)
+                    for k in (True, False)]
+        assert backends[0].eager.attn_core and not backends[1].eager.attn_core
+        assert any("core" in f for f in backends[0].eager.fused.values())
+        for _ in _mixed_steps(backends, seed=5, random_wlen=True):
+            assert torch.equal(backends[0].cache.lengths, backends[1].cache.lengths)
 
     def test_static_step_decode_attention_equals_sdpa():
         """The engine step with its attention layers through the kernel (interpreted) == the step with SDPA over

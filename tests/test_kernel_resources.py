@@ -135,24 +135,45 @@ def test_skinny_kernels_compile_for_sm90_pipelined(kernel, pdl, pre, trigger, l2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pdl", [0, 1])
-def test_decode_attention_kernel_compiles_for_sm90(pdl):
+@pytest.mark.parametrize("pdl,gate", [(0, False), (1, False), (0, True)])
+def test_decode_attention_kernel_compiles_for_sm90(pdl, gate):
     """The decode-attention kernel at the Qwen3.5-2B attention shape (bf16, 8 query / 2 kv heads, D 256, an AR step's
-    4 query heads per tile, 2 splits) compiles for sm_90 within the shared-memory limit, with the griddepcontrol
-    instructions exactly when PDL is on (``gemv.use_pdl``: the step's launches stay programmatic around attention)."""
+    4 query heads per tile, 2 splits; with and without the output gate) compiles for sm_90 within the shared-memory
+    limit, with the griddepcontrol instructions exactly when PDL is on (``gemv.use_pdl``: the step's launches stay
+    programmatic around attention)."""
     pytest.importorskip("triton")
     from flarectl.engine import attention
 
     fn = attention._kernel()
-    consts = dict(HKV=2, G=4, D=256, BD=256, BM=16, BN=64, BW=16, SPLITS=2, TQ=1, IEEE=False, UPCAST=False, PDL=pdl)
-    types = {n: "*bf16" for n in ("q", "kc", "vc", "kw", "vw", "out")}
+    consts = dict(HKV=2, G=4, D=256, BD=256, BM=16, BN=64, BW=16, SPLITS=2, TQ=1, IEEE=False, UPCAST=False, PDL=pdl,
+                  GATE=gate)
+    types = {n: "*bf16" for n in ("q", "kc", "vc", "kw", "vw", "out", "gate")}
     types.update(ws_acc="*fp32", ws_ml="*fp32", counter="*i32", lengths="*i64", counts="*i64", wlen="*i64",
                  scale="fp32")
     ints = [n for n in fn.arg_names if n not in types and n not in consts]
     types.update({n: "i32" for n in ints})
-    aligned = ["q", "kc", "vc", "kw", "vw", "out", "ws_acc", "ws_ml", "counter", "lengths", "counts", "wlen"]
+    aligned = ["q", "kc", "vc", "kw", "vw", "out", "gate", "ws_acc", "ws_ml", "counter", "lengths", "counts", "wlen"]
     c, regs = _compile_sm90(fn, types, consts, num_warps=4, num_stages=3, aligned=aligned)
     ptx = c.asm["ptx"]
     assert ("griddepcontrol.wait" in ptx) == bool(pdl) and ("griddepcontrol.launch_dependents" in ptx) == bool(pdl)
     assert c.metadata.shared <= H100_SHARED_BYTES
     assert regs is None or regs <= 255, regs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gated,norm", [(True, True), (False, False)])
+def test_attention_prologue_kernel_compiles_for_sm90(gated, norm):
+    """The attention prologue (``attention_core``) at the Qwen3.5-2B attention shape (bf16, 8 query / 2 kv heads,
+    D 256, 64 rotary dims) compiles for sm_90 without spilling (one token per program, all its heads)."""
+    pytest.importorskip("triton")
+    from flarectl.engine import attention_core
+
+    fn = attention_core._kernel()
+    consts = dict(R=64, BHQ=8, BHK=2, BD=256, GATED=gated, NORM=norm, ROPE=True)
+    types = {n: "*bf16" for n in ("qkv", "cos", "sin", "key", "value", "q_out", "k_win", "v_win")}
+    types.update(gain_q="*fp32", gain_k="*fp32", lengths="*i64", eps="fp32")
+    types.update({n: "i32" for n in fn.arg_names if n not in types and n not in consts})
+    aligned = [n for n in types if types[n].startswith("*")]
+    c, regs = _compile_sm90(fn, types, consts, num_warps=4, num_stages=1, aligned=aligned)
+    assert c.metadata.shared <= H100_SHARED_BYTES
+    assert regs is None or regs <= 128, regs

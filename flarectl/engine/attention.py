@@ -137,13 +137,26 @@ def _kernel():
     globals().update(_dot=_dot, _update=_update)
 
     @triton.jit
-    def decode_attention_kernel(q, kc, vc, kw, vw, out, ws_acc, ws_ml, counter, lengths, counts, wlen,
+    def _finish(o_ptr, o_mask, o, gate, g_off, GATE: tl.constexpr):
+        # the output rounded to its dtype; GATE: times sigmoid(gate), each rounded as eager torch rounds them
+        o = o.to(o_ptr.dtype.element_ty)
+        if GATE:
+            gv = tl.load(gate + g_off, mask=o_mask, other=0.0).to(tl.float32)
+            sg = (1.0 / (1.0 + tl.exp(-gv))).to(o_ptr.dtype.element_ty)
+            o = (o.to(tl.float32) * sg.to(tl.float32)).to(o_ptr.dtype.element_ty)
+        tl.store(o_ptr, o, mask=o_mask)
+
+    globals().update(_finish=_finish)
+
+    @triton.jit
+    def decode_attention_kernel(q, kc, vc, kw, vw, out, gate, ws_acc, ws_ml, counter, lengths, counts, wlen,
                                 s_qc, s_qh, s_qt, s_kc, s_kh, s_ks, s_vc, s_vh, s_vs, s_wc, s_wh, s_wt,
-                                s_uc, s_uh, s_ut, s_oc, s_oh, s_ot,
+                                s_uc, s_uh, s_ut, s_oc, s_oh, s_ot, s_gc, s_gh, s_gt,
                                 W, wc, cap, ww, chunk, scale,
                                 HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                                 BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLITS: tl.constexpr,
-                                TQ: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+                                TQ: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+                                GATE: tl.constexpr):
         # program (row c, kv head g, block of TQ query tokens, split sp): its tile's rows are the G query heads of
         # each of its tokens (row r: token t0 + r // G, head g * G + r % G), so the block's tokens read each cache
         # slot once
@@ -196,8 +209,9 @@ def _kernel():
             m_i, l_i, acc = _update(qt, k.to(qt.dtype), v.to(qt.dtype), ok, m_i, l_i, acc, scale, IEEE, UPCAST)
         o_ptr = out + c.to(tl.int64) * s_oc + head[:, None] * s_oh + t[:, None] * s_ot + rd[None, :]
         o_mask = m_ok[:, None] & d_ok[None, :]
+        g_off = c.to(tl.int64) * s_gc + head[:, None] * s_gh + t[:, None] * s_gt + rd[None, :]
         if SPLITS == 1:
-            tl.store(o_ptr, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=o_mask)
+            _finish(o_ptr, o_mask, acc / l_i[:, None], gate, g_off, GATE)
         else:
             base = (pid * SPLITS + sp).to(tl.int64)
             tl.store(ws_acc + base * BM * BD + rm[:, None] * BD + rd[None, :], acc)
@@ -221,7 +235,7 @@ def _kernel():
                     f = tl.exp(m_s - m_all)
                     l_all += l_s * f
                     acc += a_s * f[:, None]
-                tl.store(o_ptr, (acc / l_all[:, None]).to(out.dtype.element_ty), mask=o_mask)
+                _finish(o_ptr, o_mask, acc / l_all[:, None], gate, g_off, GATE)
                 tl.atomic_xchg(counter + pid, 0)  # ready for the next launch
 
     return decode_attention_kernel
@@ -241,10 +255,14 @@ def default_splits(programs: int, visible: int, device: torch.device, block_n: i
 
 def launch(q, key, value, k_win, v_win, lengths, counts, wlen, wc: int, cap: int, scale: float,
            splits: int | None = None, tokens_per_program: int | None = None, block_n: int | None = None,
-           num_warps: int | None = None) -> torch.Tensor:
+           num_warps: int | None = None, gate: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel; arguments as ``decode_attention_reference`` (D contiguous in every tensor). ``tokens_per_program``:
     query tokens that share one pass over the cache (None: ``TOKENS_PER_PROGRAM``); ``block_n``, ``num_warps``: cache
-    slots per inner step and warps per program (None: ``BLOCK_N``, ``NUM_WARPS``)."""
+    slots per inner step and warps per program (None: ``BLOCK_N``, ``NUM_WARPS``). ``gate`` [C, Hq, W, D] (any
+    strides, D contiguous): the output times sigmoid(gate), rounded as eager torch rounds them (Qwen3.5's gated
+    attention). ``out`` [C, Hq, W, D] (any strides, D contiguous, e.g. a permuted [C, W, Hq, D] buffer, so the output
+    projection reads it without a copy): where the output goes (None: a new tensor like q)."""
     import triton
 
     from flarectl.engine.gemv import _interpreting, arrival_counters, use_pdl
@@ -254,7 +272,7 @@ def launch(q, key, value, k_win, v_win, lengths, counts, wlen, wc: int, cap: int
     G = HQ // HKV
     ww = k_win.shape[2]
     assert W == wc + ww and HQ % HKV == 0
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if NAN_FILL:
         out.fill_(float("nan"))
     tq = min(triton.next_power_of_2(max(W, 1)), tokens_per_program or TOKENS_PER_PROGRAM or max(1, 16 // G))
@@ -280,14 +298,17 @@ def launch(q, key, value, k_win, v_win, lengths, counts, wlen, wc: int, cap: int
     vw = v_win if ww else q
     f32 = q.dtype == torch.float32
     pdl = use_pdl(q.device)
+    g = out if gate is None else gate  # any valid pointer: never read without GATE
     _kernel()[(programs, split)](
-        q, key, value, kw, vw, out, ws_acc, ws_ml, counter, lengths, counts, wlen,
+        q, key, value, kw, vw, out, g, ws_acc, ws_ml, counter, lengths, counts, wlen,
         q.stride(0), q.stride(1), q.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), kw.stride(0), kw.stride(1), kw.stride(2),
         vw.stride(0), vw.stride(1), vw.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        g.stride(0), g.stride(1), g.stride(2),
         W, wc, cap, ww, chunk, scale,
         HKV=HKV, G=G, D=D, BD=BD, BM=BM, BN=bn, BW=max(16, triton.next_power_of_2(max(ww, 1))), SPLITS=split,
-        TQ=tq, IEEE=f32, UPCAST=_interpreting() and not f32, PDL=int(pdl), num_warps=num_warps or NUM_WARPS,
+        TQ=tq, IEEE=f32, UPCAST=_interpreting() and not f32, PDL=int(pdl), GATE=gate is not None,
+        num_warps=num_warps or NUM_WARPS,
         **({"num_stages": 2} if wide else {}), **({"launch_pdl": True} if pdl else {}))
     return out
 

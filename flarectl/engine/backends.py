@@ -68,7 +68,8 @@ class SlotBackend:
                  prefetch_mb: float | None = None, prefetch_method: str | None = None,
                  fuse_down: bool | None = None, pdl: bool | None = None, attn_kernel: bool | None = None,
                  fuse_norm: bool | None = None, layer_chain: bool | None = None,
-                 prefetch_state: str | None = None, prefetch_state_lead: int | None = None):
+                 prefetch_state: str | None = None, prefetch_state_lead: int | None = None,
+                 attn_core: bool | None = None):
         if prefill not in ("static", "adapter"):
             raise ValueError(f"prefill must be static or adapter; got {prefill!r}")
         self.model = model
@@ -79,7 +80,8 @@ class SlotBackend:
                            compile_mode=compile_mode, gemv=gemv, prefetch_mb=prefetch_mb,
                            prefetch_method=prefetch_method, fuse_down=fuse_down, pdl=pdl,
                            attn_kernel=attn_kernel, fuse_norm=fuse_norm, layer_chain=layer_chain,
-                           prefetch_state=prefetch_state, prefetch_state_lead=prefetch_state_lead)
+                           prefetch_state=prefetch_state, prefetch_state_lead=prefetch_state_lead,
+                           attn_core=attn_core)
         self.eager = eager
         self.gdn_kernel = eager.kernel
         use_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs

@@ -196,6 +196,7 @@ def step_paths(backend) -> dict:
            "gemv_choices": {str(k): str(v) for k, v in gemv._CHOSEN.items()} if step.gemv else {},
            "fuse_norm": bool(step.fuse_norm), "fuse_down": bool(step.fuse_down),
            "attn_kernel": bool(step.attn_kernel), "layer_chain": bool(getattr(step, "layer_chain", False)),
+           "attn_core": bool(getattr(step, "attn_core", False)),
            "prefetch_mb": getattr(step, "prefetch_mb", 0.0),
            "prefetch_state": getattr(step, "prefetch_state", "") or None,
            "prefetch_state_lead": getattr(step, "prefetch_state_lead", 0)}

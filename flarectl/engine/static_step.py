@@ -41,6 +41,8 @@ from flarectl.engine.gemv import (fused_applies, linear, module_linear, plain_we
 from flarectl.engine.gemv import tune_mode as gemv_tune_mode
 from flarectl.engine import layer_chain, norm_gemv
 from flarectl.engine.attention import attention_mask, decode_attention
+from flarectl.engine.attention_core import attention_core
+from flarectl.engine.attention_core import resolve as resolve_attn_core
 from flarectl.engine.attention import resolve as resolve_attn
 from flarectl.engine.envs import env_int
 from flarectl.engine.layer_chain import failures as layer_chain_failures, resolve as layer_chain_resolve
@@ -525,17 +527,28 @@ def _split_qkv(module, qkv, gated: bool):
 def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int, cap: int, gated: bool,
                     w_qkv=None, w_gate_up=None, gemv: bool = False, w_out=None, w_down=None, pf=None,
                     fuse_down: bool = False, counts=None, wlen=None, attn_kernel: bool = False, pending=None,
-                    eps_in=None, eps_mlp=None, chain=None, ready=None):
+                    eps_in=None, eps_mlp=None, chain=None, ready=None, core=None):
     """One softmax-attention decoder layer of the step (keys/values of the clean tokens written at each row's
     length; attention over the first ``cap`` slots plus the window). ``w_qkv`` / ``w_gate_up``: fused weights or
     None. ``pf``: as ``gdn_block``. ``attn_kernel``: ``attention.decode_attention`` (visibility from ``lengths``,
     ``counts``, ``wlen``; ``mask`` unused) instead of SDPA over the masked capacity. ``pending``, ``eps_in``,
-    ``eps_mlp``, ``chain``, ``ready``: as ``gdn_block``. Returns (hidden, pending, ready)."""
+    ``eps_mlp``, ``chain``, ``ready``: as ``gdn_block``. ``core`` (with ``w_qkv`` and ``attn_kernel``): (q-norm
+    gain, k-norm gain, eps) or (None, None, 0.0) without q/k norms: the norms, RoPE, cache write, attention and
+    gate as ``attention_core.attention_core`` (two launches). Returns (hidden, pending, ready)."""
     module = layer.self_attn
     if w_qkv is not None:
         _pf(hidden, pf, 0)
     x, qkv, hidden = _open(layer.input_layernorm, hidden, pending, w_qkv, eps_in, gemv, ready)
     bsz, width, _ = hidden.shape
+    if core is not None and w_qkv is not None and attn_kernel:
+        qkv = linear(x, w_qkv, gemv) if qkv is None else qkv
+        d = module.head_dim
+        hq, hkv = module.q_proj.out_features // (d * (2 if gated else 1)), module.k_proj.out_features // d
+        out = attention_core(qkv, core[0], core[1], core[2], cos, sin, key, value, lengths, counts, wlen, wc, cap,
+                             module.scaling, hq, hkv, gated)
+        _pf(out, pf, 1)
+        return _close(layer, hidden, out, module.o_proj, w_out, w_gate_up, gemv, w_down, pf, fuse_down, eps_mlp,
+                      chain)
     q, k, v, gate = (_project(module, x, gated) if w_qkv is None
                      else _split_qkv(module, linear(x, w_qkv, gemv) if qkv is None else qkv, gated))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -647,6 +660,8 @@ class StaticStep:
     (``gemv.skinny_linear_fused``; None: ``gemv.resolve_fuse_down``). ``pdl``: inductor's kernels of the step with
     programmatic dependent launch (None: as the engine's own kernels, ``gemv.use_pdl``). ``attn_kernel``: attention
     layers through ``attention.decode_attention`` (each row's visible slots only; None: ``attention.resolve``).
+    ``attn_core``: with the attention kernel, each attention layer's q/k norms, RoPE, cache write and output gate
+    around it in two launches (``attention_core``; None: ``attention_core.resolve``, off by default, untimed).
     ``prefetch_state`` / ``prefetch_state_lead``: each GDN layer's recurrent state pulled into L2 on the side stream,
     ``lead`` GEMMs before its input projection, with that ``prefetch.METHODS`` method (None: ``resolve_prefetch_state``;
     off by default, untimed). ``fuse_norm``: each sub-block's residual add and RMSNorm inside its projection, and each MLP's activation inside
@@ -658,7 +673,8 @@ class StaticStep:
                  prefetch_mb: float | None = None, prefetch_method: str | None = None,
                  fuse_down: bool | None = None, pdl: bool | None = None, attn_kernel: bool | None = None,
                  fuse_norm: bool | None = None, layer_chain: bool | None = None,
-                 prefetch_state: str | None = None, prefetch_state_lead: int | None = None):
+                 prefetch_state: str | None = None, prefetch_state_lead: int | None = None,
+                 attn_core: bool | None = None):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}; got {compile_mode!r}")
         self.model, self.cache = model, cache
@@ -680,6 +696,7 @@ class StaticStep:
             gemv_tune_mode()  # a bad FLARECTL_GEMV_TUNE fails here (ValueError), not inside the first step
         self.pdl = use_pdl(dev) if pdl is None else bool(pdl) and use_pdl(dev, True)
         self.attn_kernel = resolve_attn(attn_kernel, dev)
+        self.attn_core = resolve_attn_core(attn_core, self.attn_kernel)
         self.compile_error: str | None = None
         self.fused = self._fuse() if (self.compiled if fuse is None else fuse) else {}
         self.w_head = plain_weight(model.hf.lm_head) if self.gemv else None
@@ -700,6 +717,8 @@ class StaticStep:
         self.fuse_norm = norm_gemv.resolve(fuse_norm, self.gemv) and not self.fuse_down and bool(self.fused)
         if self.fuse_norm:
             self._fold_norms()
+        if self.attn_core:
+            self._plan_attn_core()
         self.layer_chain = layer_chain_resolve(layer_chain, self.gemv, dev) and self.fuse_norm
         if self.layer_chain:
             self._plan_chains()
@@ -735,6 +754,18 @@ class StaticStep:
                 w["w_gate_up"] = fuse_weights([mlp.gate_proj, mlp.up_proj])
             out[i] = {k: v for k, v in w.items() if v is not None}
         return out
+
+    @torch.no_grad()
+    def _plan_attn_core(self) -> None:
+        """Per attention layer with a fused q|k|v weight: ``core`` = its q/k norm gains and eps for ``attention_core``
+        (``attention_core.plan``); layers it does not apply to keep the step's torch code."""
+        from flarectl.engine.attention_core import plan
+
+        for i, (kind, layer) in enumerate(zip(self.model.layer_kinds, self.model.layers)):
+            f = self.fused.get(i, {})
+            core = plan(layer.self_attn) if kind == ATTENTION and "w_qkv" in f else None
+            if core is not None:
+                f["core"] = core
 
     @torch.no_grad()
     def _fold_norms(self) -> None:
