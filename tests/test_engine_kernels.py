@@ -674,12 +674,10 @@ if not CHILD:
         variants = [{}, {"prefetch_mb": 1, "prefetch_method": "bulk"},
                     {"prefetch_mb": 1, "prefetch_method": "load_wide"}, {"prefetch_state": "line_last"}, {"prefetch_state": "bulk", "prefetch_state_lead": 2},
                     {"prefetch_mb": 1, "prefetch_state": "line", "prefetch_state_lead": 1}]
+        from engine_helpers import cuda_ar_steps
+
         for kw in variants:
-            b = SlotBackend(m, 4, 64, **kw)
-            b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
-            ids = torch.arange(4, device="cuda")[:, None] + 3
-            ones = torch.ones(4, dtype=torch.long, device="cuda")
-            outs.append([b.step(ids, ones, ones * 0, ones.bool(), 1).clone() for _ in range(3)])
+            outs.append(cuda_ar_steps(SlotBackend(m, 4, 64, **kw)))
         for o in outs[1:]:
             for a, r in zip(o, outs[0]):
                 assert torch.equal(a, r)
@@ -879,14 +877,13 @@ if not CHILD:
         finally:
             attention.NAN_FILL = attention_core.NAN_FILL = False
         m = load_model("debug-hybrid", dtype="float32", device="cuda", seed=1)
+        from engine_helpers import cuda_ar_steps
+
         outs = []
         for core in (True, False):
             b = SlotBackend(m, 4, 64, attn_core=core)
             assert b.eager.attn_core == core
-            b.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
-            ids = torch.arange(4, device="cuda")[:, None] + 3
-            ones = torch.ones(4, dtype=torch.long, device="cuda")
-            outs.append([b.step(ids + i, ones, ones * 0, ones.bool(), 1).clone() for i in range(3)])
+            outs.append(cuda_ar_steps(b, shift=True))
         for a, r in zip(*outs):
             torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
 
