@@ -839,7 +839,9 @@ class StaticStep:
         if state_method:
             grid = PREFETCH_GRID[state_method]
             for i, c in self.cache.gdn.items():
-                before[max(4 * i - state_lead, 0)].append((prefetch.words(c.state), state_method, grid))
+                # the state itself, not an int32 view of it: the step mutates it, and aot_autograd takes no
+                # mutated input with a view of another dtype
+                before[max(4 * i - state_lead, 0)].append((c.state, state_method, grid))
             self.prefetch_state, self.prefetch_state_lead = state_method, int(state_lead)
         if first or any(before):
             token = torch.zeros(1024, dtype=torch.int32, device=self.cache.lengths.device)

@@ -17,6 +17,7 @@
 #      st_line1 'line' one GEMM earlier (beside the previous layer's down projection);
 #      core     attention layers' q/k norms, RoPE, cache write and gate around the attention kernel in two launches
 #               (FLARECTL_ENGINE_ATTN_CORE=1, attention_core.py);
+#      core_st  core with st_ll0;
 # 2. the GPU tests (TEST_FILES, TEST_K): by default the skinny-kernel test (every candidate, inline split included ==
 #    fp64; same bits on a repeat), the PDL-depth test (graphed chain == eager == twins) and the layer chain's tests
 #    (real grid with its barriers, every knob, graphed; the chained engine step == unchained).
@@ -27,7 +28,7 @@ export TRITON_CACHE_DIR=/tmp/tcache_s16
 L=/tmp/s16; mkdir -p $L
 gpu_tests() {
   local s=$(date +%s)
-  timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+  timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -v -p no:cacheprovider -m gpu \
     ${TEST_FILES:-tests/test_engine_kernels.py tests/test_layer_chain.py} \
     -k "${TEST_K:-test_kernel_on_cuda_matches_twin or pdl_depth_on_cuda or layer_chain or prefetch_on_cuda or attention_core_on_cuda}" > "$L/gpu_tests.log" 2>&1
   echo "== GPU tests rc $? $(( $(date +%s) - s )) s"; tail -3 "$L/gpu_tests.log"
@@ -44,6 +45,7 @@ for v in ${STEP_VARIANTS:-off chain chain_pre chain_pre_nl inline pre32}; do
     chain_pre) envs="FLARECTL_ENGINE_LAYER_CHAIN=1 FLARECTL_ENGINE_LAYER_CHAIN_PRELOAD=1" ;;
     chain_pre_nl) envs="FLARECTL_ENGINE_LAYER_CHAIN=1 FLARECTL_ENGINE_LAYER_CHAIN_PRELOAD=1 FLARECTL_ENGINE_LAYER_CHAIN_NORM_LOOP=1" ;;
     core) envs="FLARECTL_ENGINE_ATTN_CORE=1" ;;
+    core_st) envs="FLARECTL_ENGINE_ATTN_CORE=1 FLARECTL_ENGINE_PREFETCH_STATE=line_last FLARECTL_ENGINE_PREFETCH_STATE_LEAD=0" ;;
     st_ll0) envs="FLARECTL_ENGINE_PREFETCH_STATE=line_last FLARECTL_ENGINE_PREFETCH_STATE_LEAD=0" ;;
     st_ll2) envs="FLARECTL_ENGINE_PREFETCH_STATE=line_last FLARECTL_ENGINE_PREFETCH_STATE_LEAD=2" ;;
     st_bulk0) envs="FLARECTL_ENGINE_PREFETCH_STATE=bulk FLARECTL_ENGINE_PREFETCH_STATE_LEAD=0" ;;
