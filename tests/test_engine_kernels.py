@@ -618,6 +618,24 @@ if not CHILD:
             SlotBackend(m, 2, 16, fuse=True, prefetch_state="bulk", prefetch_state_lead=-1)
         _assert_same_steps(on, off)
 
+    def test_static_step_compiles_with_state_prefetch():
+        """The step compiles (inductor, on CPU) with the GDN states' prefetch planned one GEMM early: the prefetch
+        reads a cache tensor the step mutates, which aot_autograd takes only as the tensor itself (an int32 view of
+        it failed to compile on the H100, session 17, and the step fell back to eager); its logits match eager."""
+        from flarectl.engine.backends import SlotBackend
+        from flarectl.models.loading import load_model
+
+        m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+        b = SlotBackend(m, 4, 64, fuse=True, compile=True, prefetch_state="line_last", prefetch_state_lead=1)
+        ref = SlotBackend(m, 4, 64, fuse=True, compile=False)
+        outs = []
+        for backend in (b, ref):
+            backend.prefill([0, 1, 2, 3], [[5, 6, 7], [], list(range(10, 30)), [9]])
+            ones = torch.ones(4, dtype=torch.long)
+            outs.append(backend.step(torch.arange(4)[:, None] + 3, ones, ones * 0, ones.bool(), 1))
+        assert b.eager.compiled and b.eager.compile_error is None, b.eager.compile_error
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
     def test_resolve_prefetch_state(monkeypatch):
         from flarectl.engine.static_step import resolve_prefetch_state
         from flarectl.errors import FlareError
