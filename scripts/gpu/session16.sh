@@ -18,6 +18,8 @@
 #      core     attention layers' q/k norms, RoPE, cache write and gate around the attention kernel in two launches
 #               (FLARECTL_ENGINE_ATTN_CORE=1, attention_core.py);
 #      core_st  core with st_ll0;
+#      (session 18) core_bulk: core with st_bulk0; core_st1: core with line_last one GEMM earlier; core_pre32: core
+#      with pre32;
 # 2. the GPU tests (TEST_FILES, TEST_K): by default the skinny-kernel test (every candidate, inline split included ==
 #    fp64; same bits on a repeat), the PDL-depth test (graphed chain == eager == twins) and the layer chain's tests
 #    (real grid with its barriers, every knob, graphed; the chained engine step == unchained).
@@ -46,6 +48,9 @@ for v in ${STEP_VARIANTS:-off chain chain_pre chain_pre_nl inline pre32}; do
     chain_pre_nl) envs="FLARECTL_ENGINE_LAYER_CHAIN=1 FLARECTL_ENGINE_LAYER_CHAIN_PRELOAD=1 FLARECTL_ENGINE_LAYER_CHAIN_NORM_LOOP=1" ;;
     core) envs="FLARECTL_ENGINE_ATTN_CORE=1" ;;
     core_st) envs="FLARECTL_ENGINE_ATTN_CORE=1 FLARECTL_ENGINE_PREFETCH_STATE=line_last FLARECTL_ENGINE_PREFETCH_STATE_LEAD=0" ;;
+    core_bulk) envs="FLARECTL_ENGINE_ATTN_CORE=1 FLARECTL_ENGINE_PREFETCH_STATE=bulk FLARECTL_ENGINE_PREFETCH_STATE_LEAD=0" ;;
+    core_st1) envs="FLARECTL_ENGINE_ATTN_CORE=1 FLARECTL_ENGINE_PREFETCH_STATE=line_last FLARECTL_ENGINE_PREFETCH_STATE_LEAD=1" ;;
+    core_pre32) envs="FLARECTL_ENGINE_ATTN_CORE=1 FLARECTL_ENGINE_PDL=1 FLARECTL_ENGINE_PDL_PRELOAD_KB=32" ;;
     st_ll0) envs="FLARECTL_ENGINE_PREFETCH_STATE=line_last FLARECTL_ENGINE_PREFETCH_STATE_LEAD=0" ;;
     st_ll2) envs="FLARECTL_ENGINE_PREFETCH_STATE=line_last FLARECTL_ENGINE_PREFETCH_STATE_LEAD=2" ;;
     st_bulk0) envs="FLARECTL_ENGINE_PREFETCH_STATE=bulk FLARECTL_ENGINE_PREFETCH_STATE_LEAD=0" ;;
