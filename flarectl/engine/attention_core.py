@@ -174,13 +174,16 @@ def _kernel():
         k_row = row + HQ * q_stride
         k, rh, rd, ok = _heads(k_row, gain_k, cs, sn, eps, HKV, D, R, D, BHK, BD, NORM, ROPE, OUT_TY)
         v = tl.load(k_row + HKV * D + rh[:, None] * D + rd[None, :], mask=ok, other=0.0)
-        if t < wc:  # a clean token: its slot of the cache (capped at the capacity, as the step's torch code caps it)
-            slot = tl.minimum(tl.load(lengths + c).to(tl.int32) + t, S - 1)
+        # a clean token's slot of the cache, capped at the capacity as the step's torch code caps it; tokens capped
+        # to the last slot share it: only the last clean token writes it (as the twin's in-order writes leave it),
+        # so programs do not race for it
+        slot = tl.minimum(tl.load(lengths + c).to(tl.int32) + t, S - 1)
+        if (t < wc) & ((slot < S - 1) | (t == wc - 1)):
             tl.store(key + c.to(tl.int64) * s_kc + rh[:, None] * s_kh + slot * s_ks + rd[None, :],
                      k.to(key.dtype.element_ty), mask=ok)
             tl.store(value + c.to(tl.int64) * s_vc + rh[:, None] * s_vh + slot * s_vs + rd[None, :],
                      v.to(value.dtype.element_ty), mask=ok)
-        else:  # a window token: the window's keys [C, Hkv, Ww, D]
+        if t >= wc:  # a window token: the window's keys [C, Hkv, Ww, D]
             w_off = ((c.to(tl.int64) * HKV + rh[:, None]) * ww + (t - wc)) * D + rd[None, :]
             tl.store(k_win + w_off, k.to(OUT_TY), mask=ok)
             tl.store(v_win + w_off, v.to(OUT_TY), mask=ok)

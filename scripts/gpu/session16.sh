@@ -23,6 +23,7 @@
 # 2. the GPU tests (TEST_FILES, TEST_K): by default the skinny-kernel test (every candidate, inline split included ==
 #    fp64; same bits on a repeat), the PDL-depth test (graphed chain == eager == twins) and the layer chain's tests
 #    (real grid with its barriers, every knob, graphed; the chained engine step == unchained).
+# TEST_ENV="VAR=value ..." sets the tests' environment (e.g. an opt-in knob the tests should run with).
 # TESTS_AFTER=<variant> runs the tests right after that variant (TEST_K picks them).
 # Everything lands in $OUT/session16.tgz (logs and bench JSON) and $OUT/summary.log.
 source scripts/gpu/engine_setup.sh
@@ -30,7 +31,7 @@ export TRITON_CACHE_DIR=/tmp/tcache_s16
 L=/tmp/s16; mkdir -p $L
 gpu_tests() {
   local s=$(date +%s)
-  timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -v -p no:cacheprovider -m gpu \
+  env ${TEST_ENV:-} timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -v -p no:cacheprovider -m gpu \
     ${TEST_FILES:-tests/test_engine_kernels.py tests/test_layer_chain.py} \
     -k "${TEST_K:-test_kernel_on_cuda_matches_twin or pdl_depth_on_cuda or layer_chain or prefetch_on_cuda or attention_core_on_cuda}" > "$L/gpu_tests.log" 2>&1
   echo "== GPU tests rc $? $(( $(date +%s) - s )) s"; tail -3 "$L/gpu_tests.log"
