@@ -117,6 +117,35 @@ def test_static_step_masks_short_windows(debug_models):
     torch.testing.assert_close(out[0, :4], ref[0], rtol=1e-9, atol=1e-9)
 
 
+def test_write_clean_slots_matches_in_order_writes():
+    """Clean tokens capped to the cache's last slot: the helper leaves there what in-order writes leave (the last
+    clean token), with every duplicate index carrying the same value, so no device ordering can change it."""
+    from flarectl.engine.attention import write_clean_slots
+
+    g = torch.Generator().manual_seed(0)
+    C, H, S, D, W, wc = 4, 2, 7, 3, 6, 5
+    k, v = torch.randn(C, H, W, D, generator=g), torch.randn(C, H, W, D, generator=g)
+    lengths = torch.tensor([0, 2, 3, 6])  # none capped, the last token capped, two capped, all capped
+    key, value = torch.randn(C, H, S, D, generator=g), torch.randn(C, H, S, D, generator=g)
+    want_k, want_v = key.clone(), value.clone()
+    for c in range(C):
+        for t in range(wc):
+            slot = min(int(lengths[c]) + t, S - 1)
+            want_k[c, :, slot], want_v[c, :, slot] = k[c, :, t], v[c, :, t]
+    write_clean_slots(key, value, k, v, lengths, wc)
+    assert torch.equal(key, want_k) and torch.equal(value, want_v)
+    # reversed application order (what a device may do with duplicate indices) gives the same cache
+    rev_k = torch.randn(C, H, S, D, generator=g)
+    rows = torch.arange(C)[:, None]
+    pos = (lengths[:, None] + torch.arange(wc)).clamp(max=S - 1)
+    src = torch.where(pos == S - 1, wc - 1, torch.arange(wc))
+    for t in reversed(range(wc)):
+        rev_k[rows[:, 0], :, pos[:, t]] = k[rows[:, 0], :, src[:, t]]
+    written = torch.zeros(C, S, dtype=torch.bool)
+    written[rows, pos] = True
+    assert torch.equal(rev_k[written.unsqueeze(1).expand(C, H, S)], want_k[written.unsqueeze(1).expand(C, H, S)])
+
+
 def test_compile_defaults(monkeypatch):
     """torch.compile of the static step: on for CUDA by default, off elsewhere; FLARECTL_ENGINE_COMPILE overrides."""
     from flarectl.engine.static_step import resolve_compile

@@ -211,10 +211,10 @@ if not CHILD:
         attn_odd.q_norm, attn_odd.k_norm = torch.nn.LayerNorm(8), torch.nn.LayerNorm(8)
         assert attention_core.plan(attn_odd) is None
         monkeypatch.delenv("FLARECTL_ENGINE_ATTN_CORE", raising=False)
+        assert attention_core.resolve(None, True) and not attention_core.resolve(False, True)  # on by default
+        assert not attention_core.resolve(True, False) and not attention_core.resolve(None, False)  # needs the kernel
+        monkeypatch.setenv("FLARECTL_ENGINE_ATTN_CORE", "0")
         assert not attention_core.resolve(None, True) and attention_core.resolve(True, True)
-        assert not attention_core.resolve(True, False)  # it needs the attention kernel
-        monkeypatch.setenv("FLARECTL_ENGINE_ATTN_CORE", "1")
-        assert attention_core.resolve(None, True) and not attention_core.resolve(None, False)
 
     def test_norm_linear_op_registration_and_cpu_twin(monkeypatch):
         """``flarectl::norm_linear`` passes opcheck (residual or None, with and without the activation); on CPU it

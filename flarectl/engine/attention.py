@@ -91,6 +91,21 @@ def attention_mask(lengths, counts, wlen, wc: int, ww: int, cap: int) -> torch.T
     return torch.cat([cached, win], 2)
 
 
+def write_clean_slots(key: torch.Tensor, value: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      lengths: torch.Tensor, wc: int) -> None:
+    """Write the step's clean tokens' keys / values (k, v [C, Hkv, W, D], the first ``wc`` tokens) into the cache
+    (key, value [C, Hkv, S, D]) at ``length + i``, capped at the last slot. Tokens capped to the last slot all write
+    the last clean token's k / v (what in-order writes leave there), so the result does not depend on the order in
+    which a device applies duplicate indices."""
+    last = key.shape[2] - 1
+    steps = torch.arange(wc, device=k.device)
+    pos = (lengths[:, None] + steps).clamp(max=last)  # [C, Wc]
+    src = torch.where(pos == last, wc - 1, steps)
+    rows = torch.arange(k.shape[0], device=k.device)[:, None]
+    key[rows, :, pos] = k[rows, :, src].to(key.dtype)  # [C, Wc, Hkv, D] at (row, :, pos)
+    value[rows, :, pos] = v[rows, :, src].to(value.dtype)
+
+
 def decode_attention_reference(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_win: torch.Tensor,
                                v_win: torch.Tensor, lengths: torch.Tensor, counts: torch.Tensor,
                                wlen: torch.Tensor, wc: int, cap: int, scale: float,

@@ -40,7 +40,7 @@ from flarectl.engine.gemv import (fused_applies, linear, module_linear, plain_we
                                   skinny_linear_fused, use_pdl)
 from flarectl.engine.gemv import tune_mode as gemv_tune_mode
 from flarectl.engine import layer_chain, norm_gemv
-from flarectl.engine.attention import attention_mask, decode_attention
+from flarectl.engine.attention import attention_mask, decode_attention, write_clean_slots
 from flarectl.engine.attention_core import attention_core
 from flarectl.engine.attention_core import resolve as resolve_attn_core
 from flarectl.engine.attention import resolve as resolve_attn
@@ -553,10 +553,7 @@ def attention_block(layer, hidden, key, value, lengths, cos, sin, mask, wc: int,
                      else _split_qkv(module, linear(x, w_qkv, gemv) if qkv is None else qkv, gated))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if wc:
-        pos = (lengths[:, None] + torch.arange(wc, device=hidden.device)).clamp(max=key.shape[2] - 1)
-        rows = torch.arange(bsz, device=hidden.device)[:, None]
-        key[rows, :, pos] = k[:, :, :wc].transpose(1, 2).to(key.dtype)  # [C, Wc, Hkv, D] at (row, :, pos)
-        value[rows, :, pos] = v[:, :, :wc].transpose(1, 2).to(value.dtype)
+        write_clean_slots(key, value, k, v, lengths, wc)
     if attn_kernel and key.dtype == q.dtype:
         out = decode_attention(q, key, value, k[:, :, wc:], v[:, :, wc:], lengths, counts, wlen, wc, cap,
                                module.scaling)
