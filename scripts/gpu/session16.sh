@@ -26,10 +26,10 @@
 #    (real grid with its barriers, every knob, graphed; the chained engine step == unchained).
 # TEST_ENV="VAR=value ..." sets the tests' environment (e.g. an opt-in knob the tests should run with).
 # TESTS_AFTER=<variant> runs the tests right after that variant (TEST_K picks them).
-# Everything lands in $OUT/session16.tgz (logs and bench JSON) and $OUT/summary.log.
+# Everything lands in $OUT/s16/ (logs and bench JSON, written as they come) and $OUT/summary.log.
 source scripts/gpu/engine_setup.sh
 export TRITON_CACHE_DIR=/tmp/tcache_s16
-L=/tmp/s16; mkdir -p $L
+L=$OUT/s16; mkdir -p $L  # straight under $OUT: a call cut by its time limit still brings back every log
 gpu_tests() {
   local s=$(date +%s)
   env ${TEST_ENV:-} timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -v -p no:cacheprovider -m gpu \
@@ -65,9 +65,7 @@ for v in ${STEP_VARIANTS:-off chain chain_pre chain_pre_nl inline pre32}; do
   for f in /tmp/step_$v/*.json; do cp "$f" "$L/${v}_$(basename "$f")"; done 2>/dev/null
   echo "== $v ($envs) $(( $(date +%s) - s )) s"; grep -E "^│ (ar|trust|window) |rror" "$L/step_cost_$v.log" | head -5
   [ "$v" = "${TESTS_AFTER:-none}" ] && gpu_tests
-  tar czf "$OUT/session16.tgz" -C /tmp s16
 done
 [ "${TESTS_AFTER:-none}" = none ] && gpu_tests
 } 2>&1 | tee "$OUT/summary.log"
 cp "$OUT/engine_env.log" $L/ 2>/dev/null
-tar czf "$OUT/session16.tgz" -C /tmp s16
