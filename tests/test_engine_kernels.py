@@ -1392,6 +1392,31 @@ else:
     CORE_SHAPES = [dict(), dict(wc=3, ww=2), dict(wc=0, ww=4), dict(gated=False, norm=False, rot=0),
                    dict(C=2, wc=2, ww=3, hq=6, hkv=3, d=24, rot=12, S=21), dict(C=4, wc=5, hq=2, hkv=1, d=16, rot=16)]
 
+    def test_attention_core_prologue_capped_slot_written_by_the_last_clean_token_only():
+        """Clean tokens capped to the cache's last slot all map to it; on a GPU their programs run in any order, so
+        only the last clean token's program may write it (the H100 caught the race). Launching every program but
+        the last leaves the slot untouched; all of them write the last token's k/v; uncapped slots are written."""
+        from flarectl.engine import attention_core
+
+        S, wc = 9, 4
+        args = _core_problem(2, C=1, wc=wc, ww=2, S=S)
+        qkv, gq, gk, eps, cos, sin, key, value, lengths = args[:9]
+        lengths.fill_(S - 3)  # tokens 0, 1 at slots S-3, S-2; tokens 2, 3 capped to S-1
+        hq, hkv, gated = args[14], args[15], args[16]
+        key0 = key.clone()
+        partial = key.clone()
+        attention_core.prologue(qkv, gq, gk, eps, cos, sin, partial, value.clone(), lengths, wc, hq, hkv, gated,
+                                programs=wc - 1)
+        assert torch.equal(partial[:, :, S - 1], key0[:, :, S - 1])  # token 2 is capped but not last: no write
+        assert not torch.equal(partial[:, :, S - 3: S - 1], key0[:, :, S - 3: S - 1])
+        full = key.clone()
+        attention_core.prologue(qkv, gq, gk, eps, cos, sin, full, value.clone(), lengths, wc, hq, hkv, gated)
+        ref = key.clone()
+        attention_core.attention_core_reference(qkv, gq, gk, eps, cos, sin, ref, value.clone(), lengths, args[9],
+                                                args[10], wc, S, args[13], hq, hkv, gated)
+        torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(full[:, :, S - 1], key0[:, :, S - 1])
+
     @pytest.mark.parametrize("kw", CORE_SHAPES)
     def test_attention_core_kernel_matches_twin(kw):
         """``attention_core`` (prologue kernel + attention kernel with the gate, interpreted; NaN-filled outputs)

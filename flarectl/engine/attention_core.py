@@ -190,9 +190,11 @@ def _kernel():
     return attention_prologue_kernel
 
 
-def prologue(qkv, gain_q, gain_k, eps, cos, sin, key, value, lengths, wc: int, hq: int, hkv: int, gated: bool):
+def prologue(qkv, gain_q, gain_k, eps, cos, sin, key, value, lengths, wc: int, hq: int, hkv: int, gated: bool,
+             programs: int | None = None):
     """The prologue kernel -> (q [C, Hq, W, D], k_win, v_win [C, Hkv, Ww, D]); writes the clean tokens' k/v into
-    ``key`` / ``value``."""
+    ``key`` / ``value``. One program per (row, token), row-major; ``programs``: launch only the first ones (tests:
+    what a program writes when the GPU runs it last; None: all C x W)."""
     import triton
 
     C, W, _ = qkv.shape
@@ -209,7 +211,7 @@ def prologue(qkv, gain_q, gain_k, eps, cos, sin, key, value, lengths, wc: int, h
     g_k = gain_k if norm else cos
     kw = k_win if ww else q
     vw = v_win if ww else q
-    _kernel()[(C * W,)](
+    _kernel()[(C * W if programs is None else programs,)](
         qkv, qkv.stride(0), qkv.stride(1), g_q, g_k, cos, sin, cos.stride(0), cos.stride(1), key, value,
         key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
         q, kw, vw, lengths, W, wc, ww, key.shape[2], float(eps), hq, hkv, d, R=rot,
