@@ -864,16 +864,21 @@ if not CHILD:
                                    atol=2e-2)
 
     @pytest.mark.gpu
+    @pytest.mark.parametrize("pdl", [False, True])
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-    def test_attention_core_on_cuda_matches_twin(dtype):
+    def test_attention_core_on_cuda_matches_twin(dtype, pdl, monkeypatch):
         """``attention_core`` at the Qwen3.5-2B attention shape (C 8, 8 query / 2 kv heads, D 256, 64 rotary dims,
-        gated, 524 slots): AR (W 1), verify (W 5) and draft (5 + 4) steps == the twin (output; cache written at the
-        same slots, to 2 ulp in bf16), NaN-filled outputs, the same bits on a repeat; then a graphed, compiled
+        gated, 524 slots; two rows with a full cache, so their clean tokens share the last slot): AR (W 1), verify
+        (W 5) and draft (5 + 4) steps == the twin (output; cache written at the same slots, to 2 ulp in bf16),
+        NaN-filled outputs, the same bits on a repeat, with and without PDL launches; then a graphed, compiled
         engine step with it == without it (fp32 debug hybrid, 1e-4)."""
-        from flarectl.engine import attention, attention_core
+        from flarectl.engine import attention, attention_core, gemv
         from flarectl.engine.backends import SlotBackend
         from flarectl.models.loading import load_model
 
+        if pdl and torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("PDL needs sm_90+")
+        monkeypatch.setattr(gemv, "PDL", pdl)
         attention.NAN_FILL = attention_core.NAN_FILL = True
         try:
             for wc, ww in ((1, 0), (5, 0), (5, 4)):

@@ -161,15 +161,16 @@ def test_decode_attention_kernel_compiles_for_sm90(pdl, gate):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gated,norm", [(True, True), (False, False)])
-def test_attention_prologue_kernel_compiles_for_sm90(gated, norm):
+@pytest.mark.parametrize("gated,norm,pdl", [(True, True, 0), (True, True, 1), (False, False, 0)])
+def test_attention_prologue_kernel_compiles_for_sm90(gated, norm, pdl):
     """The attention prologue (``attention_core``) at the Qwen3.5-2B attention shape (bf16, 8 query / 2 kv heads,
-    D 256, 64 rotary dims) compiles for sm_90 without spilling (one token per program, all its heads)."""
+    D 256, 64 rotary dims) compiles for sm_90 without spilling (one token per program, all its heads); with PDL
+    (``griddepcontrol`` wait and trigger, the branch that never runs interpreted) too."""
     pytest.importorskip("triton")
     from flarectl.engine import attention_core
 
     fn = attention_core._kernel()
-    consts = dict(R=64, BHQ=8, BHK=2, BD=256, GATED=gated, NORM=norm, ROPE=True)
+    consts = dict(R=64, BHQ=8, BHK=2, BD=256, GATED=gated, NORM=norm, ROPE=True, PDL=pdl)
     types = {n: "*bf16" for n in ("qkv", "cos", "sin", "key", "value", "q_out", "k_win", "v_win")}
     types.update(gain_q="*fp32", gain_k="*fp32", lengths="*i64", eps="fp32")
     types.update({n: "i32" for n in fn.arg_names if n not in types and n not in consts})

@@ -159,7 +159,10 @@ def _kernel():
                                   s_kc, s_kh, s_ks, s_vc, s_vh, s_vs, q_out, k_win, v_win, lengths,
                                   W, wc, ww, S, eps, HQ, HKV, D, R: tl.constexpr,
                                   BHQ: tl.constexpr, BHK: tl.constexpr, BD: tl.constexpr, GATED: tl.constexpr,
-                                  NORM: tl.constexpr, ROPE: tl.constexpr):
+                                  NORM: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # programmatic dependent launch (gemv.use_pdl): q|k|v comes from the previous kernel
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0)
         c = pid // W
         t = pid % W
@@ -206,6 +209,9 @@ def prologue(qkv, gain_q, gain_k, eps, cos, sin, key, value, lengths, wc: int, h
     if NAN_FILL:
         for t in (q, k_win, v_win):
             t.fill_(float("nan"))
+    from flarectl.engine.gemv import use_pdl
+
+    pdl = use_pdl(qkv.device)
     norm = gain_q is not None
     g_q = gain_q if norm else cos  # any valid pointer: never read without NORM
     g_k = gain_k if norm else cos
@@ -216,7 +222,7 @@ def prologue(qkv, gain_q, gain_k, eps, cos, sin, key, value, lengths, wc: int, h
         key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
         q, kw, vw, lengths, W, wc, ww, key.shape[2], float(eps), hq, hkv, d, R=rot,
         BHQ=triton.next_power_of_2(hq), BHK=triton.next_power_of_2(hkv), BD=triton.next_power_of_2(d),
-        GATED=gated, NORM=norm, ROPE=rot > 0, num_warps=4)
+        GATED=gated, NORM=norm, ROPE=rot > 0, PDL=int(pdl), num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return q, k_win, v_win
 
 
