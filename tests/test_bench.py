@@ -134,9 +134,34 @@ def test_json_records_the_step_paths(tmp_path, monkeypatch):
     # CPU: no skinny-GEMM kernels, so nothing tuned and nothing fused into them
     assert data["gemv"] is False and data["gemv_tune"] is None and data["fuse_norm"] is False
     assert data["attn_kernel"] is False and data["fuse_down"] is False and data["gemv_max_rows"] is None
-    assert data["gemv_inline_split"] is None and data["gemv_choices"] == {}
+    assert data["gemv_inline_split"] is None and data["gemv_choices"] == {} and data["gemv_tuned"] == {}
     assert "mixer_token_block" not in data  # no GDN layers
     assert data["pdl"] is False and "pdl_preload_kb" not in data  # PDL needs sm_90+
+
+
+def test_tuned_projections_report_the_fastest_candidate_and_its_rate(monkeypatch):
+    """The JSON's per-shape tuning record: the fastest timed candidate, its ms and the weight read rate (N x K
+    weight bytes / ms); the swiglu variant's K is the tuner's own (half the input width); shapes with no timing
+    left out."""
+    from flarectl.engine import gemv
+
+    a, b = gemv.Config(64, 128, 4, 4, 4), gemv.Config(32, 256, 1, 4, 3)
+    monkeypatch.setattr(gemv, "TIMINGS", {
+        (8, 2048, 6144, "torch.bfloat16", "cuda:0"): [(a, 0.01), (b, 0.008), (gemv.CUBLAS, 0.02)],
+        (8, 8224, 2048, "torch.float32", "cuda:0", "norm+add"): [(b, 0.02)],
+        (8, 2048, 12288, "torch.bfloat16", "cuda:0", "swiglu+res"): [(a, 0.01)],
+        (8, 4, 4, "torch.bfloat16", "cuda:0"): []})
+    got = bench.tuned_projections()
+    assert set(got) == {"(8, 2048, 6144, 'torch.bfloat16', 'cuda:0')",
+                        "(8, 8224, 2048, 'torch.float32', 'cuda:0', 'norm+add')",
+                        "(8, 2048, 12288, 'torch.bfloat16', 'cuda:0', 'swiglu+res')"}
+    assert got["(8, 2048, 12288, 'torch.bfloat16', 'cuda:0', 'swiglu+res')"]["weight_gb_per_s"] == round(
+        2048 * 6144 * 2 / 1e-5 / 1e9, 1)
+    down = got["(8, 2048, 6144, 'torch.bfloat16', 'cuda:0')"]
+    assert down["choice"] == str(b) and down["ms"] == 0.008 and down["candidates"] == 3
+    assert down["weight_gb_per_s"] == round(2048 * 6144 * 2 / 8e-6 / 1e9, 1)  # 3145.7 GB/s
+    assert got["(8, 8224, 2048, 'torch.float32', 'cuda:0', 'norm+add')"]["weight_gb_per_s"] == round(
+        8224 * 2048 * 4 / 2e-5 / 1e9, 1)
 
 
 def test_step_paths_record_pdl_depth(monkeypatch):

@@ -180,6 +180,27 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
     return point, info
 
 
+def tuned_projections() -> dict:
+    """Per projection shape the skinny-GEMM tuner timed (plain, fused down, fused norm: ``gemv.TIMINGS``, key
+    (M, N, K, dtype, device[, variant])): the fastest candidate, its ms per launch as the tuner measures it (in a
+    chain of launches, or L2-cold), the weight read rate it reaches (N x K weight bytes / ms, GB/s) and how many
+    candidates were timed, so a run shows which projection kind falls short of the copy bandwidth."""
+    from flarectl.engine import gemv
+
+    out = {}
+    for key, results in gemv.TIMINGS.items():
+        if not results:
+            continue
+        cfg, ms = min(results, key=lambda r: r[1])
+        _, n, k, dtype = key[:4]
+        if len(key) > 5 and "swiglu" in key[5]:
+            k //= 2  # the fused down projection's input is [gate | up]: the weight is N x (width / 2)
+        item = torch.empty((), dtype=getattr(torch, dtype.removeprefix("torch."))).element_size()
+        out[str(key)] = {"choice": str(cfg), "ms": round(ms, 5), "candidates": len(results),
+                         "weight_gb_per_s": round(n * k * item / (ms * 1e-3) / 1e9, 1) if ms > 0 else None}
+    return out
+
+
 def step_paths(backend) -> dict:
     """The static step's kernel choices (skinny GEMMs: how they were tuned, up to how many rows, whether split-K may
     finish in the kernel, the configuration chosen per shape so far; fused norm projections, fused down projection,
@@ -194,6 +215,7 @@ def step_paths(backend) -> dict:
            "gemv_max_rows": gemv.MAX_ROWS if step.gemv else None,
            "gemv_inline_split": bool(gemv.INLINE_SPLIT) if step.gemv else None,
            "gemv_choices": {str(k): str(v) for k, v in gemv._CHOSEN.items()} if step.gemv else {},
+           "gemv_tuned": tuned_projections() if step.gemv else {},
            "fuse_norm": bool(step.fuse_norm), "fuse_down": bool(step.fuse_down),
            "attn_kernel": bool(step.attn_kernel), "layer_chain": bool(getattr(step, "layer_chain", False)),
            "attn_core": bool(getattr(step, "attn_core", False)),
