@@ -4,6 +4,8 @@
 #    each, same machine (~110 s for the first, ~35 s after: Triton's cache is warm):
 #      off      the defaults (since session 18 the attention core is on);
 #      nocore   the defaults with the attention core off (FLARECTL_ENGINE_ATTN_CORE=0: the step before session 18);
+#      nofuse   the norms unfused from their projections (FLARECTL_ENGINE_FUSE_NORM=0): with off, the JSON's
+#               gemv_tuned gives the plain and the fused-norm kernel's read rate at the same shapes;
 #      inline   FLARECTL_GEMV_INLINE_SPLIT=1 (the tuner also times split-K finished in the kernel, Config.inline);
 #      pre32    PDL with up to 32 KB of weights loaded before each wait (session 13's knob, never run);
 #      l2       pre32 plus 64 KB per program prefetched into L2 before the wait;
@@ -42,6 +44,7 @@ for v in ${STEP_VARIANTS:-off chain chain_pre chain_pre_nl inline pre32}; do
   case $v in
     off) envs="FLARECTL_ENGINE_PDL=0" ;;
     nocore) envs="FLARECTL_ENGINE_PDL=0 FLARECTL_ENGINE_ATTN_CORE=0" ;;
+    nofuse) envs="FLARECTL_ENGINE_PDL=0 FLARECTL_ENGINE_FUSE_NORM=0" ;;
     inline) envs="FLARECTL_GEMV_INLINE_SPLIT=1" ;;
     pre32) envs="FLARECTL_ENGINE_PDL=1 FLARECTL_ENGINE_PDL_PRELOAD_KB=32" ;;
     l2) envs="FLARECTL_ENGINE_PDL=1 FLARECTL_ENGINE_PDL_PRELOAD_KB=32 FLARECTL_ENGINE_PDL_L2_KB=64" ;;
