@@ -416,7 +416,7 @@ if not CHILD:
     def test_recurrence_commit_twin_semantics():
         """The torch twin of ``gdn_recurrence_commit``: committing rows get the new state in the cache, the others
         keep theirs and get the new state in ``last``; ``gdn_recurrence_from`` starts from exactly that."""
-        from flarectl.engine.static_step import (_recurrence_torch, gdn_recurrence_commit, gdn_recurrence_from)
+        from flarectl.engine.gdn_ops import (_recurrence_torch, gdn_recurrence_commit, gdn_recurrence_from)
 
         q, k, v, g, b, state, commit = _rec_problem(0)
         scale = 16 ** -0.5
@@ -435,7 +435,7 @@ if not CHILD:
     @pytest.mark.gpu
     def test_recurrence_kernel_on_cuda_matches_twin():
         from flarectl.engine import recurrence
-        from flarectl.engine.static_step import gdn_recurrence_commit, gdn_recurrence_from
+        from flarectl.engine.gdn_ops import gdn_recurrence_commit, gdn_recurrence_from
 
         recurrence.NAN_FILL = True
         try:
@@ -455,7 +455,7 @@ if not CHILD:
     def test_mixer_op_registration_and_cpu_twin():
         """``flarectl::gdn_mixer`` passes opcheck (schema, fake tensor, the four mutated buffers) and on CPU without
         the interpreter it is the torch chain ``gdn_mixer_chain``."""
-        from flarectl.engine.static_step import gdn_mixer, gdn_mixer_chain
+        from flarectl.engine.gdn_ops import gdn_mixer, gdn_mixer_chain
 
         a = _mixer_problem(0, C=3, W=3, wc=2, H=1, HV=2, K=8, V=8)
         got, ref = _run_mixer(gdn_mixer, a, 2, 1, 2, 8, 8), _run_mixer(gdn_mixer_chain, a, 2, 1, 2, 8, 8)
@@ -483,7 +483,7 @@ if not CHILD:
                 torch.testing.assert_close(backends[0].cache.gdn[i].conv, c.conv, rtol=1e-5, atol=1e-5)
 
     def test_resolve_gdn_kernel_mixer(monkeypatch):
-        from flarectl.engine.static_step import resolve_gdn_kernel
+        from flarectl.engine.gdn_ops import resolve_gdn_kernel
 
         assert resolve_gdn_kernel("mixer", torch.device("cpu")) == "mixer"
         assert resolve_gdn_kernel("auto", torch.device("cpu")) == "torch"
@@ -505,7 +505,7 @@ if not CHILD:
         import itertools
 
         from flarectl.engine import mixer
-        from flarectl.engine.static_step import gdn_mixer_chain
+        from flarectl.engine.gdn_ops import gdn_mixer_chain
 
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         mixer.NAN_FILL = True
@@ -1226,7 +1226,7 @@ else:
         """The commit kernel (mode 0) and the window kernel (mode 1) == the torch twin: outputs, the cache state
         (new for committing rows, bitwise untouched for the others) and ``last`` of the non-committing rows. V=24
         with 8-column programs covers several V blocks; NaN-filled ``last`` catches a read of the wrong buffer."""
-        from flarectl.engine.static_step import _recurrence_torch, gdn_recurrence_commit, gdn_recurrence_from
+        from flarectl.engine.gdn_ops import _recurrence_torch, gdn_recurrence_commit, gdn_recurrence_from
 
         g = torch.Generator().manual_seed(T * 100 + K + V)
         C = 4
@@ -1274,7 +1274,7 @@ else:
         import functools
 
         from flarectl.engine import mixer
-        from flarectl.engine.static_step import gdn_mixer_chain
+        from flarectl.engine.gdn_ops import gdn_mixer_chain
 
         mixer.NAN_FILL = True
         a = _mixer_problem(C * 7 + W, C, W, wc, H, HV, K, V, S, bias, anchored=anchored)
@@ -1495,7 +1495,7 @@ else:
         """The ops trace through dynamo/AOT (fake impls, the mutated cache state, the fused norm projection's two
         outputs) and give the eager values."""
         from flarectl.engine import norm_gemv
-        from flarectl.engine.static_step import gdn_recurrence_commit, gdn_recurrence_from
+        from flarectl.engine.gdn_ops import gdn_recurrence_commit, gdn_recurrence_from
 
         def fn(x, w, q, k, v, g, b, st, last, commit):
             y = gemv.linear(x, w, True) * 2

@@ -17,7 +17,7 @@ import typer
 from flarectl.cli import MODEL_HELP, MODES, app, err, out
 from flarectl.errors import FlareError
 
-GDN_KERNELS = ("auto", "triton", "mixer", "fla", "torch")  # flarectl.engine.static_step.resolve_gdn_kernel
+GDN_KERNELS = ("auto", "triton", "mixer", "fla", "torch")  # flarectl.engine.gdn_ops.resolve_gdn_kernel
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Benchmarks: results as a table, JSON and a PNG chart.")

@@ -19,9 +19,9 @@ before the norm), then arrives at the group's counter (``gemv.arrival_counters``
 arrive norms the group's heads in place and commits the q/k conv context (every other program's reads of it are
 done), then resets the counter for the next launch. With G = 1 the program does all of it itself.
 
-Same arithmetic and roundings as the torch chain (``static_step.gdn_mixer_chain``, the reference twin: conv in fp32
+Same arithmetic and roundings as the torch chain (``gdn_ops.gdn_mixer_chain``, the reference twin: conv in fp32
 from inputs in the projection's dtype, beta rounded to it, o rounded to it before the norm, as HF's RMSNormGated).
-Launch: ``launch(...)``; op: ``static_step.gdn_mixer``.
+Launch: ``launch(...)``; op: ``gdn_ops.gdn_mixer``.
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
            wc: int, H: int, HV: int, K: int, V: int, eps: float, v_block: int | None = None,
            seen: torch.Tensor | None = None, token_block: int | None = None,
            parallel_readout: bool | None = None) -> torch.Tensor:
-    """See ``static_step.gdn_mixer`` (``seen`` None: ``counts``). proj [C, W, 2HK + 2HV*V + 2HV] (last stride 1); conv / last_conv [C, D, S]
+    """See ``gdn_ops.gdn_mixer`` (``seen`` None: ``counts``). proj [C, W, 2HK + 2HV*V + 2HV] (last stride 1); conv / last_conv [C, D, S]
     and state / last_state [C, HV, K, V] contiguous. ``v_block``: state columns per program (None:
     ``V_BLOCK``, or all V); ``token_block``: tokens whose inputs are prepared together (None: ``TOKEN_BLOCK``);
     ``parallel_readout``: None for ``PARALLEL_READOUT``.

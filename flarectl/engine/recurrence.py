@@ -12,7 +12,7 @@ states besides the recurrence's own read and write.
 Same arithmetic as fla's ``fused_recurrent_gated_delta_rule_fwd_kernel`` (0.6.0; q/k L2 norm with eps 1e-6 and the
 scale in-kernel, head-wise beta, log-space decay g, state [K, V] per head, one program per (row, v-head, V block)),
 written again for this layout and the per-row store. Launch: ``launch(...)``; pure-torch twin:
-``static_step._recurrence_torch`` followed by the same row selection (``static_step.gdn_recurrence_commit`` with
+``gdn_ops._recurrence_torch`` followed by the same row selection (``gdn_ops.gdn_recurrence_commit`` with
 ``kernel='torch'``).
 """
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from flarectl.engine import mixer
-from flarectl.engine.static_step import gdn_mixer_chain
+from flarectl.engine.gdn_ops import gdn_mixer_chain
 
 H = HV = 16
 K = V = 128
