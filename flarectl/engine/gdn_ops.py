@@ -196,33 +196,25 @@ def _state_after(q, k, v, g, beta, state, seen, commit, wc: int, scale: float, k
     return out
 
 
-def gdn_mixer_chain(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv, counts,
-                    commit, wc: int, H: int, HV: int, K: int, V: int, eps: float, kernel: str = "torch", seen=None):
-    """The static step's GDN mixer as a chain of torch ops (the reference twin of ``gdn_mixer``; ``gdn_block``'s
-    chain with its recurrence ``kernel``). proj [C, W, 2HK + HV*V | HV*V (z) | HV (b) | HV (a)] -> [C, W, HV*V].
-    ``seen`` [C]: the clean tokens each row's window sees (None: all ``counts``)."""
-    C, W, _ = proj.shape
+def conv_recurrence(mixed, g, beta, conv_w, conv_b, heads, state, conv, last_state, last_conv, counts, commit,
+                    wc: int, scale: float, kernel: str, seen=None) -> torch.Tensor:
+    """The GDN mixer's middle in torch ops (``gdn_mixer_chain`` and ``static_step.gdn_block`` share it): the causal
+    conv + SiLU over the conv state and the step's tokens (the window over the conv context after the clean tokens
+    it sees), the recurrence over the clean tokens (padding: decay 1, no write; the committing rows' state in the
+    cache, the others' in ``last_state``), the window's from the state after its ``seen`` clean tokens, and the conv
+    context committed. mixed [C, W, 2HK + HV*V]; g, beta [C, W, HV] in the step's compute dtype (``mixed``'s
+    promoted to fp32 at least); conv_w [D, S + 1] (``conv_b`` [D] or None); ``heads``: y [..., 2HK + HV*V] ->
+    q, k [..., H, K], v [..., HV, V]. Returns the recurrence's output [C, W, HV, V]."""
     wc = int(wc)
-    ww = W - wc
-    dt = torch.promote_types(proj.dtype, torch.float32)
-    key_dim, value_dim = H * K, HV * V
-    mixed, z, b, a = proj.split([2 * key_dim + value_dim, value_dim, HV, HV], -1)
-    beta = b.sigmoid()
-    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias)  # as gdn._gates
-    g, beta = g.to(dt), beta.to(dt)
+    ww = mixed.shape[1] - wc
+    dt = g.dtype
     span = conv.shape[-1]
     ctx = torch.cat([conv.transpose(1, 2).to(mixed.dtype), mixed[:, :wc]], 1)  # [C, k-1+Wc, D]
-    idx = counts[:, None] + torch.arange(span, device=proj.device)[None]
+    idx = counts[:, None] + torch.arange(span, device=mixed.device)[None]
     left = ctx.gather(1, idx[:, :, None].expand(-1, -1, ctx.shape[-1]))  # conv context after the clean tokens
-    scale = K ** -0.5
-
-    def heads(y):
-        q, k, v = torch.split(y, [key_dim, key_dim, value_dim], dim=-1)
-        lead = y.shape[:-1]
-        return q.reshape(*lead, H, K), k.reshape(*lead, H, K), v.reshape(*lead, HV, V)
 
     q, k, v = heads(_conv_taps(ctx, conv_w, conv_b, wc, dt))
-    real = (torch.arange(wc, device=proj.device)[None] < counts[:, None])[..., None]  # [C, Wc, 1]
+    real = (torch.arange(wc, device=mixed.device)[None] < counts[:, None])[..., None]  # [C, Wc, 1]
     gc, bc = g[:, :wc] * real, beta[:, :wc] * real  # padding: decay 1, no write
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     w_state = None
@@ -238,6 +230,30 @@ def gdn_mixer_chain(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, l
         core = torch.cat([core, o_win], 1)
     last_conv.copy_(left.transpose(1, 2))
     conv.copy_(torch.where(commit[:, None, None], last_conv, conv))
+    return core
+
+
+def gdn_mixer_chain(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv, counts,
+                    commit, wc: int, H: int, HV: int, K: int, V: int, eps: float, kernel: str = "torch", seen=None):
+    """The static step's GDN mixer as a chain of torch ops (the reference twin of ``gdn_mixer``; ``gdn_block``'s
+    chain with its recurrence ``kernel``). proj [C, W, 2HK + HV*V | HV*V (z) | HV (b) | HV (a)] -> [C, W, HV*V].
+    ``seen`` [C]: the clean tokens each row's window sees (None: all ``counts``)."""
+    C, W, _ = proj.shape
+    dt = torch.promote_types(proj.dtype, torch.float32)
+    key_dim, value_dim = H * K, HV * V
+    mixed, z, b, a = proj.split([2 * key_dim + value_dim, value_dim, HV, HV], -1)
+    beta = b.sigmoid()
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias)  # as gdn._gates
+    g, beta = g.to(dt), beta.to(dt)
+    scale = K ** -0.5
+
+    def heads(y):
+        q, k, v = torch.split(y, [key_dim, key_dim, value_dim], dim=-1)
+        lead = y.shape[:-1]
+        return q.reshape(*lead, H, K), k.reshape(*lead, H, K), v.reshape(*lead, HV, V)
+
+    core = conv_recurrence(mixed, g, beta, conv_w, conv_b, heads, state, conv, last_state, last_conv, counts,
+                           commit, wc, scale, kernel, seen)
     o = core.reshape(-1, V).to(proj.dtype).float()  # gated RMSNorm with z: HF's RMSNormGated
     o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps)
     o = norm_w * o.to(proj.dtype)

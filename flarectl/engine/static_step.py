@@ -50,8 +50,7 @@ from flarectl.engine.prefetch import l2_prefetch
 from flarectl.models.adapter import ATTENTION
 from flarectl.models.attention import _project, apply_rope
 from flarectl.models.cache import HybridCache
-from flarectl.engine.gdn_ops import (_conv_context, _conv_taps, _state_after, gdn_mixer, gdn_recurrence_commit,
-                                     gdn_recurrence_from, mixer_applies, resolve_gdn_kernel)
+from flarectl.engine.gdn_ops import conv_recurrence, gdn_mixer, mixer_applies, resolve_gdn_kernel
 from flarectl.models.gdn import _gates, _split_heads
 
 
@@ -194,8 +193,6 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
                       eps_mlp, chain)
     if kernel == "mixer":
         kernel = "triton" if hidden.device.type == "cuda" else "torch"
-    width = hidden.shape[1]
-    ww = width - wc
     dt = torch.promote_types(hidden.dtype, torch.float32)
     if w_in is None:
         mixed, z = module.in_proj_qkv(x), module.in_proj_z(x)
@@ -207,32 +204,9 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
         beta = b.sigmoid()
         g = -module.A_log.float().exp() * F.softplus(a.float() + module.dt_bias)  # as gdn._gates
     g, beta = g.to(dt), beta.to(dt)
-    weight, bias = module.conv1d.weight.squeeze(1), module.conv1d.bias
-    span = conv.shape[-1]
-    ctx = torch.cat([conv.transpose(1, 2).to(mixed.dtype), mixed[:, :wc]], 1)  # [C, k-1+Wc, D]
-    idx = counts[:, None] + torch.arange(span, device=hidden.device)[None]
-    left = ctx.gather(1, idx[:, :, None].expand(-1, -1, ctx.shape[-1]))  # conv context after the clean tokens
-    scale = module.head_k_dim ** -0.5
-
-    q, k, v = _split_heads(module, _conv_taps(ctx, weight, bias, wc, dt))
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    real = (torch.arange(wc, device=hidden.device)[None] < counts[:, None])[..., None]  # [C, Wc, 1]
-    gc, bc = g[:, :wc] * real, beta[:, :wc] * real  # padding: decay 1, no write
-    w_state = None
-    if ww and seen is not None and seen is not counts:  # windows anchored inside the clean tokens
-        w_state = _state_after(q, k, v, g[:, :wc], beta[:, :wc], state, seen, commit, wc, scale, kernel)
-    core = gdn_recurrence_commit(q, k, v, gc, bc, state, last_state, commit, scale,
-                                 kernel)  # commits the state of the committing rows in place
-    if ww:
-        w_left = left if w_state is None else _conv_context(ctx, seen, span)
-        yn = _conv_taps(torch.cat([w_left, mixed[:, wc:]], 1), weight, bias, ww, dt)
-        qn, kn, vn = _split_heads(module, yn)
-        o_win = gdn_recurrence_from(qn.contiguous(), kn.contiguous(), vn.contiguous(), g[:, wc:].contiguous(),
-                                    beta[:, wc:].contiguous(), state if w_state is None else w_state,
-                                    last_state if w_state is None else w_state, commit, scale, kernel)
-        core = torch.cat([core, o_win], 1)
-    last_conv.copy_(left.transpose(1, 2))
-    conv.copy_(torch.where(commit[:, None, None], last_conv, conv))
+    core = conv_recurrence(mixed, g, beta, module.conv1d.weight.squeeze(1), module.conv1d.bias,
+                           lambda y: _split_heads(module, y), state, conv, last_state, last_conv, counts, commit, wc,
+                           module.head_k_dim ** -0.5, kernel, seen)  # commits the committing rows' state in place
     hv = module.head_v_dim  # gated RMSNorm with z, out_proj: as gdn._output
     normed = module.norm(core.reshape(-1, hv).to(hidden.dtype), z.reshape(-1, hv)).reshape(*hidden.shape[:2], -1)
     _pf(normed, pf, 1)
