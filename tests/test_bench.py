@@ -164,6 +164,25 @@ def test_tuned_projections_report_the_fastest_candidate_and_its_rate(monkeypatch
         8224 * 2048 * 4 / 2e-5 / 1e9, 1)
 
 
+def test_tuned_projections_table_renders_rates_against_copy_bandwidth(capsys, monkeypatch):
+    """The step-cost CLI's projection table: one row per tuned shape with its kind, choice, ms, GB/s and the share
+    of the measured copy bandwidth."""
+    from rich.console import Console
+
+    from flarectl.cli import bench as cli_bench
+
+    monkeypatch.setattr(cli_bench, "out", Console(width=200))  # one line per row
+    data = {"copy_bandwidth_bytes_per_s": 3.0e12, "gemv_tuned": {
+        "(8, 2048, 6144, 'torch.bfloat16', 'cuda:0')": {"choice": "Config(bn=64)", "ms": 0.01, "candidates": 3,
+                                                        "weight_gb_per_s": 2516.6},
+        "(8, 8224, 2048, 'torch.bfloat16', 'cuda:0', 'norm+add')": {"choice": "Config(bn=32)", "ms": 0.02,
+                                                                    "candidates": 2, "weight_gb_per_s": 1684.3}}}
+    cli_bench._tuned_projections_table(data)
+    text = capsys.readouterr().out
+    assert "8 x 2048 x 6144" in text and "plain" in text and "2,517" in text and "84" in text
+    assert "8 x 8224 x 2048" in text and "norm+add" in text and "1,684" in text and "56" in text
+
+
 def test_step_paths_record_pdl_depth(monkeypatch):
     """With programmatic dependent launch on, the JSON records carry its depth knobs (a stand-in step: PDL itself
     needs sm_90+)."""

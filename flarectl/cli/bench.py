@@ -231,6 +231,8 @@ def _render_step_cost(model, name: str, weights: str, levels: list[int], block: 
         path = out_dir / f"step_cost_{data['gdn_kernel']}.json"
         path.write_text(json.dumps(data, indent=2))
         _step_cost_table(data, name, weights, context)
+        if data.get("gemv_tuned"):
+            _tuned_projections_table(data)
         for projection in data.get("projected", ()):
             _projection_table(data, projection)
         out.print(f"wrote {path}")
@@ -247,6 +249,24 @@ def _projection_table(data: dict, p: dict) -> None:
     for r in p["rows"]:
         table.add_row(r["mode"], str(r["concurrency"]), f"{r['tokens_per_forward']:.2f}", r["step"],
                       f"{r['step_ms']:.3f}", f"{r['tokens_per_second']:,.0f}")
+    out.print(table)
+
+
+def _tuned_projections_table(data: dict) -> None:
+    """The skinny-GEMM tuner's record per projection shape (``bench.tuned_projections``): the fastest launch's
+    weight read rate against the measured copy bandwidth."""
+    from rich.table import Table
+
+    bw = data["copy_bandwidth_bytes_per_s"]
+    table = Table(title="projection kernels as tuned (one launch in a chain of launches; weight bytes / time)")
+    for col in ("M x N x K", "kind", "dtype", "choice", "ms", "GB/s", "% of copy"):
+        table.add_column(col, justify="left" if col in ("kind", "choice") else "right")
+    for key, r in data["gemv_tuned"].items():
+        parts = [p.strip(" '") for p in key.strip("()").split(",")]
+        kind = parts[5] if len(parts) > 5 else "plain"
+        rate = r["weight_gb_per_s"]
+        table.add_row(" x ".join(parts[:3]), kind, parts[3].replace("torch.", ""), r["choice"], f"{r['ms']:.4f}",
+                      f"{rate:,.0f}" if rate else "-", f"{100 * rate * 1e9 / bw:.0f}" if rate and bw else "-")
     out.print(table)
 
 
