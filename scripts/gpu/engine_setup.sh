@@ -7,3 +7,14 @@ export PYTHONPATH=$PWD:/tmp/pkgs:/tmp/site:$PWD/.engine_carry/site XDG_CACHE_HOM
 { nvidia-smi --query-gpu=name,memory.total --format=csv
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 } 2>&1 | tee "$OUT/engine_env.log"
+# One place for the compile caches (Triton kernels, inductor graphs), seeded from the carry when a previous call
+# saved them (save_compile_cache -> $OUT/compile_cache.tgz, kept at .engine_carry/compile_cache.tgz).
+export TRITON_CACHE_DIR=/tmp/compile_cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/compile_cache/inductor
+mkdir -p /tmp/compile_cache
+[ -f .engine_carry/compile_cache.tgz ] && tar xzf .engine_carry/compile_cache.tgz -C /tmp && echo "compile cache seeded"
+save_compile_cache() {
+  tar czf /tmp/compile_cache.tgz -C /tmp compile_cache
+  local size=$(stat -c %s /tmp/compile_cache.tgz)
+  if [ "$size" -lt $((16 * 2**20)) ]; then cp /tmp/compile_cache.tgz "$OUT/"; echo "compile cache: $size bytes"
+  else echo "compile cache too large to come back ($size bytes)"; fi
+}

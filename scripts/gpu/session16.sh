@@ -28,16 +28,20 @@
 #    (real grid with its barriers, every knob, graphed; the chained engine step == unchained).
 # TEST_ENV="VAR=value ..." sets the tests' environment (e.g. an opt-in knob the tests should run with).
 # TESTS_AFTER=<variant> runs the tests right after that variant (TEST_K picks them).
-# Everything lands in $OUT/s16/ (logs and bench JSON, written as they come) and $OUT/summary.log.
+# Logs and bench JSON go to $OUT/session16.tgz, packed again after every variant; the GPU tests' log is written
+# straight to $OUT/gpu_tests.log (so a call cut during the tests still brings it back); $OUT/summary.log. At most 8
+# files come back from $OUT, so the per-variant files travel packed.
+# KEEP_CACHE=1 also packs the Triton and inductor caches into $OUT/compile_cache.tgz (when under 16 MiB): put it at
+# .engine_carry/compile_cache.tgz and the next call (engine_setup.sh) starts warm instead of ~100 s of compiling.
 source scripts/gpu/engine_setup.sh
-export TRITON_CACHE_DIR=/tmp/tcache_s16
-L=$OUT/s16; mkdir -p $L  # straight under $OUT: a call cut by its time limit still brings back every log
+L=/tmp/s16; mkdir -p $L
+pack() { tar czf "$OUT/session16.tgz" -C /tmp s16; }
 gpu_tests() {
   local s=$(date +%s)
   env ${TEST_ENV:-} timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -v -p no:cacheprovider -m gpu \
     ${TEST_FILES:-tests/test_engine_kernels.py tests/test_layer_chain.py} \
-    -k "${TEST_K:-test_kernel_on_cuda_matches_twin or pdl_depth_on_cuda or layer_chain or prefetch_on_cuda or attention_core_on_cuda}" > "$L/gpu_tests.log" 2>&1
-  echo "== GPU tests rc $? $(( $(date +%s) - s )) s"; tail -3 "$L/gpu_tests.log"
+    -k "${TEST_K:-test_kernel_on_cuda_matches_twin or pdl_depth_on_cuda or layer_chain or prefetch_on_cuda or attention_core_on_cuda}" > "$OUT/gpu_tests.log" 2>&1
+  echo "== GPU tests rc $? $(( $(date +%s) - s )) s"; tail -3 "$OUT/gpu_tests.log"; cp "$OUT/gpu_tests.log" $L/; pack
 }
 {
 for v in ${STEP_VARIANTS:-off chain chain_pre chain_pre_nl inline pre32}; do
@@ -67,8 +71,10 @@ for v in ${STEP_VARIANTS:-off chain chain_pre chain_pre_nl inline pre32}; do
     --concurrency 8 --gdn-kernel mixer --out /tmp/step_$v 2>&1 | grep -v "^USDT" > "$L/step_cost_$v.log"
   for f in /tmp/step_$v/*.json; do cp "$f" "$L/${v}_$(basename "$f")"; done 2>/dev/null
   echo "== $v ($envs) $(( $(date +%s) - s )) s"; grep -E "^│ (ar|trust|window) |rror" "$L/step_cost_$v.log" | head -5
+  pack
   [ "$v" = "${TESTS_AFTER:-none}" ] && gpu_tests
 done
 [ "${TESTS_AFTER:-none}" = none ] && gpu_tests
 } 2>&1 | tee "$OUT/summary.log"
-cp "$OUT/engine_env.log" $L/ 2>/dev/null
+cp "$OUT/engine_env.log" $L/ 2>/dev/null; pack
+[ "${KEEP_CACHE:-0}" = 1 ] && save_compile_cache
