@@ -135,6 +135,29 @@ def test_skinny_kernels_compile_for_sm90_pipelined(kernel, pdl, pre, trigger, l2
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("add,glu,bn", [(True, False, 64), (True, True, 64), (False, False, 32), (True, True, 128)])
+def test_norm_kernel_warps_split_the_columns(add, glu, bn):
+    """The fused-norm projection's two dots (the product and the Gram matrix of the same A tile) get one warp
+    layout from Triton, that of the dot it converts first. On a 16-row tile it must split the columns over the
+    warps ([1, num_warps]), as the plain skinny kernel's does: with [num_warps, 1] every warp computed the whole
+    tile (sm_90: 80 HMMA and 48 shared-memory matrix loads per K step against 24 and 20; docs/perf/engine.md,
+    session 18)."""
+    pytest.importorskip("triton")
+    import re
+
+    from flarectl.engine import norm_gemv
+
+    consts = dict(BM=16, BN=bn, BK=128, EVEN_K=True, EVEN_N=True, IEEE=False, UPCAST=False, PDL=0, PRE=0,
+                  TRIGGER=0, L2_LINES=0, LINE=64, SPLIT=1, ADD=add, GLU=glu)
+    types = dict(x="*bf16", res="*bf16", w="*bf16", y="*bf16", h="*bf16", ws="*fp32", counter="*i32", M="i32",
+                 N="i32", K="i32", stride_wn="i32", k_per_split="i32", eps="fp32")
+    aligned = ["x", "res", "w", "y", "h", "ws", "counter", "N", "K", "k_per_split", "stride_wn"]
+    c, _ = _compile_sm90(norm_gemv._kernel(), types, consts, num_warps=4, num_stages=4, aligned=aligned)
+    layouts = set(re.findall(r"nvidia_mma<\{[^}]*warpsPerCTA = (\[[^\]]*\])", c.asm["ttgir"]))
+    assert layouts == {"[1, 4]"}, layouts
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("pdl,gate", [(0, False), (1, False), (0, True)])
 def test_decode_attention_kernel_compiles_for_sm90(pdl, gate):
     """The decode-attention kernel at the Qwen3.5-2B attention shape (bf16, 8 query / 2 kv heads, D 256, an AR step's
