@@ -2,7 +2,8 @@
 compiled for sm_90 on the CPU box with the arguments marked 16-divisible as the JIT marks them at a real launch (an
 unmarked offline compile cannot vectorise the loads and leaves the K loop unpipelined, which misreports the device),
 then ptxas reports registers and spills. Per build: shared memory, registers, spills, whether the K loop is
-software-pipelined (``cp.async``), the griddepcontrol instructions, and how many programs fit on one SM (shared memory
+software-pipelined (``cp.async``), the tensor-core warp layout (``warpsPerCTA``: [1, W] splits a 16-row tile's columns
+over the warps; [W, 1] on 16 rows has every warp compute the whole tile), the griddepcontrol instructions, and how many programs fit on one SM (shared memory
 228 KB, 64K registers, at most 32 blocks) — alone, and beside one program of the previous projection, which is what
 programmatic dependent launch needs to overlap two launches.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -80,8 +82,10 @@ def build(kind: str, N: int, K: int, cfg: gemv.Config, pdl: int, pre: int):
         if "spill stores" in line:
             spills = int(line.split("bytes spill stores")[0].split(",")[-1])
     programs = -(-N // cfg.bn) * split
+    warps = sorted(set(re.findall(r"nvidia_mma<\{[^}]*warpsPerCTA = \[([^\]]*)\]", c.asm["ttgir"])))
     return dict(shared=c.metadata.shared, regs=regs, spills=spills, threads=32 * cfg.warps, programs=programs,
-                pipelined="cp.async" in c.asm["ptx"], stages=stages, gdc="griddepcontrol.wait" in c.asm["ptx"])
+                pipelined="cp.async" in c.asm["ptx"], stages=stages, gdc="griddepcontrol.wait" in c.asm["ptx"],
+                warps=" / ".join(f"[{w}]" for w in warps))
 
 
 def per_sm(b: dict, other: dict | None = None) -> int:
@@ -100,8 +104,8 @@ def main():
         gemv.PDL_PRELOAD_MAX_BYTES_PER_THREAD = 1 << 30
     print(f"triton {triton.__version__}, sm_90, bf16, M = 8 (the norm kernels: a 16-row tile, x over the residual)\n")
     print("| projection | config | PDL preload | programs | stages | shared KB | registers | spills B | pipelined | "
-          "programs / SM alone | beside the previous projection |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "MMA warps (M, N) | programs / SM alone | beside the previous projection |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     prev = None
     for name, kind, N, K, cfg in SHAPES:
         for kb in [int(v) for v in a.pdl_preload_kb.split(",")]:
@@ -112,7 +116,7 @@ def main():
             print(f"| {name} | {cfg.bn}x{cfg.bk} split {cfg.split}, {cfg.warps} warps | "
                   f"{'off' if not kb else f'{kb} KB ({pre} tiles)'} | {b['programs']} | {b['stages']} | "
                   f"{b['shared'] / 1024:.0f} | {b['regs']} | {b['spills']} | {'yes' if b['pipelined'] else 'NO'} | "
-                  f"{per_sm(b)} | {beside} |", flush=True)
+                  f"{b['warps']} | {per_sm(b)} | {beside} |", flush=True)
             if not kb:
                 base = b
         prev = base

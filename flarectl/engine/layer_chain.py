@@ -186,10 +186,11 @@ def _kernel():
 
     @triton.jit
     def _k_block(acc, gram, a, b, GRAM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        """One K block: acc += a @ b; GRAM: gram += a @ a^T (the rows' sums of squares on its diagonal)."""
-        acc = _mma(acc, a, b, IEEE, UPCAST)
+        """One K block: acc += a @ b; GRAM: gram += a @ a^T (the rows' sums of squares on its diagonal). The Gram
+        dot first, so that Triton lays both dots' warps out along the columns (``norm_gemv``'s loop, session 18)."""
         if GRAM:
             gram = _mma(gram, a, tl.trans(a), IEEE, UPCAST)
+        acc = _mma(acc, a, b, IEEE, UPCAST)
         return acc, gram
 
     @triton.jit
