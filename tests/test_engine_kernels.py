@@ -1395,7 +1395,8 @@ else:
             attention.BLOCK_N = block
 
     CORE_SHAPES = [dict(), dict(wc=3, ww=2), dict(wc=0, ww=4), dict(gated=False, norm=False, rot=0),
-                   dict(C=2, wc=2, ww=3, hq=6, hkv=3, d=24, rot=12, S=21), dict(C=4, wc=5, hq=2, hkv=1, d=16, rot=16)]
+                   dict(C=2, wc=2, ww=3, hq=6, hkv=3, d=24, rot=12, S=21), dict(C=4, wc=5, hq=2, hkv=1, d=16, rot=16),
+                   dict(wc=4, ww=3, hq=9, hkv=3, d=64, rot=64, S=37, gated=False, norm=False)]  # SmolLM2's heads
 
     def test_attention_core_prologue_capped_slot_written_by_the_last_clean_token_only():
         """Clean tokens capped to the cache's last slot all map to it; on a GPU their programs run in any order, so
@@ -1428,7 +1429,8 @@ else:
         == the twin: the output, the clean tokens' k/v in the cache (slots capped at the capacity), every other slot
         untouched. fp32 to 1e-5; bf16: the prologue's q / cache k to 2 ulp of the twin's eager roundings and the
         output as close to an fp64 twin as the bf16 twin is (+ the attention kernel's P rounding). Shapes: clean,
-        window-only and mixed steps; GQA 1-3; odd D, rotary width and capacity; with and without gate and norms."""
+        window-only and mixed steps; GQA 1-3 (9 query heads over 3, as a converted SmolLM2); odd D, rotary width and
+        capacity; full and partial rotary; with and without gate and norms."""
         from flarectl.engine import attention, attention_core
 
         attention.NAN_FILL = attention_core.NAN_FILL = True
