@@ -159,6 +159,8 @@ def test_tuned_projections_report_the_fastest_candidate_and_its_rate(monkeypatch
         2048 * 6144 * 2 / 1e-5 / 1e9, 1)
     down = got["(8, 2048, 6144, 'torch.bfloat16', 'cuda:0')"]
     assert down["choice"] == str(b) and down["ms"] == 0.008 and down["candidates"] == 3
+    assert down["label"] == "32x256 split 1 w4 s3"
+    assert gemv.CUBLAS.label == "cuBLAS" and gemv.Config(32, 128, 4, inline=True).label == "32x128 split 4 w4 s4 inline"
     assert down["weight_gb_per_s"] == round(2048 * 6144 * 2 / 8e-6 / 1e9, 1)  # 3145.7 GB/s
     assert got["(8, 8224, 2048, 'torch.float32', 'cuda:0', 'norm+add')"]["weight_gb_per_s"] == round(
         8224 * 2048 * 4 / 2e-5 / 1e9, 1)
@@ -173,13 +175,14 @@ def test_tuned_projections_table_renders_rates_against_copy_bandwidth(capsys, mo
 
     monkeypatch.setattr(cli_bench, "out", Console(width=200))  # one line per row
     data = {"copy_bandwidth_bytes_per_s": 3.0e12, "gemv_tuned": {
-        "(8, 2048, 6144, 'torch.bfloat16', 'cuda:0')": {"choice": "Config(bn=64)", "ms": 0.01, "candidates": 3,
-                                                        "weight_gb_per_s": 2516.6},
+        "(8, 2048, 6144, 'torch.bfloat16', 'cuda:0')": {"choice": "Config(bn=64)", "label": "64x128 split 4 w4 s4",
+                                                        "ms": 0.01, "candidates": 3, "weight_gb_per_s": 2516.6},
         "(8, 8224, 2048, 'torch.bfloat16', 'cuda:0', 'norm+add')": {"choice": "Config(bn=32)", "ms": 0.02,
                                                                     "candidates": 2, "weight_gb_per_s": 1684.3}}}
     cli_bench._tuned_projections_table(data)
     text = capsys.readouterr().out
     assert "8 x 2048 x 6144" in text and "plain" in text and "2,517" in text and "84" in text
+    assert "64x128 split 4 w4 s4" in text and "Config(bn=32)" in text  # the label, else (older JSON) the choice
     assert "8 x 8224 x 2048" in text and "norm+add" in text and "1,684" in text and "56" in text
 
 

@@ -265,7 +265,8 @@ def _tuned_projections_table(data: dict) -> None:
         parts = [p.strip(" '") for p in key.strip("()").split(",")]
         kind = parts[5] if len(parts) > 5 else "plain"
         rate = r["weight_gb_per_s"]
-        table.add_row(" x ".join(parts[:3]), kind, parts[3].replace("torch.", ""), r["choice"], f"{r['ms']:.4f}",
+        table.add_row(" x ".join(parts[:3]), kind, parts[3].replace("torch.", ""), r.get("label", r["choice"]),
+                      f"{r['ms']:.4f}",
                       f"{rate:,.0f}" if rate else "-", f"{100 * rate * 1e9 / bw:.0f}" if rate and bw else "-")
     out.print(table)
 

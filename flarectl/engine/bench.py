@@ -196,7 +196,7 @@ def tuned_projections() -> dict:
         if len(key) > 5 and "swiglu" in key[5]:
             k //= 2  # the fused down projection's input is [gate | up]: the weight is N x (width / 2)
         item = torch.empty((), dtype=getattr(torch, dtype.removeprefix("torch."))).element_size()
-        out[str(key)] = {"choice": str(cfg), "ms": round(ms, 5), "candidates": len(results),
+        out[str(key)] = {"choice": str(cfg), "label": cfg.label, "ms": round(ms, 5), "candidates": len(results),
                          "weight_gb_per_s": round(n * k * item / (ms * 1e-3) / 1e9, 1) if ms > 0 else None}
     return out
 

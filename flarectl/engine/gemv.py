@@ -56,6 +56,14 @@ class Config:
     """Split-K (``split`` > 1) of a plain product finished inside the kernel (``launch_fused``'s last-arriving split
     sums the partials in split order) instead of by a second reduce launch: the same bits, one launch fewer."""
 
+    @property
+    def label(self) -> str:
+        """Short form for tables: ``cuBLAS``, or ``BN x BK, split S, W warps, S stages`` (+ ``inline``)."""
+        if self.bn == 0:
+            return "cuBLAS"
+        text = f"{self.bn}x{self.bk} split {self.split} w{self.warps} s{self.stages}"
+        return text + " inline" if self.inline else text
+
 
 INLINE_SPLIT = env_int("FLARECTL_GEMV_INLINE_SPLIT", 0, low=0, high=1)
 """Whether ``tune`` also times each split-K candidate of a plain product with its split finished in the kernel
