@@ -5,11 +5,12 @@
 Builds the engine's static backend the way ``flarectl bench --step-cost`` does (random weights, current defaults:
 compiled, skinny kernels, fused norm, mixer and attention kernels), times each shape graphed (median of 30 replays
 with their input copies, as the bench) and, ungraphed, sums the device time of every kernel of 5 steps under
-torch.profiler into classes: ``skinny`` (our GEMM / norm-GEMM kernels), ``cublas`` (GEMMs through cuBLAS/CUTLASS),
-``mixer`` (the GDN mixer kernel), ``attention`` (the decode-attention kernel), ``inductor`` (compiled elementwise /
-reduction kernels) and ``other``. Which rows reach the skinny kernels is ``gemv.MAX_ROWS`` (env
-``FLARECTL_GEMV_MAX_ROWS``, read at import: run the script once per value to compare). Writes
-``step_breakdown_<max_rows>.json`` and prints a table last. Random weights: only times mean anything.
+torch.profiler into classes: ``norm_gemv`` (the fused norm projections), ``skinny`` (the plain GEMM kernels and their
+split-K reduce), ``cublas`` (GEMMs through cuBLAS/CUTLASS), ``mixer`` (the GDN mixer kernel), ``attention`` (the
+decode-attention kernel and the attention core's prologue), ``inductor`` (compiled elementwise / reduction kernels)
+and ``other``. Which rows reach the skinny kernels is ``gemv.MAX_ROWS`` (env ``FLARECTL_GEMV_MAX_ROWS``, read at
+import: run the script once per value to compare). Writes ``step_breakdown_<max_rows>.json`` and prints a table
+last. Random weights: only times mean anything.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from flarectl.engine.backends import SlotBackend
 from flarectl.models.loading import load_model
 
 CLASSES = [("cublas", ("gemm", "cutlass", "xmma", "splitk", "sm90_", "cublas", "gemv2", "gemvx")),
-           ("skinny", ("gemv_kernel", "norm_gemv_kernel", "reduce_kernel")),
+           ("norm_gemv", ("norm_gemv_kernel",)), ("skinny", ("gemv_kernel", "reduce_kernel")),
            ("mixer", ("mixer",)), ("attention", ("attn", "attention")),
            ("inductor", ("triton_",))]
 
@@ -109,7 +110,7 @@ def main():
     result["norm_gemv_choices"] = {str(k): str(v) for k, v in norm_gemv._CHOSEN.items()}
     result["tuning_ms"] = {str(k): [(str(c), ms) for c, ms in v] for k, v in gemv.TIMINGS.items()}
     (out / f"step_breakdown_{gemv.MAX_ROWS}.json").write_text(json.dumps(result, indent=1, default=str))
-    classes = ["skinny", "cublas", "mixer", "attention", "inductor", "other"]
+    classes = ["norm_gemv", "skinny", "cublas", "mixer", "attention", "inductor", "other"]
     print(f"\nmax_rows={gemv.MAX_ROWS}  roofline {roof:.3f} ms  ({result['device']})")
     print(f"{'step':8} {'rows':>4} {'graphed ms':>10} {'x roof':>6} " + " ".join(f"{k:>9}" for k in classes)
           + "  (us of kernel time per step, ungraphed; kernel counts below)")

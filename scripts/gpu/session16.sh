@@ -26,12 +26,14 @@
 # 2. the GPU tests (TEST_FILES, TEST_K): by default the skinny-kernel test (every candidate, inline split included ==
 #    fp64; same bits on a repeat), the PDL-depth test (graphed chain == eager == twins) and the layer chain's tests
 #    (real grid with its barriers, every knob, graphed; the chained engine step == unchained).
+# BREAKDOWN=1 then runs scripts/gpu/engine_step_breakdown.py (the defaults' step time per kernel class, torch.profiler).
 # TEST_ENV="VAR=value ..." sets the tests' environment (e.g. an opt-in knob the tests should run with).
 # TESTS_AFTER=<variant> runs the tests right after that variant (TEST_K picks them).
 # Logs and bench JSON go to $OUT/session16.tgz, packed again after every variant; the GPU tests' log is written
 # straight to $OUT/gpu_tests.log (so a call cut during the tests still brings it back); $OUT/summary.log. At most 8
 # files come back from $OUT, so the per-variant files travel packed.
-# KEEP_CACHE=1 also packs the Triton and inductor caches into $OUT/compile_cache.tgz (when under 16 MiB): put it at
+# KEEP_CACHE=1 also packs the Triton and inductor caches into $OUT/compile_cache.tgz after every variant and at the
+# end (when under 16 MiB): put it at
 # .engine_carry/compile_cache.tgz and the next call (engine_setup.sh) starts warm instead of ~100 s of compiling.
 source scripts/gpu/engine_setup.sh
 L=/tmp/s16; mkdir -p $L
@@ -72,9 +74,16 @@ for v in ${STEP_VARIANTS:-off chain chain_pre chain_pre_nl inline pre32}; do
   for f in /tmp/step_$v/*.json; do cp "$f" "$L/${v}_$(basename "$f")"; done 2>/dev/null
   echo "== $v ($envs) $(( $(date +%s) - s )) s"; grep -E "^│ (ar|trust|window) |rror" "$L/step_cost_$v.log" | head -5
   pack
+  [ "${KEEP_CACHE:-0}" = 1 ] && save_compile_cache  # after every variant: a call cut later still brings it back
   [ "$v" = "${TESTS_AFTER:-none}" ] && gpu_tests
 done
 [ "${TESTS_AFTER:-none}" = none ] && gpu_tests
+if [ "${BREAKDOWN:-0}" = 1 ]; then  # where the defaults' step time goes, per kernel class (~100 s warm)
+  s=$(date +%s)
+  timeout "${BREAKDOWN_TIMEOUT:-200}" python3 scripts/gpu/engine_step_breakdown.py --model qwen3.5-2b --out $L 2>&1 \
+    | grep -v "^USDT" > "$L/step_breakdown.log"
+  echo "== breakdown $(( $(date +%s) - s )) s"; tail -14 "$L/step_breakdown.log"; pack
+fi
 } 2>&1 | tee "$OUT/summary.log"
 cp "$OUT/engine_env.log" $L/ 2>/dev/null; pack
 [ "${KEEP_CACHE:-0}" = 1 ] && save_compile_cache
