@@ -1,11 +1,13 @@
 """The one-kernel GDN mixer's launch choices at the Qwen3.5-2B shape, per step shape, on one GPU (issue 6).
 
-    python3 scripts/gpu/engine_mixer_sweep.py --out $OUT
+    python3 scripts/gpu/engine_mixer_sweep.py --out $OUT [--steps ar,trust] [--configs 1:32:4,1:8:1,...]
 
 For the AR (W 1), window (W 4, no clean token) and anchored trust (W 8 = 4 clean + 4 window) steps at C=8: every
 (token block, state columns per program, warps) is checked against the torch chain (``gdn_mixer_chain``) and timed
 as a step runs it: 18 launches (one per GDN layer, each on its own state, conv state and projection) captured in a
-CUDA graph, median of 20 replays, us per launch. Writes ``mixer_sweep.json`` and ``mixer_best.env`` (the fastest
+CUDA graph, median of 20 replays, us per launch. ``--configs`` takes token block:state columns:warps triples
+(default: session 10's grid). Beside them, the floor: the same 18 states copied state -> last state (16 MB read and
+written per layer, as the mixer moves them) in one graph, us per copy. Writes ``mixer_sweep.json`` and ``mixer_best.env`` (the fastest
 configuration for steps of more than one token, as env lines for the engine), prints a table last.
 """
 
@@ -81,15 +83,52 @@ def time_us(W, wc, anchored, tb, bv, warps) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def state_copy_us() -> float:
+    """The mixer's state traffic alone: 18 states [C, HV, K, V] fp32 copied to 18 others in one graph, us per copy."""
+    src = [torch.randn(C, HV, K, V, device="cuda") for _ in range(LAYERS)]
+    dst = [torch.empty_like(x) for x in src]
+
+    def step():
+        for a, b in zip(src, dst):
+            b.copy_(a)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(1000 * a.elapsed_time(b) / LAYERS)
+    return sorted(times)[len(times) // 2]
+
+
+def parse_configs(text: str | None) -> list[tuple[int, int, int]]:
+    if not text:
+        return [(tb, bv, w) for tb, (bv, w) in itertools.product((1, 2, 4, 8), ((32, 4), (64, 4), (64, 8)))]
+    return [tuple(int(x) for x in item.split(":")) for item in text.split(",") if item]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/out")
+    ap.add_argument("--steps", default="ar,window,trust", help="comma list of ar, window, trust")
+    ap.add_argument("--configs", default=None, help="token_block:v_block:warps,... (default: session 10's grid)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    shapes = {"ar": (1, 1, False), "window": (4, 0, False), "trust": (8, 4, True)}
-    configs = [(tb, bv, w) for tb, (bv, w) in itertools.product((1, 2, 4, 8), ((32, 4), (64, 4), (64, 8)))]
-    rows = []
+    all_shapes = {"ar": (1, 1, False), "window": (4, 0, False), "trust": (8, 4, True)}
+    shapes = {k: all_shapes[k] for k in args.steps.split(",")}
+    configs = parse_configs(args.configs)
+    copy_us = state_copy_us()
+    print(f"floor: state copy (16 MB read + written) {copy_us:.2f} us per layer", flush=True)
+    rows = [dict(step="state_copy", us=copy_us)]
     for name, (W, wc, anchored) in shapes.items():
         p = problem(W, wc, anchored, 123)
         ref, ref_last = run(gdn_mixer_chain, p, wc)
@@ -111,7 +150,7 @@ def main():
     mixer.NUM_WARPS = None
     (out / "mixer_sweep.json").write_text(json.dumps(rows, indent=1))
     # the engine's warps follow mixer.launch's rule (4 for [128, 32] state blocks, 8 above): only those are chosen
-    ok = [r for r in rows if "us" in r and r["max_err"] < 5e-2 and r["warps"] == (4 if K * r["v_block"] <= 4096 else 8)]
+    ok = [r for r in rows if "max_err" in r and r["max_err"] < 5e-2 and r["warps"] == (4 if K * r["v_block"] <= 4096 else 8)]
     best = {}
     for name in shapes:
         cand = [r for r in ok if r["step"] == name]
@@ -121,6 +160,11 @@ def main():
         b = best["trust"]
         (out / "mixer_best.env").write_text(f"export FLARECTL_MIXER_TOKEN_BLOCK={b['token_block']}\n"
                                             f"export FLARECTL_MIXER_V_BLOCK_MULTI={b['v_block']}\n")
+    print("\nall (us per launch):")
+    for r in rows:
+        if "max_err" in r:
+            print(f"{r['step']:7} tb={r['token_block']} bv={r['v_block']:3d} warps={r['warps']}: {r['us']:7.2f}")
+    print(f"state copy floor: {copy_us:.2f}")
     print("\nbest per step (us per launch; x18 layers per step):")
     for name, r in best.items():
         base = [x for x in ok if x["step"] == name and x["token_block"] == 1 and x["v_block"] == 32 and x["warps"] == 4]

@@ -26,6 +26,8 @@
 # 2. the GPU tests (TEST_FILES, TEST_K): by default the skinny-kernel test (every candidate, inline split included ==
 #    fp64; same bits on a repeat), the PDL-depth test (graphed chain == eager == twins) and the layer chain's tests
 #    (real grid with its barriers, every knob, graphed; the chained engine step == unchained).
+# STEP_VARIANTS=none skips the step costs. MIXER_SWEEP="--steps ar,trust --configs 1:32:4,..." then times the GDN
+# mixer's launch choices alone (scripts/gpu/engine_mixer_sweep.py, with the state-copy floor).
 # BREAKDOWN=1 then runs scripts/gpu/engine_step_breakdown.py (the defaults' step time per kernel class, torch.profiler).
 # TEST_ENV="VAR=value ..." sets the tests' environment (e.g. an opt-in knob the tests should run with).
 # TESTS_AFTER=<variant> runs the tests right after that variant (TEST_K picks them).
@@ -48,6 +50,7 @@ gpu_tests() {
 {
 for v in ${STEP_VARIANTS:-off chain chain_pre chain_pre_nl inline pre32}; do
   case $v in
+    none) continue ;;
     off) envs="FLARECTL_ENGINE_PDL=0" ;;
     nocore) envs="FLARECTL_ENGINE_PDL=0 FLARECTL_ENGINE_ATTN_CORE=0" ;;
     nofuse) envs="FLARECTL_ENGINE_PDL=0 FLARECTL_ENGINE_FUSE_NORM=0" ;;
@@ -83,6 +86,12 @@ if [ "${BREAKDOWN:-0}" = 1 ]; then  # where the defaults' step time goes, per ke
   timeout "${BREAKDOWN_TIMEOUT:-200}" python3 scripts/gpu/engine_step_breakdown.py --model qwen3.5-2b --out $L 2>&1 \
     | grep -v "^USDT" > "$L/step_breakdown.log"
   echo "== breakdown $(( $(date +%s) - s )) s"; tail -14 "$L/step_breakdown.log"; pack
+fi
+if [ -n "${MIXER_SWEEP:-}" ]; then  # the GDN mixer alone: MIXER_SWEEP holds engine_mixer_sweep.py's arguments
+  s=$(date +%s)
+  timeout "${MIXER_TIMEOUT:-240}" python3 scripts/gpu/engine_mixer_sweep.py --out $L/mixer $MIXER_SWEEP 2>&1 \
+    | grep -v "^USDT" > "$L/mixer_sweep.log"
+  echo "== mixer sweep $(( $(date +%s) - s )) s"; sed -n '/^all/,$p' "$L/mixer_sweep.log"; pack
 fi
 } 2>&1 | tee "$OUT/summary.log"
 cp "$OUT/engine_env.log" $L/ 2>/dev/null; pack
