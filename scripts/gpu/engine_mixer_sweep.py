@@ -51,18 +51,9 @@ def run(fn, p, wc, **kw):
     return out, ls
 
 
-def time_us(W, wc, anchored, tb, bv, warps) -> float:
-    probs = [problem(W, wc, anchored, i) for i in range(LAYERS)]
-    bufs = [(p["state"].clone(), p["conv"].clone(), torch.empty_like(p["state"]), torch.empty_like(p["conv"]))
-            for p in probs]
-    mixer.NUM_WARPS = warps
-
-    def step():
-        for p, (st, cv, ls, lc) in zip(probs, bufs):
-            mixer.launch(p["proj"], p["conv_w"], None, p["A_log"], p["dt_bias"], p["norm_w"], st, cv, ls, lc,
-                         p["counts"], p["commit"], wc, H, HV, K, V, 1e-6, v_block=bv, seen=p["seen"],
-                         token_block=tb)
-
+def graph_us(step) -> float:
+    """``step`` (LAYERS launches) warmed on a side stream, captured in a CUDA graph: median of 20 replays, us per
+    launch."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -83,6 +74,21 @@ def time_us(W, wc, anchored, tb, bv, warps) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def time_us(W, wc, anchored, tb, bv, warps) -> float:
+    probs = [problem(W, wc, anchored, i) for i in range(LAYERS)]
+    bufs = [(p["state"].clone(), p["conv"].clone(), torch.empty_like(p["state"]), torch.empty_like(p["conv"]))
+            for p in probs]
+    mixer.NUM_WARPS = warps
+
+    def step():
+        for p, (st, cv, ls, lc) in zip(probs, bufs):
+            mixer.launch(p["proj"], p["conv_w"], None, p["A_log"], p["dt_bias"], p["norm_w"], st, cv, ls, lc,
+                         p["counts"], p["commit"], wc, H, HV, K, V, 1e-6, v_block=bv, seen=p["seen"],
+                         token_block=tb)
+
+    return graph_us(step)
+
+
 def state_copy_us() -> float:
     """The mixer's state traffic alone: 18 states [C, HV, K, V] fp32 copied to 18 others in one graph, us per copy."""
     src = [torch.randn(C, HV, K, V, device="cuda") for _ in range(LAYERS)]
@@ -92,21 +98,7 @@ def state_copy_us() -> float:
         for a, b in zip(src, dst):
             b.copy_(a)
 
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(1000 * a.elapsed_time(b) / LAYERS)
-    return sorted(times)[len(times) // 2]
+    return graph_us(step)
 
 
 def parse_configs(text: str | None) -> list[tuple[int, int, int]]:
