@@ -74,15 +74,16 @@ def graph_us(step) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def time_us(W, wc, anchored, tb, bv, warps) -> float:
+def time_us(W, wc, anchored, tb, bv, warps, module=mixer) -> float:
+    """us per launch of ``module.launch`` (``flarectl.engine.mixer`` or a variant of it) at this step shape."""
     probs = [problem(W, wc, anchored, i) for i in range(LAYERS)]
     bufs = [(p["state"].clone(), p["conv"].clone(), torch.empty_like(p["state"]), torch.empty_like(p["conv"]))
             for p in probs]
-    mixer.NUM_WARPS = warps
+    module.NUM_WARPS = warps
 
     def step():
         for p, (st, cv, ls, lc) in zip(probs, bufs):
-            mixer.launch(p["proj"], p["conv_w"], None, p["A_log"], p["dt_bias"], p["norm_w"], st, cv, ls, lc,
+            module.launch(p["proj"], p["conv_w"], None, p["A_log"], p["dt_bias"], p["norm_w"], st, cv, ls, lc,
                          p["counts"], p["commit"], wc, H, HV, K, V, 1e-6, v_block=bv, seen=p["seen"],
                          token_block=tb)
 

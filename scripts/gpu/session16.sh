@@ -27,7 +27,8 @@
 #    fp64; same bits on a repeat), the PDL-depth test (graphed chain == eager == twins) and the layer chain's tests
 #    (real grid with its barriers, every knob, graphed; the chained engine step == unchained).
 # STEP_VARIANTS=none skips the step costs. MIXER_SWEEP="--steps ar,trust --configs 1:32:4,..." then times the GDN
-# mixer's launch choices alone (scripts/gpu/engine_mixer_sweep.py, with the state-copy floor).
+# mixer's launch choices alone (scripts/gpu/engine_mixer_sweep.py, with the state-copy floor); MIXER_ABLATION=1 times
+# the mixer with parts taken out (scripts/gpu/engine_mixer_ablation.py). Both run after the tests, before BREAKDOWN.
 # BREAKDOWN=1 then runs scripts/gpu/engine_step_breakdown.py (the defaults' step time per kernel class, torch.profiler).
 # TEST_ENV="VAR=value ..." sets the tests' environment (e.g. an opt-in knob the tests should run with).
 # TESTS_AFTER=<variant> runs the tests right after that variant (TEST_K picks them).
@@ -81,17 +82,22 @@ for v in ${STEP_VARIANTS:-off chain chain_pre chain_pre_nl inline pre32}; do
   [ "$v" = "${TESTS_AFTER:-none}" ] && gpu_tests
 done
 [ "${TESTS_AFTER:-none}" = none ] && gpu_tests
-if [ "${BREAKDOWN:-0}" = 1 ]; then  # where the defaults' step time goes, per kernel class (~100 s warm)
+if [ "${MIXER_ABLATION:-0}" = 1 ]; then  # where the mixer's time goes: parts of the kernel taken out (~60 s)
   s=$(date +%s)
-  timeout "${BREAKDOWN_TIMEOUT:-200}" python3 scripts/gpu/engine_step_breakdown.py --model qwen3.5-2b --out $L 2>&1 \
-    | grep -v "^USDT" > "$L/step_breakdown.log"
-  echo "== breakdown $(( $(date +%s) - s )) s"; tail -14 "$L/step_breakdown.log"; pack
+  timeout 150 python3 scripts/gpu/engine_mixer_ablation.py --out $L/mixer 2>&1 | grep -v "^USDT" > "$L/mixer_ablation.log"
+  echo "== mixer ablation $(( $(date +%s) - s )) s"; sed -n '/^ablation/,$p' "$L/mixer_ablation.log"; pack
 fi
 if [ -n "${MIXER_SWEEP:-}" ]; then  # the GDN mixer alone: MIXER_SWEEP holds engine_mixer_sweep.py's arguments
   s=$(date +%s)
   timeout "${MIXER_TIMEOUT:-240}" python3 scripts/gpu/engine_mixer_sweep.py --out $L/mixer $MIXER_SWEEP 2>&1 \
     | grep -v "^USDT" > "$L/mixer_sweep.log"
   echo "== mixer sweep $(( $(date +%s) - s )) s"; sed -n '/^all/,$p' "$L/mixer_sweep.log"; pack
+fi
+if [ "${BREAKDOWN:-0}" = 1 ]; then  # where the defaults' step time goes, per kernel class (~100 s warm)
+  s=$(date +%s)
+  timeout "${BREAKDOWN_TIMEOUT:-200}" python3 scripts/gpu/engine_step_breakdown.py --model qwen3.5-2b --out $L 2>&1 \
+    | grep -v "^USDT" > "$L/step_breakdown.log"
+  echo "== breakdown $(( $(date +%s) - s )) s"; tail -14 "$L/step_breakdown.log"; pack
 fi
 } 2>&1 | tee "$OUT/summary.log"
 cp "$OUT/engine_env.log" $L/ 2>/dev/null; pack
