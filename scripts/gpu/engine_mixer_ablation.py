@@ -10,6 +10,9 @@ floor. The variants compute wrong results on purpose (timing only); the engine n
                 heads, no q/k conv commit): what the last program's tail costs;
 * ``no_sync``   no counter at all: every program commits the q/k conv context itself, nobody norms whole heads:
                 what the arrival (an atomic round trip) and the tail cost together;
+* ``baseline`` (``--baseline FILE``): another mixer.py, e.g. ``git show <commit>:flarectl/engine/mixer.py``, timed
+  beside the others (full, nothing taken out).
+
 * ``no_conv_commit``  ``no_sync`` without any conv commit (v channels included).
 
 Each variant is mixer.py with its source edited (asserted to match once) and imported from a temporary file, so
@@ -33,7 +36,7 @@ from engine_mixer_sweep import state_copy_us, time_us  # noqa: E402
 
 from flarectl.engine import mixer  # noqa: E402
 
-EDITS = {
+EDITS = {  # for flarectl/engine/mixer.py as of session 19 (docs/perf/engine_session20/mixer_early_tail.patch changes them)
     "full": [],
     "no_tail": [("if arrived == G - 1:", "if arrived == -1:")],
     "no_sync": [("        if G == 1:\n", "        if True:\n")],
@@ -45,8 +48,8 @@ EDITS = {
 }
 
 
-def variant(name: str, edits: list[tuple[str, str]], tmp: Path):
-    src = Path(mixer.__file__).read_text()
+def variant(name: str, edits: list[tuple[str, str]], tmp: Path, source: Path | None = None):
+    src = (source or Path(mixer.__file__)).read_text()
     for old, new in edits:
         assert src.count(old) == 1, (name, old)
         src = src.replace(old, new)
@@ -61,6 +64,8 @@ def variant(name: str, edits: list[tuple[str, str]], tmp: Path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/out")
+    ap.add_argument("--variants", default=",".join(EDITS), help="comma list of " + ", ".join(EDITS))
+    ap.add_argument("--baseline", type=Path, default=None, help="a mixer.py to time beside them")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,8 +73,11 @@ def main():
     rows = [dict(variant="state_copy", us=state_copy_us())]
     print(f"state copy floor: {rows[0]['us']:.2f} us", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, edits in EDITS.items():
-            module = variant(name, edits, Path(tmp))
+        todo = [(name, EDITS[name], None) for name in args.variants.split(",") if name]
+        if args.baseline is not None:
+            todo.insert(0, ("baseline", [], args.baseline))
+        for name, edits, source in todo:
+            module = variant(name, edits, Path(tmp), source)
             for step, (W, wc, anchored, tb) in shapes.items():
                 try:
                     us = time_us(W, wc, anchored, tb, 32, 4, module=module)
