@@ -26,12 +26,13 @@ def test_chunk_window_kernels_fit_h100_shared_memory(kernel):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", [False, True])  # the state's read-out: serial (default) or parallel
-@pytest.mark.parametrize("token_block", [1, 8])  # an AR step (W = 1), a trust step's block of 8 tokens
-def test_engine_mixer_kernel_compiles_for_sm90(token_block, parallel):
+@pytest.mark.parametrize("token_block,early", [(1, False), (1, True), (8, True)])  # AR (W = 1); trust (W = 8)
+def test_engine_mixer_kernel_compiles_for_sm90(token_block, early, parallel):
     """The one-kernel GDN mixer at the Qwen3.5-2B shape (bf16, 32-column state blocks, 4 warps) compiles for sm_90
     and keeps to 128 registers where ptxas can report (a second on-chip state copy for anchored windows once took it
     to 233: half the programs per SM), with the tokens' inputs prepared one at a time or 8 together, and either
-    read-out of the state (``mixer.PARALLEL_READOUT``)."""
+    read-out of the state (``mixer.PARALLEL_READOUT``); at an AR step's order of loads and stores and at a
+    multi-token step's (``EARLY``: conv context loaded first, the tail's loads together, 8 tokens normed at once)."""
     pytest.importorskip("triton")
     import os
     import subprocess
@@ -45,7 +46,7 @@ def test_engine_mixer_kernel_compiles_for_sm90(token_block, parallel):
 
     fn = mixer._kernel()
     consts = dict(H=16, HV=16, K=128, V=128, S=3, BK=128, BV=32, NV=4, BVF=128, BS=4, HAS_BIAS=False,
-                  ROUND_PROD=True, PDL=False, TB=token_block, PARALLEL=parallel)
+                  ROUND_PROD=True, PDL=False, TB=token_block, TBN=8 if early else 1, EARLY=early, PARALLEL=parallel)
     types = dict(proj="*bf16", cw="*bf16", cb="*bf16", A_log="*fp32", dt_bias="*bf16", nw="*bf16", out="*bf16",
                  state="*fp32", last="*fp32", wstart="*fp32", conv="*bf16", lconv="*bf16", counts="*i64",
                  seen="*i64", commit="*i1", counter="*i32", scale="fp32", eps="fp32", W="i32", wc="i32",

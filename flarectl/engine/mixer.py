@@ -18,6 +18,9 @@ one (row, k-head) share the q/k channels, and the gated norm needs whole v-heads
 before the norm), then arrives at the group's counter (``gemv.arrival_counters``, acquire/release); the last to
 arrive norms the group's heads in place and commits the q/k conv context (every other program's reads of it are
 done), then resets the counter for the next launch. With G = 1 the program does all of it itself.
+On steps of more than one token per row (``EARLY``) every program loads its conv context before the recurrence and
+the tail issues all its loads (q/k conv context, o and z of ``NORM_TOKEN_BLOCK`` tokens) before its first store; the
+AR step keeps load -> store per commit, which measured 1.1 us faster per launch there (session 20).
 
 Same arithmetic and roundings as the torch chain (``gdn_ops.gdn_mixer_chain``, the reference twin: conv in fp32
 from inputs in the projection's dtype, beta rounded to it, o rounded to it before the norm, as HF's RMSNormGated).
@@ -44,13 +47,15 @@ H100 (session 6, run 2) the Qwen3.5-2B mixer (V 128) went from 14.3 to 10.3 us p
 from 2.319 to 2.253 ms (CUDA-event replay): 512 programs of [128, 32] states hide their latencies, one [128, 128]
 state per SM did not."""
 
-TOKEN_BLOCK = env_int("FLARECTL_MIXER_TOKEN_BLOCK", 2, high=64, power_of_two=True)
+TOKEN_BLOCK = env_int("FLARECTL_MIXER_TOKEN_BLOCK", 1, high=64, power_of_two=True)
 """Tokens per block (a power of two; env ``FLARECTL_MIXER_TOKEN_BLOCK``, read at import): each block's conv, SiLU,
 q/k norms and gates are computed for all its tokens at once, their loads issued together, before the recurrence
-walks through them from registers. Before (sessions 5-9) every token paid its loads' latency inside the serial
-recurrence: on the H100 the mixer took 866 us of the trust step (C=8 x (4 + 4) tokens, 18 layers) against 193 us
-of the AR step (session 10, docs/perf/engine_session10/). Registers at the Qwen3.5-2B shape (sm_90, 32-column
-state blocks, 4 warps): 125 for one token, 128 for 2, 167 for 4, 245 for 8 (4 programs per SM need <= 128)."""
+walks through them from registers. 1 since session 20: once the group's tail loads o and z for all its tokens at once
+(``NORM_TOKEN_BLOCK``) and each program's conv-context commit is loaded before the recurrence (steps of more than one
+token per row), a block of one token is the fastest on the H100 (Qwen3.5-2B shape, C=8, 18 launches in a graph,
+us per launch, one process): trust (8 tokens, anchored) 34.56 at 1 vs 51.69 at 2, window (4) 22.72 vs 32.33; the
+kernel before the change took 37.18 at 2 (sessions 10-19's default) and 53.86 at 1 (docs/perf/engine.md, session
+20). Registers at 2 (sm_90, 32-column state blocks, 4 warps): 168."""
 
 PARALLEL_READOUT = os.environ.get("FLARECTL_MIXER_READOUT", "serial").strip().lower() == "parallel"
 """How a token's output is read from the state. Serial (the default): decay the state, S^T k, update, then
@@ -60,6 +65,13 @@ then o = d (S^T q) + v' (k . q) with v' = beta (v - d S^T k), k . q taken for th
 function, one reduction on the chain, fp32 rounding different in the last bits. Measured slower on the H100
 (Qwen3.5-2B shape, C=8, CLI step cost, one machine, session 12): AR 2.138 vs 2.142 ms serial, trust 2.820 vs 2.786,
 window 2.485 vs 2.453: the reductions were not what bounds a token."""
+
+NORM_TOKEN_BLOCK = 16
+"""Tokens whose heads the group's last program norms at once (a [tokens, V] tile): a step of up to 16 tokens per
+row in one pass, so the kernel's tail loads o and z once, with the q/k conv context, instead of once per
+``TOKEN_BLOCK`` tokens and once per commit. The tail (what the last of a group's programs does after the others
+arrive) cost 2.1 us of a 12.4 us AR launch and 5.1 of 37.3 at the trust step before (H100, session 20,
+``scripts/gpu/engine_mixer_ablation.py``)."""
 
 V_BLOCK_MULTI: int | None = env_int("FLARECTL_MIXER_V_BLOCK_MULTI", None, high=1024, power_of_two=True)
 """State columns per program for steps of more than one token per row (None: ``V_BLOCK``); env
@@ -76,19 +88,24 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def _commit_conv(proj_row, conv_row, lconv_row, ch, mask, cnt, flag, s_pt,
-                     S: tl.constexpr, BS: tl.constexpr):
-        # conv context after the clean tokens (ctx[cnt : cnt + S]) -> last_conv (all rows), conv (committing rows)
+    def _conv_context(proj_row, conv_row, ch, mask, cnt, s_pt, S: tl.constexpr, BS: tl.constexpr):
+        # the conv context after the clean tokens, ctx[cnt : cnt + S] of [conv state | tokens], for channels ch:
+        # [BS, BC] in proj's dtype (loaded before any write of the new context: the caller puts a barrier between)
         o_s = tl.arange(0, BS)
         mb = cnt + o_s[:, None] + tl.zeros_like(ch)[None, :]
         m2 = (o_s < S)[:, None] & mask[None, :]
         xc = tl.load(conv_row + ch[None, :] * S + tl.minimum(mb, S - 1), mask=m2 & (mb < S), other=0.0)
         xp = tl.load(proj_row + tl.maximum(mb - S, 0) * s_pt + ch[None, :], mask=m2 & (mb >= S), other=0.0)
-        left = xc.to(proj_row.dtype.element_ty) + xp
-        tl.debug_barrier()  # every read of the old conv state before any write of the new one
+        return xc.to(proj_row.dtype.element_ty) + xp
+
+    @triton.jit
+    def _store_conv_context(conv_row, lconv_row, ch, mask, left, flag, S: tl.constexpr, BS: tl.constexpr):
+        # ``_conv_context``'s tile -> last_conv (all rows), conv (committing rows)
+        o_s = tl.arange(0, BS)
+        m2 = (o_s < S)[:, None] & mask[None, :]
         dst = ch[None, :] * S + o_s[:, None]
         tl.store(lconv_row + dst, left.to(lconv_row.dtype.element_ty), mask=m2)
-        flag2 = tl.zeros_like(mb) + flag
+        flag2 = tl.zeros([BS, 1], dtype=tl.int32) + flag
         tl.store(conv_row + dst, left.to(conv_row.dtype.element_ty), mask=m2 & (flag2 != 0))
 
     @triton.jit
@@ -141,7 +158,8 @@ def _kernel():
         return tl.sum(tl.where(sel[:, None], tile, 0.0), 0)
 
     # the helpers as module globals: a jitted function resolves the functions it calls through its globals
-    globals().update(_commit_conv=_commit_conv, _gated_norm=_gated_norm,
+    globals().update(_conv_context=_conv_context, _store_conv_context=_store_conv_context,
+                     _gated_norm=_gated_norm,
                      _conv_silu_tokens=_conv_silu_tokens, _gated_norm_rows=_gated_norm_rows, _row=_row)
 
     @triton.jit
@@ -151,7 +169,7 @@ def _kernel():
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, S: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BVF: tl.constexpr,
                          BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_PROD: tl.constexpr, PDL: tl.constexpr,
-                         TB: tl.constexpr, PARALLEL: tl.constexpr):
+                         TB: tl.constexpr, TBN: tl.constexpr, EARLY: tl.constexpr, PARALLEL: tl.constexpr):
         # program (row n, k-head h, v-head r of the head's R, v-block vb of NV): G = R * NV programs share the
         # q/k channels of (n, h); the last of them to arrive (``counter``) commits their conv context and, with
         # NV > 1, applies the gated norm (it needs whole v-heads)
@@ -184,6 +202,8 @@ def _kernel():
         ch_k = H * K + i_h * K + o_k
         nwv = tl.load(nw + o_v, mask=mask_v, other=0.0).to(tl.float32)
         ch_v = 2 * H * K + hv * V + o_v
+        if EARLY:  # the conv context this program commits (its v channels), loaded now, stored at the end
+            left_v = _conv_context(proj_row, conv_row, ch_v, mask_v, cnt, s_pt, S, BS)
         neg_a = -tl.exp(tl.load(A_log + hv).to(tl.float32))
         dtb = tl.load(dt_bias + hv).to(tl.float32)
         if wc == 0:  # no clean token: the state moves to ``last`` for the rows that do not commit
@@ -249,30 +269,49 @@ def _kernel():
                                  mask=mask_v)
                     else:  # o as it enters the norm; the group's last program norms whole heads
                         tl.store(p_o, o.to(out.dtype.element_ty), mask=mask_v)
-        _commit_conv(proj_row, conv_row, lconv_row, ch_v, mask_v, cnt, flag, s_pt, S, BS)
+        if not EARLY:
+            left_v = _conv_context(proj_row, conv_row, ch_v, mask_v, cnt, s_pt, S, BS)
+        tl.debug_barrier()  # every read of the old conv state (the token loop's) before any write of the new one
+        _store_conv_context(conv_row, lconv_row, ch_v, mask_v, left_v, flag, S, BS)
         if G == 1:
-            _commit_conv(proj_row, conv_row, lconv_row, ch_q, mask_k, cnt, flag, s_pt, S, BS)
-            _commit_conv(proj_row, conv_row, lconv_row, ch_k, mask_k, cnt, flag, s_pt, S, BS)
+            left_q = _conv_context(proj_row, conv_row, ch_q, mask_k, cnt, s_pt, S, BS)
+            left_k = _conv_context(proj_row, conv_row, ch_k, mask_k, cnt, s_pt, S, BS)
+            tl.debug_barrier()
+            _store_conv_context(conv_row, lconv_row, ch_q, mask_k, left_q, flag, S, BS)
+            _store_conv_context(conv_row, lconv_row, ch_k, mask_k, left_k, flag, S, BS)
         else:
             tl.debug_barrier()  # this program's reads of the q/k conv state and its stores of o, before arriving
             arrived = tl.atomic_add(counter + i_nh, 1, sem="acq_rel")
             if arrived == G - 1:  # every program of the group is done: finish the group
+                if EARLY:  # every load of the tail before its first store: the q/k conv context, o and z
+                    left_q = _conv_context(proj_row, conv_row, ch_q, mask_k, cnt, s_pt, S, BS)
+                    left_k = _conv_context(proj_row, conv_row, ch_k, mask_k, cnt, s_pt, S, BS)
                 if NV > 1:
                     o_f = tl.arange(0, BVF)
                     mask_f = o_f < V
                     nwf = tl.load(nw + o_f, mask=mask_f, other=0.0).to(tl.float32)
+                    o_n = tl.arange(0, TBN)
                     for r in range(R):
                         hv2 = i_h * R + r
-                        for t0 in range(0, W, TB):  # a block of tokens' heads at once
-                            tt = t0 + o_t
+                        for t0 in range(0, W, TBN):  # a block of tokens' heads at once
+                            tt = t0 + o_n
                             mk = (tt < W)[:, None] & mask_f[None, :]
                             p_o = out + i_n.to(tl.int64) * s_oc + tt[:, None] * s_ot + hv2 * V + o_f[None, :]
                             o = tl.load(p_o, mask=mk, other=0.0, cache_modifier=".cg").to(tl.float32)
                             z = tl.load(proj_row + tt[:, None] * s_pt + D + hv2 * V + o_f[None, :], mask=mk, other=0.0)
                             y = _gated_norm_rows(o, z.to(tl.float32), nwf, eps, proj, V, ROUND_PROD)
                             tl.store(p_o, y.to(out.dtype.element_ty), mask=mk)
-                _commit_conv(proj_row, conv_row, lconv_row, ch_q, mask_k, cnt, flag, s_pt, S, BS)
-                _commit_conv(proj_row, conv_row, lconv_row, ch_k, mask_k, cnt, flag, s_pt, S, BS)
+                if EARLY:
+                    tl.debug_barrier()  # this program's reads of the old q/k conv state before its writes
+                    _store_conv_context(conv_row, lconv_row, ch_q, mask_k, left_q, flag, S, BS)
+                    _store_conv_context(conv_row, lconv_row, ch_k, mask_k, left_k, flag, S, BS)
+                else:  # one token: each commit loads, then stores (sessions 6-19's order, the AR step's fastest)
+                    left_q = _conv_context(proj_row, conv_row, ch_q, mask_k, cnt, s_pt, S, BS)
+                    tl.debug_barrier()
+                    _store_conv_context(conv_row, lconv_row, ch_q, mask_k, left_q, flag, S, BS)
+                    left_k = _conv_context(proj_row, conv_row, ch_k, mask_k, cnt, s_pt, S, BS)
+                    tl.debug_barrier()
+                    _store_conv_context(conv_row, lconv_row, ch_k, mask_k, left_k, flag, S, BS)
                 tl.atomic_xchg(counter + i_nh, 0)  # ready for the next launch
 
     _KERNEL = gdn_mixer_kernel
@@ -318,5 +357,6 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
         out.stride(1), H=H, HV=HV, K=K, V=V, S=S, BK=bk, BV=bv, NV=nv, BVF=bvf,
         BS=triton.next_power_of_2(max(S, 1)), HAS_BIAS=conv_b is not None, ROUND_PROD=round_prod, PDL=pdl,
         TB=min(triton.next_power_of_2(max(W, 1)), token_block or TOKEN_BLOCK),
+        TBN=min(triton.next_power_of_2(max(W, 1)), NORM_TOKEN_BLOCK), EARLY=W > 1,
         PARALLEL=PARALLEL_READOUT if parallel_readout is None else parallel_readout, num_warps=warps, **({"launch_pdl": True} if pdl else {}))
     return out

@@ -18,3 +18,10 @@ save_compile_cache() {
   if [ "$size" -lt $((16 * 2**20)) ]; then cp /tmp/compile_cache.tgz "$OUT/"; echo "compile cache: $size bytes"
   else echo "compile cache too large to come back ($size bytes)"; fi
 }
+# The step time per kernel class with the defaults (engine_step_breakdown.py, ~100 s warm): $1 = the log folder.
+run_breakdown() {
+  local s=$(date +%s)
+  timeout "${BREAKDOWN_TIMEOUT:-200}" python3 scripts/gpu/engine_step_breakdown.py --model qwen3.5-2b --out "$1" 2>&1 \
+    | grep -v "^USDT" > "$1/step_breakdown.log"
+  echo "== breakdown $(( $(date +%s) - s )) s"; tail -14 "$1/step_breakdown.log"
+}

@@ -94,10 +94,7 @@ if [ -n "${MIXER_SWEEP:-}" ]; then  # the GDN mixer alone: MIXER_SWEEP holds eng
   echo "== mixer sweep $(( $(date +%s) - s )) s"; sed -n '/^all/,$p' "$L/mixer_sweep.log"; pack
 fi
 if [ "${BREAKDOWN:-0}" = 1 ]; then  # where the defaults' step time goes, per kernel class (~100 s warm)
-  s=$(date +%s)
-  timeout "${BREAKDOWN_TIMEOUT:-200}" python3 scripts/gpu/engine_step_breakdown.py --model qwen3.5-2b --out $L 2>&1 \
-    | grep -v "^USDT" > "$L/step_breakdown.log"
-  echo "== breakdown $(( $(date +%s) - s )) s"; tail -14 "$L/step_breakdown.log"; pack
+  run_breakdown $L; pack
 fi
 } 2>&1 | tee "$OUT/summary.log"
 cp "$OUT/engine_env.log" $L/ 2>/dev/null; pack
