@@ -14,11 +14,8 @@ programmatic dependent launch needs to overlap two launches.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,6 +24,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from flare_kernels.bench.offline_compile import ptxas_report  # noqa: E402
 from flarectl.engine import gemv, norm_gemv  # noqa: E402
 
 SM_SHARED = 228 * 1024
@@ -70,17 +68,8 @@ def build(kind: str, N: int, K: int, cfg: gemv.Config, pdl: int, pre: int):
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs={(fn.arg_names.index(n),): DIV16 for n in aligned})
     c = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=cfg.warps, num_stages=stages))
-    regs = spills = None
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(c.asm["ptx"])
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True)
-    os.unlink(f.name)
-    for line in r.stderr.splitlines():
-        if "Used" in line and "registers" in line:
-            regs = int(line.split("Used")[1].split("registers")[0])
-        if "spill stores" in line:
-            spills = int(line.split("bytes spill stores")[0].split(",")[-1])
+    report = ptxas_report(c.asm["ptx"], 90)
+    regs, spills = report["registers"], report["spill_stores"]
     programs = -(-N // cfg.bn) * split
     warps = sorted(set(re.findall(r"nvidia_mma<\{[^}]*warpsPerCTA = \[([^\]]*)\]", c.asm["ttgir"])))
     return dict(shared=c.metadata.shared, regs=regs, spills=spills, threads=32 * cfg.warps, programs=programs,

@@ -217,6 +217,7 @@ def test_json_records_the_mixer_choices(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "step_cost_mixer.json").read_text())
     assert data["mixer_token_block"] == mixer.TOKEN_BLOCK and data["mixer_v_block"] == mixer.V_BLOCK
+    assert data["mixer_chunk"] is mixer.CHUNK and data["mixer_maxnreg"] == mixer.MAXNREG
 
 
 def test_prompt_sets_and_file(tmp_path):

@@ -508,7 +508,7 @@ if not CHILD:
         chain: AR (W 1), clean + window (W 5, wc 3) and anchored (W 8, wc 4, windows seeing counts - 1 clean tokens)
         steps; NaN-filled output; whole states or 32-column blocks (the group's last program norms; counters back at
         zero, repeated launches give the same bits); tokens' inputs prepared 1, 2, 4 or 8 at a time; the state read
-        out in parallel (the default) and serially."""
+        out in parallel and serially; the chunk form (``mixer.CHUNK``)."""
         if not torch.cuda.is_available():
             pytest.skip("no CUDA")
         import functools
@@ -520,11 +520,12 @@ if not CHILD:
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         mixer.NAN_FILL = True
         try:
-            settings = [(tb, True) for tb in (1, 2, 4, 8)] + [(2, False)]  # (token block, parallel read-out)
-            for (W, wc, anchored), (token_block, parallel) in itertools.product(
+            # (token block, parallel read-out, chunk form)
+            settings = [(tb, True, False) for tb in (1, 2, 4, 8)] + [(2, False, False), (None, False, True)]
+            for (W, wc, anchored), (token_block, parallel, chunk) in itertools.product(
                     ((1, 1, False), (5, 3, False), (8, 4, True)), settings):
                 launch = functools.partial(mixer.launch, v_block=v_block, token_block=token_block,
-                                           parallel_readout=parallel)
+                                           parallel_readout=parallel, chunk=chunk)
                 a = _mixer_problem(W, 8, W, wc, 16, 16, 128, 128, 3, False, dtype, "cuda", anchored=anchored)
                 a["state"] = a["state"].float()
                 got = _run_mixer(launch, a, wc, 16, 16, 128, 128)
@@ -1295,9 +1296,10 @@ else:
         c = a["commit"]
         # one block of tokens, and blocks of 2 (the last one partial for odd W); the state read out in parallel
         # (S^T k and S^T q from the state before each token) and serially (o from the updated state)
-        for token_block, parallel in ((None, True), (2, True), (None, False), (2, False)):
+        for token_block, parallel, chunk in ((None, True, False), (2, True, False), (None, False, False),
+                                             (2, False, False), (None, False, True)):
             got = _run_mixer(functools.partial(mixer.launch, v_block=v_block, token_block=token_block,
-                                               parallel_readout=parallel), a, wc, H, HV, K, V)
+                                               parallel_readout=parallel, chunk=chunk), a, wc, H, HV, K, V)
             assert not gemv.arrival_counters(torch.device("cpu"), 1).any()
             assert got[0].shape == (C, W, HV * V) and not got[0].isnan().any()
             torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)

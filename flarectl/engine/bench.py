@@ -233,7 +233,8 @@ def step_paths(backend) -> dict:
                 "attn_warps": attention.NUM_WARPS}
     if getattr(step, "kernel", None) == "mixer":
         out |= {"mixer_token_block": mixer.TOKEN_BLOCK, "mixer_v_block": mixer.V_BLOCK,
-                "mixer_v_block_multi": mixer.V_BLOCK_MULTI or mixer.V_BLOCK}
+                "mixer_v_block_multi": mixer.V_BLOCK_MULTI or mixer.V_BLOCK, "mixer_chunk": mixer.CHUNK,
+                "mixer_maxnreg": mixer.MAXNREG}
     out["pdl"] = bool(getattr(step, "pdl", False))  # programmatic dependent launch, and its depth knobs
     if out["pdl"]:
         out |= {"pdl_preload_kb": gemv.PDL_PRELOAD_KB, "pdl_trigger_late": bool(gemv.PDL_TRIGGER_LATE),

@@ -55,7 +55,8 @@ walks through them from registers. 1 since session 20: once the group's tail loa
 token per row), a block of one token is the fastest on the H100 (Qwen3.5-2B shape, C=8, 18 launches in a graph,
 us per launch, one process): trust (8 tokens, anchored) 34.56 at 1 vs 51.69 at 2, window (4) 22.72 vs 32.33; the
 kernel before the change took 37.18 at 2 (sessions 10-19's default) and 53.86 at 1 (docs/perf/engine.md, session
-20). Registers at 2 (sm_90, 32-column state blocks, 4 warps): 168."""
+20). Through the CLI (session 21, one H100, 3 processes each, alternating, medians): trust step 2.674 ms against
+2.702 before, window 2.303 against 2.379, AR 2.016 against 2.013 (its order is unchanged)."""
 
 PARALLEL_READOUT = os.environ.get("FLARECTL_MIXER_READOUT", "serial").strip().lower() == "parallel"
 """How a token's output is read from the state. Serial (the default): decay the state, S^T k, update, then
@@ -72,6 +73,31 @@ row in one pass, so the kernel's tail loads o and z once, with the q/k conv cont
 ``TOKEN_BLOCK`` tokens and once per commit. The tail (what the last of a group's programs does after the others
 arrive) cost 2.1 us of a 12.4 us AR launch and 5.1 of 37.3 at the trust step before (H100, session 20,
 ``scripts/gpu/engine_mixer_ablation.py``)."""
+
+CHUNK = os.environ.get("FLARECTL_MIXER_CHUNK", "0").strip().lower() in ("1", "true", "yes", "on")
+"""Steps of 2 to ``CHUNK_MAX_TOKENS`` tokens per row in chunk form (env ``FLARECTL_MIXER_CHUNK=1``, read at import).
+Off: it loses on the H100 (session 21, Qwen3.5-2B shape, C=8, us per launch, 18 in a graph): trust (8 tokens)
+51.4 at 32 columns / 4 warps, 70.8 at 8 warps, 47.8 at 64 / 8, against 34.5 for the serial form; window (4) 46.0 /
+44.5 against 22.8; CLI trust step 3.306 ms against 2.661. Its [16, K] token tiles and the 16-row products'
+operands (each program's warps hold a whole operand; 3 x TF32 for fp32 accuracy splits each in two) take the sm_90
+build to 255 registers with spills. The serial form walks the tokens one by one, two reductions over K per token
+on the chain (about 3 us a token at the trust step). The chunk form computes the whole step from a few small
+products instead: with G_t the log-decay summed along token t's path (its ancestors: the clean tokens
+before it; for a window token the ``seen`` clean tokens and the window tokens before it),
+u_t + beta_t sum_(i anc t) e^(G_t - G_i) (k_t . k_i) u_i = beta_t (v_t - e^(G_t) S_0^T k_t), solved as
+U = (I + N^8)(I + N^4)(I + N^2)(I + N) rhs (N = -A is strictly lower triangular, so nilpotent);
+o_t = e^(G_t) S_0^T q_t + sum_(i anc t or i = t) e^(G_t - G_i) (q_t . k_i) u_i; the state after the clean tokens
+S = e^(G_c) S_0 + sum_(i < wc) e^(G_c - G_i) k_i u_i^T. Same arithmetic as the serial form up to fp32 rounding
+order; the anchored window needs no scratch state."""
+
+MAXNREG: int | None = env_int("FLARECTL_MIXER_MAXNREG", None, low=24, high=255)
+"""Registers per thread the mixer's launches may use on CUDA (Triton's ``maxnreg``; env ``FLARECTL_MIXER_MAXNREG``,
+read at import; None: ptxas chooses). With Triton 3.6 (the H100 image) the build takes 149 registers at the AR
+step and 168 at a multi-token step: 3 programs of 4 warps per SM; 128 gives 4 (no spill at the AR step, 4 bytes at
+a multi-token step; offline sm_90 builds, session 21). Untimed, so off."""
+
+CHUNK_MAX_TOKENS = 16
+"""Most tokens per row a chunk-form step takes (its token tiles are [16, K]; more fall back to the serial form)."""
 
 V_BLOCK_MULTI: int | None = env_int("FLARECTL_MIXER_V_BLOCK_MULTI", None, high=1024, power_of_two=True)
 """State columns per program for steps of more than one token per row (None: ``V_BLOCK``); env
@@ -143,6 +169,49 @@ def _kernel():
         return acc / (1.0 + tl.exp(-acc))
 
     @triton.jit
+    def _conv_silu_rows(proj_row, conv_row, cw, cb, ch, mask, tt, tok_ok, wc, cnt, s_pt,
+                        S: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # ``_conv_silu_tokens`` with its taps in a loop that is not unrolled: one tap's loads in flight at a time,
+        # so a block of many tokens does not hold every tap's inputs in registers at once (the chunk form's 16)
+        mk = tok_ok[:, None] & mask[None, :]
+        acc = tl.zeros([tt.shape[0], ch.shape[0]], dtype=tl.float32)
+        for p in range(S + 1):
+            i = tt - wc + p
+            m = tl.where((tt >= wc) & (i < S), cnt + i, tt + p)
+            mb = m[:, None] + tl.zeros_like(ch)[None, :]
+            xc = tl.load(conv_row + ch[None, :] * S + tl.minimum(mb, S - 1), mask=mk & (mb < S), other=0.0)
+            xp = tl.load(proj_row + tl.maximum(mb - S, 0) * s_pt + ch[None, :], mask=mk & (mb >= S), other=0.0)
+            x = xc.to(proj_row.dtype.element_ty).to(tl.float32) + xp.to(tl.float32)
+            w = tl.load(cw + ch * (S + 1) + p, mask=mask, other=0.0).to(tl.float32)
+            acc = acc + x * w[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(cb + ch, mask=mask, other=0.0).to(tl.float32)[None, :]
+        return acc / (1.0 + tl.exp(-acc))
+
+    @triton.jit
+    def _token_inputs(proj_row, conv_row, cw, cb, ch_q, ch_k, ch_v, mask_k, mask_v, tt, tok_ok, wc, sn, s_pt, p_gate,
+                      hv, dtb, neg_a, scale, proj, HV: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      TAP_LOOP: tl.constexpr):
+        # a block of tokens' recurrence inputs: q (L2-normed, scaled), k (L2-normed), v after conv + SiLU
+        # ([TB, BK], [TB, BK], [TB, BV]); beta rounded to proj's dtype, and log-decay g ([TB]); TAP_LOOP: the conv's
+        # taps in a loop (``_conv_silu_rows``) rather than unrolled
+        if TAP_LOOP:
+            b_qs = _conv_silu_rows(proj_row, conv_row, cw, cb, ch_q, mask_k, tt, tok_ok, wc, sn, s_pt, S, HAS_BIAS)
+            b_ks = _conv_silu_rows(proj_row, conv_row, cw, cb, ch_k, mask_k, tt, tok_ok, wc, sn, s_pt, S, HAS_BIAS)
+            b_vs = _conv_silu_rows(proj_row, conv_row, cw, cb, ch_v, mask_v, tt, tok_ok, wc, sn, s_pt, S, HAS_BIAS)
+        else:
+            b_qs = _conv_silu_tokens(proj_row, conv_row, cw, cb, ch_q, mask_k, tt, tok_ok, wc, sn, s_pt, S, HAS_BIAS)
+            b_ks = _conv_silu_tokens(proj_row, conv_row, cw, cb, ch_k, mask_k, tt, tok_ok, wc, sn, s_pt, S, HAS_BIAS)
+            b_vs = _conv_silu_tokens(proj_row, conv_row, cw, cb, ch_v, mask_v, tt, tok_ok, wc, sn, s_pt, S, HAS_BIAS)
+        b_qs = b_qs / tl.sqrt(tl.sum(b_qs * b_qs, 1) + 1e-6)[:, None] * scale
+        b_ks = b_ks / tl.sqrt(tl.sum(b_ks * b_ks, 1) + 1e-6)[:, None]
+        b_raw = tl.load(p_gate + tt * s_pt + hv, mask=tok_ok, other=0.0).to(tl.float32)
+        betas = (1.0 / (1.0 + tl.exp(-b_raw))).to(proj.dtype.element_ty).to(tl.float32)
+        xa = tl.load(p_gate + tt * s_pt + HV + hv, mask=tok_ok, other=0.0).to(tl.float32) + dtb
+        gs = neg_a * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
+        return b_qs, b_ks, b_vs, betas, gs
+
+    @triton.jit
     def _gated_norm_rows(o, z, nwv, eps, proj, V: tl.constexpr, ROUND_PROD: tl.constexpr):
         # ``_gated_norm`` on each row of o, z [TB, BV] (one head per row)
         var = tl.sum(o * o, 1) / V
@@ -160,7 +229,8 @@ def _kernel():
     # the helpers as module globals: a jitted function resolves the functions it calls through its globals
     globals().update(_conv_context=_conv_context, _store_conv_context=_store_conv_context,
                      _gated_norm=_gated_norm,
-                     _conv_silu_tokens=_conv_silu_tokens, _gated_norm_rows=_gated_norm_rows, _row=_row)
+                     _conv_silu_tokens=_conv_silu_tokens, _conv_silu_rows=_conv_silu_rows, _token_inputs=_token_inputs,
+                     _gated_norm_rows=_gated_norm_rows, _row=_row)
 
     @triton.jit
     def gdn_mixer_kernel(proj, cw, cb, A_log, dt_bias, nw, out, state, last, wstart, conv, lconv, counts, seen,
@@ -169,7 +239,8 @@ def _kernel():
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, S: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BVF: tl.constexpr,
                          BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_PROD: tl.constexpr, PDL: tl.constexpr,
-                         TB: tl.constexpr, TBN: tl.constexpr, EARLY: tl.constexpr, PARALLEL: tl.constexpr):
+                         TB: tl.constexpr, TBN: tl.constexpr, EARLY: tl.constexpr, PARALLEL: tl.constexpr,
+                         CHUNK: tl.constexpr, BVP: tl.constexpr):
         # program (row n, k-head h, v-head r of the head's R, v-block vb of NV): G = R * NV programs share the
         # q/k channels of (n, h); the last of them to arrive (``counter``) commits their conv context and, with
         # NV > 1, applies the gated norm (it needs whole v-heads)
@@ -182,8 +253,9 @@ def _kernel():
         hv = i_h * R + j // NV
         D: tl.constexpr = 2 * H * K + HV * V
         o_k = tl.arange(0, BK)
-        o_v = (j % NV) * BV + tl.arange(0, BV)
-        mask_k, mask_v = o_k < K, o_v < V
+        o_vl = tl.arange(0, BVP)  # BVP = BV, or 16 for a chunk-form program of fewer columns (tl.dot's minimum)
+        o_v = (j % NV) * BV + o_vl
+        mask_k, mask_v = o_k < K, (o_vl < BV) & (o_v < V)
         mask_h = mask_k[:, None] & mask_v[None, :]
         off_h = (i_n * HV + hv).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
         h = tl.load(state + off_h, mask=mask_h, other=0.0).to(tl.float32)
@@ -193,7 +265,7 @@ def _kernel():
         cnt = tl.load(counts + i_n).to(tl.int32)
         sn = tl.load(seen + i_n).to(tl.int32)  # clean tokens the window sees (cnt, or cnt - 1: anchored window)
         flag = tl.load(commit + i_n).to(tl.int32)
-        flag_h = tl.zeros([BK, BV], dtype=tl.int32) + flag
+        flag_h = tl.zeros([BK, BVP], dtype=tl.int32) + flag
         c_h, nc_h = mask_h & (flag_h != 0), mask_h & (flag_h == 0)
         proj_row = proj + i_n.to(tl.int64) * s_pc
         conv_row = conv + i_n.to(tl.int64) * D * S
@@ -213,62 +285,100 @@ def _kernel():
         # (this program's own slice) when it passes and loaded back after the clean tokens. Kept on chip instead,
         # a second state copy took the kernel from 126 to 233 registers (sm_90): half the programs per SM.
         anchored = (sn < cnt) & (wc < W)
-        if anchored & (sn == 0):
-            tl.store(wstart + off_h, h, mask=mask_h)
+        if not CHUNK:
+            if anchored & (sn == 0):
+                tl.store(wstart + off_h, h, mask=mask_h)
         # Tokens go in blocks of TB: each block's conv, SiLU, q/k norms and gates are computed for all its tokens
         # at once (its loads issued together), then the recurrence runs through them one by one from registers.
         o_t = tl.arange(0, TB)
         p_gate = proj_row + D + HV * V
-        for t0 in range(0, W, TB):
-            tt = t0 + o_t
-            tok_ok = tt < W
-            b_qs = _conv_silu_tokens(proj_row, conv_row, cw, cb, ch_q, mask_k, tt, tok_ok, wc, sn, s_pt, S, HAS_BIAS)
-            b_ks = _conv_silu_tokens(proj_row, conv_row, cw, cb, ch_k, mask_k, tt, tok_ok, wc, sn, s_pt, S, HAS_BIAS)
-            b_vs = _conv_silu_tokens(proj_row, conv_row, cw, cb, ch_v, mask_v, tt, tok_ok, wc, sn, s_pt, S, HAS_BIAS)
-            b_qs = b_qs / tl.sqrt(tl.sum(b_qs * b_qs, 1) + 1e-6)[:, None] * scale
-            b_ks = b_ks / tl.sqrt(tl.sum(b_ks * b_ks, 1) + 1e-6)[:, None]
-            b_raw = tl.load(p_gate + tt * s_pt + hv, mask=tok_ok, other=0.0).to(tl.float32)
-            betas = (1.0 / (1.0 + tl.exp(-b_raw))).to(proj.dtype.element_ty).to(tl.float32)
-            xa = tl.load(p_gate + tt * s_pt + HV + hv, mask=tok_ok, other=0.0).to(tl.float32) + dtb
-            gs = neg_a * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
-            real = tl.where((tt >= wc) | (tt < cnt), 1.0, 0.0)  # padding clean token: decay 1, no write
-            decays = tl.exp(gs * real)
-            betas = betas * real
-            if PARALLEL:
-                kqs = tl.sum(b_ks * b_qs, 1)  # [TB]: k . q of every token of the block
-            for i in tl.static_range(TB):
-                t = t0 + i
-                if t < W:
-                    sel = o_t == i
-                    b_q, b_k, b_v = _row(b_qs, sel), _row(b_ks, sel), _row(b_vs, sel)
-                    d = tl.sum(tl.where(sel, decays, 0.0))
-                    if PARALLEL:  # S^T k and S^T q side by side from the state before this token
-                        hk = tl.sum(h * b_k[:, None], 0)
-                        hq = tl.sum(h * b_q[:, None], 0)
-                        b_v = tl.sum(tl.where(sel, betas, 0.0)) * (b_v - d * hk)
-                        o = d * hq + b_v * tl.sum(tl.where(sel, kqs, 0.0))
-                        h = h * d + b_k[:, None] * b_v[None, :]
-                    else:
-                        h *= d
-                        b_v = tl.sum(tl.where(sel, betas, 0.0)) * (b_v - tl.sum(h * b_k[:, None], 0))
-                        h += b_k[:, None] * b_v[None, :]
-                        o = tl.sum(h * b_q[:, None], 0)
-                    if anchored & (t == sn - 1):
-                        tl.store(wstart + off_h, h, mask=mask_h)
-                    if t == wc - 1:  # the state after the clean tokens: cache (commit) or ``last`` (not)
-                        tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
-                        tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
-                        if anchored:  # the window goes on from the state after its ``seen`` clean tokens
-                            tl.debug_barrier()
-                            h = tl.load(wstart + off_h, mask=mask_h, other=0.0)
-                    o = o.to(proj.dtype.element_ty).to(tl.float32)  # HF rounds o to the layer's dtype before the norm
-                    p_o = out + i_n.to(tl.int64) * s_oc + t * s_ot + hv * V + o_v
-                    if NV == 1:
-                        z = tl.load(proj_row + t * s_pt + D + hv * V + o_v, mask=mask_v, other=0.0).to(tl.float32)
-                        tl.store(p_o, _gated_norm(o, z, nwv, eps, proj, V, ROUND_PROD).to(out.dtype.element_ty),
-                                 mask=mask_v)
-                    else:  # o as it enters the norm; the group's last program norms whole heads
-                        tl.store(p_o, o.to(out.dtype.element_ty), mask=mask_v)
+        if CHUNK:  # every token at once (TB >= W): see ``CHUNK``
+            CHUNK_DOT: tl.constexpr = "tf32x3"
+            tok_ok = o_t < W
+            b_qs, b_ks, b_vs, betas, gs = _token_inputs(proj_row, conv_row, cw, cb, ch_q, ch_k, ch_v, mask_k, mask_v,
+                                                        o_t, tok_ok, wc, sn, s_pt, p_gate, hv, dtb, neg_a, scale,
+                                                        proj, HV, S, HAS_BIAS, True)
+            real = tok_ok & ((o_t >= wc) | (o_t < cnt))  # padding (clean or past W): decay 1, no write
+            gs = tl.where(real, gs, 0.0)
+            betas = tl.where(real, betas, 0.0)
+            ti, ii = o_t[:, None], o_t[None, :]
+            anc = tl.where(ti < wc, ii < ti, (ii < sn) | ((ii >= wc) & (ii < ti)))  # i on t's path, before t
+            incl = anc | (ii == ti)
+            g_path = tl.sum(tl.where(incl, gs[None, :], 0.0), 1)  # [TB] log-decay from S_0 to after token t
+            gap = tl.where(incl, g_path[:, None] - g_path[None, :], 0.0)
+            dec = tl.where(incl, tl.exp(gap), 0.0)  # e^(G_t - G_i) where i is on t's path (or t itself)
+            kk = tl.dot(b_ks, tl.trans(b_ks), input_precision=CHUNK_DOT)
+            qk = tl.dot(b_qs, tl.trans(b_ks), input_precision=CHUNK_DOT)
+            ks = tl.dot(b_ks, h, input_precision=CHUNK_DOT)  # [TB, BVP]: S_0^T k_t
+            qs = tl.dot(b_qs, h, input_precision=CHUNK_DOT)
+            e_g = tl.exp(g_path)
+            neg = -tl.where(anc, betas[:, None] * dec * kk, 0.0)  # N = -A, strictly lower triangular
+            u = betas[:, None] * (b_vs - e_g[:, None] * ks)
+            for lvl in tl.static_range(4):  # u = (I + A)^-1 rhs = prod_j (I + N^(2^j)) rhs (TB = 16 = 2^4)
+                u += tl.dot(neg, u, input_precision=CHUNK_DOT)
+                if lvl < 3:
+                    neg = tl.dot(neg, neg, input_precision=CHUNK_DOT)
+            o_all = e_g[:, None] * qs + tl.dot(dec * qk, u, input_precision=CHUNK_DOT)
+            if wc > 0:  # the state after the clean tokens: cache (commit) or ``last`` (not)
+                g_c = tl.sum(tl.where(o_t == wc - 1, g_path, 0.0))
+                w_c = tl.where(o_t < wc, tl.exp(g_c - g_path), 0.0)
+                h_c = tl.exp(g_c) * h + tl.dot(tl.trans(b_ks * w_c[:, None]), u, input_precision=CHUNK_DOT)
+                tl.store(state + off_h, h_c.to(state.dtype.element_ty), mask=c_h)
+                tl.store(last + off_h, h_c.to(last.dtype.element_ty), mask=nc_h)
+            o_all = o_all.to(proj.dtype.element_ty).to(tl.float32)  # HF rounds o to the layer's dtype before the norm
+            m_out = tok_ok[:, None] & mask_v[None, :]
+            p_out = out + i_n.to(tl.int64) * s_oc + o_t[:, None] * s_ot + hv * V + o_v[None, :]
+            if NV == 1:
+                z_all = tl.load(proj_row + o_t[:, None] * s_pt + D + hv * V + o_v[None, :], mask=m_out, other=0.0)
+                tl.store(p_out, _gated_norm_rows(o_all, z_all.to(tl.float32), nwv, eps, proj, V, ROUND_PROD)
+                         .to(out.dtype.element_ty), mask=m_out)
+            else:  # o as it enters the norm; the group's last program norms whole heads
+                tl.store(p_out, o_all.to(out.dtype.element_ty), mask=m_out)
+        if not CHUNK:  # the serial form: the tokens one by one, in blocks of TB prepared together
+            for t0 in range(0, W, TB):
+                tt = t0 + o_t
+                tok_ok = tt < W
+                b_qs, b_ks, b_vs, betas, gs = _token_inputs(proj_row, conv_row, cw, cb, ch_q, ch_k, ch_v, mask_k,
+                                                            mask_v, tt, tok_ok, wc, sn, s_pt, p_gate, hv, dtb, neg_a,
+                                                            scale, proj, HV, S, HAS_BIAS, False)
+                real = tl.where((tt >= wc) | (tt < cnt), 1.0, 0.0)  # padding clean token: decay 1, no write
+                decays = tl.exp(gs * real)
+                betas = betas * real
+                if PARALLEL:
+                    kqs = tl.sum(b_ks * b_qs, 1)  # [TB]: k . q of every token of the block
+                for i in tl.static_range(TB):
+                    t = t0 + i
+                    if t < W:
+                        sel = o_t == i
+                        b_q, b_k, b_v = _row(b_qs, sel), _row(b_ks, sel), _row(b_vs, sel)
+                        d = tl.sum(tl.where(sel, decays, 0.0))
+                        if PARALLEL:  # S^T k and S^T q side by side from the state before this token
+                            hk = tl.sum(h * b_k[:, None], 0)
+                            hq = tl.sum(h * b_q[:, None], 0)
+                            b_v = tl.sum(tl.where(sel, betas, 0.0)) * (b_v - d * hk)
+                            o = d * hq + b_v * tl.sum(tl.where(sel, kqs, 0.0))
+                            h = h * d + b_k[:, None] * b_v[None, :]
+                        else:
+                            h *= d
+                            b_v = tl.sum(tl.where(sel, betas, 0.0)) * (b_v - tl.sum(h * b_k[:, None], 0))
+                            h += b_k[:, None] * b_v[None, :]
+                            o = tl.sum(h * b_q[:, None], 0)
+                        if anchored & (t == sn - 1):
+                            tl.store(wstart + off_h, h, mask=mask_h)
+                        if t == wc - 1:  # the state after the clean tokens: cache (commit) or ``last`` (not)
+                            tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
+                            tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
+                            if anchored:  # the window goes on from the state after its ``seen`` clean tokens
+                                tl.debug_barrier()
+                                h = tl.load(wstart + off_h, mask=mask_h, other=0.0)
+                        o = o.to(proj.dtype.element_ty).to(tl.float32)  # HF rounds o to the layer's dtype before the norm
+                        p_o = out + i_n.to(tl.int64) * s_oc + t * s_ot + hv * V + o_v
+                        if NV == 1:
+                            z = tl.load(proj_row + t * s_pt + D + hv * V + o_v, mask=mask_v, other=0.0).to(tl.float32)
+                            tl.store(p_o, _gated_norm(o, z, nwv, eps, proj, V, ROUND_PROD).to(out.dtype.element_ty),
+                                     mask=mask_v)
+                        else:  # o as it enters the norm; the group's last program norms whole heads
+                            tl.store(p_o, o.to(out.dtype.element_ty), mask=mask_v)
         if not EARLY:
             left_v = _conv_context(proj_row, conv_row, ch_v, mask_v, cnt, s_pt, S, BS)
         tl.debug_barrier()  # every read of the old conv state (the token loop's) before any write of the new one
@@ -321,11 +431,12 @@ def _kernel():
 def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv, counts, commit,
            wc: int, H: int, HV: int, K: int, V: int, eps: float, v_block: int | None = None,
            seen: torch.Tensor | None = None, token_block: int | None = None,
-           parallel_readout: bool | None = None) -> torch.Tensor:
+           parallel_readout: bool | None = None, chunk: bool | None = None) -> torch.Tensor:
     """See ``gdn_ops.gdn_mixer`` (``seen`` None: ``counts``). proj [C, W, 2HK + 2HV*V + 2HV] (last stride 1); conv / last_conv [C, D, S]
     and state / last_state [C, HV, K, V] contiguous. ``v_block``: state columns per program (None:
     ``V_BLOCK``, or all V); ``token_block``: tokens whose inputs are prepared together (None: ``TOKEN_BLOCK``);
-    ``parallel_readout``: None for ``PARALLEL_READOUT``.
+    ``parallel_readout``: None for ``PARALLEL_READOUT``; ``chunk``: the chunk form for steps of 2 to
+    ``CHUNK_MAX_TOKENS`` tokens per row (None: ``CHUNK``; other steps run the serial form either way).
     Returns [C, W, HV*V] in proj's dtype."""
     import triton
 
@@ -338,11 +449,16 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
         assert t.is_contiguous()
     S = conv.shape[-1]
     out = torch.empty(C, W, HV * V, device=proj.device, dtype=proj.dtype)
-    # anchored windows' start states (written and read only where a row's window sees fewer than all clean tokens)
-    wstart = torch.empty(state.shape, dtype=torch.float32, device=state.device) if seen is not None else state
+    use_chunk = (CHUNK if chunk is None else chunk) and 1 < W <= CHUNK_MAX_TOKENS
+    # anchored windows' start states (written and read only where a row's window sees fewer than all clean tokens;
+    # the chunk form needs none)
+    wstart = (torch.empty(state.shape, dtype=torch.float32, device=state.device) if seen is not None and not use_chunk
+              else state)
     if NAN_FILL and out.is_floating_point():
         out.fill_(float("nan"))
     bk, bvf = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    if use_chunk:
+        bk = max(bk, 16)  # tl.dot's smallest tile; the lanes past K are masked
     bv = min(triton.next_power_of_2(v_block or (W > 1 and V_BLOCK_MULTI) or V_BLOCK or V), bvf)
     nv = -(-V // bv)
     groups = C * H
@@ -356,7 +472,9 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
         counts, counts if seen is None else seen, commit, counter, K ** -0.5, eps, W, wc, proj.stride(0), proj.stride(1), out.stride(0),
         out.stride(1), H=H, HV=HV, K=K, V=V, S=S, BK=bk, BV=bv, NV=nv, BVF=bvf,
         BS=triton.next_power_of_2(max(S, 1)), HAS_BIAS=conv_b is not None, ROUND_PROD=round_prod, PDL=pdl,
-        TB=min(triton.next_power_of_2(max(W, 1)), token_block or TOKEN_BLOCK),
+        TB=16 if use_chunk else min(triton.next_power_of_2(max(W, 1)), token_block or TOKEN_BLOCK),
         TBN=min(triton.next_power_of_2(max(W, 1)), NORM_TOKEN_BLOCK), EARLY=W > 1,
-        PARALLEL=PARALLEL_READOUT if parallel_readout is None else parallel_readout, num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+        PARALLEL=PARALLEL_READOUT if parallel_readout is None else parallel_readout, CHUNK=use_chunk,
+        BVP=max(bv, 16) if use_chunk else bv, num_warps=warps, **({"launch_pdl": True} if pdl else {}),
+        **({"maxnreg": MAXNREG} if MAXNREG and proj.device.type == "cuda" else {}))
     return out

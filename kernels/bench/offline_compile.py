@@ -1,5 +1,5 @@
 """Compile the chunk-window Triton kernels for an NVIDIA target on a machine without a GPU and report shared memory,
-registers and spills (Triton's own compiler + the ptxas shipped in the triton wheel). Launch configurations that
+registers and spills (Triton's own compiler + the ptxas it runs, shipped in the triton wheel). Launch configurations that
 would fail with ``OutOfResources`` on the device, or spill heavily, show up here first.
 
     python -m flare_kernels.bench.offline_compile --kernel bwd --BV 32 --num-warps 8 --maxw 4
@@ -28,6 +28,32 @@ BF16_ARGS = {"qn", "kn", "vn", "don", "k", "vnew", "on", "dvn", "dv_clean", "mat
 BF16_ARGS_KEYS = {"dqn", "dkn", "x_inj"}
 
 
+def ptxas_report(ptx: str, arch: int = 90) -> dict:
+    """{registers, spill_stores, spill_loads} of PTX assembled for ``sm_<arch>a`` by the ptxas Triton itself runs
+    for that arch (``get_ptxas``: Triton 3.9 runs ``ptxas-blackwell`` everywhere, its ``bin/ptxas`` cannot read
+    the PTX 3.9 emits); None values where ptxas could not run."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    info = dict(registers=None, spill_stores=None, spill_loads=None)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        r = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+                           capture_output=True, text=True)
+    except OSError:
+        return info
+    finally:
+        os.unlink(f.name)
+    for line in r.stderr.splitlines():
+        if "Used" in line and "registers" in line:
+            info["registers"] = int(line.split("Used")[1].split("registers")[0])
+        if "spill stores" in line:
+            parts = line.split(",")
+            info["spill_stores"] = int(parts[-2].split()[0])
+            info["spill_loads"] = int(parts[-1].split()[0])
+    return info
+
+
 def compile_report(kernel="bwd", BV=32, num_warps=8, maxw=4, K=128, slots=64, arch=90) -> dict:
     """{shared_bytes, registers, spill_stores, spill_loads} of one kernel at H=HV=16, K=V=``K``, bf16 inputs."""
     fn = KERNELS[kernel]
@@ -50,21 +76,7 @@ def compile_report(kernel="bwd", BV=32, num_warps=8, maxw=4, K=128, slots=64, ar
             sig[n] = "*fp32"
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     c = triton.compile(src, target=GPUTarget("cuda", arch, 128), options=dict(num_warps=num_warps, num_stages=1))
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(c.asm["ptx"])
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    r = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull], capture_output=True,
-                       text=True)
-    os.unlink(f.name)
-    info = dict(shared_bytes=c.metadata.shared, registers=None, spill_stores=None, spill_loads=None)
-    for line in r.stderr.splitlines():
-        if "Used" in line and "registers" in line:
-            info["registers"] = int(line.split("Used")[1].split("registers")[0])
-        if "spill stores" in line:
-            parts = line.split(",")
-            info["spill_stores"] = int(parts[-2].split()[0])
-            info["spill_loads"] = int(parts[-1].split()[0])
-    return info
+    return dict(shared_bytes=c.metadata.shared, **ptxas_report(c.asm["ptx"], arch))
 
 
 def main():

@@ -6,7 +6,7 @@ For the AR (W 1), window (W 4, no clean token) and anchored trust (W 8 = 4 clean
 (token block, state columns per program, warps) is checked against the torch chain (``gdn_mixer_chain``) and timed
 as a step runs it: 18 launches (one per GDN layer, each on its own state, conv state and projection) captured in a
 CUDA graph, median of 20 replays, us per launch. ``--configs`` takes token block:state columns:warps triples
-(default: session 10's grid). Beside them, the floor: the same 18 states copied state -> last state (16 MB read and
+(default: session 10's grid; token block 0: the chunk form, ``mixer.CHUNK``). Beside them, the floor: the same 18 states copied state -> last state (16 MB read and
 written per layer, as the mixer moves them) in one graph, us per copy. Writes ``mixer_sweep.json`` and ``mixer_best.env`` (the fastest
 configuration for steps of more than one token, as env lines for the engine), prints a table last.
 """
@@ -74,6 +74,11 @@ def graph_us(step) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def block_kw(tb: int) -> dict:
+    """``mixer.launch``'s keywords for a token block; 0 is the chunk form (``mixer.CHUNK``)."""
+    return {"chunk": True} if tb == 0 else {"token_block": tb}
+
+
 def time_us(W, wc, anchored, tb, bv, warps, module=mixer) -> float:
     """us per launch of ``module.launch`` (``flarectl.engine.mixer`` or a variant of it) at this step shape."""
     probs = [problem(W, wc, anchored, i) for i in range(LAYERS)]
@@ -85,7 +90,7 @@ def time_us(W, wc, anchored, tb, bv, warps, module=mixer) -> float:
         for p, (st, cv, ls, lc) in zip(probs, bufs):
             module.launch(p["proj"], p["conv_w"], None, p["A_log"], p["dt_bias"], p["norm_w"], st, cv, ls, lc,
                          p["counts"], p["commit"], wc, H, HV, K, V, 1e-6, v_block=bv, seen=p["seen"],
-                         token_block=tb)
+                         **block_kw(tb))
 
     return graph_us(step)
 
@@ -126,11 +131,11 @@ def main():
         p = problem(W, wc, anchored, 123)
         ref, ref_last = run(gdn_mixer_chain, p, wc)
         for tb, bv, warps in configs:
-            if tb > W:
+            if tb > W or (tb == 0 and W == 1):  # token block 0: the chunk form, for steps of 2+ tokens
                 continue
             mixer.NUM_WARPS = warps
             try:
-                got, last = run(mixer.launch, p, wc, v_block=bv, token_block=tb)
+                got, last = run(mixer.launch, p, wc, v_block=bv, **block_kw(tb))
                 err = max(float((got.float() - ref.float()).abs().max()), float((last - ref_last).abs().max()))
                 us = time_us(W, wc, anchored, tb, bv, warps)
             except Exception as exc:  # noqa: BLE001 - a configuration that does not compile or run: recorded
@@ -151,8 +156,9 @@ def main():
             best[name] = min(cand, key=lambda r: r["us"])
     if "trust" in best:
         b = best["trust"]
-        (out / "mixer_best.env").write_text(f"export FLARECTL_MIXER_TOKEN_BLOCK={b['token_block']}\n"
-                                            f"export FLARECTL_MIXER_V_BLOCK_MULTI={b['v_block']}\n")
+        block = ("export FLARECTL_MIXER_CHUNK=1\n" if b["token_block"] == 0 else
+                 f"export FLARECTL_MIXER_TOKEN_BLOCK={b['token_block']}\n")
+        (out / "mixer_best.env").write_text(block + f"export FLARECTL_MIXER_V_BLOCK_MULTI={b['v_block']}\n")
     print("\nall (us per launch):")
     for r in rows:
         if "max_err" in r:

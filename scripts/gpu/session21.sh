@@ -3,6 +3,9 @@
 # before the change under test, e.g. `git show <commit>:flarectl/engine/mixer.py`): most telling first,
 # 1. the CLI step cost (AR / trust / window, C=8, Qwen3.5-2B shape, random weights) with the tree's mixer ("new") and
 #    with mixer_before.py ("base"), each in its own process on the same machine, ROUNDS times alternating;
+# 1b. MIXER_SWEEP="--steps ... --configs ...": the mixer alone (engine_mixer_sweep.py; token block 0 = the chunk
+#    form); CHUNK_STEP=1: the CLI step cost with FLARECTL_MIXER_CHUNK=1 ("chunk"); MAXNREG=128: the mixer alone
+#    and the CLI step cost without and with FLARECTL_MIXER_MAXNREG=128 (ROUNDS=0 skips part 1);
 # 2. the GPU tests TEST_K (default: the mixer's and the attention core's kernel-vs-twin tests) with the tree's mixer;
 # 3. BREAKDOWN=1: the step time per kernel class (engine_step_breakdown.py), the tree's mixer.
 # Logs and JSON in $OUT/session21.tgz (packed after every part); $OUT/summary.log; KEEP_CACHE=1 brings the compile
@@ -12,12 +15,12 @@ L=/tmp/s21; mkdir -p $L
 pack() { tar czf "$OUT/session21.tgz" -C /tmp s21; }
 cp flarectl/engine/mixer.py /tmp/mixer_new.py
 trap 'cp /tmp/mixer_new.py flarectl/engine/mixer.py' EXIT
-step() {  # $1: label
-  local s=$(date +%s)
-  FLARECTL_ENGINE_PDL=0 timeout "${STEP_TIMEOUT:-150}" python3 -m flarectl.cli bench --model qwen3.5-2b --random-init \
-    --step-cost --concurrency 8 --gdn-kernel mixer --out /tmp/step_$1 2>&1 | grep -v "^USDT" > "$L/step_cost_$1.log"
-  for f in /tmp/step_$1/*.json; do cp "$f" "$L/$1_$(basename "$f")"; done 2>/dev/null
-  echo "== $1 $(( $(date +%s) - s )) s"; grep -E "^│ (ar|trust|window) |rror" "$L/step_cost_$1.log" | head -5; pack
+step() {  # $1: label, then env assignments for that run
+  local s=$(date +%s) label=$1; shift
+  env FLARECTL_ENGINE_PDL=0 "$@" timeout "${STEP_TIMEOUT:-150}" python3 -m flarectl.cli bench --model qwen3.5-2b --random-init \
+    --step-cost --concurrency 8 --gdn-kernel mixer --out /tmp/step_$label 2>&1 | grep -v "^USDT" > "$L/step_cost_$label.log"
+  for f in /tmp/step_$label/*.json; do cp "$f" "$L/${label}_$(basename "$f")"; done 2>/dev/null
+  echo "== $label $(( $(date +%s) - s )) s"; grep -E "^│ (ar|trust|window) |rror" "$L/step_cost_$label.log" | head -5; pack
 }
 {
 for r in $(seq 1 "${ROUNDS:-1}"); do
@@ -25,6 +28,22 @@ for r in $(seq 1 "${ROUNDS:-1}"); do
   cp .engine_carry/mixer_before.py flarectl/engine/mixer.py; step base$r; cp /tmp/mixer_new.py flarectl/engine/mixer.py
   [ "${KEEP_CACHE:-0}" = 1 ] && [ "$r" = 1 ] && save_compile_cache
 done
+if [ -n "${MIXER_SWEEP:-}" ]; then  # the mixer alone (engine_mixer_sweep.py's arguments; token block 0 = chunk form)
+  s=$(date +%s)
+  timeout "${MIXER_TIMEOUT:-120}" python3 scripts/gpu/engine_mixer_sweep.py --out $L/mixer $MIXER_SWEEP 2>&1 \
+    | grep -v "^USDT" > "$L/mixer_sweep.log"
+  echo "== mixer sweep $(( $(date +%s) - s )) s"; sed -n '/^all/,$p' "$L/mixer_sweep.log"; pack
+fi
+[ "${CHUNK_STEP:-0}" = 1 ] && step chunk FLARECTL_MIXER_CHUNK=1  # the CLI step cost with the mixer's chunk form
+if [ -n "${MAXNREG:-}" ]; then  # the mixer's register cap: the mixer alone without and with it, then the CLI step cost
+  for cap in none "$MAXNREG"; do
+    s=$(date +%s)
+    env $([ "$cap" != none ] && echo FLARECTL_MIXER_MAXNREG=$cap) timeout 100 python3 scripts/gpu/engine_mixer_sweep.py \
+      --out $L/mixer_cap_$cap --steps ar,window,trust --configs 1:32:4 2>&1 | grep -v "^USDT" > "$L/mixer_cap_$cap.log"
+    echo "== mixer, cap $cap, $(( $(date +%s) - s )) s"; sed -n '/^all/,/^state/p' "$L/mixer_cap_$cap.log"; pack
+  done
+  step nocap; step cap$MAXNREG FLARECTL_MIXER_MAXNREG=$MAXNREG
+fi
 if [ "${TEST_TIMEOUT:-280}" -gt 1 ]; then
   s=$(date +%s)
   timeout "${TEST_TIMEOUT:-280}" python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_engine_kernels.py \
