@@ -30,22 +30,22 @@ def test_chunk_window_kernels_fit_h100_shared_memory(kernel):
     (1, False, False, 128),  # an AR step (W = 1): 4 programs of 4 warps per SM
     (1, True, False, 128),  # a step of several tokens per row, one at a time (the default since session 20)
     (8, True, False, None),  # 8 tokens' inputs prepared together (opt-in): 255 registers, a few bytes spilled
-    (16, True, True, None)])  # the chunk form (opt-in): 255 registers and hundreds of bytes spilled
+    (16, True, True, 255)])  # the chunk form (opt-in; 3 x TF32 on whole [16, K] tiles once spilled hundreds of bytes)
 def test_engine_mixer_kernel_compiles_for_sm90(token_block, early, chunk, max_registers, parallel):
     """The one-kernel GDN mixer at the Qwen3.5-2B shape (bf16, 32-column state blocks, 4 warps), compiled for sm_90
     as the JIT specializes a launch (16-aligned pointers and strides), fits the shared memory and, where a bound is
     given, that many registers with nothing spilled (a second on-chip state copy for anchored windows once took it
     to 233: half the programs per SM); either read-out of the state (``mixer.PARALLEL_READOUT``); at an AR step's
     order of loads and stores and at a multi-token step's (``EARLY``: conv context loaded first, the tail's loads
-    together); the chunk form (``mixer.CHUNK``). The device's Triton may count differently: 3.6 took the two bounded
-    builds to 149 and 168 registers (docs/perf/engine.md, session 21)."""
+    together); the chunk form (``mixer.CHUNK``). The device's Triton may count differently: 3.6 took the AR and
+    multi-token builds to 149 and 168 registers (docs/perf/engine.md, session 21)."""
     pytest.importorskip("triton")
     from flarectl.engine import mixer
 
     fn = mixer._kernel()
     consts = dict(H=16, HV=16, K=128, V=128, S=3, BK=128, BV=32, NV=4, BVF=128, BS=4, HAS_BIAS=False,
                   ROUND_PROD=True, PDL=False, TB=token_block, TBN=8 if early else 1, EARLY=early, PARALLEL=parallel,
-                  CHUNK=chunk, BVP=32)
+                  CHUNK=chunk, BVP=32, KC=32)
     types = dict(proj="*bf16", cw="*bf16", cb="*bf16", A_log="*fp32", dt_bias="*bf16", nw="*bf16", out="*bf16",
                  state="*fp32", last="*fp32", wstart="*fp32", conv="*bf16", lconv="*bf16", counts="*i64",
                  seen="*i64", commit="*i1", counter="*i32", scale="fp32", eps="fp32", W="i32", wc="i32",

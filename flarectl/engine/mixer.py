@@ -75,29 +75,31 @@ arrive) cost 2.1 us of a 12.4 us AR launch and 5.1 of 37.3 at the trust step bef
 ``scripts/gpu/engine_mixer_ablation.py``)."""
 
 CHUNK = os.environ.get("FLARECTL_MIXER_CHUNK", "0").strip().lower() in ("1", "true", "yes", "on")
-"""Steps of 2 to ``CHUNK_MAX_TOKENS`` tokens per row in chunk form (env ``FLARECTL_MIXER_CHUNK=1``, read at import).
-Off: it loses on the H100 (session 21, Qwen3.5-2B shape, C=8, us per launch, 18 in a graph): trust (8 tokens)
-51.4 at 32 columns / 4 warps, 70.8 at 8 warps, 47.8 at 64 / 8, against 34.5 for the serial form; window (4) 46.0 /
-44.5 against 22.8; CLI trust step 3.306 ms against 2.661. Its [16, K] token tiles and the 16-row products'
-operands (each program's warps hold a whole operand; 3 x TF32 for fp32 accuracy splits each in two) take the sm_90
-build to 255 registers with spills. The serial form walks the tokens one by one, two reductions over K per token
-on the chain (about 3 us a token at the trust step). The chunk form computes the whole step from a few small
-products instead: with G_t the log-decay summed along token t's path (its ancestors: the clean tokens
-before it; for a window token the ``seen`` clean tokens and the window tokens before it),
+"""Steps of 2 to ``CHUNK_MAX_TOKENS`` tokens per row in chunk form (env ``FLARECTL_MIXER_CHUNK=1``, read at import;
+off). The serial form walks the tokens one by one, two reductions over K per token on the chain (about 3 us a
+token at the trust step on the H100). The chunk form computes the whole step from a few small fp32 products
+instead: with G_t the log-decay summed along token t's path (its ancestors: the clean tokens before it; for a
+window token the ``seen`` clean tokens and the window tokens before it),
 u_t + beta_t sum_(i anc t) e^(G_t - G_i) (k_t . k_i) u_i = beta_t (v_t - e^(G_t) S_0^T k_t), solved as
 U = (I + N^8)(I + N^4)(I + N^2)(I + N) rhs (N = -A is strictly lower triangular, so nilpotent);
 o_t = e^(G_t) S_0^T q_t + sum_(i anc t or i = t) e^(G_t - G_i) (q_t . k_i) u_i; the state after the clean tokens
 S = e^(G_c) S_0 + sum_(i < wc) e^(G_c - G_i) k_i u_i^T. Same arithmetic as the serial form up to fp32 rounding
-order; the anchored window needs no scratch state."""
+order; the anchored window needs no scratch state.
+The first build lost on the H100 (session 21, Qwen3.5-2B shape, C=8, us per launch, 18 in a graph): trust
+(8 tokens) 51.4 against 34.5 for the serial form, window (4) 46.0 against 22.8; CLI trust step 3.306 ms against
+2.661. It held q and k as [16, K] tiles and ran its products in 3 x TF32, so every warp held whole operands,
+each split in two: 255 registers with spills. The present build takes q, k and the state in slices of ``KC`` = 32
+channels / rows (the products over K accumulate slice by slice, the L2 norms apply after) and runs its products as
+IEEE fp32 FMAs. That is 168 registers on the H100 image's Triton 3.6 (the serial form: 168 too). Untimed."""
+
+CHUNK_MAX_TOKENS = 16
+"""Most tokens per row a chunk-form step takes (its token tiles are [16, K]; more fall back to the serial form)."""
 
 MAXNREG: int | None = env_int("FLARECTL_MIXER_MAXNREG", None, low=24, high=255)
 """Registers per thread the mixer's launches may use on CUDA (Triton's ``maxnreg``; env ``FLARECTL_MIXER_MAXNREG``,
 read at import; None: ptxas chooses). With Triton 3.6 (the H100 image) the build takes 149 registers at the AR
 step and 168 at a multi-token step: 3 programs of 4 warps per SM; 128 gives 4 (no spill at the AR step, 4 bytes at
 a multi-token step; offline sm_90 builds, session 21). Untimed, so off."""
-
-CHUNK_MAX_TOKENS = 16
-"""Most tokens per row a chunk-form step takes (its token tiles are [16, K]; more fall back to the serial form)."""
 
 V_BLOCK_MULTI: int | None = env_int("FLARECTL_MIXER_V_BLOCK_MULTI", None, high=1024, power_of_two=True)
 """State columns per program for steps of more than one token per row (None: ``V_BLOCK``); env
@@ -205,11 +207,17 @@ def _kernel():
             b_vs = _conv_silu_tokens(proj_row, conv_row, cw, cb, ch_v, mask_v, tt, tok_ok, wc, sn, s_pt, S, HAS_BIAS)
         b_qs = b_qs / tl.sqrt(tl.sum(b_qs * b_qs, 1) + 1e-6)[:, None] * scale
         b_ks = b_ks / tl.sqrt(tl.sum(b_ks * b_ks, 1) + 1e-6)[:, None]
+        betas, gs = _token_gates(p_gate, tt, tok_ok, s_pt, hv, dtb, neg_a, proj, HV)
+        return b_qs, b_ks, b_vs, betas, gs
+
+    @triton.jit
+    def _token_gates(p_gate, tt, tok_ok, s_pt, hv, dtb, neg_a, proj, HV: tl.constexpr):
+        # beta = sigmoid(b) rounded to proj's dtype, and log-decay g = -exp(A_log) * softplus(a + dt_bias): [TB] each
         b_raw = tl.load(p_gate + tt * s_pt + hv, mask=tok_ok, other=0.0).to(tl.float32)
         betas = (1.0 / (1.0 + tl.exp(-b_raw))).to(proj.dtype.element_ty).to(tl.float32)
         xa = tl.load(p_gate + tt * s_pt + HV + hv, mask=tok_ok, other=0.0).to(tl.float32) + dtb
         gs = neg_a * tl.where(xa > 20.0, xa, tl.log(1.0 + tl.exp(xa)))
-        return b_qs, b_ks, b_vs, betas, gs
+        return betas, gs
 
     @triton.jit
     def _gated_norm_rows(o, z, nwv, eps, proj, V: tl.constexpr, ROUND_PROD: tl.constexpr):
@@ -230,6 +238,7 @@ def _kernel():
     globals().update(_conv_context=_conv_context, _store_conv_context=_store_conv_context,
                      _gated_norm=_gated_norm,
                      _conv_silu_tokens=_conv_silu_tokens, _conv_silu_rows=_conv_silu_rows, _token_inputs=_token_inputs,
+                     _token_gates=_token_gates,
                      _gated_norm_rows=_gated_norm_rows, _row=_row)
 
     @triton.jit
@@ -240,7 +249,7 @@ def _kernel():
                          BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BVF: tl.constexpr,
                          BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_PROD: tl.constexpr, PDL: tl.constexpr,
                          TB: tl.constexpr, TBN: tl.constexpr, EARLY: tl.constexpr, PARALLEL: tl.constexpr,
-                         CHUNK: tl.constexpr, BVP: tl.constexpr):
+                         CHUNK: tl.constexpr, BVP: tl.constexpr, KC: tl.constexpr):
         # program (row n, k-head h, v-head r of the head's R, v-block vb of NV): G = R * NV programs share the
         # q/k channels of (n, h); the last of them to arrive (``counter``) commits their conv context and, with
         # NV > 1, applies the gated norm (it needs whole v-heads)
@@ -258,7 +267,8 @@ def _kernel():
         mask_k, mask_v = o_k < K, (o_vl < BV) & (o_v < V)
         mask_h = mask_k[:, None] & mask_v[None, :]
         off_h = (i_n * HV + hv).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-        h = tl.load(state + off_h, mask=mask_h, other=0.0).to(tl.float32)
+        if not CHUNK:  # (the chunk form reads the state in KC-row slices, twice)
+            h = tl.load(state + off_h, mask=mask_h, other=0.0).to(tl.float32)
         if PDL:  # the state is no output of the previous kernel (the projection): loaded, now wait for that kernel
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -278,9 +288,10 @@ def _kernel():
             left_v = _conv_context(proj_row, conv_row, ch_v, mask_v, cnt, s_pt, S, BS)
         neg_a = -tl.exp(tl.load(A_log + hv).to(tl.float32))
         dtb = tl.load(dt_bias + hv).to(tl.float32)
-        if wc == 0:  # no clean token: the state moves to ``last`` for the rows that do not commit
-            tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
-            tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
+        if not CHUNK:
+            if wc == 0:  # no clean token: the state moves to ``last`` for the rows that do not commit
+                tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
+                tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
         # An anchored window (sn < cnt) starts from the state after the first sn clean tokens: stored to ``wstart``
         # (this program's own slice) when it passes and loaded back after the clean tokens. Kept on chip instead,
         # a second state copy took the kernel from 126 to 233 registers (sm_90): half the programs per SM.
@@ -293,11 +304,40 @@ def _kernel():
         o_t = tl.arange(0, TB)
         p_gate = proj_row + D + HV * V
         if CHUNK:  # every token at once (TB >= W): see ``CHUNK``
-            CHUNK_DOT: tl.constexpr = "tf32x3"
+            CHUNK_DOT: tl.constexpr = "ieee"
             tok_ok = o_t < W
-            b_qs, b_ks, b_vs, betas, gs = _token_inputs(proj_row, conv_row, cw, cb, ch_q, ch_k, ch_v, mask_k, mask_v,
-                                                        o_t, tok_ok, wc, sn, s_pt, p_gate, hv, dtb, neg_a, scale,
-                                                        proj, HV, S, HAS_BIAS, True)
+            # q, k and S_0 in slices of KC channels / state rows, so no product holds a [TB, K] operand: the
+            # products over K accumulate slice by slice, the L2 norms apply after
+            base_h = (i_n * HV + hv).to(tl.int64) * K * V
+            o_c = tl.arange(0, KC)
+            sq_q = tl.zeros([TB], dtype=tl.float32)
+            sq_k = tl.zeros([TB], dtype=tl.float32)
+            ks = tl.zeros([TB, BVP], dtype=tl.float32)
+            qs = tl.zeros([TB, BVP], dtype=tl.float32)
+            kk = tl.zeros([TB, TB], dtype=tl.float32)
+            qk = tl.zeros([TB, TB], dtype=tl.float32)
+            for c0 in range(0, BK, KC):
+                mask_c = (c0 + o_c) < K
+                h_c0 = tl.load(state + base_h + (c0 + o_c)[:, None] * V + o_v[None, :],
+                               mask=mask_c[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
+                q_c = _conv_silu_rows(proj_row, conv_row, cw, cb, i_h * K + c0 + o_c, mask_c, o_t, tok_ok, wc, sn,
+                                      s_pt, S, HAS_BIAS)
+                k_c = _conv_silu_rows(proj_row, conv_row, cw, cb, H * K + i_h * K + c0 + o_c, mask_c, o_t, tok_ok,
+                                      wc, sn, s_pt, S, HAS_BIAS)
+                sq_q += tl.sum(q_c * q_c, 1)
+                sq_k += tl.sum(k_c * k_c, 1)
+                ks += tl.dot(k_c, h_c0, input_precision=CHUNK_DOT)
+                qs += tl.dot(q_c, h_c0, input_precision=CHUNK_DOT)
+                kk += tl.dot(k_c, tl.trans(k_c), input_precision=CHUNK_DOT)
+                qk += tl.dot(q_c, tl.trans(k_c), input_precision=CHUNK_DOT)
+            r_k = 1.0 / tl.sqrt(sq_k + 1e-6)
+            r_q = scale / tl.sqrt(sq_q + 1e-6)
+            ks = ks * r_k[:, None]  # [TB, BVP]: S_0^T k_t
+            qs = qs * r_q[:, None]
+            kk = kk * r_k[:, None] * r_k[None, :]
+            qk = qk * r_q[:, None] * r_k[None, :]
+            b_vs = _conv_silu_rows(proj_row, conv_row, cw, cb, ch_v, mask_v, o_t, tok_ok, wc, sn, s_pt, S, HAS_BIAS)
+            betas, gs = _token_gates(p_gate, o_t, tok_ok, s_pt, hv, dtb, neg_a, proj, HV)
             real = tok_ok & ((o_t >= wc) | (o_t < cnt))  # padding (clean or past W): decay 1, no write
             gs = tl.where(real, gs, 0.0)
             betas = tl.where(real, betas, 0.0)
@@ -307,10 +347,6 @@ def _kernel():
             g_path = tl.sum(tl.where(incl, gs[None, :], 0.0), 1)  # [TB] log-decay from S_0 to after token t
             gap = tl.where(incl, g_path[:, None] - g_path[None, :], 0.0)
             dec = tl.where(incl, tl.exp(gap), 0.0)  # e^(G_t - G_i) where i is on t's path (or t itself)
-            kk = tl.dot(b_ks, tl.trans(b_ks), input_precision=CHUNK_DOT)
-            qk = tl.dot(b_qs, tl.trans(b_ks), input_precision=CHUNK_DOT)
-            ks = tl.dot(b_ks, h, input_precision=CHUNK_DOT)  # [TB, BVP]: S_0^T k_t
-            qs = tl.dot(b_qs, h, input_precision=CHUNK_DOT)
             e_g = tl.exp(g_path)
             neg = -tl.where(anc, betas[:, None] * dec * kk, 0.0)  # N = -A, strictly lower triangular
             u = betas[:, None] * (b_vs - e_g[:, None] * ks)
@@ -319,12 +355,23 @@ def _kernel():
                 if lvl < 3:
                     neg = tl.dot(neg, neg, input_precision=CHUNK_DOT)
             o_all = e_g[:, None] * qs + tl.dot(dec * qk, u, input_precision=CHUNK_DOT)
-            if wc > 0:  # the state after the clean tokens: cache (commit) or ``last`` (not)
-                g_c = tl.sum(tl.where(o_t == wc - 1, g_path, 0.0))
-                w_c = tl.where(o_t < wc, tl.exp(g_c - g_path), 0.0)
-                h_c = tl.exp(g_c) * h + tl.dot(tl.trans(b_ks * w_c[:, None]), u, input_precision=CHUNK_DOT)
-                tl.store(state + off_h, h_c.to(state.dtype.element_ty), mask=c_h)
-                tl.store(last + off_h, h_c.to(last.dtype.element_ty), mask=nc_h)
+            # the state after the clean tokens (S_0 itself without any): cache (commit) or ``last`` (not), KC rows
+            # at a time, S_0's slice and k's channels read again
+            g_c = tl.sum(tl.where(o_t == wc - 1, g_path, 0.0))
+            w_c = tl.where(o_t < wc, tl.exp(g_c - g_path), 0.0) * r_k
+            for c0 in range(0, BK, KC):
+                mask_c = (c0 + o_c) < K
+                m_c = mask_c[:, None] & mask_v[None, :]
+                off_c = base_h + (c0 + o_c)[:, None] * V + o_v[None, :]
+                h_c0 = tl.load(state + off_c, mask=m_c, other=0.0).to(tl.float32)
+                if wc > 0:
+                    k_c = _conv_silu_rows(proj_row, conv_row, cw, cb, H * K + i_h * K + c0 + o_c, mask_c, o_t,
+                                          tok_ok, wc, sn, s_pt, S, HAS_BIAS)
+                    h_c0 = tl.exp(g_c) * h_c0 + tl.dot(tl.trans(k_c * w_c[:, None]), u, input_precision=CHUNK_DOT)
+                tl.debug_barrier()  # every program thread's read of the slice before the write over it
+                flag_c = tl.zeros([KC, BVP], dtype=tl.int32) + flag
+                tl.store(state + off_c, h_c0.to(state.dtype.element_ty), mask=m_c & (flag_c != 0))
+                tl.store(last + off_c, h_c0.to(last.dtype.element_ty), mask=m_c & (flag_c == 0))
             o_all = o_all.to(proj.dtype.element_ty).to(tl.float32)  # HF rounds o to the layer's dtype before the norm
             m_out = tok_ok[:, None] & mask_v[None, :]
             p_out = out + i_n.to(tl.int64) * s_oc + o_t[:, None] * s_ot + hv * V + o_v[None, :]
@@ -475,6 +522,6 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
         TB=16 if use_chunk else min(triton.next_power_of_2(max(W, 1)), token_block or TOKEN_BLOCK),
         TBN=min(triton.next_power_of_2(max(W, 1)), NORM_TOKEN_BLOCK), EARLY=W > 1,
         PARALLEL=PARALLEL_READOUT if parallel_readout is None else parallel_readout, CHUNK=use_chunk,
-        BVP=max(bv, 16) if use_chunk else bv, num_warps=warps, **({"launch_pdl": True} if pdl else {}),
+        BVP=max(bv, 16) if use_chunk else bv, KC=min(bk, 32), num_warps=warps, **({"launch_pdl": True} if pdl else {}),
         **({"maxnreg": MAXNREG} if MAXNREG and proj.device.type == "cuda" else {}))
     return out
