@@ -1272,7 +1272,8 @@ else:
         (2, 1, 1, 1, 1, 8, 8, 3, False, 4)]
 
     ANCHORED_MIXER_SHAPES = [(3, 3, 1, 1, 1, 8, 8, 3, False, None, True), (4, 5, 2, 2, 4, 16, 8, 3, True, 8, True),
-                             (3, 7, 4, 1, 3, 8, 5, 2, True, 4, True)]
+                             (3, 7, 4, 1, 3, 8, 5, 2, True, 4, True),
+                             (2, 6, 3, 1, 2, 40, 24, 3, False, None, True)]  # K 40: the chunk form's 2 slices of K
 
     @pytest.mark.parametrize("C,W,wc,H,HV,K,V,S,bias,v_block,anchored",
                              [(*shape, False) for shape in MIXER_SHAPES] + ANCHORED_MIXER_SHAPES)
