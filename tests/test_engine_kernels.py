@@ -539,8 +539,57 @@ if not CHILD:
                 torch.testing.assert_close(got[1], ref[1], rtol=tol, atol=tol)
                 torch.testing.assert_close(got[3][~c], ref[3][~c], rtol=tol, atol=tol)
                 assert torch.equal(got[2], ref[2]) and torch.equal(got[4], ref[4])
+            # the L2 prefetch of the next GEMMs' weights (a hint) at the program's start and end: the same bits
+            w_a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+            w_b = torch.randn(1000, 2048, device="cuda", dtype=torch.bfloat16)
+            for W, wc, anchored in ((1, 1, False), (8, 4, True)):
+                a = _mixer_problem(W, 8, W, wc, 16, 16, 128, 128, 3, False, dtype, "cuda", anchored=anchored)
+                a["state"] = a["state"].float()
+                plain = _run_mixer(functools.partial(mixer.launch, v_block=v_block), a, wc, 16, 16, 128, 128)
+                for at_end, row_bytes in ((False, 0), (True, 0), (False, 512)):
+                    mixer.L2_AT_END, mixer.L2_ROW_BYTES = at_end, row_bytes
+                    hinted = _run_mixer(functools.partial(mixer.launch, v_block=v_block, l2_a=w_a, l2_b=w_b,
+                                                          l2_kb=9000), a, wc, 16, 16, 128, 128)
+                    assert all(torch.equal(u.nan_to_num(), v.nan_to_num()) for u, v in zip(plain, hinted))
         finally:
             mixer.NAN_FILL = False
+            mixer.L2_AT_END, mixer.L2_ROW_BYTES = False, 0
+
+    def test_mixer_l2_prefetch_plan(monkeypatch):
+        """The mixer's L2 prefetch (``mixer.L2_NEXT_KB``): the lines cover the first KB of out_proj's weight, then of
+        gate|up's, each whole at most; off CPU-side and under the interpreter (no inline PTX); the step hands the
+        mixer both weights only with the knob on."""
+        from flarectl.engine import mixer, static_step
+
+        a, b = torch.empty(64, 64, dtype=torch.bfloat16), torch.empty(300, 64, dtype=torch.bfloat16)  # 8 KB, 37.5 KB
+        assert mixer.l2_lines(a, b, 4) == (32, 0, 1, 0)
+        assert mixer.l2_lines(a, b, 8) == (64, 0, 1, 0)
+        assert mixer.l2_lines(a, b, 9) == (64, 8, 8, 0)
+        assert mixer.l2_lines(a, b, 1000) == (64, 300, 300, 0)  # 38,400 bytes: 300 lines of 128
+        assert mixer.l2_lines(a, None, 1000) == (64, 0, 1, 0) and mixer.l2_lines(None, b, 1) == (0, 8, 8, 0)
+        # the first bytes of every row of b (rows of 128 bytes here: one line each, at most)
+        assert mixer.l2_lines(a, b, 1000, row_bytes=100) == (64, 300, 1, 128)
+        assert mixer.l2_lines(a, b, 9, row_bytes=512) == (64, 8, 1, 128)  # 1 KB left: 8 rows
+        wide = torch.empty(10, 1000, dtype=torch.bfloat16)  # rows of 2000 bytes
+        assert mixer.l2_lines(None, wide, 1000, row_bytes=300) == (0, 30, 3, 2000)
+        assert mixer.l2_lines(None, wide, 1, row_bytes=300) == (0, 6, 3, 2000)  # 1 KB: 2 rows of 3 lines
+        assert mixer.l2_plan(a, b, 1000, torch.device("cpu")) == (0, 0, 1, 0)
+        assert mixer.l2_plan(a, b, 0, torch.device("cuda")) == (0, 0, 1, 0)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert mixer.l2_plan(a, b, 8, torch.device("cuda")) == (0, 0, 1, 0)
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="contiguous"):
+            mixer.l2_plan(a.t(), b, 8, torch.device("cuda"))
+        old = mixer.L2_NEXT_KB
+        try:
+            mixer.L2_NEXT_KB = 0
+            assert static_step._l2_next(a, b) == (None, None)
+            mixer.L2_NEXT_KB = 64
+            got = static_step._l2_next(a, b)
+            assert got[0] is a and got[1] is b
+            assert static_step._l2_next(None, b) == (None, None) and static_step._l2_next(a.t(), b) == (None, None)
+        finally:
+            mixer.L2_NEXT_KB = old
 
     def test_resolve_gemv(monkeypatch):
         monkeypatch.delenv("FLARECTL_ENGINE_GEMV", raising=False)

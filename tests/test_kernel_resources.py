@@ -39,23 +39,45 @@ def test_engine_mixer_kernel_compiles_for_sm90(token_block, early, chunk, max_re
     order of loads and stores and at a multi-token step's (``EARLY``: conv context loaded first, the tail's loads
     together); the chunk form (``mixer.CHUNK``). The device's Triton may count differently: 3.6 took the AR and
     multi-token builds to 149 and 168 registers (docs/perf/engine.md, session 21)."""
+    c, regs, spills = _compile_mixer_sm90(token_block, early, chunk, parallel)
+    if max_registers is not None:
+        assert regs is not None, "ptxas could not report"  # Triton assembled the cubin with the same ptxas
+        assert regs <= max_registers and spills == 0, (regs, spills)
+    assert "prefetch.global.L2" not in c.asm["ptx"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at_end", [False, True])
+@pytest.mark.parametrize("token_block,early", [(1, False), (1, True)])
+def test_engine_mixer_l2_prefetch_compiles_for_sm90(token_block, early, at_end):
+    """The mixer with its L2 prefetch of the next GEMMs' weights (``mixer.L2_NEXT_KB``), issued at the program's
+    start or end: the PTX carries the prefetches, and the AR and multi-token builds keep the plain build's bound
+    (<= 128 registers, nothing spilled): the prefetch holds no register past its instruction."""
+    c, regs, spills = _compile_mixer_sm90(token_block, early, False, False, l2=True, l2_end=at_end)
+    assert "prefetch.global.L2::evict_last" in c.asm["ptx"]
+    assert regs is not None, "ptxas could not report"
+    assert regs <= 128 and spills == 0, (regs, spills)
+
+
+def _compile_mixer_sm90(token_block, early, chunk, parallel, l2=False, l2_end=False):
+    """The mixer kernel compiled for sm_90 at the Qwen3.5-2B shape (see the test above) -> (kernel, registers,
+    spilled bytes)."""
     pytest.importorskip("triton")
     from flarectl.engine import mixer
 
     fn = mixer._kernel()
     consts = dict(H=16, HV=16, K=128, V=128, S=3, BK=128, BV=32, NV=4, BVF=128, BS=4, HAS_BIAS=False,
                   ROUND_PROD=True, PDL=False, TB=token_block, TBN=8 if early else 1, EARLY=early, PARALLEL=parallel,
-                  CHUNK=chunk, BVP=32, KC=32)
+                  CHUNK=chunk, BVP=32, KC=32, L2=l2, L2_END=l2_end, LINE=mixer.L2_LINE, L2B=128)
     types = dict(proj="*bf16", cw="*bf16", cb="*bf16", A_log="*fp32", dt_bias="*bf16", nw="*bf16", out="*bf16",
                  state="*fp32", last="*fp32", wstart="*fp32", conv="*bf16", lconv="*bf16", counts="*i64",
-                 seen="*i64", commit="*i1", counter="*i32", scale="fp32", eps="fp32", W="i32", wc="i32",
-                 s_pc="i32", s_pt="i32", s_oc="i32", s_ot="i32")
+                 seen="*i64", commit="*i1", counter="*i32", l2a="*bf16", l2b="*bf16", n_l2a="i32", n_l2b="i32",
+                 row_l2b="i32", stride_l2b="i32",
+                 scale="fp32", eps="fp32", W="i32", wc="i32", s_pc="i32", s_pt="i32", s_oc="i32", s_ot="i32")
     aligned = [n for n, t in types.items() if t.startswith("*")] + ["s_pc", "s_pt", "s_oc", "s_ot"]
     c, regs, spills = _compile_sm90(fn, types, consts, num_warps=4, num_stages=3, aligned=aligned, spills=True)
     assert c.asm.get("cubin") and c.metadata.shared <= H100_SHARED_BYTES
-    if max_registers is not None:
-        assert regs is not None, "ptxas could not report"  # Triton assembled the cubin with the same ptxas
-        assert regs <= max_registers and spills == 0, (regs, spills)
+    return c, regs, spills
 
 
 def _compile_sm90(fn, types: dict, consts: dict, num_warps: int, num_stages: int, aligned=(), spills=False):

@@ -265,7 +265,8 @@ def gdn_mixer_chain(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, l
 def gdn_mixer(proj: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor | None, A_log: torch.Tensor,
               dt_bias: torch.Tensor, norm_w: torch.Tensor, state: torch.Tensor, conv: torch.Tensor,
               last_state: torch.Tensor, last_conv: torch.Tensor, counts: torch.Tensor, commit: torch.Tensor,
-              wc: int, H: int, HV: int, K: int, V: int, eps: float, seen: torch.Tensor | None = None) -> torch.Tensor:
+              wc: int, H: int, HV: int, K: int, V: int, eps: float, seen: torch.Tensor | None = None,
+              l2_a: torch.Tensor | None = None, l2_b: torch.Tensor | None = None) -> torch.Tensor:
     """A GDN layer's mixer over the step's tokens, from the fused input projection's output ``proj`` [C, W, N]
     (per token [q k v (2HK + HV*V) | z (HV*V) | b (HV) | a (HV)]) to the out_proj input [C, W, HV*V] (proj's
     dtype): causal conv (``conv_w`` [D, S+1], ``conv_b``) over the conv state [C, D, S] and the clean tokens, the
@@ -274,22 +275,24 @@ def gdn_mixer(proj: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor | N
     state after the clean tokens into ``state`` (rows with ``commit``) or ``last_state`` (others), the conv
     context after them into ``last_conv`` and, for committing rows, ``conv``; RMSNormGated(o, z) with ``norm_w``,
     ``eps``. ``seen`` [C] (None: ``counts``): how many clean tokens each row's window sees — ``counts - 1`` anchors
-    the window on the last clean token (its conv context and start state are those before that token). The
-    Triton kernel (``mixer.py``) on CUDA or under Triton's interpreter, else the torch chain (``gdn_mixer_chain``)."""
+    the window on the last clean token (its conv context and start state are those before that token).
+    ``l2_a`` / ``l2_b``: the weights of the GEMMs after the mixer (out_proj, gate|up), which the CUDA kernel may pull
+    into L2 while it runs (``mixer.L2_NEXT_KB``; a hint, no value changes). The Triton kernel (``mixer.py``) on CUDA
+    or under Triton's interpreter, else the torch chain (``gdn_mixer_chain``)."""
     from flarectl.engine import recurrence
 
     if recurrence.applies(proj.device):
         from flarectl.engine import mixer
 
         return mixer.launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv,
-                            counts, commit, wc, H, HV, K, V, eps, seen=seen)
+                            counts, commit, wc, H, HV, K, V, eps, seen=seen, l2_a=l2_a, l2_b=l2_b)
     return gdn_mixer_chain(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv,
                            counts, commit, wc, H, HV, K, V, eps, seen=seen)
 
 
 @gdn_mixer.register_fake
 def _(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv, counts, commit, wc, H, HV,
-      K, V, eps, seen=None):
+      K, V, eps, seen=None, l2_a=None, l2_b=None):
     return proj.new_empty(proj.shape[0], proj.shape[1], HV * V)
 
 

@@ -101,6 +101,27 @@ read at import; None: ptxas chooses). With Triton 3.6 (the H100 image) the build
 step and 168 at a multi-token step: 3 programs of 4 warps per SM; 128 gives 4 (no spill at the AR step, 4 bytes at
 a multi-token step; offline sm_90 builds, session 21). Untimed, so off."""
 
+L2_NEXT_KB: int = env_int("FLARECTL_MIXER_L2_NEXT_KB", 0, low=0, high=1 << 20)
+"""KB of the next GEMMs' weights each mixer launch pulls into L2 on CUDA (env ``FLARECTL_MIXER_L2_NEXT_KB``, read at
+import; 0: off): the out_proj weight first, then a prefix of the MLP's gate|up weight (the op's ``l2_a`` / ``l2_b``).
+The mixer moves its 16 MB of fp32 state at ~1.3 TB/s (12.4 us a layer at the AR step, H100, session 20), so the
+memory has room beside it, and the out_proj GEMM after it (8 MB, 6.6 us on cuBLAS: 1.3 TB/s) pays its launch's
+ramp and tail at every layer. Each program issues ``prefetch.global.L2::evict_last`` for its share of the 128-byte
+lines, one line per thread and instruction: no registers held, no value changed. Untimed, so off."""
+
+L2_AT_END = os.environ.get("FLARECTL_MIXER_L2_AT", "start").strip().lower() == "end"
+"""Where a program issues its L2 prefetches (env ``FLARECTL_MIXER_L2_AT``: 'start', the default, right after its
+state load; 'end': after its last store)."""
+
+L2_ROW_BYTES: int = env_int("FLARECTL_MIXER_L2_ROW_BYTES", 0, low=0, high=1 << 20)
+"""Of the gate|up weight, prefetch the first this many bytes of every row (env ``FLARECTL_MIXER_L2_ROW_BYTES``, read
+at import; 0, the default: a contiguous prefix of the weight instead). A program of the gate|up GEMM streams its
+rows from K = 0, so the rows' first bytes are what every program waits for first: at 512 (two K tiles of 128
+bf16) that is 6 MB for the Qwen3.5-2B gate|up (12288 rows)."""
+
+L2_LINE = 128
+"""Bytes per prefetched line."""
+
 V_BLOCK_MULTI: int | None = env_int("FLARECTL_MIXER_V_BLOCK_MULTI", None, high=1024, power_of_two=True)
 """State columns per program for steps of more than one token per row (None: ``V_BLOCK``); env
 ``FLARECTL_MIXER_V_BLOCK_MULTI``, read at import."""
@@ -230,6 +251,20 @@ def _kernel():
         return y * (z / (1.0 + tl.exp(-z)))
 
     @triton.jit
+    def _l2_lines(base, n, per_row, row_stride, LINE: tl.constexpr, LB: tl.constexpr):
+        # this program's share of n LINE-byte lines into L2 (a hint): line i at byte
+        # (i // per_row) * row_stride + (i % per_row) * LINE from ``base`` (the first per_row lines of each row)
+        per = tl.cdiv(n, tl.num_programs(0))
+        start = tl.program_id(0) * per
+        end = tl.minimum(start + per, n)
+        p = base.to(tl.pointer_type(tl.int8), bitcast=True)
+        for i in range(start, end, LB):
+            idx = tl.minimum(i + tl.arange(0, LB), end - 1)
+            off = (idx // per_row).to(tl.int64) * row_stride + (idx % per_row).to(tl.int64) * LINE
+            tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l",
+                                      [p + off], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _row(tile, sel):
         # row ``sel`` ([TB] one-hot) of a [TB, B] register tile, as [B] (exact: the other rows add zeros)
         return tl.sum(tl.where(sel[:, None], tile, 0.0), 0)
@@ -239,17 +274,18 @@ def _kernel():
                      _gated_norm=_gated_norm,
                      _conv_silu_tokens=_conv_silu_tokens, _conv_silu_rows=_conv_silu_rows, _token_inputs=_token_inputs,
                      _token_gates=_token_gates,
-                     _gated_norm_rows=_gated_norm_rows, _row=_row)
+                     _gated_norm_rows=_gated_norm_rows, _row=_row, _l2_lines=_l2_lines)
 
     @triton.jit
     def gdn_mixer_kernel(proj, cw, cb, A_log, dt_bias, nw, out, state, last, wstart, conv, lconv, counts, seen,
-                         commit, counter,
+                         commit, counter, l2a, l2b, n_l2a, n_l2b, row_l2b, stride_l2b,
                          scale, eps, W, wc, s_pc, s_pt, s_oc, s_ot,
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, S: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BVF: tl.constexpr,
                          BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_PROD: tl.constexpr, PDL: tl.constexpr,
                          TB: tl.constexpr, TBN: tl.constexpr, EARLY: tl.constexpr, PARALLEL: tl.constexpr,
-                         CHUNK: tl.constexpr, BVP: tl.constexpr, KC: tl.constexpr):
+                         CHUNK: tl.constexpr, BVP: tl.constexpr, KC: tl.constexpr, L2: tl.constexpr,
+                         L2_END: tl.constexpr, LINE: tl.constexpr, L2B: tl.constexpr):
         # program (row n, k-head h, v-head r of the head's R, v-block vb of NV): G = R * NV programs share the
         # q/k channels of (n, h); the last of them to arrive (``counter``) commits their conv context and, with
         # NV > 1, applies the gated norm (it needs whole v-heads)
@@ -269,6 +305,9 @@ def _kernel():
         off_h = (i_n * HV + hv).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
         if not CHUNK:  # (the chunk form reads the state in KC-row slices, twice)
             h = tl.load(state + off_h, mask=mask_h, other=0.0).to(tl.float32)
+        if L2 and not L2_END:  # the next GEMMs' weights into L2 while this launch runs (``L2_NEXT_KB``)
+            _l2_lines(l2a, n_l2a, n_l2a, 0, LINE, L2B)
+            _l2_lines(l2b, n_l2b, row_l2b, stride_l2b, LINE, L2B)
         if PDL:  # the state is no output of the previous kernel (the projection): loaded, now wait for that kernel
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -470,6 +509,9 @@ def _kernel():
                     tl.debug_barrier()
                     _store_conv_context(conv_row, lconv_row, ch_k, mask_k, left_k, flag, S, BS)
                 tl.atomic_xchg(counter + i_nh, 0)  # ready for the next launch
+        if L2 and L2_END:
+            _l2_lines(l2a, n_l2a, n_l2a, 0, LINE, L2B)
+            _l2_lines(l2b, n_l2b, row_l2b, stride_l2b, LINE, L2B)
 
     _KERNEL = gdn_mixer_kernel
     return _KERNEL
@@ -478,12 +520,15 @@ def _kernel():
 def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state, last_conv, counts, commit,
            wc: int, H: int, HV: int, K: int, V: int, eps: float, v_block: int | None = None,
            seen: torch.Tensor | None = None, token_block: int | None = None,
-           parallel_readout: bool | None = None, chunk: bool | None = None) -> torch.Tensor:
+           parallel_readout: bool | None = None, chunk: bool | None = None, l2_a: torch.Tensor | None = None,
+           l2_b: torch.Tensor | None = None, l2_kb: int | None = None) -> torch.Tensor:
     """See ``gdn_ops.gdn_mixer`` (``seen`` None: ``counts``). proj [C, W, 2HK + 2HV*V + 2HV] (last stride 1); conv / last_conv [C, D, S]
     and state / last_state [C, HV, K, V] contiguous. ``v_block``: state columns per program (None:
     ``V_BLOCK``, or all V); ``token_block``: tokens whose inputs are prepared together (None: ``TOKEN_BLOCK``);
     ``parallel_readout``: None for ``PARALLEL_READOUT``; ``chunk``: the chunk form for steps of 2 to
     ``CHUNK_MAX_TOKENS`` tokens per row (None: ``CHUNK``; other steps run the serial form either way).
+    ``l2_a`` / ``l2_b``: contiguous weights of the GEMMs after the mixer, of which the first ``l2_kb`` KB (None:
+    ``L2_NEXT_KB``; ``l2_a`` first) are prefetched into L2 on CUDA (a hint: never under the interpreter).
     Returns [C, W, HV*V] in proj's dtype."""
     import triton
 
@@ -514,14 +559,53 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
     round_prod = torch.promote_types(norm_w.dtype, proj.dtype) == proj.dtype
     cb = conv_b if conv_b is not None else conv_w
     pdl = use_pdl(proj.device)
+    l2_lines = l2_plan(l2_a, l2_b, L2_NEXT_KB if l2_kb is None else l2_kb, proj.device, L2_ROW_BYTES)
     _kernel()[(groups * (HV // H) * nv,)](
         proj, conv_w.contiguous(), cb, A_log, dt_bias, norm_w, out, state, last_state, wstart, conv, last_conv,
-        counts, counts if seen is None else seen, commit, counter, K ** -0.5, eps, W, wc, proj.stride(0), proj.stride(1), out.stride(0),
+        counts, counts if seen is None else seen, commit, counter, l2_a if l2_lines[0] else counts,
+        l2_b if l2_lines[1] else counts, *l2_lines, K ** -0.5, eps, W, wc, proj.stride(0), proj.stride(1), out.stride(0),
         out.stride(1), H=H, HV=HV, K=K, V=V, S=S, BK=bk, BV=bv, NV=nv, BVF=bvf,
         BS=triton.next_power_of_2(max(S, 1)), HAS_BIAS=conv_b is not None, ROUND_PROD=round_prod, PDL=pdl,
         TB=16 if use_chunk else min(triton.next_power_of_2(max(W, 1)), token_block or TOKEN_BLOCK),
         TBN=min(triton.next_power_of_2(max(W, 1)), NORM_TOKEN_BLOCK), EARLY=W > 1,
         PARALLEL=PARALLEL_READOUT if parallel_readout is None else parallel_readout, CHUNK=use_chunk,
         BVP=max(bv, 16) if use_chunk else bv, KC=min(bk, 32), num_warps=warps, **({"launch_pdl": True} if pdl else {}),
+        L2=l2_lines[0] + l2_lines[1] > 0, L2_END=L2_AT_END, LINE=L2_LINE, L2B=32 * warps,
         **({"maxnreg": MAXNREG} if MAXNREG and proj.device.type == "cuda" else {}))
     return out
+
+
+def l2_plan(a: torch.Tensor | None, b: torch.Tensor | None, kb: int, device: torch.device,
+            row_bytes: int = 0) -> tuple[int, int, int, int]:
+    """(lines of ``a``, lines of ``b``, lines per row of ``b``, ``b``'s row stride in bytes) a launch prefetches
+    (``l2_lines``); (0, 0, 1, 0) off CUDA, under Triton's interpreter (no inline PTX there) or with ``kb`` 0. The
+    tensors must be contiguous and on the launch's device."""
+    if kb <= 0 or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return 0, 0, 1, 0
+    for t in (a, b):
+        if t is not None and (not t.is_contiguous() or t.device != device):
+            raise ValueError("the mixer's L2 prefetch takes contiguous tensors on the launch's device")
+    return l2_lines(a, b, kb, row_bytes)
+
+
+def l2_lines(a: torch.Tensor | None, b: torch.Tensor | None, kb: int, row_bytes: int = 0) -> tuple[int, int, int, int]:
+    """The ``L2_LINE``-byte lines that cover the first ``kb`` KB of a, then of b (each whole at most): (lines of a,
+    lines of b, lines per row of b, b's row stride in bytes). ``row_bytes`` > 0: of b (2-D, [N, K]) the first
+    ``row_bytes`` of every row instead, rows in order while the budget lasts (what each program of a GEMM over b's
+    rows reads first)."""
+    left = kb * 1024
+    n_a = 0
+    if a is not None:
+        nbytes = min(a.numel() * a.element_size(), left)
+        left -= nbytes
+        n_a = -(-nbytes // L2_LINE)
+    if b is None or left <= 0:
+        return n_a, 0, 1, 0
+    if row_bytes > 0 and b.dim() == 2:
+        stride = b.stride(0) * b.element_size()
+        per_row = -(-min(row_bytes, stride) // L2_LINE)
+        rows = min(b.shape[0], left // (per_row * L2_LINE))
+        return n_a, rows * per_row, per_row, stride
+    nbytes = min(b.numel() * b.element_size(), left)
+    n_b = -(-nbytes // L2_LINE)
+    return n_a, n_b, max(n_b, 1), 0

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from flarectl.engine.gemv import (fused_applies, linear, module_linear, plain_weight, resolve_fuse_down, resolve_gemv,
                                   skinny_linear_fused, use_pdl)
 from flarectl.engine.gemv import tune_mode as gemv_tune_mode
-from flarectl.engine import layer_chain, norm_gemv
+from flarectl.engine import layer_chain, mixer, norm_gemv
 from flarectl.engine.attention import attention_mask, decode_attention, write_clean_slots
 from flarectl.engine.attention_core import attention_core
 from flarectl.engine.attention_core import resolve as resolve_attn_core
@@ -89,6 +89,15 @@ def _pf(x, pf, j: int) -> None:
         plan, token = pf
         for view, method, grid in plan[j]:
             l2_prefetch(x, view, token, method, grid)
+
+
+def _l2_next(w_out, w_gate_up) -> tuple:
+    """The weights the mixer kernel may pull into L2 for the GEMMs after it (``mixer.L2_NEXT_KB``): out_proj's
+    (``w_out``, its plain weight) and gate|up's (fused) when both are given and contiguous, else none."""
+    if mixer.L2_NEXT_KB and w_out is not None and w_gate_up is not None and w_out.is_contiguous() \
+            and w_gate_up.is_contiguous():
+        return w_out, w_gate_up
+    return None, None
 
 
 def silu_mlp(mlp) -> bool:
@@ -187,7 +196,7 @@ def gdn_block(layer, hidden, state, conv, last_state, last_conv, counts, commit,
         normed = gdn_mixer(proj, module.conv1d.weight.squeeze(1), module.conv1d.bias, module.A_log, module.dt_bias,
                            module.norm.weight, state, conv, last_state, last_conv, counts, commit, wc,
                            module.num_k_heads, module.num_v_heads, module.head_k_dim, module.head_v_dim,
-                           float(module.norm.variance_epsilon), seen)
+                           float(module.norm.variance_epsilon), seen, *_l2_next(w_out, w_gate_up))
         _pf(normed, pf, 1)
         return _close(layer, hidden, normed, module.out_proj, w_out, w_gate_up, gemv, w_down, pf, fuse_down,
                       eps_mlp, chain)

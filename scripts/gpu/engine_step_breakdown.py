@@ -1,6 +1,7 @@
 """Where an engine step's GPU time goes, per kernel class, for the AR, trust and window step shapes (issue 6).
 
     python3 scripts/gpu/engine_step_breakdown.py --model qwen3.5-2b --out $OUT [--concurrency 8] [--block-size 4]
+        [--steps ar,trust,window]
 
 Builds the engine's static backend the way ``flarectl bench --step-cost`` does (random weights, current defaults:
 compiled, skinny kernels, fused norm, mixer and attention kernels), times each shape graphed (median of 30 replays
@@ -72,6 +73,7 @@ def main():
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", default="ar,trust,window", help="step shapes to time, comma-separated")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,9 @@ def main():
     be.cache.lengths.fill_(args.context)
     result = {"model": args.model, "max_rows": gemv.MAX_ROWS, "concurrency": c, "block_size": b,
               "roofline_ms": roof, "device": torch.cuda.get_device_name(dev), "steps": {}}
-    for kind, (wc, ww) in {"ar": (1, 0), "trust": (b, b), "window": (0, b)}.items():
+    shapes = {"ar": (1, 0), "trust": (b, b), "window": (0, b)}
+    for kind in args.steps.split(","):
+        wc, ww = shapes[kind]
         t0 = time.time()
         ids = torch.zeros(c, wc + ww, dtype=torch.long, device=dev)
         counts = torch.full((c,), wc, dtype=torch.long, device=dev)
@@ -118,6 +122,10 @@ def main():
         print(f"{kind:8} {s['rows']:4d} {s['graphed_ms']:10.3f} {s['x_roofline']:6.2f} "
               + " ".join(f"{s['us'].get(k, 0):9.1f}" for k in classes))
         print(f"{'':8} {'':4} {'':10} {'':6} " + " ".join(f"{s['kernels'].get(k, 0):9d}" for k in classes))
+    for kind, s in result["steps"].items():
+        print(f"\n{kind}: top kernels (us per step, ungraphed)")
+        for name, us in s["top"][:12]:
+            print(f"  {us:8.1f}  {name}")
 
 
 if __name__ == "__main__":
