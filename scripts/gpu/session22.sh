@@ -11,13 +11,7 @@
 source scripts/gpu/engine_setup.sh
 L=/tmp/s22; mkdir -p $L
 pack() { tar czf "$OUT/session22.tgz" -C /tmp s22; }
-step() {  # $1: label, then env assignments for that run
-  local s=$(date +%s) label=$1; shift
-  env FLARECTL_ENGINE_PDL=0 "$@" timeout "${STEP_TIMEOUT:-150}" python3 -m flarectl.cli bench --model qwen3.5-2b --random-init \
-    --step-cost --concurrency 8 --gdn-kernel mixer --out /tmp/step_$label 2>&1 | grep -v "^USDT" > "$L/step_cost_$label.log"
-  for f in /tmp/step_$label/*.json; do cp "$f" "$L/${label}_$(basename "$f")"; done 2>/dev/null
-  echo "== $label $(( $(date +%s) - s )) s"; grep -E "^│ (ar|trust|window) |rror" "$L/step_cost_$label.log" | head -5; pack
-}
+step() { run_step_cost "$1" "$L" "${@:2}"; pack; }  # $1: label, then env assignments for that run
 {
 for r in $(seq 1 "${ROUNDS:-1}"); do
   for v in ${VARIANTS:-base}; do
