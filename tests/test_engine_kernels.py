@@ -508,7 +508,8 @@ if not CHILD:
         chain: AR (W 1), clean + window (W 5, wc 3) and anchored (W 8, wc 4, windows seeing counts - 1 clean tokens)
         steps; NaN-filled output; whole states or 32-column blocks (the group's last program norms; counters back at
         zero, repeated launches give the same bits); tokens' inputs prepared 1, 2, 4 or 8 at a time; the state read
-        out in parallel and serially; the chunk form (``mixer.CHUNK``)."""
+        out in parallel and serially; the chunk form (``mixer.CHUNK``); with the L2 prefetch of the next weights
+        (``mixer.L2_NEXT_KB``) and the register cap (``mixer.MAXNREG``) the same bits as without."""
         if not torch.cuda.is_available():
             pytest.skip("no CUDA")
         import functools
@@ -518,6 +519,7 @@ if not CHILD:
         from flarectl.engine.gdn_ops import gdn_mixer_chain
 
         tol = 1e-4 if dtype == torch.float32 else 2e-2
+        knobs = mixer.L2_AT_END, mixer.L2_ROW_BYTES, mixer.MAXNREG
         mixer.NAN_FILL = True
         try:
             # (token block, parallel read-out, chunk form)
@@ -551,9 +553,13 @@ if not CHILD:
                     hinted = _run_mixer(functools.partial(mixer.launch, v_block=v_block, l2_a=w_a, l2_b=w_b,
                                                           l2_kb=9000), a, wc, 16, 16, 128, 128)
                     assert all(torch.equal(u.nan_to_num(), v.nan_to_num()) for u, v in zip(plain, hinted))
+                mixer.MAXNREG = 128  # the register cap: the same code, registers spilled at worst
+                capped = _run_mixer(functools.partial(mixer.launch, v_block=v_block), a, wc, 16, 16, 128, 128)
+                mixer.MAXNREG = knobs[2]
+                assert all(torch.equal(u.nan_to_num(), v.nan_to_num()) for u, v in zip(plain, capped))
         finally:
             mixer.NAN_FILL = False
-            mixer.L2_AT_END, mixer.L2_ROW_BYTES = False, 0
+            mixer.L2_AT_END, mixer.L2_ROW_BYTES, mixer.MAXNREG = knobs
 
     def test_mixer_l2_prefetch_plan(monkeypatch):
         """The mixer's L2 prefetch (``mixer.L2_NEXT_KB``): the lines cover the first KB of out_proj's weight, then of
