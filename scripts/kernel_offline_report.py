@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from flare_kernels.bench.offline_compile import ptxas_report  # noqa: E402
-from flarectl.engine import gemv, norm_gemv  # noqa: E402
+from flarectl.engine import gemv, l2_next, norm_gemv  # noqa: E402
 
 SM_SHARED = 228 * 1024
 SM_REGS = 65536
@@ -49,7 +49,8 @@ def build(kind: str, N: int, K: int, cfg: gemv.Config, pdl: int, pre: int):
     bm = gemv.row_block(16 if kind != "plain" else 8)  # the norm kernels' add: x's rows over the residual's
     stages = gemv.fit_stages(cfg.stages, bm, cfg.bn, cfg.bk, 2, 232448)
     common = dict(BM=bm, BN=cfg.bn, BK=cfg.bk, EVEN_K=split * per == K, EVEN_N=N % cfg.bn == 0, IEEE=False,
-                  UPCAST=False, PDL=pdl, PRE=pre, TRIGGER=0, L2_LINES=0, LINE=64, SPLIT=split)
+                  UPCAST=False, PDL=pdl, PRE=pre, TRIGGER=0, L2_LINES=0, LINE=64, SPLIT=split,
+                  **l2_next.offline_consts(warps=cfg.warps))
     if kind == "plain":
         fn = gemv._kernels()[0]
         consts = dict(common, PARTIAL=False, SWIGLU=False, RESIDUAL=False)
@@ -62,6 +63,7 @@ def build(kind: str, N: int, K: int, cfg: gemv.Config, pdl: int, pre: int):
         types = dict(x="*bf16", res="*bf16", w="*bf16", y="*bf16", h="*bf16", ws="*fp32", counter="*i32", M="i32",
                      N="i32", K="i32", stride_wn="i32", k_per_split="i32", eps="fp32")
         aligned = ["x", "res", "w", "y", "h", "ws", "counter", "K", "stride_wn", "k_per_split"]
+    types.update(l2_next.OFFLINE_TYPES)
     if N % 16 == 0:
         aligned.append("N")
     sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}

@@ -137,6 +137,7 @@ def test_json_records_the_step_paths(tmp_path, monkeypatch):
     assert data["gemv_inline_split"] is None and data["gemv_choices"] == {} and data["gemv_tuned"] == {}
     assert "mixer_token_block" not in data  # no GDN layers
     assert data["pdl"] is False and "pdl_preload_kb" not in data  # PDL needs sm_90+
+    assert data["l2_next_pairs"] == 0 and "l2_next_row_bytes" not in data  # CUDA only
 
 
 def test_tuned_projections_report_the_fastest_candidate_and_its_rate(monkeypatch):

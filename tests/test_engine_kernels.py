@@ -647,6 +647,62 @@ if not CHILD:
         assert SlotBackend(m, 2, 16, fuse=False, prefetch_mb=1).eager.prefetch_mb == 0.0  # unfused: off
         _assert_same_steps(on, off)
 
+    def test_l2_next_layout_and_registry(monkeypatch):
+        """``l2_next``: the lines that cover the first bytes of every row (of every K split the next GEMM last used)
+        within the KB budget; pairs registered in launch order, broken by a None; off on CPU, under the interpreter
+        and with ``ROW_BYTES`` 0 (then the kernels get no prefetch at all)."""
+        from flarectl.engine import l2_next
+
+        a = torch.empty(10, 64, dtype=torch.bfloat16)
+        b = torch.empty(300, 2048, dtype=torch.bfloat16)  # rows of 4096 bytes
+        c = torch.empty(7, 6144, dtype=torch.bfloat16)
+        try:
+            l2_next.clear()
+            assert l2_next.register([a, b, None, c, None]) == 1
+            assert l2_next.register([b, c]) == 1
+            assert l2_next._NEXT[a.data_ptr()][1] is b and l2_next._NEXT[b.data_ptr()][1] is c
+            assert c.data_ptr() not in l2_next._NEXT
+            assert l2_next.layout(b, 512, 8192) == (300 * 4, 4, 4096, 1, 4096)  # 4 lines of 128 a row
+            assert l2_next.layout(b, 512, 64) == (128 * 4, 4, 4096, 1, 4096)  # 64 KB: the first 128 rows
+            assert l2_next.layout(b, 100, 8192) == (300, 1, 4096, 1, 4096)
+            l2_next.note_split(c, 4, 1536)  # down's split-K: every split's first bytes
+            assert l2_next.layout(c, 512, 8192) == (7 * 4 * 4, 4, 12288, 4, 3072)
+            l2_next.note_split(c, 4, 32)  # segments shorter than row_bytes: one segment's worth
+            assert l2_next.layout(c, 512, 8192) == (7 * 4 * 1, 1, 12288, 4, 64)
+            monkeypatch.setattr(l2_next, "ROW_BYTES", 0)
+            assert l2_next.plan(a) == (a, l2_next.OFF)
+            monkeypatch.setattr(l2_next, "ROW_BYTES", 512)
+            assert l2_next.plan(a) == (a, l2_next.OFF)  # CPU tensors
+            args = l2_next.kernel_args(a, 4)
+            assert args["NX"] is False and args["nx"] is a and args["NXB"] == 128
+        finally:
+            l2_next.clear()
+        assert not l2_next._NEXT and not l2_next._SPLITS
+
+    def test_static_step_l2_next_chain_order(monkeypatch):
+        """The projections' prefetch chain: per layer out_proj -> gate|up -> down -> the next layer's input
+        projection (the LM head after the last); never input projection -> out_proj. Registered only on CUDA."""
+        from flarectl.engine import l2_next
+        from flarectl.engine.backends import SlotBackend
+        from flarectl.models.adapter import ATTENTION
+        from flarectl.models.loading import load_model
+
+        m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+        monkeypatch.setattr(l2_next, "ROW_BYTES", 512)
+        step = SlotBackend(m, 2, 16, fuse=True).eager
+        assert step.l2_next_pairs == 0 and not l2_next._NEXT  # CPU: nothing registered
+        registered = []
+        monkeypatch.setattr(l2_next, "register", lambda ws: registered.append(ws) or len(ws) - 1)
+        seq = step._gemm_weights()
+        assert len(seq) == 4 * len(m.layers) + 1 and seq[-1] is m.hf.lm_head.weight
+        for i, kind in enumerate(m.layer_kinds):
+            layer, f = m.layers[i], step.fused[i]
+            out = layer.self_attn.o_proj if kind == ATTENTION else layer.linear_attn.out_proj
+            assert seq[4 * i] is f["w_qkv" if kind == ATTENTION else "w_in"] and seq[4 * i + 1] is out.weight
+            assert seq[4 * i + 2] is f["w_gate_up"] and seq[4 * i + 3] is layer.mlp.down_proj.weight
+        assert step._register_l2_next(force=True) == 3 * len(m.layers)
+        assert registered == [seq[4 * i + 1: 4 * i + 5] for i in range(len(m.layers))]
+
     @pytest.mark.parametrize("lead", [0, 2])
     def test_static_step_state_prefetch_plan_and_values(lead):
         """``prefetch_state``: each GDN layer's whole recurrent state is planned ``lead`` GEMMs before its input
@@ -855,6 +911,43 @@ if not CHILD:
         finally:
             gemv.TUNE_MODE = None
             gemv.NAN_FILL = False
+
+    @pytest.mark.gpu
+    def test_l2_next_on_cuda_gives_the_same_bits(monkeypatch):
+        """The projections' L2 prefetch of the next GEMM's weight rows (``l2_next``), at the programs' start and
+        end, on the chain gate|up (fused norm, SwiGLU) -> down (split-K, both forms) -> the next input projection:
+        each launch's output has the same bits as without it, and it is planned (NX) only for registered weights."""
+        from flarectl.engine import l2_next, norm_gemv
+
+        g = torch.Generator(device="cuda").manual_seed(5)
+        bf = torch.bfloat16
+        x = torch.randn(8, 2048, device="cuda", generator=g).to(bf)
+        r = torch.randn(8, 2048, device="cuda", generator=g).to(bf)
+        w_gu = (torch.randn(12288, 2048, device="cuda", generator=g) / 45).to(bf)
+        w_down = (torch.randn(2048, 6144, device="cuda", generator=g) / 78).to(bf)
+        w_in = (torch.randn(8224, 2048, device="cuda", generator=g) / 45).to(bf)
+
+        def chain():
+            act, h = norm_gemv.launch(x, r, w_gu, 1e-6, True, gemv.Config(32, 128, 1))
+            two = gemv.launch(act, w_down, gemv.Config(32, 128, 4))  # partials + reduce kernel
+            one = gemv.launch_fused(act, w_down, h, False, gemv.Config(32, 128, 4))  # split-K in the kernel
+            y, _ = norm_gemv.launch(two, h, w_in, 1e-6, False, gemv.Config(64, 128, 2))
+            return act, h, two, one, y
+
+        try:
+            l2_next.clear()
+            plain = chain()
+            assert l2_next.register([w_gu, w_down, w_in]) == 2
+            monkeypatch.setattr(l2_next, "ROW_BYTES", 512)
+            assert l2_next.kernel_args(w_gu, 4)["NX"] and l2_next.kernel_args(w_down, 4)["NX"]
+            assert not l2_next.kernel_args(w_in, 4)["NX"]  # nothing registered after it
+            for at_end in (True, False):
+                monkeypatch.setattr(l2_next, "AT_END", at_end)
+                hinted = chain()
+                assert all(torch.equal(u, v) for u, v in zip(plain, hinted)), at_end
+            assert not gemv.arrival_counters(x.device, 1).any()
+        finally:
+            l2_next.clear()
 
     @pytest.mark.gpu
     def test_pdl_depth_on_cuda_matches_twin_in_a_graph(monkeypatch):

@@ -115,11 +115,41 @@ def test_skinny_kernels_compile_for_sm90_pipelined(kernel, pdl, pre, trigger, l2
     the prefetches when asked; and the K loop stays software-pipelined (``cp.async`` stages in shared memory): the
     weight stream's bytes in flight per program, which a loop-carried register look-ahead was found to cost (the
     pipeliner then skips the loop; session 13, docs/perf/engine.md)."""
+    c, regs = _compile_skinny_sm90(kernel, pdl, pre, trigger, l2_lines)
+    ptx = c.asm["ptx"]
+    assert ("griddepcontrol.wait" in ptx) == bool(pdl) and ("griddepcontrol.launch_dependents" in ptx) == bool(pdl)
+    assert ("prefetch.global.L2" in ptx) == (l2_lines > 0)
+    assert "cp.async" in ptx and "async_copy_global_to_local" in c.asm["ttgir"], "the K loop is not pipelined"
+    assert c.metadata.shared >= 2 * 128 * 64 * 2  # at least two stages of weight tiles in shared memory
+    assert c.metadata.shared <= H100_SHARED_BYTES
+    assert regs is None or regs <= 255, regs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["gemv", "norm"])
+@pytest.mark.parametrize("at_end", [False, True])
+def test_skinny_kernels_with_l2_next_compile_for_sm90(kernel, at_end):
+    """With the prefetch of the next GEMM's weight rows (``l2_next``) at the program's start or end, the skinny GEMM
+    and the fused norm projection still compile for sm_90 pipelined, with the prefetches in the PTX and no register
+    spilled; and without it, none in the PTX."""
+    c, regs, spills = _compile_skinny_sm90(kernel, 0, 0, 0, 0, nx=True, nx_end=at_end, spills=True)
+    ptx = c.asm["ptx"]
+    assert "prefetch.global.L2::evict_last" in ptx
+    assert "cp.async" in ptx and "async_copy_global_to_local" in c.asm["ttgir"], "the K loop is not pipelined"
+    assert regs is not None, "ptxas could not report"
+    assert regs <= 255 and spills == 0, (regs, spills)
+    assert "evict_last" not in _compile_skinny_sm90(kernel, 0, 0, 0, 0)[0].asm["ptx"]
+
+
+def _compile_skinny_sm90(kernel, pdl, pre, trigger, l2_lines, nx=False, nx_end=True, spills=False):
+    """The skinny GEMM ('gemv') or the fused norm projection ('norm') at a Qwen3.5-2B AR-step shape (bf16, 64 x 128
+    tiles, 3 stages, split 2 finished in-kernel) compiled for sm_90 as a launch specializes it -> ``_compile_sm90``'s
+    result."""
     pytest.importorskip("triton")
-    from flarectl.engine import gemv, norm_gemv
+    from flarectl.engine import gemv, l2_next, norm_gemv
 
     common = dict(BM=16, BN=64, BK=128, EVEN_K=True, EVEN_N=True, IEEE=False, UPCAST=False, PDL=pdl, PRE=pre,
-                  TRIGGER=trigger, L2_LINES=l2_lines, LINE=64, SPLIT=2)
+                  TRIGGER=trigger, L2_LINES=l2_lines, LINE=64, SPLIT=2, **l2_next.offline_consts(nx, nx_end))
     sizes = ["N", "K", "k_per_split", "stride_wn"]
     if kernel == "gemv":
         fn = gemv._kernels()[0]
@@ -133,14 +163,8 @@ def test_skinny_kernels_compile_for_sm90_pipelined(kernel, pdl, pre, trigger, l2
         types = dict(x="*bf16", res="*bf16", w="*bf16", y="*bf16", h="*bf16", ws="*fp32", counter="*i32", M="i32",
                      N="i32", K="i32", stride_wn="i32", k_per_split="i32", eps="fp32")
         aligned = ["x", "res", "w", "y", "h", "ws", "counter", *sizes]
-    c, regs = _compile_sm90(fn, types, consts, num_warps=4, num_stages=3, aligned=aligned)
-    ptx = c.asm["ptx"]
-    assert ("griddepcontrol.wait" in ptx) == bool(pdl) and ("griddepcontrol.launch_dependents" in ptx) == bool(pdl)
-    assert ("prefetch.global.L2" in ptx) == (l2_lines > 0)
-    assert "cp.async" in ptx and "async_copy_global_to_local" in c.asm["ttgir"], "the K loop is not pipelined"
-    assert c.metadata.shared >= 2 * 128 * 64 * 2  # at least two stages of weight tiles in shared memory
-    assert c.metadata.shared <= H100_SHARED_BYTES
-    assert regs is None or regs <= 255, regs
+    types.update(l2_next.OFFLINE_TYPES)
+    return _compile_sm90(fn, types, consts, num_warps=4, num_stages=3, aligned=aligned + ["nx"], spills=spills)
 
 
 @pytest.mark.slow
@@ -154,12 +178,12 @@ def test_norm_kernel_warps_split_the_columns(add, glu, bn):
     pytest.importorskip("triton")
     import re
 
-    from flarectl.engine import norm_gemv
+    from flarectl.engine import l2_next, norm_gemv
 
     consts = dict(BM=16, BN=bn, BK=128, EVEN_K=True, EVEN_N=True, IEEE=False, UPCAST=False, PDL=0, PRE=0,
-                  TRIGGER=0, L2_LINES=0, LINE=64, SPLIT=1, ADD=add, GLU=glu)
+                  TRIGGER=0, L2_LINES=0, LINE=64, SPLIT=1, ADD=add, GLU=glu, **l2_next.offline_consts())
     types = dict(x="*bf16", res="*bf16", w="*bf16", y="*bf16", h="*bf16", ws="*fp32", counter="*i32", M="i32",
-                 N="i32", K="i32", stride_wn="i32", k_per_split="i32", eps="fp32")
+                 N="i32", K="i32", stride_wn="i32", k_per_split="i32", eps="fp32", **l2_next.OFFLINE_TYPES)
     aligned = ["x", "res", "w", "y", "h", "ws", "counter", "N", "K", "k_per_split", "stride_wn"]
     c, _ = _compile_sm90(norm_gemv._kernel(), types, consts, num_warps=4, num_stages=4, aligned=aligned)
     layouts = set(re.findall(r"nvidia_mma<\{[^}]*warpsPerCTA = (\[[^\]]*\])", c.asm["ttgir"]))

@@ -237,6 +237,12 @@ def step_paths(backend) -> dict:
                 "mixer_maxnreg": mixer.MAXNREG, "mixer_l2_next_kb": mixer.L2_NEXT_KB,
                 "mixer_l2_row_bytes": mixer.L2_ROW_BYTES,
                 "mixer_l2_at": "end" if mixer.L2_AT_END else "start"}
+    out["l2_next_pairs"] = getattr(step, "l2_next_pairs", 0)  # the projections' prefetch of the next weight rows
+    if out["l2_next_pairs"]:
+        from flarectl.engine import l2_next
+
+        out |= {"l2_next_row_bytes": l2_next.ROW_BYTES, "l2_next_kb": l2_next.KB,
+                "l2_next_at": "end" if l2_next.AT_END else "start"}
     out["pdl"] = bool(getattr(step, "pdl", False))  # programmatic dependent launch, and its depth knobs
     if out["pdl"]:
         out |= {"pdl_preload_kb": gemv.PDL_PRELOAD_KB, "pdl_trigger_late": bool(gemv.PDL_TRIGGER_LATE),

@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from flarectl.engine import l2_next
 from flarectl.engine.envs import env_int
 
 MAX_ROWS = env_int("FLARECTL_GEMV_MAX_ROWS", 64, high=64)
@@ -156,15 +157,19 @@ def _kernels():
     # jitted functions resolve the functions they call through their globals (and Triton's interpreter wants
     # triton.language among them when another module's kernel calls these helpers first)
     globals().update(_finish=_finish, _w_tile=_w_tile, _x_tile=_x_tile, _mma=_mma, _l2_prefetch=_l2_prefetch,
-                     tl=tl)
+                     _l2_next_lines=l2_next.lines(), tl=tl)
 
     @triton.jit
     def gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, k_per_split, res, ws, counter, up_off,
+                    nx, n_nx, row_nx, stride_nx, seg_nx, segstride_nx,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                     EVEN_N: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                     SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
-                    PRE: tl.constexpr, TRIGGER: tl.constexpr, L2_LINES: tl.constexpr, LINE: tl.constexpr):
+                    PRE: tl.constexpr, TRIGGER: tl.constexpr, L2_LINES: tl.constexpr, LINE: tl.constexpr,
+                    NX: tl.constexpr, NX_END: tl.constexpr, NXB: tl.constexpr):
         pid_n = tl.program_id(0)
+        if NX and not NX_END:  # the next GEMM's first weight bytes into L2 (``l2_next``; hints)
+            _l2_next_lines(nx, n_nx, row_nx, stride_nx, seg_nx, segstride_nx, 128, NXB)
         pid_s = tl.program_id(1)
         rm = tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
@@ -220,6 +225,8 @@ def _kernels():
                 tl.atomic_xchg(counter + pid_n, 0)
         else:
             _finish(acc, y, res, offs, out_mask, RESIDUAL)
+        if NX and NX_END:
+            _l2_next_lines(nx, n_nx, row_nx, stride_nx, seg_nx, segstride_nx, 128, NXB)
 
     @triton.jit
     def reduce_kernel(ws, y, total, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
@@ -357,7 +364,8 @@ def launch(x: torch.Tensor, w: torch.Tensor, cfg: Config, pdl: bool | None = Non
         return launch_fused(x, w, None, False, cfg, pdl)
     y = _empty((M, N), x.dtype, x.device)
     grid = (-(-N // cfg.bn), split)
-    common = _common(x, N, split * per == K, cfg, pdl)
+    common = _common(x, N, split * per == K, cfg, pdl) | l2_next.kernel_args(w, cfg.warps)
+    l2_next.note_split(w, split, per)
     if split == 1:
         gemv_kernel[grid](x, w, y, M, N, K, x.stride(0), w.stride(0), per, y, y, y, 0, PARTIAL=False, SWIGLU=False, RESIDUAL=False, SPLIT=1,
                           **common)
@@ -399,9 +407,10 @@ def launch_fused(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None
     ws = _empty((split, M, N), torch.float32, x.device) if split > 1 else y
     counter = arrival_counters(x.device, grid[0]) if split > 1 else y
     res = residual.contiguous() if residual is not None else y
+    l2_next.note_split(w, split, per)
     gemv_kernel[grid](x, w, y, M, N, K, x.stride(0), w.stride(0), per, res, ws, counter, K if swiglu else 0,
                       PARTIAL=False, SWIGLU=swiglu, RESIDUAL=residual is not None, SPLIT=split,
-                      **_common(x, N, split * per == K, cfg, pdl))
+                      **_common(x, N, split * per == K, cfg, pdl), **l2_next.kernel_args(w, cfg.warps))
     return y
 
 

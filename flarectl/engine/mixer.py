@@ -33,6 +33,7 @@ import os
 
 import torch
 
+from flarectl.engine import l2_next
 from flarectl.engine.envs import env_int
 
 NAN_FILL = False
@@ -119,7 +120,7 @@ at import; 0, the default: a contiguous prefix of the weight instead). A program
 rows from K = 0, so the rows' first bytes are what every program waits for first: at 512 (two K tiles of 128
 bf16) that is 6 MB for the Qwen3.5-2B gate|up (12288 rows)."""
 
-L2_LINE = 128
+L2_LINE = l2_next.LINE
 """Bytes per prefetched line."""
 
 V_BLOCK_MULTI: int | None = env_int("FLARECTL_MIXER_V_BLOCK_MULTI", None, high=1024, power_of_two=True)
@@ -251,20 +252,6 @@ def _kernel():
         return y * (z / (1.0 + tl.exp(-z)))
 
     @triton.jit
-    def _l2_lines(base, n, per_row, row_stride, LINE: tl.constexpr, LB: tl.constexpr):
-        # this program's share of n LINE-byte lines into L2 (a hint): line i at byte
-        # (i // per_row) * row_stride + (i % per_row) * LINE from ``base`` (the first per_row lines of each row)
-        per = tl.cdiv(n, tl.num_programs(0))
-        start = tl.program_id(0) * per
-        end = tl.minimum(start + per, n)
-        p = base.to(tl.pointer_type(tl.int8), bitcast=True)
-        for i in range(start, end, LB):
-            idx = tl.minimum(i + tl.arange(0, LB), end - 1)
-            off = (idx // per_row).to(tl.int64) * row_stride + (idx % per_row).to(tl.int64) * LINE
-            tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l",
-                                      [p + off], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _row(tile, sel):
         # row ``sel`` ([TB] one-hot) of a [TB, B] register tile, as [B] (exact: the other rows add zeros)
         return tl.sum(tl.where(sel[:, None], tile, 0.0), 0)
@@ -274,7 +261,7 @@ def _kernel():
                      _gated_norm=_gated_norm,
                      _conv_silu_tokens=_conv_silu_tokens, _conv_silu_rows=_conv_silu_rows, _token_inputs=_token_inputs,
                      _token_gates=_token_gates,
-                     _gated_norm_rows=_gated_norm_rows, _row=_row, _l2_lines=_l2_lines)
+                     _gated_norm_rows=_gated_norm_rows, _row=_row, _l2_lines=l2_next.lines())
 
     @triton.jit
     def gdn_mixer_kernel(proj, cw, cb, A_log, dt_bias, nw, out, state, last, wstart, conv, lconv, counts, seen,
@@ -306,8 +293,8 @@ def _kernel():
         if not CHUNK:  # (the chunk form reads the state in KC-row slices, twice)
             h = tl.load(state + off_h, mask=mask_h, other=0.0).to(tl.float32)
         if L2 and not L2_END:  # the next GEMMs' weights into L2 while this launch runs (``L2_NEXT_KB``)
-            _l2_lines(l2a, n_l2a, n_l2a, 0, LINE, L2B)
-            _l2_lines(l2b, n_l2b, row_l2b, stride_l2b, LINE, L2B)
+            _l2_lines(l2a, n_l2a, n_l2a, 0, 1, 0, LINE, L2B)
+            _l2_lines(l2b, n_l2b, row_l2b, stride_l2b, 1, 0, LINE, L2B)
         if PDL:  # the state is no output of the previous kernel (the projection): loaded, now wait for that kernel
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -510,8 +497,8 @@ def _kernel():
                     _store_conv_context(conv_row, lconv_row, ch_k, mask_k, left_k, flag, S, BS)
                 tl.atomic_xchg(counter + i_nh, 0)  # ready for the next launch
         if L2 and L2_END:
-            _l2_lines(l2a, n_l2a, n_l2a, 0, LINE, L2B)
-            _l2_lines(l2b, n_l2b, row_l2b, stride_l2b, LINE, L2B)
+            _l2_lines(l2a, n_l2a, n_l2a, 0, 1, 0, LINE, L2B)
+            _l2_lines(l2b, n_l2b, row_l2b, stride_l2b, 1, 0, LINE, L2B)
 
     _KERNEL = gdn_mixer_kernel
     return _KERNEL

@@ -39,7 +39,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from flarectl.engine import gemv
+from flarectl.engine import gemv, l2_next
 from flarectl.engine.envs import env_int
 
 FUSE_NORM_DEFAULT = True
@@ -206,14 +206,18 @@ def _kernel():
         return tl.load(p_a, mask=a_ok & k_ok[None, :], other=0.0)
 
     globals().update(_norm_finish=_norm_finish, _halves=_halves, _a_tile=_a_tile, _w_tile=_w_tile, _mma=_mma,
-                     _l2_prefetch=_l2_prefetch, tl=tl)
+                     _l2_prefetch=_l2_prefetch, _l2_next_lines=l2_next.lines(), tl=tl)
 
     @triton.jit
     def norm_gemv_kernel(x, res, w, y, h, ws, counter, M, N, K, stride_wn, k_per_split, eps,
+                         nx, n_nx, row_nx, stride_nx, seg_nx, segstride_nx,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                          EVEN_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ADD: tl.constexpr,
                          GLU: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr, PRE: tl.constexpr,
-                         TRIGGER: tl.constexpr, L2_LINES: tl.constexpr, LINE: tl.constexpr):
+                         TRIGGER: tl.constexpr, L2_LINES: tl.constexpr, LINE: tl.constexpr,
+                         NX: tl.constexpr, NX_END: tl.constexpr, NXB: tl.constexpr):
+        if NX and not NX_END:  # the next GEMM's first weight bytes into L2 (``l2_next``; hints)
+            _l2_next_lines(nx, n_nx, row_nx, stride_nx, seg_nx, segstride_nx, 128, NXB)
         # The A tile's rows are x's (ADD: x's in the top half, the residual's in the bottom half), loaded straight
         # into the dots (computed operands would cost the loads their pipelining): acc = A @ W^T (ADD: the halves
         # summed, (x + r) @ W^T), and the Gram matrix A @ A^T on the tensor cores gives the rows' sums of squares
@@ -313,6 +317,8 @@ def _kernel():
                     ss += tl.load(p_ss + s * M, mask=rm < M, other=0.0, cache_modifier=".cg")
                 _norm_finish(acc_y, ss, K, eps, y, pid_n, M, N, R, BN, GLU)
                 tl.atomic_xchg(counter + pid_n, 0)
+        if NX and NX_END:
+            _l2_next_lines(nx, n_nx, row_nx, stride_nx, seg_nx, segstride_nx, 128, NXB)
 
     _KERNEL = norm_gemv_kernel
     return _KERNEL
@@ -339,8 +345,10 @@ def launch(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps:
     res = residual.contiguous() if residual is not None else x
     bm = gemv.row_block(2 * M if residual is not None else M)  # ADD: x's rows on top, the residual's below
     common = gemv._common(x, N, split * per == K, cfg, pdl, bm=bm)
+    l2_next.note_split(w, split, per)
     kernel[(blocks, split)](x, res, w, y, h if residual is not None else x, ws, counter, M, N, K, w.stride(0), per,
-                            float(eps), ADD=residual is not None, GLU=glu, SPLIT=split, **common)
+                            float(eps), ADD=residual is not None, GLU=glu, SPLIT=split, **common,
+                            **l2_next.kernel_args(w, cfg.warps))
     return y, h
 
 

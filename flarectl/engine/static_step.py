@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from flarectl.engine.gemv import (fused_applies, linear, module_linear, plain_weight, resolve_fuse_down, resolve_gemv,
                                   skinny_linear_fused, use_pdl)
 from flarectl.engine.gemv import tune_mode as gemv_tune_mode
-from flarectl.engine import layer_chain, mixer, norm_gemv
+from flarectl.engine import l2_next, layer_chain, mixer, norm_gemv
 from flarectl.engine.attention import attention_mask, decode_attention, write_clean_slots
 from flarectl.engine.attention_core import attention_core
 from flarectl.engine.attention_core import resolve as resolve_attn_core
@@ -437,6 +437,7 @@ class StaticStep:
         self._chain_failures = layer_chain_failures(dev) if self.layer_chain else 0
         self._plan_prefetch(resolve_prefetch(prefetch_mb, dev), prefetch_method or DEFAULT_PREFETCH_METHOD,
                             *resolve_prefetch_state(prefetch_state, prefetch_state_lead, dev))
+        self.l2_next_pairs = self._register_l2_next()
         self._set_fns()
         self._shapes: set[tuple] = set()
 
@@ -509,6 +510,31 @@ class StaticStep:
             key = "w_qkv" if i + 1 < n and self.model.layer_kinds[i + 1] == ATTENTION else "w_in"
             f["chain"] = (nxt[key], nxt["eps_in"]) if nxt.get("eps_in") is not None else (None, 0.0)
 
+    def _gemm_weights(self) -> list[torch.Tensor | None]:
+        """The weights the step's GEMMs read, in launch order: per layer its input projection (fused), out_proj /
+        o_proj, gate|up (fused), down; the LM head last (None where a weight is not a plain tensor of the step)."""
+        seq = []
+        for i, (kind, layer) in enumerate(zip(self.model.layer_kinds, self.model.layers)):
+            f = self.fused.get(i, {})
+            out = layer.self_attn.o_proj if kind == ATTENTION else layer.linear_attn.out_proj
+            seq += [f.get("w_qkv" if kind == ATTENTION else "w_in"), plain_weight(out), f.get("w_gate_up"),
+                    plain_weight(getattr(layer.mlp, "down_proj", None))]
+        seq.append(plain_weight(self.model.hf.lm_head))
+        return seq
+
+    def _register_l2_next(self, force: bool = False) -> int:
+        """With ``l2_next.ROW_BYTES`` on CUDA (``force``: on any device, tests): register, for the projection
+        kernels' L2 prefetch of the next GEMM's weight rows, out_proj -> gate|up -> down -> the next layer's input
+        projection (the LM head after the last); not input projection -> out_proj (the mixer or attention runs
+        between; the mixer prefetches for out_proj itself, ``mixer.L2_NEXT_KB``). Returns the pairs registered."""
+        if not force and (not l2_next.ROW_BYTES or self.cache.lengths.device.type != "cuda"):
+            return 0
+        seq = self._gemm_weights()
+        pairs = 0
+        for g in range(0, len(seq) - 1, 4):
+            pairs += l2_next.register([seq[g + 1], seq[g + 2], seq[g + 3], seq[g + 4]])
+        return pairs
+
     def _plan_prefetch(self, mb: float, method: str, state_method: str = "", state_lead: int = 0) -> None:
         """What each GEMM forks onto the side stream before it runs (``_pf``), per layer and GEMM (input projection,
         out_proj/o_proj, gate|up, down):
@@ -534,13 +560,7 @@ class StaticStep:
         layers = len(self.model.layers)
         before: list[list[tuple]] = [[] for _ in range(4 * layers)]  # before GEMM 4 * layer + j
         first: list[tuple] = []
-        seq = []
-        for i, (kind, layer) in enumerate(zip(self.model.layer_kinds, self.model.layers)):
-            f = self.fused.get(i, {})
-            out = layer.self_attn.o_proj if kind == ATTENTION else layer.linear_attn.out_proj
-            seq += [f.get("w_qkv" if kind == ATTENTION else "w_in"), plain_weight(out), f.get("w_gate_up"),
-                    plain_weight(getattr(layer.mlp, "down_proj", None))]
-        seq.append(plain_weight(self.model.hf.lm_head))
+        seq = self._gemm_weights()
         if mb > 0 and all(w is not None and w.is_contiguous() for w in seq):
             views = prefetch.plan(seq, int(mb * 2**20))
             grid = PREFETCH_GRID[method]

@@ -1,0 +1,142 @@
+"""L2 prefetch of the next GEMM's weights from inside the kernel that runs before it (issue 6): hints, no values.
+
+At M = 8 every projection launch of a decode step pays ~1 us of launch gap, 1.5-3.3 us before its first weight tiles
+arrive and 0.5-2.3 us of tail (H100, session 8's launch anatomy, docs/perf/engine.md), ~4 us a launch over its
+bytes at copy bandwidth. Each program of a GEMM streams its rows of the weight from K = 0 (from each split's first K
+with split-K), so the first bytes of every row (of every split) are what the whole next launch waits for first. Here
+the launch before it issues ``prefetch.global.L2::evict_last`` for them, each program its share of the 128-byte
+lines, one line per thread and instruction, at its start or (the default) once its own work is stored, when the
+memory is idle in its tail, the launch gap and the split-K reduce. Nothing waits on a prefetch and no value changes.
+
+* ``ROW_BYTES`` (env ``FLARECTL_ENGINE_L2_NEXT_ROW_BYTES``, read at import; 0, the default: off): bytes of each row
+  (of each split) of the next weight; ``KB`` (``FLARECTL_ENGINE_L2_NEXT_KB``): at most this much per launch, rows
+  in order; ``AT_END`` (``FLARECTL_ENGINE_L2_NEXT_AT`` = 'end' | 'start').
+* Which weight follows which: ``register`` (``StaticStep`` at build: gate|up -> down, down -> the next layer's input
+  projection or the LM head, out_proj -> gate|up), looked up by the launching kernel (``plan``) from the weight it
+  reads, so the projections' ops keep their signatures. The splits of the next weight's GEMM are those its last
+  launch used (``note_split``); before any, its first split only.
+* ``lines`` is the jitted helper the kernels call (the GDN mixer's prefetch of out_proj and gate|up uses it too,
+  ``mixer.L2_NEXT_KB``).
+
+Off under Triton's interpreter (no inline PTX there) and off CUDA. Untimed on a GPU, so off by default.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from flarectl.engine.envs import env_int
+
+LINE = 128
+"""Bytes per prefetched line."""
+
+ROW_BYTES: int = env_int("FLARECTL_ENGINE_L2_NEXT_ROW_BYTES", 0, low=0, high=1 << 16)
+"""Bytes of every row (of every split) of the next GEMM's weight a projection launch prefetches (0: off)."""
+
+KB: int = env_int("FLARECTL_ENGINE_L2_NEXT_KB", 8192, low=1, high=1 << 20)
+"""At most this many KB per launch (rows in order): the LM head's 248,320 rows x 512 bytes would be 121 MB."""
+
+AT_END = os.environ.get("FLARECTL_ENGINE_L2_NEXT_AT", "end").strip().lower() != "start"
+"""Issue the prefetches once the program's own results are stored (True) or as it starts."""
+
+_NEXT: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+"""data_ptr of a weight -> (that weight, the next GEMM's weight): both held, so no address is reused while
+registered."""
+_SPLITS: dict[int, tuple[int, int]] = {}
+
+OFF = (0, 1, 0, 1, 0)
+"""``plan``'s line layout when nothing is prefetched: (lines, per_row, row_stride, segments, segment_stride)."""
+
+
+def register(weights: list[torch.Tensor | None]) -> int:
+    """The weights of consecutive GEMMs, in launch order: each one's launch will prefetch the next one's rows
+    (a None breaks the chain). Returns the pairs registered."""
+    pairs = 0
+    for a, b in zip(weights, weights[1:]):
+        if a is not None and b is not None and b.dim() == 2 and b.stride(1) == 1:
+            _NEXT[a.data_ptr()] = (a, b)
+            pairs += 1
+    return pairs
+
+
+def clear() -> None:
+    """Forget every registered pair and split."""
+    _NEXT.clear()
+    _SPLITS.clear()
+
+
+def note_split(w: torch.Tensor, split: int, per: int) -> None:
+    """The K splits (``split`` of ``per`` elements) the last launch over ``w`` used."""
+    _SPLITS[w.data_ptr()] = (split, per)
+
+
+def layout(nxt: torch.Tensor, row_bytes: int, kb: int) -> tuple[int, int, int, int, int]:
+    """(lines, lines per row segment, row stride, segments per row, segment stride), strides in bytes: the first
+    ``row_bytes`` of each of ``nxt``'s rows (of each K split its GEMM last used), rows in order while ``kb`` KB
+    last."""
+    elem = nxt.element_size()
+    row_stride = nxt.stride(0) * elem
+    split, per = _SPLITS.get(nxt.data_ptr(), (1, nxt.shape[1]))
+    seg_stride = per * elem
+    per_row = -(-min(row_bytes, seg_stride, nxt.shape[1] * elem) // LINE)
+    rows = min(nxt.shape[0], kb * 1024 // (per_row * split * LINE))
+    return rows * per_row * split, per_row, row_stride, split, seg_stride
+
+
+def plan(w: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int, int]]:
+    """(the tensor to prefetch from, its line layout) for a launch over ``w``: the registered next weight, or
+    (``w``, ``OFF``) when off, not registered, off CUDA or interpreted."""
+    entry = _NEXT.get(w.data_ptr()) if ROW_BYTES else None
+    if entry is None or entry[0].shape != w.shape or not w.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return w, OFF
+    return entry[1], layout(entry[1], ROW_BYTES, KB)
+
+
+def kernel_args(w: torch.Tensor, warps: int) -> dict:
+    """The prefetch's kernel arguments for a launch over ``w`` with ``warps`` warps (the kernels' ``nx*`` and
+    ``NX*`` parameters)."""
+    nxt, (n, per_row, row_stride, segs, seg_stride) = plan(w)
+    return dict(nx=nxt, n_nx=n, row_nx=per_row, stride_nx=row_stride, seg_nx=segs, segstride_nx=seg_stride,
+                NX=n > 0, NX_END=AT_END, NXB=32 * warps)
+
+
+OFFLINE_TYPES = dict(nx="*bf16", n_nx="i32", row_nx="i32", stride_nx="i32", seg_nx="i32", segstride_nx="i32")
+"""The prefetch's runtime arguments as Triton signature types (offline compiles of the projection kernels)."""
+
+
+def offline_consts(on: bool = False, at_end: bool = True, warps: int = 4) -> dict:
+    """The prefetch's constexprs for an offline compile of a projection kernel."""
+    return dict(NX=on, NX_END=at_end, NXB=32 * warps)
+
+
+_LINES = None
+
+
+def lines():
+    """The jitted helper ``lines(base, n, per_row, row_stride, segs, seg_stride, LINE, LB)``: this program's share
+    of n LINE-byte lines into L2, line i at byte r * row_stride + s * seg_stride + c * LINE from ``base`` with
+    (r, s, c) = i's row, segment and line within the segment (``per_row`` lines a segment, ``segs`` a row)."""
+    global _LINES
+    if _LINES is not None:
+        return _LINES
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def l2_lines(base, n, per_row, row_stride, segs, seg_stride, LINE: tl.constexpr, LB: tl.constexpr):
+        per = tl.cdiv(n, tl.num_programs(0) * tl.num_programs(1))
+        start = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * per
+        end = tl.minimum(start + per, n)
+        p = base.to(tl.pointer_type(tl.int8), bitcast=True)
+        for i in range(start, end, LB):
+            idx = tl.minimum(i + tl.arange(0, LB), end - 1)
+            seg = idx // per_row
+            off = ((seg // segs).to(tl.int64) * row_stride + (seg % segs).to(tl.int64) * seg_stride
+                   + (idx % per_row).to(tl.int64) * LINE)
+            tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l",
+                                      [p + off], dtype=tl.int32, is_pure=False, pack=1)
+
+    _LINES = l2_lines
+    return _LINES
