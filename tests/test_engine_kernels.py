@@ -1130,6 +1130,46 @@ else:
     CONFIGS = [gemv.Config(16, 16, 1), gemv.Config(32, 32, 1), gemv.Config(16, 32, 3), gemv.Config(32, 16, 4),
                gemv.Config(64, 64, 2)]
 
+    @pytest.mark.parametrize("grid", [(1,), (7,), (5, 3), (300,)])
+    def test_l2_next_lines_cover_the_rows_first_bytes(grid):
+        """The prefetch's walk (``l2_next.l2_lines``' arithmetic, run as ``record_kernel`` in the interpreter): on
+        any grid, every planned line is reached exactly once, and the lines are exactly the first ``row_bytes`` of
+        each row of each K split within the budget, inside the tensor (a last split shorter than the others
+        included), or the whole contiguous tensor (the mixer's out_proj weight)."""
+        from flarectl.engine import gemv as gemv_mod
+        from flarectl.engine import l2_next
+
+        def expected(rows, k_bytes, row_stride, split, per_bytes, row_bytes):
+            out = []
+            for r in range(rows):
+                for sp in range(split):
+                    seg_len = min(per_bytes, k_bytes - sp * per_bytes)
+                    first = min(row_bytes, seg_len)
+                    out += [r * row_stride + sp * per_bytes + c for c in range(0, first, l2_next.LINE)]
+            return out
+
+        try:
+            w = torch.empty(37, 1000, dtype=torch.bfloat16)  # rows of 2000 bytes
+            for split_k, row_bytes, kb in [(None, 512, 8192), (None, 100, 8192), ((3, 352), 300, 8192),
+                                           ((3, 352), 1000, 8192), ((2, 512), 256, 20)]:
+                l2_next.clear()
+                if split_k:
+                    l2_next.note_split(w, *split_k)
+                lay = l2_next.layout(w, row_bytes, kb)
+                got = l2_next.record_offsets(lay, grid).tolist()
+                split, per = split_k or (1, 1000)
+                rows = lay[0] // (lay[1] * lay[3])
+                want = expected(rows, 2000, 2000, split, per * 2, lay[1] * l2_next.LINE)
+                assert got == want, (split_k, row_bytes, kb)
+                assert max(got) < w.numel() * 2 and rows == min(37, kb * 1024 // (lay[1] * split * 128))
+                if split_k == (3, 352):  # the last split: 1000 - 704 = 296 elements, 592 bytes
+                    assert gemv_mod.split_plan(1000, 32, 3)[0] == 3
+            n = -(-w.numel() * 2 // l2_next.LINE)  # the mixer's contiguous form: per_row = n, stride 0
+            got = l2_next.record_offsets((n, n, 0, 1, 0), grid).tolist()
+            assert got == list(range(0, w.numel() * 2, l2_next.LINE))
+        finally:
+            l2_next.clear()
+
     @pytest.mark.parametrize("M,N,K", SHAPES)
     def test_kernel_matches_twin(M, N, K):
         """Every config (one pass and split-K, even and ragged N/K) == the fp64 product, bf16 and fp32 inputs."""

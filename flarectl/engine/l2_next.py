@@ -80,7 +80,8 @@ def layout(nxt: torch.Tensor, row_bytes: int, kb: int) -> tuple[int, int, int, i
     row_stride = nxt.stride(0) * elem
     split, per = _SPLITS.get(nxt.data_ptr(), (1, nxt.shape[1]))
     seg_stride = per * elem
-    per_row = -(-min(row_bytes, seg_stride, nxt.shape[1] * elem) // LINE)
+    last = (nxt.shape[1] - (split - 1) * per) * elem  # the last split may be shorter: no line past a row's end
+    per_row = -(-min(row_bytes, seg_stride, last) // LINE)
     rows = min(nxt.shape[0], kb * 1024 // (per_row * split * LINE))
     return rows * per_row * split, per_row, row_stride, split, seg_stride
 
@@ -125,18 +126,52 @@ def lines():
     import triton.language as tl
 
     @triton.jit
-    def l2_lines(base, n, per_row, row_stride, segs, seg_stride, LINE: tl.constexpr, LB: tl.constexpr):
+    def line_share(n):
+        # [start, end) of the n lines for this program (programs of a 1-D or 2-D grid in order)
         per = tl.cdiv(n, tl.num_programs(0) * tl.num_programs(1))
         start = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * per
-        end = tl.minimum(start + per, n)
+        return start, tl.minimum(start + per, n)
+
+    @triton.jit
+    def line_offset(idx, per_row, row_stride, segs, seg_stride, LINE: tl.constexpr):
+        # byte offset of line idx: its row, its segment in the row, its line in the segment
+        seg = idx // per_row
+        return ((seg // segs).to(tl.int64) * row_stride + (seg % segs).to(tl.int64) * seg_stride
+                + (idx % per_row).to(tl.int64) * LINE)
+
+    globals().update(line_share=line_share, line_offset=line_offset)
+
+    @triton.jit
+    def l2_lines(base, n, per_row, row_stride, segs, seg_stride, LINE: tl.constexpr, LB: tl.constexpr):
+        start, end = line_share(n)
         p = base.to(tl.pointer_type(tl.int8), bitcast=True)
         for i in range(start, end, LB):
-            idx = tl.minimum(i + tl.arange(0, LB), end - 1)
-            seg = idx // per_row
-            off = ((seg // segs).to(tl.int64) * row_stride + (seg % segs).to(tl.int64) * seg_stride
-                   + (idx % per_row).to(tl.int64) * LINE)
+            off = line_offset(tl.minimum(i + tl.arange(0, LB), end - 1), per_row, row_stride, segs, seg_stride, LINE)
             tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l",
                                       [p + off], dtype=tl.int32, is_pure=False, pack=1)
 
+    @triton.jit
+    def record_kernel(out, n, per_row, row_stride, segs, seg_stride, LINE: tl.constexpr, LB: tl.constexpr):
+        # tests: l2_lines' walk with each line's byte offset stored at out[line] instead of prefetched
+        start, end = line_share(n)
+        for i in range(start, end, LB):
+            idx = tl.minimum(i + tl.arange(0, LB), end - 1)
+            tl.store(out + idx, line_offset(idx, per_row, row_stride, segs, seg_stride, LINE))
+
     _LINES = l2_lines
+    global _RECORD
+    _RECORD = record_kernel
     return _LINES
+
+
+_RECORD = None
+
+
+def record_offsets(layout_: tuple[int, int, int, int, int], grid: tuple[int, ...], lb: int = 128) -> torch.Tensor:
+    """Tests (Triton's interpreter): the byte offsets ``l2_lines`` would prefetch for a line layout (``layout``'s
+    tuple) on ``grid`` programs, one per line in line order (-1 where no program reached it)."""
+    lines()
+    n, per_row, row_stride, segs, seg_stride = layout_
+    out = torch.full((max(n, 1),), -1, dtype=torch.int64)
+    _RECORD[grid](out, n, per_row, row_stride, segs, seg_stride, LINE=LINE, LB=lb)
+    return out[:n]
