@@ -669,6 +669,11 @@ if not CHILD:
             assert l2_next.layout(c, 512, 8192) == (7 * 4 * 4, 4, 12288, 4, 3072)
             l2_next.note_split(c, 4, 32)  # segments shorter than row_bytes: one segment's worth
             assert l2_next.layout(c, 512, 8192) == (7 * 4 * 1, 1, 12288, 4, 64)
+            state = torch.empty(3, 4, 100, dtype=torch.float32)  # 4,800 bytes
+            assert l2_next.register_whole(a, state) == 1 and l2_next.register_whole(a, state.transpose(1, 2)) == 0
+            assert l2_next._WHOLE[a.data_ptr()][1] is state
+            assert l2_next.whole_layout(state, 8192) == (38, 38, 0, 1, 0)  # 4,800 bytes: 38 lines of 128
+            assert l2_next.whole_layout(state, 1) == (8, 8, 0, 1, 0)
             monkeypatch.setattr(l2_next, "ROW_BYTES", 0)
             assert l2_next.plan(a) == (a, l2_next.OFF)
             monkeypatch.setattr(l2_next, "ROW_BYTES", 512)
@@ -677,7 +682,7 @@ if not CHILD:
             assert args["NX"] is False and args["nx"] is a and args["NXB"] == 128
         finally:
             l2_next.clear()
-        assert not l2_next._NEXT and not l2_next._SPLITS
+        assert not l2_next._NEXT and not l2_next._SPLITS and not l2_next._WHOLE
 
     def test_static_step_l2_next_chain_order(monkeypatch):
         """The projections' prefetch chain: per layer out_proj -> gate|up -> down -> the next layer's input
@@ -691,8 +696,9 @@ if not CHILD:
         monkeypatch.setattr(l2_next, "ROW_BYTES", 512)
         step = SlotBackend(m, 2, 16, fuse=True).eager
         assert step.l2_next_pairs == 0 and not l2_next._NEXT  # CPU: nothing registered
-        registered = []
+        registered, whole = [], []
         monkeypatch.setattr(l2_next, "register", lambda ws: registered.append(ws) or len(ws) - 1)
+        monkeypatch.setattr(l2_next, "register_whole", lambda w, t: whole.append((w, t)) or 1)
         seq = step._gemm_weights()
         assert len(seq) == 4 * len(m.layers) + 1 and seq[-1] is m.hf.lm_head.weight
         for i, kind in enumerate(m.layer_kinds):
@@ -700,8 +706,11 @@ if not CHILD:
             out = layer.self_attn.o_proj if kind == ATTENTION else layer.linear_attn.out_proj
             assert seq[4 * i] is f["w_qkv" if kind == ATTENTION else "w_in"] and seq[4 * i + 1] is out.weight
             assert seq[4 * i + 2] is f["w_gate_up"] and seq[4 * i + 3] is layer.mlp.down_proj.weight
-        assert step._register_l2_next(force=True) == 3 * len(m.layers)
+        gdn = sorted(step.cache.gdn)
+        assert gdn and step._register_l2_next(force=True) == 3 * len(m.layers) + len(gdn)
         assert registered == [seq[4 * i + 1: 4 * i + 5] for i in range(len(m.layers))]
+        # each GDN layer's input projection -> the state its mixer reads next
+        assert [(w is seq[4 * i], t is step.cache.gdn[i].state) for (w, t), i in zip(whole, gdn)] == [(True, True)] * len(gdn)
 
     @pytest.mark.parametrize("lead", [0, 2])
     def test_static_step_state_prefetch_plan_and_values(lead):
@@ -915,8 +924,9 @@ if not CHILD:
     @pytest.mark.gpu
     def test_l2_next_on_cuda_gives_the_same_bits(monkeypatch):
         """The projections' L2 prefetch of the next GEMM's weight rows (``l2_next``), at the programs' start and
-        end, on the chain gate|up (fused norm, SwiGLU) -> down (split-K, both forms) -> the next input projection:
-        each launch's output has the same bits as without it, and it is planned (NX) only for registered weights."""
+        end, on the chain gate|up (fused norm, SwiGLU) -> down (split-K, both forms) -> the next input projection,
+        which prefetches a GDN state (``STATE``): each launch's output has the same bits as without it, and it is
+        planned (NX) only for registered weights."""
         from flarectl.engine import l2_next, norm_gemv
 
         g = torch.Generator(device="cuda").manual_seed(5)
@@ -941,6 +951,10 @@ if not CHILD:
             monkeypatch.setattr(l2_next, "ROW_BYTES", 512)
             assert l2_next.kernel_args(w_gu, 4)["NX"] and l2_next.kernel_args(w_down, 4)["NX"]
             assert not l2_next.kernel_args(w_in, 4)["NX"]  # nothing registered after it
+            state = torch.randn(8, 16, 128, 128, device="cuda", generator=g)  # a GDN state (8 MB)
+            assert l2_next.register_whole(w_in, state) == 1
+            monkeypatch.setattr(l2_next, "STATE", True)
+            assert l2_next.kernel_args(w_in, 4)["nx"] is state
             for at_end in (True, False):
                 monkeypatch.setattr(l2_next, "AT_END", at_end)
                 hinted = chain()

@@ -241,7 +241,7 @@ def step_paths(backend) -> dict:
     if out["l2_next_pairs"]:
         from flarectl.engine import l2_next
 
-        out |= {"l2_next_row_bytes": l2_next.ROW_BYTES, "l2_next_kb": l2_next.KB,
+        out |= {"l2_next_row_bytes": l2_next.ROW_BYTES, "l2_next_state": l2_next.STATE, "l2_next_kb": l2_next.KB,
                 "l2_next_at": "end" if l2_next.AT_END else "start"}
     out["pdl"] = bool(getattr(step, "pdl", False))  # programmatic dependent launch, and its depth knobs
     if out["pdl"]:

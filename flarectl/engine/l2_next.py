@@ -15,6 +15,8 @@ memory is idle in its tail, the launch gap and the split-K reduce. Nothing waits
   projection or the LM head, out_proj -> gate|up), looked up by the launching kernel (``plan``) from the weight it
   reads, so the projections' ops keep their signatures. The splits of the next weight's GEMM are those its last
   launch used (``note_split``); before any, its first split only.
+* ``STATE`` (env ``FLARECTL_ENGINE_L2_NEXT_STATE=1``): each GDN layer's input projection also prefetches the
+  layer's recurrent state, which the mixer reads next (``register_whole``).
 * ``lines`` is the jitted helper the kernels call (the GDN mixer's prefetch of out_proj and gate|up uses it too,
   ``mixer.L2_NEXT_KB``).
 
@@ -41,10 +43,18 @@ KB: int = env_int("FLARECTL_ENGINE_L2_NEXT_KB", 8192, low=1, high=1 << 20)
 AT_END = os.environ.get("FLARECTL_ENGINE_L2_NEXT_AT", "end").strip().lower() != "start"
 """Issue the prefetches once the program's own results are stored (True) or as it starts."""
 
+STATE = os.environ.get("FLARECTL_ENGINE_L2_NEXT_STATE", "0").strip().lower() in ("1", "true", "yes", "on")
+"""Each GDN layer's input projection also prefetches the layer's recurrent state (at most ``KB``), which the
+mixer reads right after it (env ``FLARECTL_ENGINE_L2_NEXT_STATE=1``; off). The mixer reads its 8.4 MB (C = 8) at
+~1.3 TB/s; session 18's side-stream state prefetch cost 0.11-0.13 ms, but it ran beside the projection, not in
+its tail."""
+
 _NEXT: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 """data_ptr of a weight -> (that weight, the next GEMM's weight): both held, so no address is reused while
 registered."""
 _SPLITS: dict[int, tuple[int, int]] = {}
+_WHOLE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+"""data_ptr of a weight -> (that weight, a contiguous tensor its launch prefetches from the start: a GDN state)."""
 
 OFF = (0, 1, 0, 1, 0)
 """``plan``'s line layout when nothing is prefetched: (lines, per_row, row_stride, segments, segment_stride)."""
@@ -61,9 +71,19 @@ def register(weights: list[torch.Tensor | None]) -> int:
     return pairs
 
 
+def register_whole(w: torch.Tensor, t: torch.Tensor) -> int:
+    """A launch over ``w`` will prefetch ``t`` (contiguous) from its start, at most ``KB``. Returns 1 (0 if ``t`` is
+    not contiguous)."""
+    if not t.is_contiguous():
+        return 0
+    _WHOLE[w.data_ptr()] = (w, t)
+    return 1
+
+
 def clear() -> None:
-    """Forget every registered pair and split."""
+    """Forget every registered pair, whole tensor and split."""
     _NEXT.clear()
+    _WHOLE.clear()
     _SPLITS.clear()
 
 
@@ -86,13 +106,25 @@ def layout(nxt: torch.Tensor, row_bytes: int, kb: int) -> tuple[int, int, int, i
     return rows * per_row * split, per_row, row_stride, split, seg_stride
 
 
+def whole_layout(t: torch.Tensor, kb: int) -> tuple[int, int, int, int, int]:
+    """The line layout of ``t``'s first ``kb`` KB (all of it at most), contiguous: one row of lines."""
+    n = -(-min(t.numel() * t.element_size(), kb * 1024) // LINE)
+    return n, max(n, 1), 0, 1, 0
+
+
 def plan(w: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int, int]]:
-    """(the tensor to prefetch from, its line layout) for a launch over ``w``: the registered next weight, or
-    (``w``, ``OFF``) when off, not registered, off CUDA or interpreted."""
-    entry = _NEXT.get(w.data_ptr()) if ROW_BYTES else None
-    if entry is None or entry[0].shape != w.shape or not w.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    """(the tensor to prefetch from, its line layout) for a launch over ``w``: the registered next weight's row
+    prefixes (``ROW_BYTES``), else the registered whole tensor (``STATE``), else (``w``, ``OFF``): also when off
+    CUDA or interpreted."""
+    if not w.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return w, OFF
-    return entry[1], layout(entry[1], ROW_BYTES, KB)
+    entry = _NEXT.get(w.data_ptr()) if ROW_BYTES else None
+    if entry is not None and entry[0].shape == w.shape:
+        return entry[1], layout(entry[1], ROW_BYTES, KB)
+    entry = _WHOLE.get(w.data_ptr()) if STATE else None
+    if entry is not None and entry[0].shape == w.shape:
+        return entry[1], whole_layout(entry[1], KB)
+    return w, OFF
 
 
 def kernel_args(w: torch.Tensor, warps: int) -> dict:

@@ -526,13 +526,19 @@ class StaticStep:
         """With ``l2_next.ROW_BYTES`` on CUDA (``force``: on any device, tests): register, for the projection
         kernels' L2 prefetch of the next GEMM's weight rows, out_proj -> gate|up -> down -> the next layer's input
         projection (the LM head after the last); not input projection -> out_proj (the mixer or attention runs
-        between; the mixer prefetches for out_proj itself, ``mixer.L2_NEXT_KB``). Returns the pairs registered."""
-        if not force and (not l2_next.ROW_BYTES or self.cache.lengths.device.type != "cuda"):
+        between; the mixer prefetches for out_proj itself, ``mixer.L2_NEXT_KB``). With ``l2_next.STATE``: each GDN
+        layer's input projection -> its recurrent state (whole). Returns the pairs registered."""
+        if not force and (not (l2_next.ROW_BYTES or l2_next.STATE) or self.cache.lengths.device.type != "cuda"):
             return 0
         seq = self._gemm_weights()
         pairs = 0
-        for g in range(0, len(seq) - 1, 4):
-            pairs += l2_next.register([seq[g + 1], seq[g + 2], seq[g + 3], seq[g + 4]])
+        if l2_next.ROW_BYTES or force:
+            for g in range(0, len(seq) - 1, 4):
+                pairs += l2_next.register([seq[g + 1], seq[g + 2], seq[g + 3], seq[g + 4]])
+        if l2_next.STATE or force:  # each GDN layer's input projection -> the layer's state, which its mixer reads
+            for i, c in self.cache.gdn.items():
+                if seq[4 * i] is not None:
+                    pairs += l2_next.register_whole(seq[4 * i], c.state)
         return pairs
 
     def _plan_prefetch(self, mb: float, method: str, state_method: str = "", state_lead: int = 0) -> None:
