@@ -26,10 +26,11 @@ run_breakdown() {
   echo "== breakdown $(( $(date +%s) - s )) s"; tail -14 "$1/step_breakdown.log"
 }
 # The CLI step cost (AR / trust / window, C=8, Qwen3.5-2B shape, random weights, PDL off) in its own process:
-# $1 = label, $2 = log folder, then env assignments for that run; JSON copied as $2/<label>_<name>.json.
+# $1 = label, $2 = log folder, then env assignments for that run; JSON copied as $2/<label>_<name>.json. A cold
+# machine compiles for 137 s to past 150 s before the first variant's timing (session 24), hence STEP_TIMEOUT 220.
 run_step_cost() {
   local s=$(date +%s) label=$1 dir=$2; shift 2
-  env FLARECTL_ENGINE_PDL=0 "$@" timeout "${STEP_TIMEOUT:-150}" python3 -m flarectl.cli bench --model qwen3.5-2b --random-init \
+  env FLARECTL_ENGINE_PDL=0 "$@" timeout "${STEP_TIMEOUT:-220}" python3 -m flarectl.cli bench --model qwen3.5-2b --random-init \
     --step-cost --concurrency 8 --gdn-kernel mixer --out /tmp/step_$label 2>&1 | grep -v "^USDT" > "$dir/step_cost_$label.log"
   for f in /tmp/step_$label/*.json; do cp "$f" "$dir/${label}_$(basename "$f")"; done 2>/dev/null
   echo "== $label $(( $(date +%s) - s )) s"; grep -E "^│ (ar|trust|window) |rror" "$dir/step_cost_$label.log" | head -5
