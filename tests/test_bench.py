@@ -31,6 +31,39 @@ def test_serving_benchmark_cli_writes_table_json_png(tmp_path):
         assert p["ttft_p99_ms"] >= p["ttft_p50_ms"] > 0
     assert [b["concurrency"] for b in data["baseline"]] == [1, 2] and data["baseline"][0]["tokens"] == 3
     assert data["points"][1]["acceptance"] is not None and data["weights"] == "RANDOM weights"
+    assert all(p["gpu_step_ms"] is None for p in data["points"])  # no CUDA graphs on CPU: no GPU floor
+    assert data["engine"]["greedy_read"] is True
+
+
+def test_step_shapes_are_counted_and_floored_only_with_graphs():
+    """``count_step_shapes`` sees every forward's (Wc, Ww); ``gpu_floor_ms`` averages each shape's graph replay over
+    them (here a stand-in for the replay timer) and is None without graphs."""
+    from flarectl.engine import Engine, Request
+    from flarectl.models.loading import load_model
+
+    m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
+    engine = Engine(m, concurrency=2, capacity=64, mask_token_id=258, block_size=3)
+    shapes = bench.count_step_shapes(engine)
+    engine.submit(Request([5, 6, 7], "ar", max_new_tokens=4, stop_ids=[]))
+    engine.submit(Request([8, 9], "ar-trust", max_new_tokens=5, stop_ids=[]))
+    engine.run()
+    assert sum(shapes.values()) == engine.steps > 0  # prefill runs outside ``backend.step``
+    assert all(wc >= 1 and ww in (0, 3) for wc, ww in shapes) and any(ww == 3 for _, ww in shapes)
+    assert bench.gpu_floor_ms(engine, shapes) is None  # CPU: no graphs
+
+    class Graphed:
+        graphs = {k: None for k in shapes}
+
+    engine.backend._step = Graphed()
+    cost = {k: 1.0 + k[0] + 10 * k[1] for k in shapes}
+    real = bench.graph_replay_ms
+    try:
+        bench.graph_replay_ms = lambda graphed, key, repeats=20: cost[key]
+        want = sum(cost[k] * n for k, n in shapes.items()) / sum(shapes.values())
+        assert bench.gpu_floor_ms(engine, shapes) == pytest.approx(want)
+        assert bench.gpu_floor_ms(engine, {(9, 9): 1}) is None  # a shape never captured
+    finally:
+        bench.graph_replay_ms = real
 
 
 def test_serving_benchmark_diffusion_scheme(tmp_path):

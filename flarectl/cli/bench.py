@@ -201,18 +201,19 @@ def _render_serving(report, weights: str) -> None:
     base = {b.concurrency: b.tokens_per_second for b in report.baseline}
     table = Table(title=f"flarectl bench: {report.model} ({weights}), {report.device}, {report.dtype}, "
                         f"{report.max_new_tokens} new tokens, prompts {report.prompts}")
-    for col in ("mode", "C", "req", "tok/s", "vs HF", "tok/fwd", "accept", "step ms", "TTFT p50/p99 ms",
+    for col in ("mode", "C", "req", "tok/s", "vs HF", "tok/fwd", "accept", "step ms", "GPU ms", "TTFT p50/p99 ms",
                 "TPOT p50/p99 ms"):
         table.add_column(col, justify="right" if col != "mode" else "left")
     for p in report.points:
         vs = f"{p.tokens_per_second / base[p.concurrency]:.1f}x" if p.concurrency in base else "-"
         table.add_row(p.mode, str(p.concurrency), str(p.requests), f"{p.tokens_per_second:,.0f}", vs,
                       f"{p.tokens_per_forward:.2f}", "-" if p.acceptance is None else f"{p.acceptance:.2f}",
-                      f"{p.step_ms:.2f}", f"{p.ttft_p50_ms:.0f} / {p.ttft_p99_ms:.0f}",
+                      f"{p.step_ms:.2f}", "-" if p.gpu_step_ms is None else f"{p.gpu_step_ms:.2f}",
+                      f"{p.ttft_p50_ms:.0f} / {p.ttft_p99_ms:.0f}",
                       f"{p.tpot_p50_ms:.2f} / {p.tpot_p99_ms:.2f}")
     for b in report.baseline:
         table.add_row("HF generate", str(b.concurrency), str(b.concurrency), f"{b.tokens_per_second:,.0f}", "1.0x",
-                      "1.00", "-", "-", "-", "-")
+                      "1.00", "-", "-", "-", "-", "-")
     out.print(table)
     out.print(f"[dim]engine: {json.dumps(report.engine)}[/]", highlight=False)
 

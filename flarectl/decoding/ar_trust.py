@@ -37,15 +37,17 @@ def draft_window(pending: torch.Tensor, block_size: int, mask_id: int) -> torch.
 
 
 def propose(q: torch.Tensor, sampler: Sampler, rows: list[int], generated: list[int]) -> torch.Tensor:
-    """Drafts [R, B] from the draft distributions q [R, B, V] (a hook for tests that force drafts: ``rows`` are
-    request indices and ``generated[r]`` the index, among row r's generated tokens, of the token that window
-    position 0 predicts)."""
-    return sampler.sample(q)
+    """Drafts [R, B] from the draft distributions q [R, B, V], or for greedy decoding from their argmax tokens
+    [R, B] (an integer tensor: the engine's one-pass greedy read-out; returned as they are). A hook for tests that
+    force drafts: ``rows`` are request indices and ``generated[r]`` the index, among row r's generated tokens, of the
+    token that window position 0 predicts."""
+    return q if not q.is_floating_point() else sampler.sample(q)
 
 
 def accept_greedy(p: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """p [R, B+1, V], drafts [R, B] -> (accepted count n [R], next token [R]): the AR argmax at position n."""
-    target = p.argmax(-1)  # [R, B+1]
+    """p [R, B+1, V] (or its argmax [R, B+1], an integer tensor), drafts [R, B] -> (accepted count n [R], next token
+    [R]): the AR argmax at position n."""
+    target = p if not p.is_floating_point() else p.argmax(-1)  # [R, B+1]
     n = (drafts == target[:, :-1]).long().cumprod(1).sum(1)
     return n, target.gather(1, n[:, None])[:, 0]
 

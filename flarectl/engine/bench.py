@@ -99,6 +99,9 @@ class ServingPoint:
     tpot_p50_ms: float
     tpot_p99_ms: float
     failed: int = 0
+    gpu_step_ms: float | None = None
+    """CUDA graphs only: each step's shape replayed alone (``graph_replay_ms``), averaged over the run's steps — the
+    GPU floor of ``step_ms``; the difference is the serving loop's host work that the GPU does not hide."""
 
 
 @dataclass
@@ -138,12 +141,55 @@ def _acceptance(mode: str, results) -> float | None:
     return sum(k * c for k, c in enumerate(hist)) / steps if steps else 0.0
 
 
+def graph_replay_ms(graphed, key: tuple[int, int], repeats: int = 20) -> float:
+    """Median time (CUDA events) of replaying the captured step shape ``key`` = (Wc, Ww) of a ``GraphedStep``, with
+    nothing committed (its counts, commit flags and seen counts zeroed: the slot cache keeps its tokens)."""
+    graph, bufs, _ = graphed.graphs[key]
+    for name in ("counts", "commit", "seen"):
+        bufs[name].zero_()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return percentile(times, 50)
+
+
+def count_step_shapes(engine) -> dict:
+    """Wrap ``engine.backend.step`` to count the step shapes (Wc, Ww) it runs; returns the live counter (clear it to
+    start a count)."""
+    shapes: dict[tuple[int, int], int] = {}
+    inner = engine.backend.step
+
+    def step(ids, counts, wlen, commit, width_clean, seen=None):
+        key = (width_clean, ids.shape[1] - width_clean)
+        shapes[key] = shapes.get(key, 0) + 1
+        return inner(ids, counts, wlen, commit, width_clean, seen)
+
+    engine.backend.step = step
+    return shapes
+
+
+def gpu_floor_ms(engine, shapes: dict) -> float | None:
+    """Mean GPU time per step of a run that stepped through ``shapes`` ((Wc, Ww) -> steps): each shape's graph
+    replayed alone. None without CUDA graphs. Replays commit nothing, but the engine should not serve after it."""
+    graphed = getattr(engine.backend, "_step", None)
+    graphs = getattr(graphed, "graphs", None)
+    steps = sum(shapes.values())
+    if not graphs or not steps or any(k not in graphs for k in shapes):
+        return None
+    return sum(graph_replay_ms(graphed, k) * n for k, n in shapes.items()) / steps
+
+
 def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *, max_new_tokens: int,
                  block_size: int | None, threshold: float, mask_token_id: int | None = None,
                  backend: str = "auto", gdn_kernel: str = "auto", compile: bool | None = None,
                  diffusion_trust_scheme: str = "anchored") -> tuple[ServingPoint, dict]:
     """Decode ``prompts`` with the engine at ``concurrency`` (a short warm-up run first captures the graphs)."""
-    from flarectl.engine import Engine, Request
+    from flarectl.engine import Engine, Request, modes
 
     block = block_size or 0
     capacity = max(map(len, prompts)) + max_new_tokens + 2 * max(block, 1) + 2
@@ -157,6 +203,7 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
     engine.run()
     engine.done.clear()
     engine.submitted, engine.steps = 0, 0
+    shapes = count_step_shapes(engine)
     _sync(model.device)
     t0 = time.perf_counter()
     for p in prompts:
@@ -172,11 +219,11 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
         1000 * seconds / max(engine.steps, 1), tokens / max(forwards, 1), _acceptance(mode, ok),
         1000 * percentile([r.ttft for r in ok], 50), 1000 * percentile([r.ttft for r in ok], 99),
         1000 * percentile([r.tpot for r in ok], 50), 1000 * percentile([r.tpot for r in ok], 99),
-        failed=len(results) - len(ok))
+        failed=len(results) - len(ok), gpu_step_ms=gpu_floor_ms(engine, shapes))
     info = {"backend": engine.backend.name, "cuda_graphs": getattr(engine.backend, "cuda_graphs", False),
             "gdn_kernel": getattr(engine.backend, "gdn_kernel", None),
             "compiled": getattr(engine.backend, "compiled", False),
-            "diffusion_trust_scheme": diffusion_trust_scheme} | step_paths(engine.backend)
+            "diffusion_trust_scheme": diffusion_trust_scheme, "greedy_read": modes.GREEDY_READ} | step_paths(engine.backend)
     return point, info
 
 

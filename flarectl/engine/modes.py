@@ -48,6 +48,7 @@ import torch
 
 from flarectl.decoding import ar_trust, diffusion_trust
 from flarectl.decoding.sampling import Sampler
+from flarectl.engine.argmax import greedy_read
 from flarectl.engine.requests import Row
 
 
@@ -59,6 +60,44 @@ ANCHORED_FORCE_FIRST_PASS = False
 """Whether the anchored Diffusion-Trust commit step's denoising pass (made before the AR token in front of the block
 is known) always decides its most confident token, as every other pass does. Off: it decides only tokens at or
 above the threshold. Env ``FLARECTL_DT_ANCHORED_FORCE_FIRST`` (0/1) overrides, read at each step."""
+
+
+GREEDY_READ = os.environ.get("FLARECTL_GREEDY_READ", "1").strip().lower() not in ("0", "false", "no", "off")
+"""Whether greedy trust-mode groups read each step's logits once (``Greedy``: argmax and its softmax probability per
+position, one kernel and one device->host copy) instead of through the sampler's generic path (fp32 copies, a one-hot
+or a full softmax, a copy to the host per stage). The same tokens either way; Diffusion-Trust's confidence differs
+only in rounding. Env ``FLARECTL_GREEDY_READ=0`` turns it off (read at import; tests and benchmarks set the
+attribute)."""
+
+
+class Greedy:
+    """A greedy read-out of a group's logits, on the host: ``tokens`` [G, n] (long, the argmax) and ``conf`` [G, n]
+    (its softmax probability). It stands in for the logits [G, n, V] in the update functions and indexes like them
+    (rows and positions; a device index is brought to the host)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, tokens: torch.Tensor, conf: torch.Tensor):
+        self.tokens, self.conf = tokens, conf
+
+    @classmethod
+    def read(cls, logits: torch.Tensor) -> "Greedy":
+        """logits [G, n, V] (any device) -> the read-out, with one kernel launch and one device->host copy."""
+        return cls(*greedy_read(logits))
+
+    def __getitem__(self, key) -> "Greedy":
+        host = tuple(k.cpu() if isinstance(k, torch.Tensor) else k for k in (key if isinstance(key, tuple) else (key,)))
+        return Greedy(self.tokens[host], self.conf[host])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tokens.shape
+
+
+def _probs(x, sampler: Sampler) -> torch.Tensor:
+    """The processed distributions of logits x [G, n, V], or for a ``Greedy`` read-out its argmax tokens [G, n]
+    (what ``ar_trust.propose`` and ``ar_trust.accept_greedy`` take in their place)."""
+    return x.tokens if isinstance(x, Greedy) else sampler.probs(x)
 
 
 def _force_first_pass() -> bool:
@@ -125,22 +164,23 @@ def update(rows: list[Row], logits: torch.Tensor, width_clean: int, sampler: Sam
         idx = torch.tensor([r.slot for r in rows], device=logits.device)
     if mode == "ar":
         _update_ar(rows, logits[idx, 0], sampler)
-    elif mode == "ar-trust" and rows[0].scheme == ANCHORED:
-        window = logits[idx, width_clean:width_clean + block]
+        return
+    # greedy: every position the group may need, read once (``GREEDY_READ``); else the logits themselves
+    group = Greedy.read(logits[idx]) if sampler.greedy and GREEDY_READ else logits[idx]
+    window = group[:, width_clean:width_clean + block]
+    if mode == "ar-trust" and rows[0].scheme == ANCHORED:
         if rows[0].phase == "verify":
-            _update_verify_anchored(rows, logits[idx, :block], window, sampler)
+            _update_verify_anchored(rows, group[:, :block], window, sampler)
         else:
-            _update_draft_anchored(rows, logits, idx, window, sampler)
+            _update_draft_anchored(rows, group, window, sampler)
     elif _dt_anchored(rows[0]):
-        window = logits[idx, width_clean:width_clean + block]
         if rows[0].phase == "commit":
-            _update_commit_anchored(rows, logits, idx, window, sampler)
+            _update_commit_anchored(rows, group, window, sampler)
         else:
             _decide(rows, window[:, :block - 1], sampler)
     elif mode == "ar-trust" and rows[0].phase == "verify":
-        _update_verify(rows, logits[idx, :block], logits[idx, width_clean:width_clean + block], sampler)
+        _update_verify(rows, group[:, :block], window, sampler)
     else:
-        window = logits[idx, width_clean:width_clean + block]
         (_update_draft if mode == "ar-trust" else _update_denoise)(rows, window, sampler)
 
 
@@ -153,7 +193,7 @@ def _update_ar(rows, logits, sampler):
 
 
 def _update_draft(rows, window_logits, sampler):
-    q = sampler.probs(window_logits)  # [G, B, V]
+    q = _probs(window_logits, sampler)  # [G, B, V] (greedy read-out: [G, B] tokens)
     drafts = ar_trust.propose(q, sampler, [r.index for r in rows], [len(r.tokens) for r in rows])
     for i, (row, d) in enumerate(zip(rows, drafts.tolist())):
         row.drafts, row.q, row.phase = d, (None if sampler.greedy else q[i]), "verify"
@@ -162,7 +202,7 @@ def _update_draft(rows, window_logits, sampler):
 def _update_verify(rows, clean_logits, window_logits, sampler):
     """clean_logits [G, B, V]: p_0..p_{B-1} check d_1..d_B (no bonus position); window_logits [G, B, V]: the next
     block's draft distributions, used only after a full accept."""
-    p = sampler.probs(clean_logits)
+    p = _probs(clean_logits, sampler)
     p = torch.cat([p, p[:, -1:]], 1)  # the acceptance rules take a bonus row; after a full accept it is unused
     drafts = torch.tensor([r.drafts for r in rows], dtype=torch.long, device=p.device)
     if sampler.greedy:
@@ -190,25 +230,27 @@ def _draft_after_bonus(rows, window_logits, sampler):
     has just given exactly); block size 1 has nothing to draft and stays in the draft phase (plain AR)."""
     if rows[0].block == 1:
         return
-    q = sampler.probs(window_logits)  # [G, B, V]
+    q = _probs(window_logits, sampler)  # [G, B, V] (greedy read-out: [G, B] tokens)
     # window position 0 predicts the token just emitted (the row's last): ``propose``'s offset is that token's index
     drafts = ar_trust.propose(q, sampler, [r.index for r in rows], [len(r.tokens) - 1 for r in rows])[:, 1:]
     for i, (row, d) in enumerate(zip(rows, drafts.tolist())):
         row.drafts, row.q, row.phase = d, (None if sampler.greedy else q[i, 1:]), "verify"
 
 
-def _anchor_tokens(rows, logits, idx, sampler) -> list[int]:
-    """The next token of each row from the clean logits at its anchor column (``row.anchor``): exact AR (greedy
-    argmax, else a draw from the processed distribution)."""
-    anchor = torch.tensor([r.anchor for r in rows], device=logits.device)
-    clean = logits[idx].gather(1, anchor[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]  # [G, V]
+def _anchor_tokens(rows, group, sampler) -> list[int]:
+    """The next token of each row from the clean logits at its anchor column (``row.anchor``) of the group's logits
+    [G, W, V] (or their ``Greedy`` read-out): exact AR (greedy argmax, else a draw from the processed distribution)."""
+    if isinstance(group, Greedy):
+        return [int(group.tokens[i, r.anchor]) for i, r in enumerate(rows)]
+    anchor = torch.tensor([r.anchor for r in rows], device=group.device)
+    clean = group.gather(1, anchor[:, None, None].expand(-1, 1, group.shape[-1]))[:, 0]  # [G, V]
     return (clean.argmax(-1) if sampler.greedy else sampler.sample(sampler.probs(clean))).tolist()
 
 
-def _update_draft_anchored(rows, logits, idx, window_logits, sampler):
+def _update_draft_anchored(rows, group, window_logits, sampler):
     """Draft step: the clean logits at each row's anchor (its ``pending`` token) give the next token, exact AR."""
     live = []
-    for i, (row, t) in enumerate(zip(rows, _anchor_tokens(rows, logits, idx, sampler))):
+    for i, (row, t) in enumerate(zip(rows, _anchor_tokens(rows, group, sampler))):
         row.pending = t
         if not row.emit([t]):
             live.append(i)
@@ -221,7 +263,7 @@ def _update_draft_anchored(rows, logits, idx, window_logits, sampler):
 def _update_verify_anchored(rows, clean_logits, window_logits, sampler):
     """clean_logits [G, B, V]: p_0..p_{B-2} check d_1..d_{B-1}, p_{B-1} is the bonus distribution; window_logits
     [G, B, V]: the anchored window on d_{B-1}, whose positions 1..B-1 are the next drafts after a full accept."""
-    p = sampler.probs(clean_logits)
+    p = _probs(clean_logits, sampler)
     drafts = torch.tensor([r.drafts for r in rows], dtype=torch.long, device=p.device)
     if sampler.greedy:
         n, nxt = ar_trust.accept_greedy(p, drafts)
@@ -249,10 +291,13 @@ def _decide(rows, window_logits, sampler, extra: int = 0, force: bool = True) ->
     ones (``diffusion_trust.select_confident``; ``force``: and each row's most confident undecided one), emit the
     decided prefix. ``extra``: tokens this forward already emitted per row (the histogram counts tokens per
     forward). Returns, per row, whether it is done."""
-    tok, conf = diffusion_trust.propose(window_logits, sampler)
-    # one device->host copy (token ids < 2^24 are exact in float32); the selection runs on the host copies
-    tok, conf = torch.stack([tok.to(conf.dtype), conf]).cpu().unbind(0)
-    tok = tok.long()
+    if isinstance(window_logits, Greedy):  # already on the host
+        tok, conf = window_logits.tokens, window_logits.conf
+    else:
+        tok, conf = diffusion_trust.propose(window_logits, sampler)
+        # one device->host copy (token ids < 2^24 are exact in float32); the selection runs on the host copies
+        tok, conf = torch.stack([tok.to(conf.dtype), conf]).cpu().unbind(0)
+        tok = tok.long()
     undecided = torch.tensor([[not d for d in r.decided] for r in rows])
     newly = diffusion_trust.select_confident(conf, undecided, rows[0].req.threshold, force)
     done = []
@@ -270,12 +315,12 @@ def _decide(rows, window_logits, sampler, extra: int = 0, force: bool = True) ->
     return done
 
 
-def _update_commit_anchored(rows, logits, idx, window_logits, sampler):
+def _update_commit_anchored(rows, group, window_logits, sampler):
     """Anchored Diffusion-Trust commit step: the clean logits at each row's anchor (the block's last token) give the
     next token, exact AR (emitted: the new ``pending``); the window's positions 1..B-1 denoise the next block
     (unforced unless ``ANCHORED_FORCE_FIRST_PASS``: they do not see that token yet)."""
     live = []
-    for i, (row, t) in enumerate(zip(rows, _anchor_tokens(rows, logits, idx, sampler))):
+    for i, (row, t) in enumerate(zip(rows, _anchor_tokens(rows, group, sampler))):
         row.pending = t
         n = row.block - 1
         row.x, row.decided, row.emitted = [row.mask_id] * n, [False] * n, 0
