@@ -58,7 +58,7 @@ if CHILD:
     def test_op_uses_the_kernel_interpreted(monkeypatch):
         calls = []
         real = argmax.launch
-        monkeypatch.setattr(argmax, "launch", lambda x, split=None: calls.append(x.shape) or real(x, split))
+        monkeypatch.setattr(argmax, "launch", lambda x, split=None: calls.append(tuple(x.shape)) or real(x, split))
         x = _logits(1, 3, 3000, torch.bfloat16)
         tok, conf = argmax.greedy_read(x.view(1, 3, 3000))
         assert calls == [(3, 3000)] and tok.shape == conf.shape == (1, 3) and tok.device.type == "cpu"

@@ -161,5 +161,7 @@ def greedy_read(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [..., V] on any device -> (tokens [...] long, confidence [...] fp32 or fp64) **on the host**, with one
     device->host copy."""
     lead = logits.shape[:-1]
-    packed = argmax_confidence(logits.reshape(-1, logits.shape[-1])).cpu()
+    flat = logits.reshape(-1, logits.shape[-1])
+    # eager callers skip the custom op's dispatch (it exists for compiled and captured code)
+    packed = (launch(flat) if kernel_applies(flat) else argmax_confidence_reference(flat)).cpu()
     return packed[0].long().reshape(lead), packed[1].reshape(lead)

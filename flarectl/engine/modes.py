@@ -241,7 +241,7 @@ def _anchor_tokens(rows, group, sampler) -> list[int]:
     """The next token of each row from the clean logits at its anchor column (``row.anchor``) of the group's logits
     [G, W, V] (or their ``Greedy`` read-out): exact AR (greedy argmax, else a draw from the processed distribution)."""
     if isinstance(group, Greedy):
-        return [int(group.tokens[i, r.anchor]) for i, r in enumerate(rows)]
+        return group.tokens.gather(1, torch.tensor([[r.anchor] for r in rows]))[:, 0].tolist()
     anchor = torch.tensor([r.anchor for r in rows], device=group.device)
     clean = group.gather(1, anchor[:, None, None].expand(-1, 1, group.shape[-1]))[:, 0]  # [G, V]
     return (clean.argmax(-1) if sampler.greedy else sampler.sample(sampler.probs(clean))).tolist()
