@@ -94,7 +94,10 @@ def _forced_drafts(reference, correct: bool):
 
 @pytest.mark.parametrize("name", ["debug-hybrid", "debug-llama"])
 @pytest.mark.parametrize("correct", [True, False])
-def test_ar_trust_forced_accept_and_reject(models, monkeypatch, name, correct):
+@pytest.mark.parametrize("read", [False, True])
+def test_ar_trust_forced_accept_and_reject(models, monkeypatch, name, correct, read):
+    """``read``: the engine's one-pass greedy read-out (``modes.GREEDY_READ``): the hook gets argmax tokens."""
+    monkeypatch.setattr(modes, "GREEDY_READ", read)
     m, block, n = models[name], 4, 15
     reference = ids(run(m, PROMPTS, "ar", max_new_tokens=n))
     monkeypatch.setattr(ar_trust, "propose", _forced_drafts(reference, correct))

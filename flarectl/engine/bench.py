@@ -223,7 +223,8 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
     info = {"backend": engine.backend.name, "cuda_graphs": getattr(engine.backend, "cuda_graphs", False),
             "gdn_kernel": getattr(engine.backend, "gdn_kernel", None),
             "compiled": getattr(engine.backend, "compiled", False),
-            "diffusion_trust_scheme": diffusion_trust_scheme, "greedy_read": modes.GREEDY_READ} | step_paths(engine.backend)
+            "diffusion_trust_scheme": diffusion_trust_scheme,
+            "greedy_read": modes.GREEDY_READ} | step_paths(engine.backend)
     return point, info
 
 

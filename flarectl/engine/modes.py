@@ -62,12 +62,14 @@ is known) always decides its most confident token, as every other pass does. Off
 above the threshold. Env ``FLARECTL_DT_ANCHORED_FORCE_FIRST`` (0/1) overrides, read at each step."""
 
 
-GREEDY_READ = os.environ.get("FLARECTL_GREEDY_READ", "1").strip().lower() not in ("0", "false", "no", "off")
+GREEDY_READ = os.environ.get("FLARECTL_GREEDY_READ", "0").strip().lower() not in ("0", "false", "no", "off", "")
 """Whether greedy trust-mode groups read each step's logits once (``Greedy``: argmax and its softmax probability per
-position, one kernel and one device->host copy) instead of through the sampler's generic path (fp32 copies, a one-hot
-or a full softmax, a copy to the host per stage). The same tokens either way; Diffusion-Trust's confidence differs
-only in rounding. Env ``FLARECTL_GREEDY_READ=0`` turns it off (read at import; tests and benchmarks set the
-attribute)."""
+position, one kernel launch on CUDA and one device->host copy) instead of through the sampler's generic path (fp32
+copies, a one-hot or a full softmax, a copy to the host per stage). The same tokens either way; Diffusion-Trust's
+confidence differs only in rounding on CUDA (on CPU the twin computes it as the generic path does: the same bits).
+Off by default until the read-out is timed in the serving loop and its CUDA test has run (built in session 25, whose
+device calls were refused: ``scripts/gpu/session25.sh``). Env ``FLARECTL_GREEDY_READ=1`` turns it on (read at
+import; tests and benchmarks set the attribute)."""
 
 
 class Greedy:

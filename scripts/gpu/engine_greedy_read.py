@@ -146,7 +146,6 @@ def main():
         del engine
         if cuda:
             torch.cuda.empty_cache()
-    modes.GREEDY_READ = True
     print("\nmode             read  tok/s   tok/fwd  step ms (median / mean)  GPU floor ms  host ms (mean - floor)")
     for r in report["runs"]:
         print(f"{r['mode']:<16} {'on ' if r['greedy_read'] else 'off'}  {r['tok_per_s']:6.0f}  {r['tokens_per_forward']:6.2f}"
