@@ -32,7 +32,7 @@ def test_serving_benchmark_cli_writes_table_json_png(tmp_path):
     assert [b["concurrency"] for b in data["baseline"]] == [1, 2] and data["baseline"][0]["tokens"] == 3
     assert data["points"][1]["acceptance"] is not None and data["weights"] == "RANDOM weights"
     assert all(p["gpu_step_ms"] is None for p in data["points"])  # no CUDA graphs on CPU: no GPU floor
-    assert data["engine"]["greedy_read"] is False  # off by default until timed on a GPU
+    assert data["engine"]["greedy_read"] is False and data["engine"]["overlap"] is False  # off until timed on a GPU
 
 
 def test_step_shapes_are_counted_and_floored_only_with_graphs():

@@ -347,6 +347,69 @@ def test_bad_request_fails_alone(sharp):
     assert results[5].token_ids == _alone(m, [8, 9], "ar-trust", 2, 5, 0.9).token_ids
 
 
+def _overlap_run(m, reqs, overlap: bool, backend="auto", concurrency=3):
+    """Serve ``reqs`` (Request kwargs) with the overlapped AR loop on or off: per request (tokens, forwards, finish
+    reason, streamed tokens), the engine, and how many steps were queued ahead."""
+    engine = Engine(m, concurrency=concurrency, capacity=64, mask_token_id=MASK, backend=backend, block_size=4,
+                    overlap=overlap)
+    queued = []
+    real = engine._forward_overlapped
+    engine._forward_overlapped = lambda: queued.append(1) or real()
+    streamed = {}
+    for kw in reqs:
+        engine.submit(Request(**kw, on_token=lambda i, new: streamed.setdefault(i, []).extend(new)))
+    out = [(r.token_ids, r.forwards, r.finish_reason, streamed.get(r.index, [])) for r in engine.run()]
+    return out, engine, len(queued)
+
+
+AR_MIX = [dict(prompt=[5, 6, 7], max_new_tokens=9, stop_ids=[]), dict(prompt=[9], max_new_tokens=3, stop_ids=[]),
+          dict(prompt=list(range(40, 60)), max_new_tokens=14, stop_ids=[]),
+          dict(prompt=[1, 2], max_new_tokens=1, stop_ids=[]), dict(prompt=[70, 71, 72], max_new_tokens=6, stop_ids=[]),
+          dict(prompt=[3], max_new_tokens=11, stop_ids=[]), dict(prompt=[8, 8], max_new_tokens=4, stop_ids=[])]
+
+
+@pytest.mark.parametrize("name", ["debug-hybrid", "debug-llama"])
+def test_overlapped_ar_steps_give_the_same_tokens(sharp, name):
+    """Greedy AR requests of mixed lengths joining and leaving: the overlapped loop (step N+1 queued before step N
+    is read) gives every request the same tokens, forwards and stream as one step at a time; steps were queued ahead,
+    and nothing is left in flight."""
+    m = sharp[name]
+    reference = _alone(m, [5, 6, 7], "ar", None, 9, 0.9).token_ids
+    on, engine, queued = _overlap_run(m, AR_MIX, True)
+    off, _, none = _overlap_run(m, AR_MIX, False)
+    assert on == off and on[0][0] == reference and none == 0
+    assert queued > 0 and engine._inflight is None and not engine.rows and len(engine.free) == 3
+    assert all(len(t) == kw["max_new_tokens"] and t == st for (t, _, _, st), kw in zip(on, AR_MIX))
+
+
+def test_overlap_stops_early_and_falls_back_for_other_modes(sharp):
+    """Stop ids end requests a step before the queued one is read (its token is dropped); trust-mode, sampled and
+    failing requests in the same engine switch the loop to one step at a time and back: the same results."""
+    m = sharp["debug-hybrid"]
+    stops = [t for t in _alone(m, [5, 6, 7], "ar", None, 9, 0.9).token_ids[2:4]]
+    reqs = [dict(prompt=[5, 6, 7], max_new_tokens=9, stop_ids=stops), *AR_MIX[1:4],
+            dict(prompt=[70, 71], mode="ar-trust", max_new_tokens=7, stop_ids=[]),
+            dict(prompt=[7], max_new_tokens=5, temperature=0.8, seed=3, stop_ids=[]),
+            dict(prompt=[], max_new_tokens=3), *AR_MIX[4:],
+            dict(prompt=list(range(80, 90)), mode="diffusion-trust", max_new_tokens=6, threshold=0.6, stop_ids=[])]
+    for backend in ("static", "adapter", "recompute"):
+        on, engine, queued = _overlap_run(m, reqs, True, backend)
+        off, _, _ = _overlap_run(m, reqs, False, backend)
+        assert on == off, backend
+        assert queued > 0 and engine._inflight is None
+    assert on[0][2] == "eos" and len(on[0][0]) <= 3 and on[6][2] == "error"  # stopped early; failed alone
+
+
+def test_overlap_default_and_env(monkeypatch, debug_models):
+    from flarectl.engine import engine as engine_mod
+
+    m = debug_models["debug-llama"]
+    assert Engine(m, concurrency=1, capacity=16).overlap is engine_mod.OVERLAP_DEFAULT is False
+    monkeypatch.setattr(engine_mod, "OVERLAP_DEFAULT", True)
+    assert Engine(m, concurrency=1, capacity=16).overlap
+    assert not Engine(m, concurrency=1, capacity=16, overlap=False).overlap
+
+
 def test_engine_rejects_bad_settings(debug_models):
     with pytest.raises(ValueError, match="concurrency"):
         Engine(debug_models["debug-llama"], concurrency=0)
@@ -419,3 +482,15 @@ def test_engine_on_cuda_compiles_by_default():
     m = load_model("debug-hybrid", dtype="float32", device="cuda", seed=1)
     assert SlotBackend(m, 2, 32).eager.compiled
     assert not SlotBackend(m, 2, 32, compile=False).eager.compiled
+
+
+@pytest.mark.gpu
+def test_overlap_on_cuda_gives_the_same_tokens(heuristic_gemv):
+    """The overlapped AR loop on the graphed CUDA step (its inputs: the previous step's argmax on the device, copied
+    into the graph's buffers; its tokens read through pinned buffers after an event) == one step at a time."""
+    m = load_model("debug-hybrid", dtype="float32", device="cuda", seed=1)
+    with torch.no_grad():
+        m.hf.lm_head.weight.mul_(30)
+    on, engine, queued = _overlap_run(m, AR_MIX, True)
+    assert on == _overlap_run(m, AR_MIX, False)[0]
+    assert queued > 0 and engine._inflight is None and engine.backend.cuda_graphs

@@ -224,7 +224,7 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
             "gdn_kernel": getattr(engine.backend, "gdn_kernel", None),
             "compiled": getattr(engine.backend, "compiled", False),
             "diffusion_trust_scheme": diffusion_trust_scheme,
-            "greedy_read": modes.GREEDY_READ} | step_paths(engine.backend)
+            "greedy_read": modes.GREEDY_READ, "overlap": engine.overlap} | step_paths(engine.backend)
     return point, info
 
 

@@ -9,10 +9,18 @@ slot), ask every row for its plan (``modes.plan``), run one static-shape forward
 (``backends``: CUDA-graphed on CUDA), update each group of rows (``modes.update``), stream final tokens, and
 free the slots of finished requests — the others never wait for them. A request with bad parameters fails alone
 (its result has ``finish_reason == "error"``).
+
+**Overlap** (``Engine(overlap=True)``, env ``FLARECTL_ENGINE_OVERLAP=1``; off by default): while every row decodes
+greedy AR and no request is waiting for a free slot, step N+1 is queued before step N's tokens are read: its input
+tokens are step N's argmax on the device, so the host's work on step N (emits, stop checks, streaming) runs while
+the device computes step N+1 instead of between the two. A request that ends at step N has had one more token
+computed for it, which is dropped (its slot is released after; nothing it committed is ever read). The same tokens
+either way; the loop falls back to one step at a time for trust modes, sampling, and admissions.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 
@@ -68,6 +76,13 @@ class StepInputs:
         return packed[:, :wc + ww], packed[:, n - 4], packed[:, n - 3], packed[:, n - 2].bool(), packed[:, n - 1]
 
 
+OVERLAP_DEFAULT = os.environ.get("FLARECTL_ENGINE_OVERLAP", "0").strip().lower() not in ("0", "false", "no", "off",
+                                                                                        "")
+"""``Engine(overlap=None)``: whether greedy AR steps overlap the host's work on the previous step (module docstring).
+Off until the serving loop is timed with it on a GPU (built in session 25, whose device calls were refused); env
+``FLARECTL_ENGINE_OVERLAP=1`` turns it on (read at import)."""
+
+
 class Engine:
     """Continuous-batching decoder. ``capacity``: tokens per slot (prompt + new tokens + 2 blocks + 2 must fit).
     ``block_size`` / ``mask_token_id``: defaults for trust-mode requests (else the checkpoint's FLARE metadata).
@@ -75,12 +90,14 @@ class Engine:
     before CUDA-graph capture (None: on for CUDA; env FLARECTL_ENGINE_COMPILE=0 turns it off).
     ``ar_trust_scheme``: 'anchored' (default: every forward emits an exact AR token too) or 'fused' (the earlier
     scheme, for comparison; ``modes``). ``diffusion_trust_scheme``: 'anchored' (default: every block
-    ends with an exact AR token from its commit step) or 'plain' (the paper's; ``modes``)."""
+    ends with an exact AR token from its commit step) or 'plain' (the paper's; ``modes``). ``overlap``: queue greedy
+    AR steps ahead of the host's work on the previous one (None: ``OVERLAP_DEFAULT``; module docstring)."""
 
     def __init__(self, model, *, concurrency: int = 8, capacity: int = 4096, backend: str = "auto",
                  block_size: int | None = None, mask_token_id: int | None = None, tokenizer=None,
                  cuda_graphs: bool | None = None, gdn_kernel: str = "auto", compile: bool | None = None,
-                 ar_trust_scheme: str = modes.ANCHORED, diffusion_trust_scheme: str = modes.ANCHORED):
+                 ar_trust_scheme: str = modes.ANCHORED, diffusion_trust_scheme: str = modes.ANCHORED,
+                 overlap: bool | None = None):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1; got {concurrency}")
         if ar_trust_scheme not in modes.AR_TRUST_SCHEMES:
@@ -112,6 +129,10 @@ class Engine:
         self.steps = 0
         self.inputs = StepInputs(concurrency, self.device)
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self.overlap = OVERLAP_DEFAULT if overlap is None else bool(overlap)
+        self._inflight: _Inflight | None = None  # a queued AR step whose tokens the host has not read yet
+        self._ar_inputs: tuple | None = None  # (row set, counts, wlen, commit, seen) of overlapped AR steps
+        self._token_buffers: list[torch.Tensor] = []  # two pinned host buffers of C tokens, used in turn
 
     # -- requests ---------------------------------------------------------------------------------------------
     def _check(self, req: Request) -> int:
@@ -198,18 +219,79 @@ class Engine:
     # -- stepping ---------------------------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return bool(self.rows or self.waiting)
+        return bool(self.rows or self.waiting or self._inflight)
 
     @torch.no_grad()
     def step(self) -> list[RequestResult]:
-        """Admit, run one forward over all slots, update rows; returns the requests finished in this step."""
+        """Admit, run one forward over all slots, update rows; returns the requests finished in this step (with
+        ``overlap``: the requests the host found finished in it)."""
         before = set(self.done)
+        if self._inflight is not None and not self._can_overlap():
+            self._drain()
         self._admit()
-        if self.rows:
+        if self.rows and self._can_overlap():
+            self._forward_overlapped()
+        elif self.rows:
             self._forward()
+        elif self._inflight is not None:
+            self._drain()
         return [self.done[i] for i in sorted(set(self.done) - before)]
 
+    # -- overlapped greedy AR steps -----------------------------------------------------------------------------
+    def _can_overlap(self) -> bool:
+        """Every row greedy AR and no admission due (a waiting request and a free slot)."""
+        return (self.overlap and not (self.waiting and self.free)
+                and all(r.mode == "ar" and r.sampler.greedy for r in self.rows.values()))
+
+    def _forward_overlapped(self) -> None:
+        """Queue one AR step (its inputs: the in-flight step's tokens on the device, else the rows' pending tokens),
+        its argmax and the argmax's copy to the host; then read the previous step's tokens."""
+        rows = list(self.rows.items())
+        key = frozenset(self.rows)
+        if self._inflight is not None and self._ar_inputs is not None and self._ar_inputs[0] == key:
+            ids = self._inflight.tokens[:, None]  # the tokens of the step before, never seen by the host
+        else:  # the first overlapped step, or the row set changed: every input anew (counts, commit, ...)
+            plans = {slot: ([row.pending], [], True, False) for slot, row in rows}
+            ids, *rest = self.inputs.upload(plans, 1, 0)
+            self._ar_inputs = (key, *rest)
+            if self._inflight is not None:  # the rows' pending tokens are a step behind: the device has the next
+                ids = self._inflight.tokens[:, None]
+        counts, wlen, commit, seen = self._ar_inputs[1:]
+        logits = self.backend.step(ids, counts, wlen, commit, 1, None)
+        self.backend.finish_step(None)
+        self.steps += 1
+        tokens = logits[:, 0].argmax(-1)  # greedy: as ``modes`` takes it (the first maximum)
+        if not self._token_buffers:
+            pin = self.device.type == "cuda"
+            self._token_buffers = [torch.empty(self.concurrency, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        host = self._token_buffers[self.steps % 2]
+        host.copy_(tokens, non_blocking=True)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        previous, self._inflight = self._inflight, _Inflight(tokens, host, ready, rows)
+        if previous is not None:
+            self._read(previous)
+
+    def _drain(self) -> None:
+        previous, self._inflight = self._inflight, None
+        self._read(previous)
+
+    def _read(self, step: "_Inflight") -> None:
+        """The host's work on a queued step: its tokens to the rows that were in it and are still in flight."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens = step.host.tolist()
+        live = [(slot, row) for slot, row in step.rows if self.rows.get(slot) is row]
+        for _, row in live:
+            row.forwards += 1
+        modes.apply_ar_tokens([row for _, row in live], [tokens[slot] for slot, _ in live])
+        self._retire()
+
+    # -- one step at a time -------------------------------------------------------------------------------------
     def _forward(self) -> None:
+        self._ar_inputs = None  # the upload below reuses the buffers those views point to
         plans = {slot: modes.plan(row) for slot, row in self.rows.items()}
         wc = max(len(p[0]) for p in plans.values())
         ww = max(len(p[1]) for p in plans.values())
@@ -227,6 +309,10 @@ class Engine:
         for slot in late:
             self.rows[slot].commit_late = False
         self.backend.finish_step(self._slot_mask(late) if late else None)
+        self._retire()
+
+    def _retire(self) -> None:
+        """Results of the finished rows leave; their slots are freed."""
         finished = [s for s, r in self.rows.items() if r.finish is not None]
         if finished:
             self.backend.check()  # no result leaves if a kernel flagged its outputs
@@ -259,3 +345,13 @@ class Engine:
         while self.busy:
             self.step()
         return [self.done[i] for i in range(self.submitted)]
+
+
+class _Inflight:
+    """An overlapped AR step queued on the device: its argmax ``tokens`` [C] (device), their ``host`` copy (pinned),
+    the event after the copy (None off CUDA) and the (slot, row) pairs it ran for."""
+
+    __slots__ = ("tokens", "host", "ready", "rows")
+
+    def __init__(self, tokens, host, ready, rows):
+        self.tokens, self.host, self.ready, self.rows = tokens, host, ready, rows

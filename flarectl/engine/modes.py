@@ -188,7 +188,11 @@ def update(rows: list[Row], logits: torch.Tensor, width_clean: int, sampler: Sam
 
 def _update_ar(rows, logits, sampler):
     # greedy: the argmax of the logits is the argmax of the one-hot ``sampler.probs`` (first maximum either way)
-    tokens = (logits.argmax(-1) if sampler.greedy else sampler.sample(sampler.probs(logits))).tolist()
+    apply_ar_tokens(rows, (logits.argmax(-1) if sampler.greedy else sampler.sample(sampler.probs(logits))).tolist())
+
+
+def apply_ar_tokens(rows: list[Row], tokens: list[int]) -> None:
+    """AR rows take their next tokens (host ints): each becomes the row's ``pending`` token and is emitted."""
     for row, t in zip(rows, tokens):
         row.pending = t
         row.emit([t])

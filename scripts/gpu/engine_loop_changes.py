@@ -1,15 +1,15 @@
-"""The serving loop's cost beyond the graphed forward, per mode, with the one-pass greedy read-out on and off
-(``modes.GREEDY_READ``; issue 6, session 25). Random weights (Qwen3.5-2B shape, bf16), C=8, gsm8k-style prompts,
-EOS ignored.
+"""The serving loop's cost beyond the graphed forward, per mode, with session 25's two loop changes off and on: the
+one-pass greedy read-out for the trust modes (``modes.GREEDY_READ``) and the overlapped AR steps for AR
+(``Engine.overlap``); issue 6. Random weights (Qwen3.5-2B shape, bf16), C=8, gsm8k-style prompts, EOS ignored.
 
-Per mode one engine is built and warmed up; then serving runs of ``--requests`` x ``--max-new`` alternate read-out
+Per mode one engine is built and warmed up; then serving runs of ``--requests`` x ``--max-new`` alternate the change
 off / on (``--rounds`` each, after one discarded run each), same engine, same graphs. Per run: tok/s, the median
 wall time of a steady engine step (no admission in it; it includes the device->host read of the step's tokens, so
 the GPU work and the host work that does not overlap it), and the GPU floor of those steps: each step shape's graph
 replayed alone (CUDA events, median of 20, nothing committed), averaged over the shapes the run stepped through.
 Host = step - floor. Also times the read-out itself on a trust step's logits [64, V] against the generic path.
 
-    source scripts/gpu/engine_setup.sh; python3 scripts/gpu/engine_greedy_read.py --out $OUT
+    source scripts/gpu/engine_setup.sh; python3 scripts/gpu/engine_loop_changes.py --out $OUT
 """
 
 from __future__ import annotations
@@ -100,8 +100,13 @@ def main():
         engine.warmup([mode], a.block)
         shapes = bench.count_step_shapes(engine)
 
-        def serve(read: bool) -> dict:
-            modes.GREEDY_READ = read
+        variant = "overlap" if mode == "ar" else "greedy_read"
+
+        def serve(on: bool) -> dict:
+            if mode == "ar":
+                engine.overlap = on
+            else:
+                modes.GREEDY_READ = on
             shapes.clear()
             engine.done.clear()
             engine.submitted, engine.steps = 0, 0
@@ -120,7 +125,7 @@ def main():
             total = time.perf_counter() - start
             tokens = sum(len(r.token_ids) for r in engine.done.values())
             forwards = sum(r.forwards for r in engine.done.values())
-            return {"mode": mode, "greedy_read": read, "tok_per_s": tokens / total, "steps": engine.steps,
+            return {"mode": mode, "variant": variant, "on": on, "tok_per_s": tokens / total, "steps": engine.steps,
                     "tokens_per_forward": tokens / max(forwards, 1), "step_ms": 1000 * statistics.median(walls),
                     "step_ms_mean": 1000 * statistics.mean(walls), "shapes": dict(shapes)}
 
@@ -130,8 +135,8 @@ def main():
             f"graphs {sorted(getattr(engine.backend._step, 'graphs', {}))}")
         runs = []
         for _ in range(a.rounds):
-            for read in (False, True):
-                runs.append(serve(read))
+            for on in (False, True):
+                runs.append(serve(on))
                 log(json.dumps({k: v for k, v in runs[-1].items() if k != "shapes"}))
         graphs = getattr(engine.backend._step, "graphs", {})  # none on CPU
         floors = {key: bench.graph_replay_ms(engine.backend._step, key) for key in graphs}
@@ -142,13 +147,13 @@ def main():
             r["shapes"] = {f"{k[0]}+{k[1]}": c for k, c in r["shapes"].items()}
         report["runs"] += runs
         report.setdefault("replay_ms", {})[mode] = {f"{k[0]}+{k[1]}": v for k, v in floors.items()}
-        (a.out / "greedy_read.json").write_text(json.dumps(report, indent=2))
+        (a.out / "loop_changes.json").write_text(json.dumps(report, indent=2))
         del engine
         if cuda:
             torch.cuda.empty_cache()
-    print("\nmode             read  tok/s   tok/fwd  step ms (median / mean)  GPU floor ms  host ms (mean - floor)")
+    print("\nmode             change           tok/s   tok/fwd  step ms (median / mean)  GPU floor ms  host ms (mean - floor)")
     for r in report["runs"]:
-        print(f"{r['mode']:<16} {'on ' if r['greedy_read'] else 'off'}  {r['tok_per_s']:6.0f}  {r['tokens_per_forward']:6.2f}"
+        print(f"{r['mode']:<16} {r['variant'] + (' on ' if r['on'] else ' off'):<15}  {r['tok_per_s']:6.0f}  {r['tokens_per_forward']:6.2f}"
               f"  {r['step_ms']:7.3f} / {r['step_ms_mean']:7.3f}        {r['floor_ms']:7.3f}       {r['host_ms']:7.3f}")
 
 
