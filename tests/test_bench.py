@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from flarectl.cli import app
 from flarectl.engine import bench
+from flarectl.errors import FlareError
 
 
 @pytest.fixture(autouse=True)
@@ -114,8 +115,44 @@ def test_step_cost_projects_throughput_from_a_converted_checkpoints_bench(tmp_pa
     assert second["rows"][0]["tokens_per_second"] == pytest.approx(1000 * 2 * 1.5 / ms["trust"])
 
 
+def test_step_cost_projection_adds_the_serving_loops_host_time(tmp_path):
+    """--loop-from: a CUDA serving bench of the same model gives each mode's host time per step (step ms - GPU ms),
+    added to the step time in a second projection; modes it did not measure get none; bad files are one-line
+    errors."""
+    src, loop = tmp_path / "converted.json", tmp_path / "loop.json"
+    src.write_text(json.dumps({"model": "conv", "prompts": "gsm8k", "points": [
+        {"mode": "ar", "concurrency": 2, "tokens_per_forward": 1.0},
+        {"mode": "ar-trust", "concurrency": 2, "tokens_per_forward": 2.5}]}))
+    loop.write_text(json.dumps({"model": "debug-llama", "points": [
+        {"mode": "ar-trust", "concurrency": 2, "step_ms": 3.5, "gpu_step_ms": 3.0},
+        {"mode": "ar", "concurrency": 2, "step_ms": 2.5, "gpu_step_ms": None}]}))
+    args = ["bench", "--model", "debug-llama", "--step-cost", "--concurrency", "2", "--context", "4", "--block-size",
+            "2", "--no-compile", "--tpf-from", str(src), "--out", str(tmp_path)]
+    res = CliRunner().invoke(app, [*args, "--loop-from", str(loop)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "step_cost_torch.json").read_text())
+    ms = {s["kind"]: s["ms"] for s in data["steps"]}
+    (proj,) = data["projected"]
+    rows = {r["mode"]: r for r in proj["rows"]}
+    assert proj["loop_source"] == str(loop) and "host_ms" not in rows["ar"]
+    assert rows["ar-trust"]["host_ms"] == pytest.approx(0.5)
+    assert rows["ar-trust"]["tokens_per_second_with_loop"] == pytest.approx(1000 * 2 * 2.5 / (ms["trust"] + 0.5))
+    assert "host ms per step" in res.output
+    loop.write_text(json.dumps({"model": "qwen3.5-2b", "points": []}))
+    with pytest.raises(FlareError, match="measured on 'qwen3.5-2b', not 'debug-llama'"):
+        bench.load_loop_overhead(loop, "debug-llama")
+    loop.write_text(json.dumps({"model": "debug-llama", "points": [
+        {"mode": "ar", "concurrency": 2, "step_ms": 2.5, "gpu_step_ms": None}]}))
+    with pytest.raises(FlareError, match="no point with a GPU floor"):
+        bench.load_loop_overhead(loop, "debug-llama")
+    loop.write_text("{}")
+    with pytest.raises(FlareError, match="not a flarectl bench JSON"):
+        bench.load_loop_overhead(loop, "debug-llama")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--step-cost", "--tpf-from", "/nonexistent.json"], "--tpf-from /nonexistent.json: not a flarectl bench"),
+    (["--loop-from", "x.json"], "--loop-from needs --step-cost and --tpf-from"),
     (["--mode", "fast"], "--mode must be"),
     (["--concurrency", "0,8"], "--concurrency must be positive"),
     (["--concurrency", "a"], "comma-separated integers"),

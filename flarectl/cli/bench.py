@@ -90,6 +90,11 @@ def serve(
                                                        "measured tokens/forward per mode and C turn these step times "
                                                        "into a projected throughput (labelled as such). Repeat it "
                                                        "for several prompt sets: one projection each."),
+    loop_from: Optional[Path] = typer.Option(None, "--loop-from",
+                                             help="--step-cost --tpf-from: a serving bench.json of the same model "
+                                                  "on CUDA (random weights will do); its host time per step "
+                                                  "(step ms - GPU ms) per mode is added to the step times: a second, "
+                                                  "serving-loop projection."),
     context: int = typer.Option(512, help="--step-cost: committed tokens per slot."),
     gdn_kernel: str = typer.Option("auto", help="Engine GDN path: auto (mixer on CUDA) | mixer (the whole GDN mixer "
                                                 "in one kernel) | triton (our recurrence: commits the state in "
@@ -122,6 +127,8 @@ def serve(
                          f"got {gdn_kernel!r}")
     if context < 1:
         raise FlareError(f"--context must be >= 1, got {context}")
+    if loop_from is not None and not (step_cost and tpf_from):
+        raise FlareError("--loop-from needs --step-cost and --tpf-from (it adds host time to their projection)")
 
     import torch
 
@@ -146,8 +153,9 @@ def serve(
     out_dir.mkdir(parents=True, exist_ok=True)
     if step_cost:
         tpf = [bench.load_tokens_per_forward(path) for path in tpf_from or ()]
+        loop = bench.load_loop_overhead(loop_from, model) if loop_from else None
         _render_step_cost(m, model, weights, levels, block_size or (m.flare_meta.block_size if m.flare_meta else 4),
-                          context, out_dir, kernels, compile, tpf)
+                          context, out_dir, kernels, compile, tpf, loop)
         return
     block, mask, note = _trust_settings(m, modes, block_size, mask_token_id, random_init)
     ids = bench.encode_prompts(m.tokenizer, texts, max(num_requests or 0, 2 * max(levels)))
@@ -219,7 +227,8 @@ def _render_serving(report, weights: str) -> None:
 
 
 def _render_step_cost(model, name: str, weights: str, levels: list[int], block: int, context: int,
-                      out_dir: Path, kernels: list[str], compile: bool | None, tpf: list[dict] = ()) -> None:
+                      out_dir: Path, kernels: list[str], compile: bool | None, tpf: list[dict] = (),
+                      loop: dict | None = None) -> None:
     from flarectl.engine import bench
 
     for kernel in kernels:
@@ -228,7 +237,7 @@ def _render_step_cost(model, name: str, weights: str, levels: list[int], block: 
         data |= {"model": name, "weights": weights, "dtype": str(model.dtype).replace("torch.", ""),
                  "device": str(model.device) + (f" ({_gpu_name()})" if model.device.type == "cuda" else "")}
         if tpf:
-            data["projected"] = [bench.project_throughput(data, t) for t in tpf]
+            data["projected"] = [bench.project_throughput(data, t, loop) for t in tpf]
         path = out_dir / f"step_cost_{data['gdn_kernel']}.json"
         path.write_text(json.dumps(data, indent=2))
         _step_cost_table(data, name, weights, context)
@@ -245,12 +254,23 @@ def _projection_table(data: dict, p: dict) -> None:
     table = Table(title=f"projected throughput: {data['model']} step times ({data['weights']}) x tokens/forward "
                         f"measured on {p['source_model']}, prompts {p['prompts']} ({p['source']}): a projection, "
                         f"not a measurement")
-    for col in ("mode", "C", "tok/fwd (measured)", "step", "step ms", "projected tok/s"):
+    loop = p.get("loop_source") is not None
+    cols = ["mode", "C", "tok/fwd (measured)", "step", "step ms", "projected tok/s"]
+    cols += ["+ host ms", "with the loop tok/s"] if loop else []
+    for col in cols:
         table.add_column(col, justify="right" if col != "mode" else "left")
     for r in p["rows"]:
-        table.add_row(r["mode"], str(r["concurrency"]), f"{r['tokens_per_forward']:.2f}", r["step"],
-                      f"{r['step_ms']:.3f}", f"{r['tokens_per_second']:,.0f}")
+        cells = [r["mode"], str(r["concurrency"]), f"{r['tokens_per_forward']:.2f}", r["step"], f"{r['step_ms']:.3f}",
+                 f"{r['tokens_per_second']:,.0f}"]
+        if loop:
+            with_loop = "host_ms" in r
+            cells += [f"{r['host_ms']:.3f}" if with_loop else "-",
+                      f"{r['tokens_per_second_with_loop']:,.0f}" if with_loop else "-"]
+        table.add_row(*cells)
     out.print(table)
+    if loop:
+        out.print(f"[dim]host ms per step: the serving loop's time beyond its GPU floor, from {p['loop_source']}[/]",
+                  highlight=False)
 
 
 def _tuned_projections_table(data: dict) -> None:

@@ -452,19 +452,42 @@ def load_tokens_per_forward(path: Path) -> dict:
             "prompts": str(data.get("prompts", "?")), "rows": rows}
 
 
-def project_throughput(step_data: dict, tpf: dict) -> dict:
+def load_loop_overhead(path: Path, model: str) -> dict:
+    """Host time per step of the serving loop per (mode, concurrency), ``step_ms - gpu_step_ms``, from a serving
+    ``bench.json`` of ``model`` on CUDA (random weights will do: the loop's work does not depend on them)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        points = [(p["mode"], int(p["concurrency"]), float(p["step_ms"]), p.get("gpu_step_ms"))
+                  for p in data["points"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FlareError(f"--loop-from {path}: not a flarectl bench JSON ({exc})") from None
+    if data.get("model") != model:
+        raise FlareError(f"--loop-from {path}: measured on {data.get('model')!r}, not {model!r}")
+    rows = {(m, c): step - gpu for m, c, step, gpu in points if gpu is not None}
+    if not rows:
+        raise FlareError(f"--loop-from {path}: no point with a GPU floor per step (a CUDA-graphed serving run)")
+    return {"source": str(path), "rows": rows}
+
+
+def project_throughput(step_data: dict, tpf: dict, loop: dict | None = None) -> dict:
     """tokens/s = C x tokens/forward (measured on a converted checkpoint) / step time (``step_cost``'s, same C).
-    A projection for a model of the step's shape: engine host time between steps is not included."""
+    A projection for a model of the step's shape. Without ``loop`` the serving loop's host time between steps is
+    not included; with it (``load_loop_overhead``) each row also gives ``loop_ms`` (the step plus the host time per
+    step that mode measured at that C) and ``tokens_per_second_with_loop``."""
     steps = {(s["kind"], s["concurrency"]): s["ms"] for s in step_data["steps"]}
     rows = []
     for (mode, c), t in sorted(tpf["rows"].items()):
         kind = STEP_OF_MODE.get(mode)
         if (kind, c) in steps:
             ms = steps[(kind, c)]
-            rows.append({"mode": mode, "concurrency": c, "tokens_per_forward": t, "step": kind, "step_ms": ms,
-                         "tokens_per_second": 1000 * c * t / ms})
+            row = {"mode": mode, "concurrency": c, "tokens_per_forward": t, "step": kind, "step_ms": ms,
+                   "tokens_per_second": 1000 * c * t / ms}
+            host = loop["rows"].get((mode, c)) if loop else None
+            if host is not None:
+                row |= {"host_ms": host, "loop_ms": ms + host, "tokens_per_second_with_loop": 1000 * c * t / (ms + host)}
+            rows.append(row)
     return {"source": tpf["source"], "source_model": tpf["source_model"], "prompts": tpf.get("prompts", "?"),
-            "rows": rows}
+            "loop_source": loop["source"] if loop else None, "rows": rows}
 
 
 # -- chart --------------------------------------------------------------------------------------------------------
