@@ -234,3 +234,22 @@ def test_attention_prologue_kernel_compiles_for_sm90(gated, norm, pdl):
     c, regs = _compile_sm90(fn, types, consts, num_warps=4, num_stages=1, aligned=aligned)
     assert c.metadata.shared <= H100_SHARED_BYTES
     assert regs is None or regs <= 128, regs
+
+
+@pytest.mark.parametrize("split", [1, 8, 64])
+@pytest.mark.parametrize("dtype", ["*bf16", "*fp32"])
+def test_argmax_confidence_kernel_compiles_for_sm90(split, dtype):
+    """The greedy read-out (``flarectl.engine.argmax``) compiles for sm_90 without spilling: one row's split of the
+    vocabulary per program, the last arrival combining up to 64 splits (the combine is unrolled)."""
+    pytest.importorskip("triton")
+    from flarectl.engine import argmax
+
+    fn = argmax._kernel()
+    consts = dict(SPLIT=split, BLOCK=argmax.BLOCK)
+    types = dict(x=dtype, out="*fp32", ws="*fp32", counter="*i32", N="i32", V="i32", stride_row="i32",
+                 per_split="i32")
+    c, regs, spilled = _compile_sm90(fn, types, consts, num_warps=4, num_stages=1,
+                                     aligned=["x", "out", "ws", "counter", "V", "stride_row", "per_split"], spills=True)
+    assert c.metadata.shared <= H100_SHARED_BYTES
+    assert regs is None or regs <= 128, regs
+    assert not spilled, spilled
