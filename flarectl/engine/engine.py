@@ -14,8 +14,9 @@ free the slots of finished requests — the others never wait for them. A reques
 greedy AR and no request is waiting for a free slot, step N+1 is queued before step N's tokens are read: its input
 tokens are step N's argmax on the device, so the host's work on step N (emits, stop checks, streaming) runs while
 the device computes step N+1 instead of between the two. A request that ends at step N has had one more token
-computed for it, which is dropped (its slot is released after; nothing it committed is ever read). The same tokens
-either way; the loop falls back to one step at a time for trust modes, sampling, and admissions.
+computed for it, which is dropped (its slot is released after; nothing it committed is ever read). Tokens reach the
+host, and the streams, one step later than without it. The same tokens either way; the loop falls back to one step
+at a time for trust modes, sampling, and admissions.
 """
 
 from __future__ import annotations
