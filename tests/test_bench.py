@@ -67,6 +67,21 @@ def test_step_shapes_are_counted_and_floored_only_with_graphs():
         bench.graph_replay_ms = real
 
 
+def test_serving_loop_switches_reach_the_engine(tmp_path):
+    """--overlap and --greedy-read reach the engine (recorded in the JSON; the module default is restored after) and
+    every request completes."""
+    from flarectl.engine import modes
+
+    res = CliRunner().invoke(app, ["bench", "--model", "debug-hybrid", "--mode", "ar,ar-trust", "--concurrency", "2",
+                                   "--num-requests", "3", "--max-new-tokens", "4", "--no-baseline", "--overlap",
+                                   "--greedy-read", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["engine"]["overlap"] is True and data["engine"]["greedy_read"] is True
+    assert [(p["mode"], p["tokens"], p["failed"]) for p in data["points"]] == [("ar", 12, 0), ("ar-trust", 12, 0)]
+    assert modes.GREEDY_READ is False
+
+
 def test_serving_benchmark_diffusion_scheme(tmp_path):
     """--diffusion-scheme anchored reaches the engine (recorded in the JSON) and every request completes."""
     res = CliRunner().invoke(app, ["bench", "--model", "debug-hybrid", "--mode", "diffusion-trust", "--concurrency",

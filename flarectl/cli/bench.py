@@ -99,6 +99,12 @@ def serve(
     gdn_kernel: str = typer.Option("auto", help="Engine GDN path: auto (mixer on CUDA) | mixer (the whole GDN mixer "
                                                 "in one kernel) | triton (our recurrence: commits the state in "
                                                 "place) | fla | torch (--step-cost: a comma list, e.g. mixer,triton)."),
+    overlap: Optional[bool] = typer.Option(None, "--overlap/--no-overlap",
+                                           help="Queue greedy AR steps ahead of the host's work on the previous "
+                                                "one (default: env FLARECTL_ENGINE_OVERLAP, else off)."),
+    greedy_read: Optional[bool] = typer.Option(None, "--greedy-read/--no-greedy-read",
+                                               help="Greedy trust-mode steps read their logits in one pass (argmax "
+                                                    "and confidence; default: env FLARECTL_GREEDY_READ, else off)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="torch.compile the engine step (default: on for CUDA)."),
     gemv_tune: Optional[str] = typer.Option(None, "--gemv-tune",
@@ -170,9 +176,16 @@ def serve(
         return bench.serving_benchmark(m, ids, modes=modes, concurrency=levels, num_requests=num_requests,
                                        max_new_tokens=max_new_tokens, block_size=block, threshold=threshold,
                                        baseline=baseline, meta=meta, on_point=progress, gdn_kernel=gdn_kernel,
-                                       compile=compile, diffusion_trust_scheme=diffusion_scheme)
+                                       compile=compile, diffusion_trust_scheme=diffusion_scheme, overlap=overlap)
 
-    report = _with_mask(m, mask, block, run)
+    from flarectl.engine import modes as engine_modes
+
+    default_read = engine_modes.GREEDY_READ
+    engine_modes.GREEDY_READ = default_read if greedy_read is None else greedy_read
+    try:
+        report = _with_mask(m, mask, block, run)
+    finally:
+        engine_modes.GREEDY_READ = default_read
     data = report.to_json() | {"weights": weights, "note": note}
     (out_dir / "bench.json").write_text(json.dumps(data, indent=2))
     _render_serving(report, weights)

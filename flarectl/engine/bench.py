@@ -187,15 +187,16 @@ def gpu_floor_ms(engine, shapes: dict) -> float | None:
 def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *, max_new_tokens: int,
                  block_size: int | None, threshold: float, mask_token_id: int | None = None,
                  backend: str = "auto", gdn_kernel: str = "auto", compile: bool | None = None,
-                 diffusion_trust_scheme: str = "anchored") -> tuple[ServingPoint, dict]:
-    """Decode ``prompts`` with the engine at ``concurrency`` (a short warm-up run first captures the graphs)."""
+                 diffusion_trust_scheme: str = "anchored", overlap: bool | None = None) -> tuple[ServingPoint, dict]:
+    """Decode ``prompts`` with the engine at ``concurrency`` (a short warm-up run first captures the graphs).
+    ``overlap``: ``Engine``'s (None: its default)."""
     from flarectl.engine import Engine, Request, modes
 
     block = block_size or 0
     capacity = max(map(len, prompts)) + max_new_tokens + 2 * max(block, 1) + 2
     engine = Engine(model, concurrency=concurrency, capacity=capacity, backend=backend, block_size=block_size,
                     mask_token_id=mask_token_id, gdn_kernel=gdn_kernel, compile=compile,
-                    diffusion_trust_scheme=diffusion_trust_scheme)
+                    diffusion_trust_scheme=diffusion_trust_scheme, overlap=overlap)
     kw = dict(mode=mode, max_new_tokens=max_new_tokens, threshold=threshold, stop_ids=[])
     engine.warmup([mode], block_size)
     for p in prompts[:concurrency]:  # warm-up: graph capture for this run's shapes, allocator, kernels
@@ -326,7 +327,7 @@ def serving_benchmark(model, prompts: list[list[int]], *, modes: list[str], conc
                       num_requests: int | None, max_new_tokens: int, block_size: int | None, threshold: float,
                       baseline: bool = True, meta: dict | None = None, on_point=None,
                       gdn_kernel: str = "auto", compile: bool | None = None,
-                      diffusion_trust_scheme: str = "anchored") -> ServingReport:
+                      diffusion_trust_scheme: str = "anchored", overlap: bool | None = None) -> ServingReport:
     """Every mode x concurrency through the engine, plus the HF baseline per concurrency. ``num_requests``:
     requests per point (default 2 x concurrency). ``on_point(point)`` is called as results arrive."""
     report = ServingReport(**(meta or {}), max_new_tokens=max_new_tokens, block_size=block_size,
@@ -338,7 +339,7 @@ def serving_benchmark(model, prompts: list[list[int]], *, modes: list[str], conc
             point, info = engine_point(model, batch, mode, c, max_new_tokens=max_new_tokens,
                                        block_size=block_size if mode != "ar" else None, threshold=threshold,
                                        gdn_kernel=gdn_kernel, compile=compile,
-                                       diffusion_trust_scheme=diffusion_trust_scheme)
+                                       diffusion_trust_scheme=diffusion_trust_scheme, overlap=overlap)
             report.engine = info
             report.points.append(point)
             if on_point:
