@@ -110,11 +110,12 @@ else:
             assert torch.equal(sub.conf, torch.softmax(x[key], -1).amax(-1))
 
 
-def _mixed_run(m, read: bool, monkeypatch, dt_scheme: str):
+def _mixed_run(m, read: bool, monkeypatch, dt_scheme: str, ar_scheme: str = "anchored"):
     from flarectl.engine import Engine, Request, modes
 
     monkeypatch.setattr(modes, "GREEDY_READ", read)
-    engine = Engine(m, concurrency=3, capacity=64, mask_token_id=258, diffusion_trust_scheme=dt_scheme)
+    engine = Engine(m, concurrency=3, capacity=64, mask_token_id=258, diffusion_trust_scheme=dt_scheme,
+                    ar_trust_scheme=ar_scheme)
     mix = [([5, 6, 7], "ar-trust", 4, 12, 0.9), ([9], "diffusion-trust", 4, 10, 0.6), ([1, 2], "ar", None, 5, 0.9),
            ([70, 71], "ar-trust", 2, 9, 0.9), (list(range(80, 95)), "diffusion-trust", 3, 11, 0.5),
            ([33, 34, 35], "ar-trust", 3, 7, 0.9), ([3, 4], "diffusion-trust", 2, 8, 0.9)]
@@ -124,18 +125,18 @@ def _mixed_run(m, read: bool, monkeypatch, dt_scheme: str):
 
 
 @pytest.mark.skipif(CHILD, reason="parent process only")
-@pytest.mark.parametrize("dt_scheme", ["plain", "anchored"])
-def test_engine_greedy_read_changes_nothing(monkeypatch, dt_scheme):
+@pytest.mark.parametrize("dt_scheme,ar_scheme", [("plain", "anchored"), ("anchored", "anchored"), ("plain", "fused")])
+def test_engine_greedy_read_changes_nothing(monkeypatch, dt_scheme, ar_scheme):
     """The engine with the one-pass read-out == with the sampler's generic path: tokens, forwards and acceptance
-    histograms of every mode, both schemes (a sharpened fp32 debug model, so drafts are accepted and thresholds
+    histograms of every mode, every scheme (a sharpened fp32 debug model, so drafts are accepted and thresholds
     pass)."""
     from flarectl.models.loading import load_model
 
     m = load_model("debug-hybrid", dtype="float32", device="cpu", seed=1)
     with torch.no_grad():
         m.hf.lm_head.weight.mul_(30)
-    on = _mixed_run(m, True, monkeypatch, dt_scheme)
-    assert on == _mixed_run(m, False, monkeypatch, dt_scheme)
+    on = _mixed_run(m, True, monkeypatch, dt_scheme, ar_scheme)
+    assert on == _mixed_run(m, False, monkeypatch, dt_scheme, ar_scheme)
     assert sum(sum(k * c for k, c in enumerate(h)) for _, _, h in on) > 0  # drafts accepted / tokens decided
 
 
