@@ -400,6 +400,30 @@ def test_overlap_stops_early_and_falls_back_for_other_modes(sharp):
     assert on[0][2] == "eos" and len(on[0][0]) <= 3 and on[6][2] == "error"  # stopped early; failed alone
 
 
+def test_overlapped_sampling_draws_as_one_step_at_a_time(sharp):
+    """Sampling requests with their own seeded samplers are overlapped too: each draw comes from the request's
+    generator in the same order, so the same tokens as one step at a time (and the extra draw for a request that
+    has ended touches only its own generator). Requests that share one sampler (``generate``'s batches) are not
+    overlapped: the same tokens, nothing queued ahead."""
+    from flarectl.decoding.sampling import Sampler
+
+    m = sharp["debug-hybrid"]
+    reqs = [dict(prompt=p, max_new_tokens=n, temperature=t, top_p=tp, seed=sd, stop_ids=[])
+            for p, n, t, tp, sd in [([5, 6, 7], 9, 0.8, 0.9, 1), ([9], 4, 1.0, 1.0, 2), ([1, 2], 12, 0.7, 0.8, 3),
+                                    ([3, 4, 5, 6], 2, 0.8, 1.0, 4), ([8], 7, 0.0, 1.0, 0), ([70], 5, 1.3, 0.95, 5)]]
+    on, engine, queued = _overlap_run(m, reqs, True)
+    assert on == _overlap_run(m, reqs, False)[0] and queued > 0 and engine._inflight is None
+    assert len({tuple(t) for t, *_ in on}) == len(reqs)
+    shared = Sampler.create(0.8, 1.0, 7, "cpu")
+    same = [dict(prompt=[5, 6, 7], max_new_tokens=6, sampler=shared, stop_ids=[]),
+            dict(prompt=[9, 9], max_new_tokens=3, sampler=shared, stop_ids=[])]
+    runs = []
+    for overlap in (True, False):
+        shared.generator.manual_seed(7)
+        runs.append(_overlap_run(m, same, overlap))
+    assert runs[0][0] == runs[1][0] and runs[0][2] == 0
+
+
 def test_overlap_default_and_env(monkeypatch, debug_models):
     from flarectl.engine import engine as engine_mod
 

@@ -11,12 +11,14 @@ free the slots of finished requests — the others never wait for them. A reques
 (its result has ``finish_reason == "error"``).
 
 **Overlap** (``Engine(overlap=True)``, env ``FLARECTL_ENGINE_OVERLAP=1``; off by default): while every row decodes
-greedy AR and no request is waiting for a free slot, step N+1 is queued before step N's tokens are read: its input
-tokens are step N's argmax on the device, so the host's work on step N (emits, stop checks, streaming) runs while
-the device computes step N+1 instead of between the two. A request that ends at step N has had one more token
+AR (greedy, or sampling with the request's own seeded sampler) and no request is waiting for a free slot, step N+1 is
+queued before step N's tokens are read: its input tokens are step N's tokens chosen on the device (the argmax, or a
+draw from the request's generator as the one-step loop draws it), so the host's work on step N (emits, stop checks,
+streaming) runs while the device computes step N+1 instead of between the two. A request that ends at step N has had one more token
 computed for it, which is dropped (its slot is released after; nothing it committed is ever read). Tokens reach the
 host, and the streams, one step later than without it. The same tokens either way; the loop falls back to one step
-at a time for trust modes, sampling, and admissions.
+at a time for trust modes, samplers shared between requests (``generate``'s batches: an extra draw would move the
+others' streams), and admissions.
 """
 
 from __future__ import annotations
@@ -240,9 +242,21 @@ class Engine:
 
     # -- overlapped greedy AR steps -----------------------------------------------------------------------------
     def _can_overlap(self) -> bool:
-        """Every row greedy AR and no admission due (a waiting request and a free slot)."""
+        """Every row AR, greedy or sampling with a sampler of its own, and no admission due (a waiting request and a
+        free slot)."""
         return (self.overlap and not (self.waiting and self.free)
-                and all(r.mode == "ar" and r.sampler.greedy for r in self.rows.values()))
+                and all(r.mode == "ar" and (r.sampler.greedy or r.req.sampler is None) for r in self.rows.values()))
+
+    def _next_tokens(self, last: torch.Tensor, rows: list[tuple[int, Row]]) -> torch.Tensor:
+        """last [C, V]: the step's logits at each row's clean token -> [C] tokens on the device, as ``modes`` takes
+        them: the argmax (the first maximum); a sampling row draws from its own generator, as its one-row group
+        does in a step at a time."""
+        tokens = last.argmax(-1)
+        for slot, row in rows:
+            if not row.sampler.greedy:
+                one = slice(slot, slot + 1)
+                tokens[one] = row.sampler.sample(row.sampler.probs(last[one]))
+        return tokens
 
     def _forward_overlapped(self) -> None:
         """Queue one AR step (its inputs: the in-flight step's tokens on the device, else the rows' pending tokens),
@@ -261,7 +275,7 @@ class Engine:
         logits = self.backend.step(ids, counts, wlen, commit, 1, None)
         self.backend.finish_step(None)
         self.steps += 1
-        tokens = logits[:, 0].argmax(-1)  # greedy: as ``modes`` takes it (the first maximum)
+        tokens = self._next_tokens(logits[:, 0], rows)
         if not self._token_buffers:
             pin = self.device.type == "cuda"
             self._token_buffers = [torch.empty(self.concurrency, dtype=torch.long, pin_memory=pin) for _ in range(2)]
