@@ -304,6 +304,7 @@ def test_json_records_the_mixer_choices(tmp_path):
     data = json.loads((tmp_path / "step_cost_mixer.json").read_text())
     assert data["mixer_token_block"] == mixer.TOKEN_BLOCK and data["mixer_v_block"] == mixer.V_BLOCK
     assert data["mixer_chunk"] is mixer.CHUNK and data["mixer_maxnreg"] == mixer.MAXNREG
+    assert data["mixer_anchor_reuse"] is mixer.ANCHOR_REUSE
     assert data["mixer_l2_next_kb"] == mixer.L2_NEXT_KB and data["mixer_l2_at"] in ("start", "end")
 
 

@@ -518,3 +518,24 @@ def test_overlap_on_cuda_gives_the_same_tokens(heuristic_gemv):
     on, engine, queued = _overlap_run(m, AR_MIX, True)
     assert on == _overlap_run(m, AR_MIX, False)[0]
     assert queued > 0 and engine._inflight is None and engine.backend.cuda_graphs
+
+
+@pytest.mark.gpu
+def test_engine_with_mixer_anchor_reuse_on_cuda_gives_the_same_tokens(heuristic_gemv, monkeypatch):
+    """The engine's anchored plans (AR-Trust draft/verify, anchored Diffusion-Trust commits) keep ``mixer.ANCHOR_REUSE``'s
+    contract: with it on, the graphed CUDA engine gives the same tokens as with it off (fp32, sharpened debug model)."""
+    from flarectl.engine import mixer
+
+    m = load_model("debug-hybrid", dtype="float32", device="cuda", seed=1)
+    with torch.no_grad():
+        m.hf.lm_head.weight.mul_(30)
+    outs = []
+    for reuse in (False, True):
+        monkeypatch.setattr(mixer, "ANCHOR_REUSE", reuse)
+        engine = Engine(m, concurrency=3, capacity=64, mask_token_id=MASK, block_size=4,
+                        diffusion_trust_scheme="anchored")
+        assert engine.backend.gdn_kernel == "mixer"
+        for prompt, mode, _, max_new, thr in MIX:
+            engine.submit(Request(prompt, mode, max_new_tokens=max_new, threshold=thr, stop_ids=[]))
+        outs.append([(r.token_ids, r.acceptance_histogram) for r in engine.run()])
+    assert outs[0] == outs[1]

@@ -561,6 +561,40 @@ if not CHILD:
             mixer.NAN_FILL = False
             mixer.L2_AT_END, mixer.L2_ROW_BYTES, mixer.MAXNREG = knobs
 
+    @pytest.mark.gpu
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_mixer_anchor_reuse_on_cuda_matches_twin(dtype):
+        """``anchor_reuse`` on CUDA at the Qwen3.5-2B GDN shape (C = 8, 32-column blocks), the trust step's anchored
+        layout (W 8, wc 4) with every anchored window's first token the row's last clean token == the torch chain,
+        both read-outs."""
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA")
+        import functools
+
+        from flarectl.engine import mixer
+        from flarectl.engine.gdn_ops import gdn_mixer_chain
+
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        mixer.NAN_FILL = True
+        try:
+            a = _mixer_problem(8, 8, 8, 4, 16, 16, 128, 128, 3, False, dtype, "cuda", anchored=True)
+            a["state"] = a["state"].float()
+            for r in range(8):
+                if a["seen"][r] < a["counts"][r]:
+                    a["proj"][r, 4] = a["proj"][r, int(a["counts"][r]) - 1]
+            ref = _run_mixer(gdn_mixer_chain, a, 4, 16, 16, 128, 128)
+            c = a["commit"]
+            for parallel in (False, True):
+                got = _run_mixer(functools.partial(mixer.launch, v_block=32, parallel_readout=parallel, chunk=False,
+                                                   anchor_reuse=True), a, 4, 16, 16, 128, 128)
+                assert not got[0].isnan().any()
+                torch.testing.assert_close(got[0].float(), ref[0].float(), rtol=tol, atol=tol)
+                torch.testing.assert_close(got[1], ref[1], rtol=tol, atol=tol)
+                torch.testing.assert_close(got[3][~c], ref[3][~c], rtol=tol, atol=tol)
+                assert torch.equal(got[2], ref[2]) and torch.equal(got[4], ref[4])
+        finally:
+            mixer.NAN_FILL = False
+
     def test_mixer_l2_prefetch_plan(monkeypatch):
         """The mixer's L2 prefetch (``mixer.L2_NEXT_KB``): the lines cover the first KB of out_proj's weight, then of
         gate|up's, each whole at most; off CPU-side and under the interpreter (no inline PTX); the step hands the
@@ -1511,6 +1545,47 @@ else:
             assert got[3][c].isnan().all()  # the committing rows' state went to the cache only
             torch.testing.assert_close(got[3][~c], ref[3][~c], rtol=1e-5, atol=1e-5)
             assert torch.equal(got[2], ref[2]) and torch.equal(got[4], ref[4])
+
+    @pytest.mark.parametrize("shape", ANCHORED_MIXER_SHAPES)
+    def test_mixer_anchor_reuse_matches_twin_under_its_contract(shape):
+        """``anchor_reuse`` (the window of an anchored row goes on from the state after the clean tokens instead of
+        redoing its first token, ``mixer.ANCHOR_REUSE``) == the torch chain when every anchored window's first token
+        is the row's last clean token, as the engine's plans make it (NaN-filled output; both read-outs, token blocks
+        of 1 and 2); with any other first token the anchored rows' windows differ (the shortcut ran), the other rows
+        and the committed state do not."""
+        import functools
+
+        from flarectl.engine import mixer
+        from flarectl.engine.gdn_ops import gdn_mixer_chain
+
+        C, W, wc, H, HV, K, V, S, bias, v_block, _ = shape
+        mixer.NAN_FILL = True
+        a = _mixer_problem(C * 11 + W, C, W, wc, H, HV, K, V, S, bias, anchored=True)
+        anchored = (a["seen"] < a["counts"]).tolist()
+        assert any(anchored)
+        broken = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+        for r, anch in enumerate(anchored):
+            if anch:
+                a["proj"][r, wc] = a["proj"][r, int(a["counts"][r]) - 1]  # the contract: window[0] = last clean
+        ref = _run_mixer(gdn_mixer_chain, a, wc, H, HV, K, V)
+        c = a["commit"]
+        for token_block, parallel in ((None, False), (2, False), (None, True)):
+            launch = functools.partial(mixer.launch, v_block=v_block, token_block=token_block,
+                                       parallel_readout=parallel, chunk=False, anchor_reuse=True)
+            got = _run_mixer(launch, a, wc, H, HV, K, V)
+            assert not got[0].isnan().any()
+            torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[3][~c], ref[3][~c], rtol=1e-5, atol=1e-5)
+            assert torch.equal(got[2], ref[2]) and torch.equal(got[4], ref[4])
+        ref_b = _run_mixer(gdn_mixer_chain, broken, wc, H, HV, K, V)
+        got_b = _run_mixer(functools.partial(mixer.launch, v_block=v_block, chunk=False, anchor_reuse=True), broken,
+                           wc, H, HV, K, V)
+        for r, anch in enumerate(anchored):
+            same = torch.allclose(got_b[0][r, wc:], ref_b[0][r, wc:], rtol=1e-5, atol=1e-5)
+            assert same != anch, (r, anch)
+            torch.testing.assert_close(got_b[0][r, :wc], ref_b[0][r, :wc], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_b[1], ref_b[1], rtol=1e-5, atol=1e-5)
 
     def test_static_step_mixer_equals_adapter_path_and_chain():
         """The engine step with the one-kernel mixer (interpreted) == the adapter path and == the step without it

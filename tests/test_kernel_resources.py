@@ -46,6 +46,15 @@ def test_engine_mixer_kernel_compiles_for_sm90(token_block, early, chunk, max_re
     assert "prefetch.global.L2" not in c.asm["ptx"]
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+def test_engine_mixer_anchor_reuse_compiles_for_sm90(parallel):
+    """The multi-token mixer with ``mixer.ANCHOR_REUSE`` (no start-state round trip for anchored windows) keeps the
+    multi-token build's bound: <= 128 registers, nothing spilled."""
+    c, regs, spills = _compile_mixer_sm90(1, True, False, parallel, reuse=True)
+    assert regs is not None, "ptxas could not report"
+    assert regs <= 128 and spills == 0, (regs, spills)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("at_end", [False, True])
 @pytest.mark.parametrize("token_block,early", [(1, False), (1, True)])
@@ -59,7 +68,7 @@ def test_engine_mixer_l2_prefetch_compiles_for_sm90(token_block, early, at_end):
     assert regs <= 128 and spills == 0, (regs, spills)
 
 
-def _compile_mixer_sm90(token_block, early, chunk, parallel, l2=False, l2_end=False):
+def _compile_mixer_sm90(token_block, early, chunk, parallel, l2=False, l2_end=False, reuse=False):
     """The mixer kernel compiled for sm_90 at the Qwen3.5-2B shape (see the test above) -> (kernel, registers,
     spilled bytes)."""
     pytest.importorskip("triton")
@@ -68,7 +77,7 @@ def _compile_mixer_sm90(token_block, early, chunk, parallel, l2=False, l2_end=Fa
     fn = mixer._kernel()
     consts = dict(H=16, HV=16, K=128, V=128, S=3, BK=128, BV=32, NV=4, BVF=128, BS=4, HAS_BIAS=False,
                   ROUND_PROD=True, PDL=False, TB=token_block, TBN=8 if early else 1, EARLY=early, PARALLEL=parallel,
-                  CHUNK=chunk, BVP=32, KC=32, L2=l2, L2_END=l2_end, LINE=mixer.L2_LINE, L2B=128)
+                  CHUNK=chunk, BVP=32, KC=32, L2=l2, L2_END=l2_end, LINE=mixer.L2_LINE, L2B=128, REUSE=reuse)
     types = dict(proj="*bf16", cw="*bf16", cb="*bf16", A_log="*fp32", dt_bias="*bf16", nw="*bf16", out="*bf16",
                  state="*fp32", last="*fp32", wstart="*fp32", conv="*bf16", lconv="*bf16", counts="*i64",
                  seen="*i64", commit="*i1", counter="*i32", l2a="*bf16", l2b="*bf16", n_l2a="i32", n_l2b="i32",

@@ -283,6 +283,7 @@ def step_paths(backend) -> dict:
     if getattr(step, "kernel", None) == "mixer":
         out |= {"mixer_token_block": mixer.TOKEN_BLOCK, "mixer_v_block": mixer.V_BLOCK,
                 "mixer_v_block_multi": mixer.V_BLOCK_MULTI or mixer.V_BLOCK, "mixer_chunk": mixer.CHUNK,
+                "mixer_anchor_reuse": mixer.ANCHOR_REUSE,
                 "mixer_maxnreg": mixer.MAXNREG, "mixer_l2_next_kb": mixer.L2_NEXT_KB,
                 "mixer_l2_row_bytes": mixer.L2_ROW_BYTES,
                 "mixer_l2_at": "end" if mixer.L2_AT_END else "start"}

@@ -125,6 +125,17 @@ bf16) that is 6 MB for the Qwen3.5-2B gate|up (12288 rows)."""
 L2_LINE = l2_next.LINE
 """Bytes per prefetched line."""
 
+ANCHOR_REUSE = os.environ.get("FLARECTL_MIXER_ANCHOR_REUSE", "0").strip().lower() in ("1", "true", "yes", "on")
+"""Whether an anchored window (``seen`` = ``counts`` - 1) takes the state after the clean tokens as its state after
+its first token, in the serial form (env ``FLARECTL_MIXER_ANCHOR_REUSE=1``, read at import; off). Every anchored
+plan of the engine (``modes.plan``: AR-Trust's draft and verify steps, anchored Diffusion-Trust's commit step) puts the
+last clean token first in its window, at the same position and seeing the same clean tokens before it: the window's
+first update is the clean chain's last one, so the window goes on from where the clean tokens leave the state. That
+saves one token of the serial chain (~3 us of a trust-step launch on the H100, session 20) and the start state's
+round trip through ``wstart``. The same function when the window's first token is the last clean token (the twin
+computes it in full; rounding differs); with any other first token the window's outputs are wrong, so it is a
+contract of the step (``StaticStep``) while it is on. Built in session 25, not yet timed."""
+
 V_BLOCK_MULTI: int | None = env_int("FLARECTL_MIXER_V_BLOCK_MULTI", None, high=1024, power_of_two=True)
 """State columns per program for steps of more than one token per row (None: ``V_BLOCK``); env
 ``FLARECTL_MIXER_V_BLOCK_MULTI``, read at import."""
@@ -274,7 +285,7 @@ def _kernel():
                          BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_PROD: tl.constexpr, PDL: tl.constexpr,
                          TB: tl.constexpr, TBN: tl.constexpr, EARLY: tl.constexpr, PARALLEL: tl.constexpr,
                          CHUNK: tl.constexpr, BVP: tl.constexpr, KC: tl.constexpr, L2: tl.constexpr,
-                         L2_END: tl.constexpr, LINE: tl.constexpr, L2B: tl.constexpr):
+                         L2_END: tl.constexpr, LINE: tl.constexpr, L2B: tl.constexpr, REUSE: tl.constexpr):
         # program (row n, k-head h, v-head r of the head's R, v-block vb of NV): G = R * NV programs share the
         # q/k channels of (n, h); the last of them to arrive (``counter``) commits their conv context and, with
         # NV > 1, applies the gated norm (it needs whole v-heads)
@@ -324,7 +335,7 @@ def _kernel():
         # (this program's own slice) when it passes and loaded back after the clean tokens. Kept on chip instead,
         # a second state copy took the kernel from 126 to 233 registers (sm_90): half the programs per SM.
         anchored = (sn < cnt) & (wc < W)
-        if not CHUNK:
+        if not CHUNK and not REUSE:  # (REUSE: the window goes on from the state after the clean tokens)
             if anchored & (sn == 0):
                 tl.store(wstart + off_h, h, mask=mask_h)
         # Tokens go in blocks of TB: each block's conv, SiLU, q/k norms and gates are computed for all its tokens
@@ -427,7 +438,9 @@ def _kernel():
                         sel = o_t == i
                         b_q, b_k, b_v = _row(b_qs, sel), _row(b_ks, sel), _row(b_vs, sel)
                         d = tl.sum(tl.where(sel, decays, 0.0))
-                        if PARALLEL:  # S^T k and S^T q side by side from the state before this token
+                        if REUSE and anchored & (t == wc):  # the window's first token is the last clean token:
+                            o = tl.sum(h * b_q[:, None], 0)  # its update is the one the state has just had
+                        elif PARALLEL:  # S^T k and S^T q side by side from the state before this token
                             hk = tl.sum(h * b_k[:, None], 0)
                             hq = tl.sum(h * b_q[:, None], 0)
                             b_v = tl.sum(tl.where(sel, betas, 0.0)) * (b_v - d * hk)
@@ -438,12 +451,13 @@ def _kernel():
                             b_v = tl.sum(tl.where(sel, betas, 0.0)) * (b_v - tl.sum(h * b_k[:, None], 0))
                             h += b_k[:, None] * b_v[None, :]
                             o = tl.sum(h * b_q[:, None], 0)
-                        if anchored & (t == sn - 1):
+                        if not REUSE and anchored & (t == sn - 1):
                             tl.store(wstart + off_h, h, mask=mask_h)
                         if t == wc - 1:  # the state after the clean tokens: cache (commit) or ``last`` (not)
                             tl.store(state + off_h, h.to(state.dtype.element_ty), mask=c_h)
                             tl.store(last + off_h, h.to(last.dtype.element_ty), mask=nc_h)
-                            if anchored:  # the window goes on from the state after its ``seen`` clean tokens
+                            if not REUSE and anchored:  # the window goes on from the state after its ``seen``
+                                # clean tokens
                                 tl.debug_barrier()
                                 h = tl.load(wstart + off_h, mask=mask_h, other=0.0)
                         o = o.to(proj.dtype.element_ty).to(tl.float32)  # HF rounds o to the layer's dtype before the norm
@@ -510,11 +524,13 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
            wc: int, H: int, HV: int, K: int, V: int, eps: float, v_block: int | None = None,
            seen: torch.Tensor | None = None, token_block: int | None = None,
            parallel_readout: bool | None = None, chunk: bool | None = None, l2_a: torch.Tensor | None = None,
-           l2_b: torch.Tensor | None = None, l2_kb: int | None = None) -> torch.Tensor:
+           l2_b: torch.Tensor | None = None, l2_kb: int | None = None,
+           anchor_reuse: bool | None = None) -> torch.Tensor:
     """See ``gdn_ops.gdn_mixer`` (``seen`` None: ``counts``). proj [C, W, 2HK + 2HV*V + 2HV] (last stride 1); conv / last_conv [C, D, S]
     and state / last_state [C, HV, K, V] contiguous. ``v_block``: state columns per program (None:
     ``V_BLOCK``, or all V); ``token_block``: tokens whose inputs are prepared together (None: ``TOKEN_BLOCK``);
-    ``parallel_readout``: None for ``PARALLEL_READOUT``; ``chunk``: the chunk form for steps of 2 to
+    ``parallel_readout``: None for ``PARALLEL_READOUT``; ``anchor_reuse``: None for ``ANCHOR_REUSE`` (serial form
+    only); ``chunk``: the chunk form for steps of 2 to
     ``CHUNK_MAX_TOKENS`` tokens per row (None: ``CHUNK``; other steps run the serial form either way).
     ``l2_a`` / ``l2_b``: contiguous weights of the GEMMs after the mixer, of which the first ``l2_kb`` KB (None:
     ``L2_NEXT_KB``; ``l2_a`` first) are prefetched into L2 on CUDA (a hint: never under the interpreter).
@@ -531,10 +547,11 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
     S = conv.shape[-1]
     out = torch.empty(C, W, HV * V, device=proj.device, dtype=proj.dtype)
     use_chunk = (CHUNK if chunk is None else chunk) and 1 < W <= CHUNK_MAX_TOKENS
+    reuse = (ANCHOR_REUSE if anchor_reuse is None else anchor_reuse) and not use_chunk
     # anchored windows' start states (written and read only where a row's window sees fewer than all clean tokens;
-    # the chunk form needs none)
-    wstart = (torch.empty(state.shape, dtype=torch.float32, device=state.device) if seen is not None and not use_chunk
-              else state)
+    # the chunk form and ``ANCHOR_REUSE`` need none)
+    wstart = (torch.empty(state.shape, dtype=torch.float32, device=state.device)
+              if seen is not None and not use_chunk and not reuse else state)
     if NAN_FILL and out.is_floating_point():
         out.fill_(float("nan"))
     bk, bvf = triton.next_power_of_2(K), triton.next_power_of_2(V)
@@ -559,7 +576,7 @@ def launch(proj, conv_w, conv_b, A_log, dt_bias, norm_w, state, conv, last_state
         TBN=min(triton.next_power_of_2(max(W, 1)), NORM_TOKEN_BLOCK), EARLY=W > 1,
         PARALLEL=PARALLEL_READOUT if parallel_readout is None else parallel_readout, CHUNK=use_chunk,
         BVP=max(bv, 16) if use_chunk else bv, KC=min(bk, 32), num_warps=warps, **({"launch_pdl": True} if pdl else {}),
-        L2=l2_lines[0] + l2_lines[1] > 0, L2_END=L2_AT_END, LINE=L2_LINE, L2B=32 * warps,
+        L2=l2_lines[0] + l2_lines[1] > 0, L2_END=L2_AT_END, LINE=L2_LINE, L2B=32 * warps, REUSE=reuse,
         **({"maxnreg": MAXNREG} if MAXNREG and proj.device.type == "cuda" else {}))
     return out
 

@@ -628,7 +628,9 @@ class StaticStep:
         """ids [C, Wc+Ww] long; counts, wlen [C] long; commit [C] bool -> logits [C, Wc+Ww, V] (``logits=False``:
         the final hidden states, the LM head skipped — a prefill step). ``seen`` [C] long (None: ``counts``): the
         clean tokens each row's window sees; ``counts - 1`` anchors the window on the last clean token (the window's
-        first token sits at that token's position and sees only the clean tokens before it)."""
+        first token sits at that token's position and sees only the clean tokens before it). With
+        ``mixer.ANCHOR_REUSE`` an anchored window's first token must be that clean token itself, as every plan of
+        ``modes`` makes it."""
         key = (width_clean, ids.shape[1], logits, seen is None)
         if not self.compiled or key in self._shapes:
             return self._forward(ids, counts, wlen, commit, width_clean, logits, seen)
