@@ -81,7 +81,7 @@ class StepInputs:
 
 OVERLAP_DEFAULT = os.environ.get("FLARECTL_ENGINE_OVERLAP", "0").strip().lower() not in ("0", "false", "no", "off",
                                                                                         "")
-"""``Engine(overlap=None)``: whether greedy AR steps overlap the host's work on the previous step (module docstring).
+"""``Engine(overlap=None)``: whether AR steps overlap the host's work on the previous step (module docstring).
 Off until the serving loop is timed with it on a GPU (built in session 25, whose device calls were refused); env
 ``FLARECTL_ENGINE_OVERLAP=1`` turns it on (read at import)."""
 
@@ -93,7 +93,7 @@ class Engine:
     before CUDA-graph capture (None: on for CUDA; env FLARECTL_ENGINE_COMPILE=0 turns it off).
     ``ar_trust_scheme``: 'anchored' (default: every forward emits an exact AR token too) or 'fused' (the earlier
     scheme, for comparison; ``modes``). ``diffusion_trust_scheme``: 'anchored' (default: every block
-    ends with an exact AR token from its commit step) or 'plain' (the paper's; ``modes``). ``overlap``: queue greedy
+    ends with an exact AR token from its commit step) or 'plain' (the paper's; ``modes``). ``overlap``: queue
     AR steps ahead of the host's work on the previous one (None: ``OVERLAP_DEFAULT``; module docstring)."""
 
     def __init__(self, model, *, concurrency: int = 8, capacity: int = 4096, backend: str = "auto",
@@ -240,7 +240,7 @@ class Engine:
             self._drain()
         return [self.done[i] for i in sorted(set(self.done) - before)]
 
-    # -- overlapped greedy AR steps -----------------------------------------------------------------------------
+    # -- overlapped AR steps ------------------------------------------------------------------------------------
     def _can_overlap(self) -> bool:
         """Every row AR, greedy or sampling with a sampler of its own, and no admission due (a waiting request and a
         free slot)."""
@@ -260,7 +260,7 @@ class Engine:
 
     def _forward_overlapped(self) -> None:
         """Queue one AR step (its inputs: the in-flight step's tokens on the device, else the rows' pending tokens),
-        its argmax and the argmax's copy to the host; then read the previous step's tokens."""
+        the choice of its tokens (``_next_tokens``) and their copy to the host; then read the previous step's."""
         rows = list(self.rows.items())
         key = frozenset(self.rows)
         if self._inflight is not None and self._ar_inputs is not None and self._ar_inputs[0] == key:
