@@ -36,3 +36,21 @@ def debug_models():
         m.hf.double()
         models[name] = m
     return models
+
+
+@pytest.fixture(scope="module")
+def sharp():
+    """fp64 debug models with a sharpened LM head (drafts get accepted, thresholds pass: every branch runs)."""
+    from flarectl.models.loading import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    for name in ("debug-hybrid", "debug-llama"):
+        m = load_model(name, dtype="float32", device="cpu", seed=1)
+        m.hf.double()
+        with torch.no_grad():
+            m.hf.lm_head.weight.mul_(30)
+        out[name] = m
+    yield out
+    torch.set_num_threads(threads)

@@ -15,19 +15,9 @@ PROMPTS = [[60, 61, 62, 63, 64], [70, 71], [80, 81, 82, 83, 84, 85, 86, 87, 88, 
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(sharp):
     """fp64 debug models with a sharpened LM head (peaky distributions: drafts get accepted, thresholds pass)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI box has 2 shared cores; oversubscribed threads make tiny ops 10x slower
-    out = {}
-    for name in ("debug-hybrid", "debug-llama"):
-        m = load_model(name, dtype="float32", device="cpu", seed=1)
-        m.hf.double()
-        with torch.no_grad():
-            m.hf.lm_head.weight.mul_(30)
-        out[name] = m
-    yield out
-    torch.set_num_threads(threads)
+    return sharp
 
 
 def run(model, prompts, mode, **kw):

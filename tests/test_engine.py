@@ -12,22 +12,6 @@ from flarectl.models.loading import load_model
 MASK = 258
 
 
-@pytest.fixture(scope="module")
-def sharp():
-    """fp64 debug models with a sharpened LM head (drafts get accepted, thresholds pass: every branch runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = {}
-    for name in ("debug-hybrid", "debug-llama"):
-        m = load_model(name, dtype="float32", device="cpu", seed=1)
-        m.hf.double()
-        with torch.no_grad():
-            m.hf.lm_head.weight.mul_(30)
-        out[name] = m
-    yield out
-    torch.set_num_threads(threads)
-
-
 def _random_steps(backends, steps, slots, seed=0, anchored=False):
     """Drive backends with the same random steps (every clean/window width mix, commit or not); compare the
     logits of real positions. ``anchored``: windows randomly anchored on their row's last clean token

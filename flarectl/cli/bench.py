@@ -100,8 +100,9 @@ def serve(
                                                 "in one kernel) | triton (our recurrence: commits the state in "
                                                 "place) | fla | torch (--step-cost: a comma list, e.g. mixer,triton)."),
     overlap: Optional[bool] = typer.Option(None, "--overlap/--no-overlap",
-                                           help="Queue AR steps ahead of the host's work on the previous "
-                                                "one (default: env FLARECTL_ENGINE_OVERLAP, else off)."),
+                                           help="Queue steps ahead of the host's work on the previous one: AR, "
+                                                "and greedy trust modes with their decisions on the device "
+                                                "(default: env FLARECTL_ENGINE_OVERLAP, else off)."),
     greedy_read: Optional[bool] = typer.Option(None, "--greedy-read/--no-greedy-read",
                                                help="Greedy trust-mode steps read their logits in one pass (argmax "
                                                     "and confidence; default: env FLARECTL_GREEDY_READ, else off)."),

@@ -157,6 +157,15 @@ def _(logits):
     return logits.new_empty(2, logits.shape[0], dtype=dtype)
 
 
+def device_read(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [..., V] -> (tokens [...] long, confidence [...] fp32 or fp64) **on the logits' device**: the same
+    numbers as ``greedy_read``, with no copy to the host (the overlapped trust steps decide on the device)."""
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, logits.shape[-1])
+    packed = launch(flat) if kernel_applies(flat) else argmax_confidence_reference(flat)
+    return packed[0].long().reshape(lead), packed[1].reshape(lead)
+
+
 def greedy_read(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [..., V] on any device -> (tokens [...] long, confidence [...] fp32 or fp64) **on the host**, with one
     device->host copy."""

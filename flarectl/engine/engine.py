@@ -10,15 +10,18 @@ slot), ask every row for its plan (``modes.plan``), run one static-shape forward
 free the slots of finished requests — the others never wait for them. A request with bad parameters fails alone
 (its result has ``finish_reason == "error"``).
 
-**Overlap** (``Engine(overlap=True)``, env ``FLARECTL_ENGINE_OVERLAP=1``; off by default): while every row decodes
-AR (greedy, or sampling with the request's own seeded sampler) and no request is waiting for a free slot, step N+1 is
-queued before step N's tokens are read: its input tokens are step N's tokens chosen on the device (the argmax, or a
-draw from the request's generator as the one-step loop draws it), so the host's work on step N (emits, stop checks,
-streaming) runs while the device computes step N+1 instead of between the two. A request that ends at step N has had one more token
-computed for it, which is dropped (its slot is released after; nothing it committed is ever read). Tokens reach the
-host, and the streams, one step later than without it. The same tokens either way; the loop falls back to one step
-at a time for trust modes, samplers shared between requests (``generate``'s batches: an extra draw would move the
-others' streams), and admissions.
+**Overlap** (``Engine(overlap=True)``, env ``FLARECTL_ENGINE_OVERLAP=1``; off by default): while no request is
+waiting for a free slot, step N+1 is queued before the host reads step N, so the host's work on step N (emits, stop
+checks, streaming) runs while the device computes step N+1 instead of between the two.
+* Every row AR (greedy, or sampling with the request's own seeded sampler): step N+1's input tokens are step N's,
+  chosen on the device (the argmax, or a draw from the request's generator as the one-step loop draws it).
+* Every row greedy anchored AR-Trust or Diffusion-Trust with one block size >= 2: the rows' decoding state moves to
+  the device and each step's decisions are made there (``trust_overlap``); the host reads each step's record (what
+  every row emitted) one step later.
+A request that ends at step N has had one more step computed for it, which is dropped (its slot is released after;
+nothing it committed is ever read). Tokens reach the host, and the streams, one step later than without it. The same
+tokens either way. Anything else (mixed AR and trust rows, sampled trust rows, samplers shared between requests:
+``generate``'s batches, where an extra draw would move the others' streams; admissions) runs one step at a time.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from collections import deque
 import torch
 
 from flarectl.decoding.sampling import Sampler
-from flarectl.engine import modes
+from flarectl.engine import modes, trust_overlap
 from flarectl.engine.backends import make_backend
 from flarectl.engine.requests import MAX_BLOCK_SIZE, MODES, Request, RequestResult, Row, failed
 
@@ -81,9 +84,9 @@ class StepInputs:
 
 OVERLAP_DEFAULT = os.environ.get("FLARECTL_ENGINE_OVERLAP", "0").strip().lower() not in ("0", "false", "no", "off",
                                                                                         "")
-"""``Engine(overlap=None)``: whether AR steps overlap the host's work on the previous step (module docstring).
-Off until the serving loop is timed with it on a GPU (built in session 25, whose device calls were refused); env
-``FLARECTL_ENGINE_OVERLAP=1`` turns it on (read at import)."""
+"""``Engine(overlap=None)``: whether steps overlap the host's work on the previous step (module docstring). Off until
+the serving loop is timed with it on a GPU (AR built in session 25, trust modes in session 26; no device was lent
+in either); env ``FLARECTL_ENGINE_OVERLAP=1`` turns it on (read at import)."""
 
 
 class Engine:
@@ -136,6 +139,8 @@ class Engine:
         self._inflight: _Inflight | None = None  # a queued AR step whose tokens the host has not read yet
         self._ar_inputs: tuple | None = None  # (row set, counts, wlen, commit, seen) of overlapped AR steps
         self._token_buffers: list[torch.Tensor] = []  # two pinned host buffers of C tokens, used in turn
+        self._trust: trust_overlap.TrustState | None = None  # the rows' state on the device (overlapped trust steps)
+        self._trust_inputs: tuple | None = None  # the next overlapped trust step's inputs (device)
 
     # -- requests ---------------------------------------------------------------------------------------------
     def _check(self, req: Request) -> int:
@@ -229,23 +234,34 @@ class Engine:
         """Admit, run one forward over all slots, update rows; returns the requests finished in this step (with
         ``overlap``: the requests the host found finished in it)."""
         before = set(self.done)
-        if self._inflight is not None and not self._can_overlap():
+        if self._inflight is not None and self._overlap_kind() != self._inflight.kind:
             self._drain()
         self._admit()
-        if self.rows and self._can_overlap():
+        kind = self._overlap_kind()
+        if kind == "ar":
             self._forward_overlapped()
+        elif kind == "trust":
+            self._forward_trust_overlapped()
         elif self.rows:
             self._forward()
         elif self._inflight is not None:
             self._drain()
         return [self.done[i] for i in sorted(set(self.done) - before)]
 
-    # -- overlapped AR steps ------------------------------------------------------------------------------------
-    def _can_overlap(self) -> bool:
-        """Every row AR, greedy or sampling with a sampler of its own, and no admission due (a waiting request and a
-        free slot)."""
-        return (self.overlap and not (self.waiting and self.free)
-                and all(r.mode == "ar" and (r.sampler.greedy or r.req.sampler is None) for r in self.rows.values()))
+    # -- overlapped steps ---------------------------------------------------------------------------------------
+    def _overlap_kind(self) -> str | None:
+        """How the next step may overlap the host's work (None: one step at a time). No admission may be due (a
+        waiting request and a free slot). 'ar': every row AR, greedy or sampling with a sampler of its own. 'trust':
+        every row greedy anchored AR-Trust or Diffusion-Trust with one block size >= 2 (``trust_overlap``)."""
+        if not self.overlap or not self.rows or (self.waiting and self.free):
+            return None
+        rows = self.rows.values()
+        if all(r.mode == "ar" and (r.sampler.greedy or r.req.sampler is None) for r in rows):
+            return "ar"
+        blocks = {trust_overlap.block_of(r) for r in rows}
+        if len(blocks) == 1 and None not in blocks and self.mask_id is not None:
+            return "trust"
+        return None
 
     def _next_tokens(self, last: torch.Tensor, rows: list[tuple[int, Row]]) -> torch.Tensor:
         """last [C, V]: the step's logits at each row's clean token -> [C] tokens on the device, as ``modes`` takes
@@ -281,31 +297,69 @@ class Engine:
             self._token_buffers = [torch.empty(self.concurrency, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         host = self._token_buffers[self.steps % 2]
         host.copy_(tokens, non_blocking=True)
-        ready = None
+        self._queue(_Inflight("ar", tokens, host, rows))
+
+    def _forward_trust_overlapped(self) -> None:
+        """Queue one trust step whose inputs the device state gives (``trust_overlap.TrustState``: loaded from the
+        rows when the loop turns to overlapped trust steps), its decisions and its record's copy to the host; then
+        read the previous step's record."""
+        rows = list(self.rows.items())
+        state = self._trust
+        if state is None or state.block != rows[0][1].block:  # (kept between turns: its CUDA graphs stay valid)
+            state = self._trust = trust_overlap.TrustState(
+                self.concurrency, rows[0][1].block, self.mask_id, self.device,
+                graphs=bool(getattr(self.backend, "cuda_graphs", False)))
+        if not state.loaded:
+            state.load(rows)
+            self._trust_inputs = state.inputs()
+        elif state.key != frozenset(self.rows):
+            state.keep(frozenset(self.rows))
+            self._trust_inputs = state.inputs()
+        ids, counts, wlen, commit, seen = self._trust_inputs
+        logits = self.backend.step(ids, counts, wlen, commit, state.block, seen)
+        late, record, self._trust_inputs = state.advance(logits, modes._force_first_pass())
+        self.backend.finish_step(late)
+        self.steps += 1
+        host = state.host_records[self.steps % 2]
+        host.copy_(record, non_blocking=True)
+        self._queue(_Inflight("trust", None, host, rows))
+
+    def _queue(self, step: "_Inflight") -> None:
+        """``step`` is in flight (an event marks its copy to the host on CUDA); read the one queued before it."""
         if self.device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record()
-        previous, self._inflight = self._inflight, _Inflight(tokens, host, ready, rows)
+            step.ready = torch.cuda.Event()
+            step.ready.record()
+        previous, self._inflight = self._inflight, step
         if previous is not None:
             self._read(previous)
 
     def _drain(self) -> None:
+        """Read the step in flight; after trust steps the rows take their state back from the device."""
         previous, self._inflight = self._inflight, None
         self._read(previous)
+        if previous.kind == "trust":
+            self._trust.store(list(self.rows.items()))
 
     def _read(self, step: "_Inflight") -> None:
-        """The host's work on a queued step: its tokens to the rows that were in it and are still in flight."""
+        """The host's work on a queued step, for the rows that were in it and are still in flight: AR tokens, or each
+        trust row's record (``trust_overlap.apply_record``)."""
         if step.ready is not None:
             step.ready.synchronize()
-        tokens = step.host.tolist()
+        values = step.host.tolist()
         live = [(slot, row) for slot, row in step.rows if self.rows.get(slot) is row]
         for _, row in live:
             row.forwards += 1
-        modes.apply_ar_tokens([row for _, row in live], [tokens[slot] for slot, _ in live])
+        if step.kind == "ar":
+            modes.apply_ar_tokens([row for _, row in live], [values[slot] for slot, _ in live])
+        else:
+            for slot, row in live:
+                trust_overlap.apply_record(row, values[slot], row.block)
         self._retire()
 
     # -- one step at a time -------------------------------------------------------------------------------------
     def _forward(self) -> None:
+        if self._inflight is not None:
+            self._drain()
         self._ar_inputs = None  # the upload below reuses the buffers those views point to
         plans = {slot: modes.plan(row) for slot, row in self.rows.items()}
         wc = max(len(p[0]) for p in plans.values())
@@ -363,10 +417,11 @@ class Engine:
 
 
 class _Inflight:
-    """An overlapped AR step queued on the device: its argmax ``tokens`` [C] (device), their ``host`` copy (pinned),
-    the event after the copy (None off CUDA) and the (slot, row) pairs it ran for."""
+    """An overlapped step queued on the device: ``kind`` ('ar' or 'trust'), an AR step's ``tokens`` [C] (device),
+    the ``host`` copy of its tokens or of the trust record (pinned on CUDA), the event after that copy (None off
+    CUDA) and the (slot, row) pairs it ran for."""
 
-    __slots__ = ("tokens", "host", "ready", "rows")
+    __slots__ = ("kind", "tokens", "host", "ready", "rows")
 
-    def __init__(self, tokens, host, ready, rows):
-        self.tokens, self.host, self.ready, self.rows = tokens, host, ready, rows
+    def __init__(self, kind, tokens, host, rows):
+        self.kind, self.tokens, self.host, self.ready, self.rows = kind, tokens, host, None, rows

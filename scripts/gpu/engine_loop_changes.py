@@ -1,9 +1,12 @@
-"""The serving loop's cost beyond the graphed forward, per mode, with session 25's two loop changes off and on: the
-one-pass greedy read-out for the trust modes (``modes.GREEDY_READ``) and the overlapped AR steps for AR
-(``Engine.overlap``); issue 6. Random weights (Qwen3.5-2B shape, bf16), C=8, gsm8k-style prompts, EOS ignored.
+"""The serving loop's cost beyond the graphed forward, per mode, with the loop changes off and on (issue 6): for AR the
+overlapped steps (``Engine.overlap``, session 25); for the trust modes the one-pass greedy read-out
+(``modes.GREEDY_READ``, session 25), then on top of it the overlapped trust loop (``Engine.overlap``: decisions on
+the device, ``trust_overlap``, session 26). Random weights (Qwen3.5-2B shape, bf16), C=8, gsm8k-style prompts, EOS
+ignored. (With random weights drafts are rarely accepted: the trust modes' tokens/forward is ~1; what is compared is
+the loop's time per step.)
 
-Per mode one engine is built and warmed up; then serving runs of ``--requests`` x ``--max-new`` alternate the change
-off / on (``--rounds`` each, after one discarded run each), same engine, same graphs. Per run: tok/s, the median
+Per mode one engine is built and warmed up; then serving runs of ``--requests`` x ``--max-new`` alternate the
+variants (``--rounds`` each, after one discarded run each), same engine, same graphs. Per run: tok/s, the median
 wall time of a steady engine step (no admission in it; it includes the device->host read of the step's tokens, so
 the GPU work and the host work that does not overlap it), and the GPU floor of those steps: each step shape's graph
 replayed alone (CUDA events, median of 20, nothing committed), averaged over the shapes the run stepped through.
@@ -100,13 +103,14 @@ def main():
         engine.warmup([mode], a.block)
         shapes = bench.count_step_shapes(engine)
 
-        variant = "overlap" if mode == "ar" else "greedy_read"
+        # (name, greedy read-out, overlap): AR overlaps or not; a trust mode takes the read-out, then the overlapped
+        # trust loop on top of it (its decisions on the device: trust_overlap)
+        variants = ([("base", False, False), ("overlap", False, True)] if mode == "ar" else
+                    [("base", False, False), ("greedy_read", True, False), ("read+overlap", True, True)])
 
-        def serve(on: bool) -> dict:
-            if mode == "ar":
-                engine.overlap = on
-            else:
-                modes.GREEDY_READ = on
+        def serve(variant) -> dict:
+            name, read, overlap = variant
+            modes.GREEDY_READ, engine.overlap = read, overlap
             shapes.clear()
             engine.done.clear()
             engine.submitted, engine.steps = 0, 0
@@ -125,18 +129,18 @@ def main():
             total = time.perf_counter() - start
             tokens = sum(len(r.token_ids) for r in engine.done.values())
             forwards = sum(r.forwards for r in engine.done.values())
-            return {"mode": mode, "variant": variant, "on": on, "tok_per_s": tokens / total, "steps": engine.steps,
+            return {"mode": mode, "variant": name, "tok_per_s": tokens / total, "steps": engine.steps,
                     "tokens_per_forward": tokens / max(forwards, 1), "step_ms": 1000 * statistics.median(walls),
                     "step_ms_mean": 1000 * statistics.mean(walls), "shapes": dict(shapes)}
 
-        serve(False)
-        serve(True)  # warm-up runs: any shape not captured yet is captured here
+        for variant in variants:  # warm-up runs: any shape not captured (or compiled) yet is, here
+            serve(variant)
         log(f"{mode}: engine built, warmed up in {time.perf_counter() - t0:.0f} s; "
             f"graphs {sorted(getattr(engine.backend._step, 'graphs', {}))}")
         runs = []
         for _ in range(a.rounds):
-            for on in (False, True):
-                runs.append(serve(on))
+            for variant in variants:
+                runs.append(serve(variant))
                 log(json.dumps({k: v for k, v in runs[-1].items() if k != "shapes"}))
         graphs = getattr(engine.backend._step, "graphs", {})  # none on CPU
         floors = {key: bench.graph_replay_ms(engine.backend._step, key) for key in graphs}
@@ -151,9 +155,9 @@ def main():
         del engine
         if cuda:
             torch.cuda.empty_cache()
-    print("\nmode             change           tok/s   tok/fwd  step ms (median / mean)  GPU floor ms  host ms (mean - floor)")
+    print("\nmode             variant          tok/s   tok/fwd  step ms (median / mean)  GPU floor ms  host ms (mean - floor)")
     for r in report["runs"]:
-        print(f"{r['mode']:<16} {r['variant'] + (' on ' if r['on'] else ' off'):<15}  {r['tok_per_s']:6.0f}  {r['tokens_per_forward']:6.2f}"
+        print(f"{r['mode']:<16} {r['variant']:<15}  {r['tok_per_s']:6.0f}  {r['tokens_per_forward']:6.2f}"
               f"  {r['step_ms']:7.3f} / {r['step_ms_mean']:7.3f}        {r['floor_ms']:7.3f}       {r['host_ms']:7.3f}")
 
 

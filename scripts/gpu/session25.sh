@@ -1,6 +1,7 @@
 #!/bin/bash
 # Issue 6, session 25 (device tool, carry [".whl", ".engine_carry"]): the one-pass greedy read-out
-# (flarectl/engine/argmax.py, modes.GREEDY_READ) and the overlapped AR loop (Engine(overlap=True)) — their GPU tests,
+# (flarectl/engine/argmax.py, modes.GREEDY_READ), the overlapped AR loop and (session 26) the overlapped trust loop
+# (Engine(overlap=True), flarectl/engine/trust_overlap.py) — their GPU tests,
 # then the serving loop's cost beyond the graphed forward per mode with each change off and on
 # (scripts/gpu/engine_loop_changes.py). Logs in $OUT/session25.tgz.
 #   TEST_TIMEOUT (150), READ_TIMEOUT (380), READ_ARGS (extra arguments of engine_loop_changes.py)
@@ -29,7 +30,7 @@ if [ "${PROJECTION:-0}" = 1 ]; then
 fi
 {
 s=$(date +%s)
-timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_argmax.py tests/test_engine.py -k "argmax or greedy_read or overlap" > "$L/gpu_tests.log" 2>&1
+timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_argmax.py tests/test_engine.py tests/test_trust_overlap.py -k "argmax or greedy_read or overlap" > "$L/gpu_tests.log" 2>&1
 echo "== GPU tests rc $? $(( $(date +%s) - s )) s"; grep -E "PASSED|FAILED|ERROR|passed|failed" "$L/gpu_tests.log" | tail -8
 pack
 s=$(date +%s)
