@@ -54,3 +54,25 @@ def sharp():
         out[name] = m
     yield out
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run_interpreted():
+    """``run(test_file, flag, timeout=600)``: run ``test_file`` in a child pytest with Triton's interpreter on (it
+    must be on before triton is imported) and env ``flag=1`` selecting its interpreted tests; skip without triton,
+    fail with the child's output tail if it fails; returns the child's stdout."""
+    import subprocess
+    import sys
+
+    def run(test_file: str, flag: str, timeout: int = 600) -> str:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            pytest.skip("triton not installed")
+        env = {**os.environ, flag: "1", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file],
+                           env=env, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+        return r.stdout
+
+    return run

@@ -7,8 +7,6 @@ is imported), output NaN-filled first so an unwritten element fails."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -65,16 +63,9 @@ if CHILD:
         assert torch.equal(tok[0], x.float().argmax(-1))
 
 else:
-    def test_interpreter_suite():
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            pytest.skip("triton not installed")
-        env = {**os.environ, "FLARE_ARGMAX_CHILD": "1", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                           env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-        assert "29 passed" in r.stdout, r.stdout[-2000:]  # every interpreted case ran (none skipped)
+    def test_interpreter_suite(run_interpreted):
+        out = run_interpreted(__file__, "FLARE_ARGMAX_CHILD")
+        assert "29 passed" in out, out[-2000:]  # every interpreted case ran (none skipped)
 
     @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
     def test_twin_is_the_sampler_path(dtype):

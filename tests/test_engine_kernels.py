@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -137,15 +135,8 @@ def _mixed_steps(backends, seed: int, random_wlen: bool = False):
 if not CHILD:
     from flarectl.engine import gemv
 
-    def test_interpreter_suite():
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            pytest.skip("triton not installed")
-        env = {**os.environ, "FLARE_ENGINE_KERNELS_CHILD": "1", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                           env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    def test_interpreter_suite(run_interpreted):
+        run_interpreted(__file__, "FLARE_ENGINE_KERNELS_CHILD")
 
     def test_op_registration_and_cpu_twin():
         """The custom op passes opcheck (schema, fake tensor, autograd registration) and on CPU without the

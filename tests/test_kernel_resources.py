@@ -262,3 +262,21 @@ def test_argmax_confidence_kernel_compiles_for_sm90(split, dtype):
     assert c.metadata.shared <= H100_SHARED_BYTES
     assert regs is None or regs <= 128, regs
     assert not spilled, spilled
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_copy_rows_kernel_compiles_for_sm90(dtype):
+    """The masked row copy of the late commit (``flarectl.engine.row_copy``: addresses from a table) compiles for
+    sm_90 without spilling."""
+    pytest.importorskip("triton")
+    from flarectl.engine import row_copy
+
+    import torch
+
+    fn, element = row_copy._kernel(getattr(torch, dtype))
+    types = dict(table="*i64", rows="*u8", per_row="i32", R="i32")
+    c, regs, spilled = _compile_sm90(fn, types, dict(BLOCK=row_copy.BLOCK, ELEMENT=element), num_warps=4,
+                                     num_stages=1, aligned=["table", "per_row"], spills=True)
+    assert c.metadata.shared <= H100_SHARED_BYTES
+    assert regs is None or regs <= 128, regs
+    assert not spilled, spilled

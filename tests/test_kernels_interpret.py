@@ -9,8 +9,6 @@ fla's kernels cannot run this way: here the clean-stream chunk quantities come f
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -18,15 +16,8 @@ CHILD = os.environ.get("FLARE_INTERP_CHILD") == "1"
 
 if not CHILD:
 
-    def test_interpreter_suite():
-        try:
-            import triton  # noqa: F401  (only to know it is installed; the child re-imports it interpreted)
-        except ImportError:
-            pytest.skip("triton not installed")
-        env = {**os.environ, "FLARE_INTERP_CHILD": "1", "TRITON_INTERPRET": "1"}
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                           env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    def test_interpreter_suite(run_interpreted):
+        run_interpreted(__file__, "FLARE_INTERP_CHILD")
 
 else:
     import math

@@ -11,7 +11,6 @@ twins, and the dispatch rules. GPU-only tests (``-m gpu``) run the real grid wit
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -54,15 +53,8 @@ def _close_to_truth(got, a, slack=3.0):
 if not CHILD:
     from flarectl.engine import layer_chain as lc
 
-    def test_interpreter_suite():
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            pytest.skip("triton not installed")
-        env = {**os.environ, "FLARE_LAYER_CHAIN_CHILD": "1", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                           env=env, capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    def test_interpreter_suite(run_interpreted):
+        run_interpreted(__file__, "FLARE_LAYER_CHAIN_CHILD", timeout=900)
 
     def test_op_registration_and_cpu_twin():
         """The op passes opcheck (with and without the next projection); on CPU it is the twin, and the twin is the

@@ -47,6 +47,7 @@ from flarectl.engine.attention import resolve as resolve_attn
 from flarectl.engine.envs import env_int
 from flarectl.engine.layer_chain import failures as layer_chain_failures, resolve as layer_chain_resolve
 from flarectl.engine.prefetch import l2_prefetch
+from flarectl.engine.row_copy import copy_rows
 from flarectl.models.adapter import ATTENTION
 from flarectl.models.attention import _project, apply_rope
 from flarectl.models.cache import HybridCache
@@ -590,9 +591,9 @@ class StaticStep:
     def commit_last(self, rows: torch.Tensor) -> None:
         """Commit the last step's clean tokens for ``rows`` [C] bool (rows that step left uncommitted)."""
         rows = rows & ~self.last_commit
-        for i, c in self.cache.gdn.items():
-            c.state.copy_(torch.where(rows[:, None, None, None], self.last_state[i], c.state))
-            c.conv.copy_(torch.where(rows[:, None, None], self.last_conv[i], c.conv))
+        gdn = self.cache.gdn
+        copy_rows([c.state for c in gdn.values()], [self.last_state[i] for i in gdn], rows)
+        copy_rows([c.conv for c in gdn.values()], [self.last_conv[i] for i in gdn], rows)
         self.cache.lengths.add_(torch.where(rows, self.last_counts, 0))
 
     def check(self) -> None:

@@ -1,7 +1,8 @@
 """The serving loop's cost beyond the graphed forward, per mode, with the loop changes off and on (issue 6): for AR the
 overlapped steps (``Engine.overlap``, session 25); for the trust modes the one-pass greedy read-out
 (``modes.GREEDY_READ``, session 25), then on top of it the overlapped trust loop (``Engine.overlap``: decisions on
-the device, ``trust_overlap``, session 26). Random weights (Qwen3.5-2B shape, bf16), C=8, gsm8k-style prompts, EOS
+the device, ``trust_overlap``, session 26) and with it the late commit's row copy as one Triton launch
+(``row_copy.KERNEL``, session 26). Random weights (Qwen3.5-2B shape, bf16), C=8, gsm8k-style prompts, EOS
 ignored. (With random weights drafts are rarely accepted: the trust modes' tokens/forward is ~1; what is compared is
 the loop's time per step.)
 
@@ -79,7 +80,7 @@ def main():
     a = ap.parse_args()
     import torch
 
-    from flarectl.engine import Engine, Request, bench, modes
+    from flarectl.engine import Engine, Request, bench, modes, row_copy
     from flarectl.models.loading import load_model
 
     a.out.mkdir(parents=True, exist_ok=True)
@@ -105,12 +106,15 @@ def main():
 
         # (name, greedy read-out, overlap): AR overlaps or not; a trust mode takes the read-out, then the overlapped
         # trust loop on top of it (its decisions on the device: trust_overlap)
-        variants = ([("base", False, False), ("overlap", False, True)] if mode == "ar" else
-                    [("base", False, False), ("greedy_read", True, False), ("read+overlap", True, True)])
+        # row_copy: the late commit's masked row copy as one Triton launch (row_copy.KERNEL), which the overlapped
+        # trust loop runs after every step
+        variants = ([("base", False, False, False), ("overlap", False, True, False)] if mode == "ar" else
+                    [("base", False, False, False), ("greedy_read", True, False, False),
+                     ("read+overlap", True, True, False), ("read+overlap+rowcopy", True, True, True)])
 
         def serve(variant) -> dict:
-            name, read, overlap = variant
-            modes.GREEDY_READ, engine.overlap = read, overlap
+            name, read, overlap, copy_kernel = variant
+            modes.GREEDY_READ, engine.overlap, row_copy.KERNEL = read, overlap, copy_kernel
             shapes.clear()
             engine.done.clear()
             engine.submitted, engine.steps = 0, 0
@@ -155,9 +159,9 @@ def main():
         del engine
         if cuda:
             torch.cuda.empty_cache()
-    print("\nmode             variant          tok/s   tok/fwd  step ms (median / mean)  GPU floor ms  host ms (mean - floor)")
+    print("\nmode             variant               tok/s   tok/fwd  step ms (median / mean)  GPU floor ms  host ms (mean - floor)")
     for r in report["runs"]:
-        print(f"{r['mode']:<16} {r['variant']:<15}  {r['tok_per_s']:6.0f}  {r['tokens_per_forward']:6.2f}"
+        print(f"{r['mode']:<16} {r['variant']:<20}  {r['tok_per_s']:6.0f}  {r['tokens_per_forward']:6.2f}"
               f"  {r['step_ms']:7.3f} / {r['step_ms_mean']:7.3f}        {r['floor_ms']:7.3f}       {r['host_ms']:7.3f}")
 
 

@@ -30,7 +30,7 @@ if [ "${PROJECTION:-0}" = 1 ]; then
 fi
 {
 s=$(date +%s)
-timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_argmax.py tests/test_engine.py tests/test_trust_overlap.py -k "argmax or greedy_read or overlap" > "$L/gpu_tests.log" 2>&1
+timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_argmax.py tests/test_engine.py tests/test_trust_overlap.py tests/test_row_copy.py -k "argmax or greedy_read or overlap or row_copy" > "$L/gpu_tests.log" 2>&1
 echo "== GPU tests rc $? $(( $(date +%s) - s )) s"; grep -E "PASSED|FAILED|ERROR|passed|failed" "$L/gpu_tests.log" | tail -8
 pack
 s=$(date +%s)
