@@ -33,7 +33,9 @@ def test_serving_benchmark_cli_writes_table_json_png(tmp_path):
     assert [b["concurrency"] for b in data["baseline"]] == [1, 2] and data["baseline"][0]["tokens"] == 3
     assert data["points"][1]["acceptance"] is not None and data["weights"] == "RANDOM weights"
     assert all(p["gpu_step_ms"] is None for p in data["points"])  # no CUDA graphs on CPU: no GPU floor
-    assert data["engine"]["greedy_read"] is False and data["engine"]["overlap"] is False  # off until timed on a GPU
+    assert all(p["overlapped_steps"] == 0 for p in data["points"])
+    # off until timed on a GPU
+    assert not data["engine"]["greedy_read"] and not data["engine"]["overlap"] and not data["engine"]["row_copy_kernel"]
 
 
 def test_step_shapes_are_counted_and_floored_only_with_graphs():
@@ -68,18 +70,22 @@ def test_step_shapes_are_counted_and_floored_only_with_graphs():
 
 
 def test_serving_loop_switches_reach_the_engine(tmp_path):
-    """--overlap and --greedy-read reach the engine (recorded in the JSON; the module default is restored after) and
-    every request completes."""
-    from flarectl.engine import modes
+    """--overlap, --greedy-read and --row-copy-kernel reach the engine (recorded in the JSON; the module defaults are
+    restored after) and every request completes, the trust modes overlapped too."""
+    from flarectl.engine import modes, row_copy
 
-    res = CliRunner().invoke(app, ["bench", "--model", "debug-hybrid", "--mode", "ar,ar-trust", "--concurrency", "2",
-                                   "--num-requests", "3", "--max-new-tokens", "4", "--no-baseline", "--overlap",
-                                   "--greedy-read", "--out", str(tmp_path)])
+    res = CliRunner().invoke(app, ["bench", "--model", "debug-hybrid", "--mode", "ar,ar-trust,diffusion-trust",
+                                   "--concurrency", "2", "--num-requests", "3", "--max-new-tokens", "4",
+                                   "--no-baseline", "--overlap", "--greedy-read", "--row-copy-kernel",
+                                   "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["engine"]["overlap"] is True and data["engine"]["greedy_read"] is True
-    assert [(p["mode"], p["tokens"], p["failed"]) for p in data["points"]] == [("ar", 12, 0), ("ar-trust", 12, 0)]
-    assert modes.GREEDY_READ is False
+    assert data["engine"]["row_copy_kernel"] is True
+    assert [(p["mode"], p["tokens"], p["failed"]) for p in data["points"]] == [
+        ("ar", 12, 0), ("ar-trust", 12, 0), ("diffusion-trust", 12, 0)]
+    assert all(0 < p["overlapped_steps"] <= p["steps"] for p in data["points"])
+    assert modes.GREEDY_READ is False and row_copy.KERNEL is False
 
 
 def test_serving_benchmark_diffusion_scheme(tmp_path):

@@ -106,6 +106,9 @@ def serve(
     greedy_read: Optional[bool] = typer.Option(None, "--greedy-read/--no-greedy-read",
                                                help="Greedy trust-mode steps read their logits in one pass (argmax "
                                                     "and confidence; default: env FLARECTL_GREEDY_READ, else off)."),
+    row_copy: Optional[bool] = typer.Option(None, "--row-copy-kernel/--no-row-copy-kernel",
+                                            help="The late commit's masked row copy as one Triton launch (default: "
+                                                 "env FLARECTL_ENGINE_ROW_COPY, else torch.where in place)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="torch.compile the engine step (default: on for CUDA)."),
     gemv_tune: Optional[str] = typer.Option(None, "--gemv-tune",
@@ -180,13 +183,15 @@ def serve(
                                        compile=compile, diffusion_trust_scheme=diffusion_scheme, overlap=overlap)
 
     from flarectl.engine import modes as engine_modes
+    from flarectl.engine import row_copy as engine_row_copy
 
-    default_read = engine_modes.GREEDY_READ
+    default_read, default_copy = engine_modes.GREEDY_READ, engine_row_copy.KERNEL
     engine_modes.GREEDY_READ = default_read if greedy_read is None else greedy_read
+    engine_row_copy.KERNEL = default_copy if row_copy is None else row_copy
     try:
         report = _with_mask(m, mask, block, run)
     finally:
-        engine_modes.GREEDY_READ = default_read
+        engine_modes.GREEDY_READ, engine_row_copy.KERNEL = default_read, default_copy
     data = report.to_json() | {"weights": weights, "note": note}
     (out_dir / "bench.json").write_text(json.dumps(data, indent=2))
     _render_serving(report, weights)

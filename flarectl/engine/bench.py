@@ -102,6 +102,9 @@ class ServingPoint:
     gpu_step_ms: float | None = None
     """CUDA graphs only: each step's shape replayed alone (``graph_replay_ms``), averaged over the run's steps — the
     GPU floor of ``step_ms``; the difference is the serving loop's host work that the GPU does not hide."""
+    overlapped_steps: int = 0
+    """Steps queued ahead of the host's work on the one before (``Engine(overlap=True)``); the others ran one at a
+    time (rows that cannot overlap). An admission only drains the step in flight first."""
 
 
 @dataclass
@@ -190,7 +193,7 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
                  diffusion_trust_scheme: str = "anchored", overlap: bool | None = None) -> tuple[ServingPoint, dict]:
     """Decode ``prompts`` with the engine at ``concurrency`` (a short warm-up run first captures the graphs).
     ``overlap``: ``Engine``'s (None: its default)."""
-    from flarectl.engine import Engine, Request, modes
+    from flarectl.engine import Engine, Request, modes, row_copy
 
     block = block_size or 0
     capacity = max(map(len, prompts)) + max_new_tokens + 2 * max(block, 1) + 2
@@ -203,7 +206,7 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
         engine.submit(Request(p, **(kw | {"max_new_tokens": min(max_new_tokens, 2 * max(block, 1) + 4)})))
     engine.run()
     engine.done.clear()
-    engine.submitted, engine.steps = 0, 0
+    engine.submitted, engine.steps, engine.overlapped_steps = 0, 0, 0
     shapes = count_step_shapes(engine)
     _sync(model.device)
     t0 = time.perf_counter()
@@ -220,12 +223,14 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
         1000 * seconds / max(engine.steps, 1), tokens / max(forwards, 1), _acceptance(mode, ok),
         1000 * percentile([r.ttft for r in ok], 50), 1000 * percentile([r.ttft for r in ok], 99),
         1000 * percentile([r.tpot for r in ok], 50), 1000 * percentile([r.tpot for r in ok], 99),
-        failed=len(results) - len(ok), gpu_step_ms=gpu_floor_ms(engine, shapes))
+        failed=len(results) - len(ok), gpu_step_ms=gpu_floor_ms(engine, shapes),
+        overlapped_steps=engine.overlapped_steps)
     info = {"backend": engine.backend.name, "cuda_graphs": getattr(engine.backend, "cuda_graphs", False),
             "gdn_kernel": getattr(engine.backend, "gdn_kernel", None),
             "compiled": getattr(engine.backend, "compiled", False),
             "diffusion_trust_scheme": diffusion_trust_scheme,
-            "greedy_read": modes.GREEDY_READ, "overlap": engine.overlap} | step_paths(engine.backend)
+            "greedy_read": modes.GREEDY_READ, "overlap": engine.overlap,
+            "row_copy_kernel": row_copy.KERNEL} | step_paths(engine.backend)
     return point, info
 
 

@@ -133,6 +133,7 @@ class Engine:
         self.done: dict[int, RequestResult] = {}
         self.submitted = 0
         self.steps = 0
+        self.overlapped_steps = 0  # steps queued ahead of the host's work on the one before (``overlap``)
         self.inputs = StepInputs(concurrency, self.device)
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self.overlap = OVERLAP_DEFAULT if overlap is None else bool(overlap)
@@ -326,6 +327,7 @@ class Engine:
 
     def _queue(self, step: "_Inflight") -> None:
         """``step`` is in flight (an event marks its copy to the host on CUDA); read the one queued before it."""
+        self.overlapped_steps += 1
         if self.device.type == "cuda":
             step.ready = torch.cuda.Event()
             step.ready.record()

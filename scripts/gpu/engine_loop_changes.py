@@ -117,7 +117,7 @@ def main():
             modes.GREEDY_READ, engine.overlap, row_copy.KERNEL = read, overlap, copy_kernel
             shapes.clear()
             engine.done.clear()
-            engine.submitted, engine.steps = 0, 0
+            engine.submitted, engine.steps, engine.overlapped_steps = 0, 0, 0
             for p in prompts:
                 engine.submit(Request(p, mode, max_new_tokens=a.max_new, stop_ids=[], threshold=0.9))
             walls = []
@@ -134,7 +134,7 @@ def main():
             tokens = sum(len(r.token_ids) for r in engine.done.values())
             forwards = sum(r.forwards for r in engine.done.values())
             return {"mode": mode, "variant": name, "tok_per_s": tokens / total, "steps": engine.steps,
-                    "tokens_per_forward": tokens / max(forwards, 1), "step_ms": 1000 * statistics.median(walls),
+                    "overlapped": engine.overlapped_steps, "tokens_per_forward": tokens / max(forwards, 1), "step_ms": 1000 * statistics.median(walls),
                     "step_ms_mean": 1000 * statistics.mean(walls), "shapes": dict(shapes)}
 
         for variant in variants:  # warm-up runs: any shape not captured (or compiled) yet is, here
