@@ -276,3 +276,27 @@ def test_overlapped_trust_steps_on_cuda_give_the_same_tokens(monkeypatch):
     on, engine, queued = _serve(m, TRUST_MIX, True)
     assert on == _serve(m, TRUST_MIX, False)[0] and queued > 0 and _idle(engine)
     assert engine.backend.cuda_graphs and engine._trust.graphs and engine._trust.compiled and engine._trust._graphs
+
+
+def test_64_overlapped_trust_requests_complete_once(debug_models):
+    """64 greedy trust requests of mixed modes and lengths through 8 slots, overlapped: each finishes exactly once
+    (reported by the step that read its end), streams what it returns, and equals the step-at-a-time run."""
+    m = debug_models["debug-llama"]
+    runs = []
+    for overlap in (True, False):
+        engine = Engine(m, concurrency=8, capacity=48, mask_token_id=MASK, block_size=3, overlap=overlap)
+        streamed: dict[int, list[int]] = {}
+        finished = []
+        for i in range(64):
+            prompt = [(7 * i + j) % 250 for j in range(1 + i % 13)]
+            engine.submit(Request(prompt, ("ar-trust", "diffusion-trust")[i % 2], max_new_tokens=1 + i % 9,
+                                  threshold=0.3 + 0.1 * (i % 7), stop_ids=[],
+                                  on_token=lambda k, new: streamed.setdefault(k, []).extend(new)))
+        while engine.busy:
+            finished += [r.index for r in engine.step()]
+            assert len(engine.rows) <= 8
+        assert sorted(finished) == list(range(64)) and _idle(engine)
+        results = [engine.done[i] for i in range(64)]
+        assert all(len(r.token_ids) == 1 + r.index % 9 and streamed[r.index] == r.token_ids for r in results)
+        runs.append(([(r.token_ids, r.forwards, r.acceptance_histogram) for r in results], engine.overlapped_steps))
+    assert runs[0][0] == runs[1][0] and runs[0][1] > 0 and runs[1][1] == 0
