@@ -57,9 +57,11 @@ if CHILD:
         for on in (False, True):
             monkeypatch.setattr(row_copy, "KERNEL", on)
             row_copy.copy_rows(dsts, srcs, rows)
+            row_copy.copy_rows(dsts, srcs, rows, kernel=not on)  # the caller's choice wins over ``KERNEL``
+        monkeypatch.setattr(row_copy, "KERNEL", True)
         row_copy.copy_rows([d[:, ::2] for d in dsts], [s[:, ::2] for s in srcs], rows)  # strided: the twin
         row_copy.copy_rows([dsts[0], torch.zeros(4, 3)], [srcs[0], torch.ones(4, 3)], rows)  # shapes differ: the twin
-        assert calls == [1]
+        assert calls == [1, 1]
 
 else:
     def test_interpreter_suite(run_interpreted):

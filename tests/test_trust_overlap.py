@@ -33,7 +33,8 @@ def _serve(m, reqs, overlap: bool, backend="auto", concurrency=3, block=4, capac
     engine._forward_trust_overlapped = lambda: queued.append(1) or real()
     if watch is not None:
         finish = engine.backend.finish_step
-        engine.backend.finish_step = lambda rows: finish(rows) or watch.append(int(engine.backend.cache.lengths.max()))
+        engine.backend.finish_step = lambda rows, **kw: finish(rows, **kw) or watch.append(
+            int(engine.backend.cache.lengths.max()))
     streamed = {}
     for kw in reqs:
         engine.submit(Request(**{"stop_ids": [], **kw},
@@ -300,3 +301,19 @@ def test_64_overlapped_trust_requests_complete_once(debug_models):
         assert all(len(r.token_ids) == 1 + r.index % 9 and streamed[r.index] == r.token_ids for r in results)
         runs.append(([(r.token_ids, r.forwards, r.acceptance_histogram) for r in results], engine.overlapped_steps))
     assert runs[0][0] == runs[1][0] and runs[0][1] > 0 and runs[1][1] == 0
+
+
+def test_overlapped_commits_ask_for_the_row_copy_kernel(sharp):
+    """The overlapped loop commits after every step with the mask on the device, so it asks ``finish_step`` for the
+    masked row copy (``row_copy``: only masked rows move); one step at a time leaves the choice to ``KERNEL``."""
+    m = sharp["debug-hybrid"]
+    asked = {True: [], False: []}
+    for overlap in (True, False):
+        engine = Engine(m, concurrency=2, capacity=64, mask_token_id=MASK, block_size=4, overlap=overlap)
+        finish = engine.backend.finish_step
+        engine.backend.finish_step = lambda rows, copy_kernel=None, _o=overlap: (
+            asked[_o].append(copy_kernel) or finish(rows, copy_kernel))
+        for kw in TRUST_MIX[:3]:
+            engine.submit(Request(**kw, stop_ids=[]))
+        engine.run()
+    assert asked[True] and set(asked[True]) == {True} and set(asked[False]) == {None}

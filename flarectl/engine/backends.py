@@ -2,9 +2,10 @@
 
 Every backend has ``prefill(slots, contexts)``, ``release(slot)``,
 ``step(ids [C, Wc+Ww], counts [C], wlen [C], commit [C], width_clean, seen [C] or None) -> logits [C, Wc+Ww, V]``
-with the contract of ``StaticStep`` (see there; ``seen``: the clean tokens each window sees, None = ``counts``), and ``finish_step(rows [C] bool or None)``, called once after every step, which
+with the contract of ``StaticStep`` (see there; ``seen``: the clean tokens each window sees, None = ``counts``), and ``finish_step(rows [C] bool or None, copy_kernel=None)``, called once after every step, which
 also commits that step's clean tokens for ``rows`` (a decision taken from the step's logits: AR-Trust's full
-accepts; None: no such row, which costs the static backend nothing). Three implementations give the same logits:
+accepts; None: no such row, which costs the static backend nothing; ``copy_kernel``: the static backend's masked row
+copy, ``row_copy.copy_rows``' ``kernel``). Three implementations give the same logits:
 
 * ``SlotBackend`` — static slot cache + ``StaticStep`` (CUDA graphs on CUDA): the fast path.
 * ``AdapterBackend`` — the same ``HybridCache`` driven through ``model.forward`` and ``HybridCache.commit`` (the
@@ -109,9 +110,9 @@ class SlotBackend:
     def step(self, ids, counts, wlen, commit, width_clean: int, seen=None) -> torch.Tensor:
         return self._step(ids, counts, wlen, commit, width_clean, seen=seen)
 
-    def finish_step(self, rows: torch.Tensor | None) -> None:
+    def finish_step(self, rows: torch.Tensor | None, copy_kernel: bool | None = None) -> None:
         if rows is not None:
-            self.eager.commit_last(rows)
+            self.eager.commit_last(rows, copy_kernel)
 
     def check(self) -> None:
         """Raise ``FlareError`` if the step's device kernels flagged wrong outputs (``StaticStep.check``)."""
@@ -166,7 +167,7 @@ class AdapterBackend:
         self._last = (counts, commit)
         return logits[:, pad:]
 
-    def finish_step(self, rows: torch.Tensor | None) -> None:
+    def finish_step(self, rows: torch.Tensor | None, copy_kernel: bool | None = None) -> None:
         counts, commit = self._last
         self.cache.commit(torch.where(commit if rows is None else commit | rows, counts, 0))
 
@@ -216,7 +217,7 @@ class RecomputeBackend:
         self._last = (rows, full, commit[sel].tolist())
         return out
 
-    def finish_step(self, rows_mask: torch.Tensor | None) -> None:
+    def finish_step(self, rows_mask: torch.Tensor | None, copy_kernel: bool | None = None) -> None:
         rows, full, commit = getattr(self, "_last", ([], [], []))
         extra = [False] * len(self.committed) if rows_mask is None else rows_mask.tolist()
         for s, f, c in zip(rows, full, commit):

@@ -319,7 +319,7 @@ class Engine:
         ids, counts, wlen, commit, seen = self._trust_inputs
         logits = self.backend.step(ids, counts, wlen, commit, state.block, seen)
         late, record, self._trust_inputs = state.advance(logits, modes._force_first_pass())
-        self.backend.finish_step(late)
+        self.backend.finish_step(late, copy_kernel=True)  # every step: only the masked rows move (``row_copy``)
         self.steps += 1
         host = state.host_records[self.steps % 2]
         host.copy_(record, non_blocking=True)

@@ -18,8 +18,10 @@ row: 5 x 8.4 MB per GDN layer at the Qwen3.5-2B shape (C = 8, fp32 state), ~0.76
   Opt-in with ``KERNEL`` (env ``FLARECTL_ENGINE_ROW_COPY=1``) until a GPU has timed it and run its CUDA test (built
   in session 26, which was lent no device).
 
-``copy_rows`` takes the kernel where ``KERNEL`` is set and it applies (contiguous tensors of one shape and dtype on
-CUDA, or under Triton's interpreter), else the twin. The copy is exact either way.
+``copy_rows`` takes the kernel where ``KERNEL`` is set (or its caller asks for it) and it applies (contiguous
+tensors of one shape and dtype on CUDA, or under Triton's interpreter), else the twin. The copy is exact either way.
+The overlapped trust loop (``trust_overlap``, itself opt-in) always asks for it: it commits after every step with
+the mask on the device, and the twin would pass over every row's state each time.
 """
 
 from __future__ import annotations
@@ -113,10 +115,11 @@ def launch(dsts: list[torch.Tensor], srcs: list[torch.Tensor], rows: torch.Tenso
              num_warps=4)
 
 
-def copy_rows(dsts: list[torch.Tensor], srcs: list[torch.Tensor], rows: torch.Tensor) -> None:
-    """dst[r] = src[r] where rows[r], for every pair (in place): the kernel where ``KERNEL`` is on and it applies,
-    else the twin."""
-    if KERNEL and kernel_applies(dsts, srcs, rows):
+def copy_rows(dsts: list[torch.Tensor], srcs: list[torch.Tensor], rows: torch.Tensor,
+              kernel: bool | None = None) -> None:
+    """dst[r] = src[r] where rows[r], for every pair (in place): the kernel where ``kernel`` (None: ``KERNEL``) is on
+    and it applies, else the twin."""
+    if (KERNEL if kernel is None else kernel) and kernel_applies(dsts, srcs, rows):
         launch(dsts, srcs, rows)
     else:
         copy_rows_reference(dsts, srcs, rows)

@@ -588,12 +588,13 @@ class StaticStep:
             self._pf = {i: (tuple(tuple(before[4 * i + j]) for j in range(4)), token) for i in range(layers)}
 
     @torch.no_grad()
-    def commit_last(self, rows: torch.Tensor) -> None:
-        """Commit the last step's clean tokens for ``rows`` [C] bool (rows that step left uncommitted)."""
+    def commit_last(self, rows: torch.Tensor, copy_kernel: bool | None = None) -> None:
+        """Commit the last step's clean tokens for ``rows`` [C] bool (rows that step left uncommitted): the kept GDN
+        states and conv contexts into the cache (``row_copy.copy_rows``; ``copy_kernel``: its ``kernel``)."""
         rows = rows & ~self.last_commit
         gdn = self.cache.gdn
-        copy_rows([c.state for c in gdn.values()], [self.last_state[i] for i in gdn], rows)
-        copy_rows([c.conv for c in gdn.values()], [self.last_conv[i] for i in gdn], rows)
+        copy_rows([c.state for c in gdn.values()], [self.last_state[i] for i in gdn], rows, copy_kernel)
+        copy_rows([c.conv for c in gdn.values()], [self.last_conv[i] for i in gdn], rows, copy_kernel)
         self.cache.lengths.add_(torch.where(rows, self.last_counts, 0))
 
     def check(self) -> None:

@@ -1,10 +1,10 @@
-"""The serving loop's cost beyond the graphed forward, per mode, with the loop changes off and on (issue 6): for AR the
-overlapped steps (``Engine.overlap``, session 25); for the trust modes the one-pass greedy read-out
-(``modes.GREEDY_READ``, session 25), then on top of it the overlapped trust loop (``Engine.overlap``: decisions on
-the device, ``trust_overlap``, session 26) and with it the late commit's row copy as one Triton launch
-(``row_copy.KERNEL``, session 26). Random weights (Qwen3.5-2B shape, bf16), C=8, gsm8k-style prompts, EOS
-ignored. (With random weights drafts are rarely accepted: the trust modes' tokens/forward is ~1; what is compared is
-the loop's time per step.)
+"""The serving loop's cost beyond the graphed forward, per mode, with the loop changes off and on (issue 6).
+- AR: the overlapped steps (``Engine.overlap``, session 25).
+- Trust modes: the one-pass greedy read-out (``modes.GREEDY_READ``, session 25); on top of it the late commit's row
+  copy as one Triton launch one step at a time (``row_copy.KERNEL``, session 26); or the overlapped trust loop
+  (``Engine.overlap``: decisions on the device, ``trust_overlap``, session 26; it always takes the row copy kernel).
+Random weights (Qwen3.5-2B shape, bf16), C=8, gsm8k-style prompts, EOS ignored. With random weights drafts are rarely
+accepted (the trust modes' tokens/forward is ~1), so what is compared is the loop's time per step.
 
 Per mode one engine is built and warmed up; then serving runs of ``--requests`` x ``--max-new`` alternate the
 variants (``--rounds`` each, after one discarded run each), same engine, same graphs. Per run: tok/s, the median
@@ -106,11 +106,11 @@ def main():
 
         # (name, greedy read-out, overlap): AR overlaps or not; a trust mode takes the read-out, then the overlapped
         # trust loop on top of it (its decisions on the device: trust_overlap)
-        # row_copy: the late commit's masked row copy as one Triton launch (row_copy.KERNEL), which the overlapped
-        # trust loop runs after every step
+        # rowcopy: the late commit's masked row copy as one Triton launch (row_copy.KERNEL) one step at a time; the
+        # overlapped trust loop always takes it (it commits after every step)
         variants = ([("base", False, False, False), ("overlap", False, True, False)] if mode == "ar" else
                     [("base", False, False, False), ("greedy_read", True, False, False),
-                     ("read+overlap", True, True, False), ("read+overlap+rowcopy", True, True, True)])
+                     ("read+rowcopy", True, False, True), ("read+overlap", True, True, False)])
 
         def serve(variant) -> dict:
             name, read, overlap, copy_kernel = variant
