@@ -76,3 +76,26 @@ def run_interpreted():
         return r.stdout
 
     return run
+
+
+@pytest.fixture
+def one_line_error(capsys):
+    """``check(argv, message)``: ``flarectl *argv`` run in this process exits 2 with exactly one stderr line that
+    holds ``message``, and no traceback."""
+    def check(argv: list[str], message: str) -> None:
+        import sys
+
+        from flarectl.cli import main
+
+        saved = sys.argv
+        sys.argv = ["flarectl", *argv]
+        try:
+            with pytest.raises(SystemExit) as exc:
+                main()
+        finally:
+            sys.argv = saved
+        err = capsys.readouterr().err
+        assert exc.value.code == 2, err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+    return check

@@ -70,8 +70,8 @@ def test_step_shapes_are_counted_and_floored_only_with_graphs():
 
 
 def test_serving_loop_switches_reach_the_engine(tmp_path):
-    """--overlap, --greedy-read and --row-copy-kernel reach the engine (recorded in the JSON; the module defaults are
-    restored after) and every request completes, the trust modes overlapped too."""
+    """--overlap, --greedy-read and --row-copy-kernel reach the engine (recorded in the JSON as they acted; the module
+    defaults are restored after) and every request completes, the trust modes overlapped too."""
     from flarectl.engine import modes, row_copy
 
     res = CliRunner().invoke(app, ["bench", "--model", "debug-hybrid", "--mode", "ar,ar-trust,diffusion-trust",
@@ -81,7 +81,7 @@ def test_serving_loop_switches_reach_the_engine(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["engine"]["overlap"] is True and data["engine"]["greedy_read"] is True
-    assert data["engine"]["row_copy_kernel"] is True
+    assert data["engine"]["row_copy_kernel"] is False  # recorded as it acted: the copy kernel runs on CUDA only
     assert [(p["mode"], p["tokens"], p["failed"]) for p in data["points"]] == [
         ("ar", 12, 0), ("ar-trust", 12, 0), ("diffusion-trust", 12, 0)]
     assert all(0 < p["overlapped_steps"] <= p["steps"] for p in data["points"])
@@ -167,12 +167,24 @@ def test_step_cost_projection_adds_the_serving_loops_host_time(tmp_path):
     with pytest.raises(FlareError, match="no point with a GPU floor"):
         bench.load_loop_overhead(loop, "debug-llama")
     loop.write_text("{}")
+    with pytest.raises(FlareError, match="not a flarectl serving bench JSON"):
+        bench.load_loop_overhead(loop, "debug-llama")
+    loop.write_text("[1, 2")
     with pytest.raises(FlareError, match="not a flarectl bench JSON"):
         bench.load_loop_overhead(loop, "debug-llama")
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--step-cost", "--tpf-from", "/nonexistent.json"], "--tpf-from /nonexistent.json: not a flarectl bench"),
+    (["--step-cost", "--tpf-from", "/nonexistent.json"], "--tpf-from /nonexistent.json does not exist"),
+    (["--step-cost", "--tpf-from", "/"], "--tpf-from / is a directory"),
+    (["--tpf-from", "x.json"], "--tpf-from needs --step-cost"),
+    (["--block-size", "0"], "--block-size must be between 1 and 64"),
+    (["--step-cost", "--block-size", "100000"], "--block-size must be between 1 and 64"),
+    (["--step-cost", "--overlap", "--num-requests", "3"], "--overlap, --num-requests: serving-benchmark options"),
+    (["--step-cost", "--prompts", "humaneval"], "--prompts: serving-benchmark options"),
+    (["--concurrency", "1,,2"], "comma-separated integers"),
+    (["--concurrency", "1,4", "--num-requests", "2"], "--num-requests 2 is below --concurrency 4"),
+    (["--device", "gpu"], "--device must be cpu, cuda or cuda:N"),
     (["--loop-from", "x.json"], "--loop-from needs --step-cost and --tpf-from"),
     (["--mode", "fast"], "--mode must be"),
     (["--concurrency", "0,8"], "--concurrency must be positive"),
@@ -184,20 +196,34 @@ def test_step_cost_projection_adds_the_serving_loops_host_time(tmp_path):
     (["--gdn-kernel", "triton,fla"], "a comma list with --step-cost"),
     (["--gemv-tune", "fast"], "--gemv-tune must be chain, cold or off"),
 ])
-def test_bad_options_are_one_line_errors(args, message, capsys):
-    from flarectl.cli import main
+def test_bad_options_are_one_line_errors(args, message, one_line_error):
+    one_line_error(["bench", "--model", "debug-llama", *args], message)
 
-    import sys
-    argv = sys.argv
-    sys.argv = ["flarectl", "bench", "--model", "debug-llama", *args]
-    try:
-        with pytest.raises(SystemExit) as exc:
-            main()
-    finally:
-        sys.argv = argv
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+
+def test_bad_files_and_outputs_are_one_line_errors_before_any_work(tmp_path, one_line_error, monkeypatch):
+    """Prompt files that are directories or not text, an --out that is a file or holds a directory where bench.json
+    goes, CUDA-only choices on a CPU-only machine: one line each, before the model loads (nothing is written)."""
+    import torch
+
+    from flarectl.models import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(bytes(range(128, 256)))
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    (tmp_path / "old" / "bench.json").mkdir(parents=True)
+    base = ["bench", "--model", "debug-llama", "--no-baseline"]
+    cases = [([*base, "--prompts", str(tmp_path)], "is a directory, not a file of prompts"),
+             ([*base, "--prompts", str(binary)], "is not UTF-8 text"),
+             ([*base, "--out", str(taken)], "exists and is not a directory"),
+             ([*base, "--out", str(tmp_path / "old")], "bench.json is a directory")]
+    if not torch.cuda.is_available():
+        cases += [([*base, "--device", "cuda"], "this torch has no CUDA device"),
+                  ([*base, "--gdn-kernel", "triton"], "--gdn-kernel triton needs a CUDA device")]
+    for argv, message in cases:
+        one_line_error(argv, message)
+    assert taken.read_text() == "keep me"
 
 
 def test_bad_tune_env_is_a_one_line_error(monkeypatch, capsys):

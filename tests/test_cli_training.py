@@ -43,6 +43,23 @@ def test_bad_input_is_one_line_exit_2(args, needle):
     assert len(lines) == 1 and needle in lines[0], lines
 
 
+def test_decode_input_mistakes_are_one_line_in_process(tmp_path, one_line_error):
+    """Prompt files that are directories or not text, --prompt together with --prompts-file, a trust mode on a plain
+    AR checkpoint without --block-size, an unknown device."""
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(bytes(range(128, 256)))
+    text = tmp_path / "prompts.txt"
+    text.write_text("hello\n")
+    base = ["decode", "--model", "debug-llama", "--max-new-tokens", "2"]
+    for args, message in [(["--prompts-file", str(tmp_path)], "is a directory, not a file of prompts"),
+                          (["--prompts-file", str(binary)], "is not UTF-8 text"),
+                          (["--prompts-file", str(text), "-p", "hi"], "not both"),
+                          (["-p", "hi", "--device", "gpu"], "--device must be cpu, cuda or cuda:N"),
+                          (["-p", "hi", "--mode", "ar-trust"],
+                           "--mode ar-trust needs --block-size")]:
+        one_line_error([*base, *args], message)
+
+
 def test_malformed_yaml_and_unsupported_architecture(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")

@@ -103,6 +103,35 @@ def test_humaneval_ar_trust_greedy_equals_ar_and_outputs_are_written(debug_model
     assert [json.loads(e)["entry_point"] for e in executions] == ["has_close_elements", "separate_paren_groups"]
 
 
+def test_data_that_does_not_fit_the_task_is_one_line(debug_models, tmp_path):
+    """A local file without the task's fields, or not JSON text at all: a one-line ``TaskError`` naming the file,
+    raised from inside lm-eval's run of the task."""
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"prompt": "what is 2+2"}\n')
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(bytes(range(128, 256)) * 3)
+    for path, cause in ((wrong, "UndefinedError"), (binary, "DatasetGenerationError")):
+        with pytest.raises(TaskError, match=f"--data {path} does not fit the task \\({cause}") as exc:
+            run_eval(EvalSettings(tasks=["gsm8k"], data=[f"gsm8k={path}"], modes=["ar"], max_new_tokens=2,
+                                  out=str(tmp_path / "out")), model=debug_models["debug-llama"])
+        assert "\n" not in str(exc.value)
+
+
+def test_out_is_checked_before_anything_runs(tmp_path, monkeypatch):
+    """An --out that is a file, or whose samples/ is a file: one line before the model loads or a task runs."""
+    from flarectl.models import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "samples").write_text("")
+    for out, message in ((taken, "exists and is not a directory"), (tmp_path / "out", "samples is a file")):
+        with pytest.raises(FlareError, match=message):
+            run_eval(EvalSettings(tasks=["humaneval"], out=str(out)))
+    assert taken.read_text() == "keep me"
+
+
 def test_settings_are_validated_before_anything_loads():
     for bad in (dict(modes=["fast"]), dict(limit=0), dict(batch_size=0), dict(threshold=1.5), dict(block_size=65),
                 dict(diffusion_scheme="fused")):

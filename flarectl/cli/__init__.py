@@ -70,25 +70,14 @@ def models(
 # ---------------------------------------------------------------------------------------------------------------
 def _read_prompts(prompt: Optional[str], prompts_file: Optional[Path]) -> list[str]:
     if prompts_file is not None:
-        if not prompts_file.is_file():
-            _fail(f"--prompts-file {prompts_file} does not exist")
-        lines = []
-        for n, line in enumerate(prompts_file.read_text().splitlines(), 1):
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith("{"):
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    _fail(f"{prompts_file}, line {n}: not valid JSON")
-                if "prompt" not in obj:
-                    _fail(f"{prompts_file}, line {n}: JSON object needs a 'prompt' field")
-                line = str(obj["prompt"])
-            lines.append(line)
-        if not lines:
-            _fail(f"--prompts-file {prompts_file} has no prompts")
-        return lines
+        if prompt is not None:
+            _fail("pass --prompt TEXT or --prompts-file FILE, not both")
+        from flarectl.data.prompt_files import read_prompt_file
+
+        try:
+            return read_prompt_file(prompts_file, "--prompts-file")
+        except FlareError as exc:
+            _fail(str(exc))
     if prompt is None:
         _fail("pass --prompt TEXT or --prompts-file FILE")
     return [prompt]
@@ -109,7 +98,8 @@ def _encode(tokenizer, texts: list[str], raw: bool) -> list[list[int]]:
 @app.command()
 def decode(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (chat template applied)."),
-    prompts_file: Optional[Path] = typer.Option(None, help="File with one prompt per line (or JSONL with 'prompt')."),
+    prompts_file: Optional[Path] = typer.Option(None, help="File with one prompt per line (or JSONL with 'prompt'); "
+                                                           "instead of --prompt."),
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help=MODEL_HELP),
     mode: str = typer.Option("ar", help="ar | ar-trust (exact self-speculative) | diffusion-trust (parallel)."),
     max_new_tokens: int = typer.Option(128, help="Maximum new tokens per prompt."),
@@ -155,6 +145,8 @@ def decode(
     meta = m.flare_meta
     if mode != "ar" and meta is None and m.tokenizer.mask_token_id is None:
         _fail(f"{model} has no mask token: trust modes need a FLARE checkpoint (flarectl convert) or a model with one")
+    if mode != "ar" and meta is None and block_size is None:
+        _fail(f"--mode {mode} needs --block-size: {model} has no FLARE metadata (a plain AR checkpoint)")
     ids = _encode(m.tokenizer, texts, raw)
     stream = not json_out and len(texts) == 1
 

@@ -20,16 +20,19 @@ from flarectl.errors import FlareError
 GDN_KERNELS = ("auto", "triton", "mixer", "fla", "torch")  # flarectl.engine.gdn_ops.resolve_gdn_kernel
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                        help="Benchmarks: results as a table, JSON and a PNG chart.")
+                        help="Benchmarks that write JSON (and a PNG). Without a subcommand: the serving benchmark "
+                             "(engine tokens/s per mode and concurrency beside HF generate), or with --step-cost "
+                             "the engine step time against the weight-bandwidth roofline (JSON only).")
 app.add_typer(bench_app, name="bench")
 
 
 def _int_list(text: str, what: str) -> list[int]:
+    parts = [v.strip() for v in text.split(",")]
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in parts]
     except ValueError:
         raise FlareError(f"{what} must be comma-separated integers, e.g. 1,8,32; got {text!r}") from None
-    if not values or any(v < 1 for v in values):
+    if any(v < 1 for v in values):
         raise FlareError(f"{what} must be positive integers; got {text!r}")
     return values
 
@@ -48,9 +51,7 @@ def _trust_settings(model, modes: list[str], block_size: Optional[int], mask_tok
     meta = model.flare_meta
     if not any(m != "ar" for m in modes):
         return None, None, ""
-    block = block_size or (meta.block_size if meta else 4)
-    if not 1 <= block <= 64:
-        raise FlareError(f"--block-size must be between 1 and 64, got {block}")
+    block = block_size if block_size is not None else (meta.block_size if meta else 4)
     vocab = int(model.hf.get_input_embeddings().weight.shape[0])
     mask = mask_token_id if mask_token_id is not None else (
         meta.mask_token_id if meta else model.tokenizer.mask_token_id)
@@ -71,10 +72,12 @@ def serve(
     mode: str = typer.Option("ar,ar-trust,diffusion-trust", help="Decoding modes, comma-separated."),
     concurrency: str = typer.Option("1,8", help="Concurrency levels (requests in flight), e.g. 1,2,4,8,16,32."),
     prompts: str = typer.Option("gsm8k", help="gsm8k (shipped grade-school math prompts) | humaneval | FILE."),
-    num_requests: Optional[int] = typer.Option(None, help="Requests per point (default: 2 x concurrency)."),
+    num_requests: Optional[int] = typer.Option(None, help="Requests per point, at least the largest concurrency "
+                                                          "(default: 2 x concurrency)."),
     max_new_tokens: int = typer.Option(128, help="New tokens per request (EOS ignored: fixed-length outputs)."),
-    block_size: Optional[int] = typer.Option(None, help="Trust-mode block size (default: checkpoint's, else 4)."),
-    threshold: float = typer.Option(0.9, help="Diffusion-Trust confidence threshold."),
+    block_size: Optional[int] = typer.Option(None, help="Trust-mode block size, 1 to 64 (default: checkpoint's, "
+                                                        "else 4)."),
+    threshold: float = typer.Option(0.9, help="Diffusion-Trust confidence threshold in (0, 1]."),
     diffusion_scheme: str = typer.Option("anchored", "--diffusion-scheme",
                                          help="Diffusion-Trust scheme: anchored (default: each block's commit step "
                                               "also emits the exact AR token) | plain."),
@@ -98,17 +101,20 @@ def serve(
     context: int = typer.Option(512, help="--step-cost: committed tokens per slot."),
     gdn_kernel: str = typer.Option("auto", help="Engine GDN path: auto (mixer on CUDA) | mixer (the whole GDN mixer "
                                                 "in one kernel) | triton (our recurrence: commits the state in "
-                                                "place) | fla | torch (--step-cost: a comma list, e.g. mixer,triton)."),
+                                                "place; CUDA only) | fla (CUDA only) | torch (--step-cost: a comma "
+                                                "list, e.g. mixer,triton)."),
     overlap: Optional[bool] = typer.Option(None, "--overlap/--no-overlap",
                                            help="Queue steps ahead of the host's work on the previous one: AR, "
                                                 "and greedy trust modes with their decisions on the device "
                                                 "(default: env FLARECTL_ENGINE_OVERLAP, else off)."),
     greedy_read: Optional[bool] = typer.Option(None, "--greedy-read/--no-greedy-read",
                                                help="Greedy trust-mode steps read their logits in one pass (argmax "
-                                                    "and confidence; default: env FLARECTL_GREEDY_READ, else off)."),
+                                                    "and confidence; one Triton launch on CUDA; default: env "
+                                                    "FLARECTL_GREEDY_READ, else off)."),
     row_copy: Optional[bool] = typer.Option(None, "--row-copy-kernel/--no-row-copy-kernel",
-                                            help="The late commit's masked row copy as one Triton launch (default: "
-                                                 "env FLARECTL_ENGINE_ROW_COPY, else torch.where in place)."),
+                                            help="Trust modes: the late commit's masked row copy as one Triton "
+                                                 "launch on CUDA (default: env FLARECTL_ENGINE_ROW_COPY, else "
+                                                 "torch.where in place)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="torch.compile the engine step (default: on for CUDA)."),
     gemv_tune: Optional[str] = typer.Option(None, "--gemv-tune",
@@ -116,7 +122,8 @@ def serve(
                                                  "(timed back to back in a CUDA graph; default) | cold (one L2-cold "
                                                  "launch) | off (heuristic). Default: env FLARECTL_GEMV_TUNE, else "
                                                  "chain."),
-    out_dir: Path = typer.Option(Path("bench-out"), "--out", help="Directory for JSON and PNG."),
+    out_dir: Path = typer.Option(Path("bench-out"), "--out", help="Directory for JSON and PNG (earlier results "
+                                                                  "of the same name are replaced)."),
 ) -> None:
     """Serving benchmark of the engine (default) or, with --step-cost, step time vs roofline."""
     if ctx.invoked_subcommand is not None:
@@ -137,8 +144,22 @@ def serve(
                          f"got {gdn_kernel!r}")
     if context < 1:
         raise FlareError(f"--context must be >= 1, got {context}")
+    if block_size is not None and not 1 <= block_size <= 64:
+        raise FlareError(f"--block-size must be between 1 and 64, got {block_size}")
+    if tpf_from and not step_cost:
+        raise FlareError("--tpf-from needs --step-cost (it turns step times into a projected throughput)")
     if loop_from is not None and not (step_cost and tpf_from):
         raise FlareError("--loop-from needs --step-cost and --tpf-from (it adds host time to their projection)")
+    if step_cost:
+        serving_only = {"--overlap": overlap is not None, "--greedy-read": greedy_read is not None,
+                        "--row-copy-kernel": row_copy is not None, "--num-requests": num_requests is not None,
+                        "--prompts": prompts != "gsm8k"}
+        given = [flag for flag, on in serving_only.items() if on]
+        if given:
+            raise FlareError(f"{', '.join(given)}: serving-benchmark options; --step-cost times single engine steps")
+    elif num_requests is not None and num_requests < max(levels):
+        raise FlareError(f"--num-requests {num_requests} is below --concurrency {max(levels)}: that point would "
+                         f"never have {max(levels)} requests in flight")
 
     import torch
 
@@ -152,18 +173,25 @@ def serve(
         gemv.tune_mode()
     except ValueError as exc:
         raise FlareError(str(exc)) from None
-    from flarectl.models.loading import PRESETS, load_model
+    from flarectl.models.loading import PRESETS, load_model, resolve_device
+    from flarectl.outputs import prepare_output_dir
 
     texts = None if step_cost else bench.load_prompt_texts(prompts)
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tpf = [bench.load_tokens_per_forward(path) for path in tpf_from or ()]
+    loop = bench.load_loop_overhead(loop_from, model) if loop_from else None
+    dev = resolve_device(device)
+    needs_cuda = [k for k in kernels if k in ("triton", "fla")]
+    if needs_cuda and dev.type != "cuda":
+        raise FlareError(f"--gdn-kernel {needs_cuda[0]} needs a CUDA device; on {dev.type} use auto, mixer or torch")
+    files = [f"step_cost_{k}.json" for k in kernels if k != "auto"] if step_cost else ["bench.json", "bench.png"]
+    replaced = prepare_output_dir(out_dir, files)  # before the model loads: a bad --out costs nothing
+    if replaced:
+        err.print(f"[dim]--out {out_dir}: replacing {', '.join(replaced)}[/]", highlight=False)
     with torch.device(dev):  # random init directly on the device (a 2B model takes minutes on the CPU)
         m = load_model(model, random_init=random_init, device=dev)
     random_init = random_init or model in PRESETS  # presets are random models of a real shape
     weights = "RANDOM weights" if random_init else "trained weights"
-    out_dir.mkdir(parents=True, exist_ok=True)
     if step_cost:
-        tpf = [bench.load_tokens_per_forward(path) for path in tpf_from or ()]
-        loop = bench.load_loop_overhead(loop_from, model) if loop_from else None
         _render_step_cost(m, model, weights, levels, block_size or (m.flare_meta.block_size if m.flare_meta else 4),
                           context, out_dir, kernels, compile, tpf, loop)
         return

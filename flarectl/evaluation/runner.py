@@ -22,6 +22,7 @@ from flarectl.decoding import MODES
 from flarectl.errors import FlareError
 from flarectl.evaluation.humaneval import take_executions
 from flarectl.evaluation.task_specs import ResolvedTask, TaskError, parse_data_args, resolve_tasks, task_manager
+from flarectl.outputs import prepare_output_dir
 
 
 @dataclass
@@ -102,6 +103,7 @@ def run_eval(s: EvalSettings, model=None, on_done: Callable[[list[EvalRow]], Non
     manager = task_manager(s.tasks)
     resolved = resolve_tasks(s.tasks, data, manager)
     out_dir = Path(s.out or f"runs/eval/{time.strftime('%Y%m%d-%H%M%S')}").expanduser()
+    prepare_output_dir(out_dir, ["results.json"], ["samples"])  # before the model loads and any task runs
     if model is None:
         from flarectl.models.loading import load_model
 
@@ -139,6 +141,10 @@ def run_eval(s: EvalSettings, model=None, on_done: Callable[[list[EvalRow]], Non
 
 def _evaluate(lm, task: ResolvedTask, manager, s: EvalSettings) -> dict[str, Any]:
     import lm_eval
+    import lm_eval.evaluator
+
+    if hasattr(lm_eval.evaluator, "get_git_commit_hash"):
+        lm_eval.evaluator.get_git_commit_hash = _git_hash_quietly
 
     try:
         result = lm_eval.simple_evaluate(
@@ -150,7 +156,44 @@ def _evaluate(lm, task: ResolvedTask, manager, s: EvalSettings) -> dict[str, Any
             raise
         raise TaskError(f"task '{task.name}' could not fetch its data from the hub ({type(exc).__name__}); pass a "
                         f"local copy with --data {task.name}=PATH.jsonl") from None
+    except Exception as exc:  # noqa: BLE001 - only a local file's errors are the user's; the rest propagate
+        if task.source != "local" or not _data_error(exc):
+            raise
+        files = ", ".join(str(v) for v in task.data.values())
+        raise TaskError(f"task '{task.name}': --data {files} does not fit the task ({_first_line(exc)}); it needs "
+                        f"JSONL with the task's fields") from None
     return result
+
+
+def _data_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) comes from reading or templating a data file: a datasets or pyarrow
+    parse error, a Jinja template naming a field the file lacks, undecodable bytes."""
+    names = ("DatasetGenerationError", "ArrowInvalid", "UndefinedError", "TemplateError", "UnicodeDecodeError",
+             "JSONDecodeError")
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if {c.__name__ for c in type(exc).__mro__} & set(names):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _git_hash_quietly() -> str | None:
+    """lm-eval records the working directory's git commit; its own call lets git print "fatal: not a git
+    repository" on stderr outside one. The same answer, silently."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
 
 
 def _rows(task: ResolvedTask, mode: str, result: dict[str, Any], stats, seconds: float) -> list[EvalRow]:

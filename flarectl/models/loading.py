@@ -223,6 +223,25 @@ def _is_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``--device``: None -> cuda if available, else cpu; 'cpu', 'cuda' or 'cuda:N' (a ``ModelError`` for anything
+    else, or for CUDA on a machine without it)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelError(f"--device must be cpu, cuda or cuda:N; got {str(device)!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelError(f"--device must be cpu, cuda or cuda:N; got {str(device)!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device}: this torch has no CUDA device (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
 def load_model(
     name: str = EMBEDDED,
     *,
@@ -234,7 +253,7 @@ def load_model(
     seed: int = 0,
 ) -> FlareModel:
     """Load ``name`` (preset, embedded default, local directory or hub id) as a ``FlareModel`` in eval mode."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     dt = _dtype(dtype, dev)
     use_torch_fallbacks_on_cpu()
     from transformers import AutoModelForCausalLM
