@@ -55,6 +55,7 @@ def test_decode_input_mistakes_are_one_line_in_process(tmp_path, one_line_error)
                           (["--prompts-file", str(binary)], "is not UTF-8 text"),
                           (["--prompts-file", str(text), "-p", "hi"], "not both"),
                           (["-p", "hi", "--device", "gpu"], "--device must be cpu, cuda or cuda:N"),
+                          (["-p", " ", "--raw"], "--prompt is empty"),
                           (["-p", "hi", "--mode", "ar-trust"],
                            "--mode ar-trust needs --block-size")]:
         one_line_error([*base, *args], message)

@@ -80,6 +80,8 @@ def _read_prompts(prompt: Optional[str], prompts_file: Optional[Path]) -> list[s
             _fail(str(exc))
     if prompt is None:
         _fail("pass --prompt TEXT or --prompts-file FILE")
+    if not prompt.strip():
+        _fail("--prompt is empty")
     return [prompt]
 
 
