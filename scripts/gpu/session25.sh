@@ -4,7 +4,8 @@
 # (Engine(overlap=True), flarectl/engine/trust_overlap.py) — their GPU tests,
 # then the serving loop's cost beyond the graphed forward per mode with each change off and on
 # (scripts/gpu/engine_loop_changes.py). Logs in $OUT/session25.tgz.
-#   TEST_TIMEOUT (150), READ_TIMEOUT (380), READ_ARGS (extra arguments of engine_loop_changes.py)
+#   TEST_TIMEOUT (200: the trust overlap test compiles its decisions too), READ_TIMEOUT (330), READ_ARGS (extra
+#   arguments of engine_loop_changes.py; default --rounds 1: four variants per trust mode since session 26)
 #   PROJECTION=1: instead, the serving-loop projection of the trust modes: a CUDA serving bench of the 2B shape
 #     (random weights; SERVE_ENV, e.g. "FLARECTL_GREEDY_READ=1") gives each mode's host time per step, then the step
 #     cost with --tpf-from session 12's converted-model benches and --loop-from that serving bench (~2 x 200 s cold).
@@ -30,11 +31,11 @@ if [ "${PROJECTION:-0}" = 1 ]; then
 fi
 {
 s=$(date +%s)
-timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_argmax.py tests/test_engine.py tests/test_trust_overlap.py tests/test_row_copy.py -k "argmax or greedy_read or overlap or row_copy" > "$L/gpu_tests.log" 2>&1
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_argmax.py tests/test_engine.py tests/test_trust_overlap.py tests/test_row_copy.py -k "argmax or greedy_read or overlap or row_copy" > "$L/gpu_tests.log" 2>&1
 echo "== GPU tests rc $? $(( $(date +%s) - s )) s"; grep -E "PASSED|FAILED|ERROR|passed|failed" "$L/gpu_tests.log" | tail -8
 pack
 s=$(date +%s)
-timeout "${READ_TIMEOUT:-380}" python3 scripts/gpu/engine_loop_changes.py --out $L/loop ${READ_ARGS:-} 2>&1 \
+timeout "${READ_TIMEOUT:-330}" python3 scripts/gpu/engine_loop_changes.py --out $L/loop ${READ_ARGS:---rounds 1} 2>&1 \
   | grep -v "^USDT" > "$L/loop_changes.log"
 echo "== loop changes $(( $(date +%s) - s )) s"; tail -12 "$L/loop_changes.log"
 save_compile_cache
