@@ -19,7 +19,7 @@ from flarectl.errors import FlareError
 
 GDN_KERNELS = ("auto", "triton", "mixer", "fla", "torch")  # flarectl.engine.gdn_ops.resolve_gdn_kernel
 
-bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True, subcommand_metavar="[COMMAND [ARGS]...]",
                         help="Benchmarks that write JSON (and a PNG). Without a subcommand: the serving benchmark "
                              "(engine tokens/s per mode and concurrency beside HF generate), or with --step-cost "
                              "the engine step time against the weight-bandwidth roofline (JSON only).")
