@@ -80,6 +80,11 @@ def test_gsm8k_from_a_local_file_end_to_end(debug_models, gsm8k_file, tmp_path):
         question = s["doc"]["question"]
         assert prompt.endswith(f"Question: {question}\nAnswer:") and prompt.count(question) == 1
         assert prompt.count("Question: ") == 2 and "####" in prompt  # one worked example from another doc
+    assert report.replaced == []
+    again = run_eval(EvalSettings(tasks=["gsm8k"], data=[f"gsm8k={gsm8k_file}"], modes=["ar"], num_fewshot=0,
+                                  max_new_tokens=2, limit=1, out=str(tmp_path / "out")),
+                     model=debug_models["debug-llama"])
+    assert again.replaced == ["results.json", "samples"]  # the CLI says so
 
 
 def test_humaneval_ar_trust_greedy_equals_ar_and_outputs_are_written(debug_models, tmp_path):

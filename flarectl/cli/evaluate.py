@@ -69,3 +69,5 @@ def eval_(
     report = run_eval(settings, on_done=on_done)
     out.print(_table(report.rows))
     out.print(f"results: {report.results_path}  samples: {report.out_dir / 'samples'}", highlight=False)
+    if report.replaced:
+        err.print(f"[dim]--out {report.out_dir}: replaced the earlier {', '.join(report.replaced)}[/]", highlight=False)

@@ -67,10 +67,13 @@ class EvalRow:
 
 @dataclass
 class EvalReport:
+    """``replaced``: what ``out_dir`` already held that this run wrote over (``results.json``, ``samples``)."""
+
     rows: list[EvalRow]
     out_dir: Path
     results_path: Path
     sample_paths: list[Path]
+    replaced: list[str] = field(default_factory=list)
 
 
 def validate(s: EvalSettings) -> None:
@@ -103,7 +106,7 @@ def run_eval(s: EvalSettings, model=None, on_done: Callable[[list[EvalRow]], Non
     manager = task_manager(s.tasks)
     resolved = resolve_tasks(s.tasks, data, manager)
     out_dir = Path(s.out or f"runs/eval/{time.strftime('%Y%m%d-%H%M%S')}").expanduser()
-    prepare_output_dir(out_dir, ["results.json"], ["samples"])  # before the model loads and any task runs
+    replaced = prepare_output_dir(out_dir, ["results.json"], ["samples"])  # before the model loads or a task runs
     if model is None:
         from flarectl.models.loading import load_model
 
@@ -136,7 +139,7 @@ def run_eval(s: EvalSettings, model=None, on_done: Callable[[list[EvalRow]], Non
                                                indent=2, default=_json_default))
             if on_done is not None:
                 on_done(new)
-    return EvalReport(rows, out_dir, results_path, sample_paths)
+    return EvalReport(rows, out_dir, results_path, sample_paths, replaced)
 
 
 def _evaluate(lm, task: ResolvedTask, manager, s: EvalSettings) -> dict[str, Any]:
