@@ -226,6 +226,21 @@ def test_select_confident():
     assert not select_confident(conf, undecided, 1.0, force=False).any()
 
 
+def test_diffusion_trust_greedy_proposal_is_the_logits_argmax():
+    """Two logits an ulp apart whose softmax probabilities round to one value: greedy Diffusion-Trust proposes the
+    larger logit (the argmax AR decoding takes), not the first of the tied probabilities."""
+    from flarectl.decoding import diffusion_trust
+    from flarectl.decoding.sampling import Sampler
+
+    logits = torch.zeros(1, 1, 300)
+    logits[0, 0, 100] = 1e-3
+    logits[0, 0, 200] = torch.nextafter(torch.tensor(1e-3), torch.tensor(1.0))
+    probs = torch.softmax(logits, -1)
+    assert probs[0, 0, 100] == probs[0, 0, 200]  # the tie the softmax makes
+    tok, conf = diffusion_trust.propose(logits, Sampler.create(0.0, 1.0, 0, "cpu"))
+    assert tok.item() == 200 and conf.item() == probs[0, 0, 200].item()
+
+
 # -- sampling, stopping, streaming, validation -----------------------------------------------------------------------
 
 def test_process_logits():

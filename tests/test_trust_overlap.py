@@ -317,3 +317,50 @@ def test_overlapped_commits_ask_for_the_row_copy_kernel(sharp):
             engine.submit(Request(**kw, stop_ids=[]))
         engine.run()
     assert asked[True] and set(asked[True]) == {True} and set(asked[False]) == {None}
+
+
+def test_a_threshold_just_below_one_decides_certain_tokens_in_fp32():
+    """fp32 confidences of exactly 1.0 and a threshold of 1 - 1e-8 (1.0 once rounded to fp32): the host decides
+    those tokens (``select_confident`` tests ``< 1`` on the float), and so does ``decide`` (on the fp64
+    threshold)."""
+    from flarectl.decoding import diffusion_trust
+
+    s = trust_overlap.TrustState(2, 4, MASK, torch.device("cpu"))
+    s.live[:] = True
+    s.dt[:] = True
+    s.threshold.fill_(1 - 1e-8)
+    logits = torch.full((2, 8, 50), -1e4)
+    logits[:, :, 7] = 0.0  # softmax exactly 1.0 at every position
+    tok, conf = diffusion_trust.propose(logits[:, 4:7], trust_overlap.modes.Sampler.create(0.0, 1.0, 0, "cpu"))
+    host = diffusion_trust.select_confident(conf, torch.ones(2, 3, dtype=torch.bool), 1 - 1e-8, force=True)
+    assert conf.dtype == torch.float32 and bool(host.all())
+    new, *_ = trust_overlap.decide(s.tensors(), *trust_overlap.device_read(logits), 4, MASK, False)
+    assert bool(new["decided"].all())
+
+
+def test_a_failed_compile_warns_and_runs_eager(sharp, monkeypatch):
+    """If torch.compile of the decisions fails, the step runs eager (a warning), and the decisions are the same."""
+    engine = _rows_in_every_phase(sharp["debug-hybrid"])
+    rows = list(engine.rows.items())
+
+    def broken(fn, **kw):
+        def fail(*a, **k):
+            raise RuntimeError("inductor says no")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    states = [trust_overlap.TrustState(4, 4, MASK, torch.device("cpu"), compile=c, graphs=False) for c in (True, False)]
+    logits = torch.randn(4, 8, 260, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    outs = []
+    for state in states:
+        state.load(rows)
+        with pytest.warns(UserWarning, match="inductor says no") if state.compiled else _no_warning():
+            outs.append(state.advance(logits, force_first=False))
+    assert not states[0].compiled and states[0]._fast is None
+    assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][0], outs[1][0])
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -34,10 +34,15 @@ def select_confident(conf: torch.Tensor, undecided: torch.Tensor, threshold: flo
 
 
 def propose(logits: torch.Tensor, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [R, B, V] -> (tokens [R, B], confidence [R, B]). Greedy: argmax and its softmax probability;
-    sampling: a draw from the processed distribution and its processed probability."""
-    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1) if sampler.greedy \
-        else sampler.probs(logits)
+    """logits [R, B, V] -> (tokens [R, B], confidence [R, B]). Greedy: the argmax of the logits (the first maximum,
+    as AR greedy decoding takes it; not of their softmax, where two logits an ulp apart can round to one
+    probability) and its softmax probability; sampling: a draw from the processed distribution and its processed
+    probability."""
+    if sampler.greedy:
+        x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        tok = x.argmax(-1)
+        return tok, torch.softmax(x, -1).gather(-1, tok[..., None])[..., 0]
+    probs = sampler.probs(logits)
     tok = sampler.sample(probs)
     return tok, probs.gather(-1, tok[..., None])[..., 0]
 

@@ -309,6 +309,7 @@ class Engine:
         if state is None or state.block != rows[0][1].block:  # (kept between turns: its CUDA graphs stay valid)
             state = self._trust = trust_overlap.TrustState(
                 self.concurrency, rows[0][1].block, self.mask_id, self.device,
+                compile=getattr(self.backend, "compiled", None),  # as the step is (FLARECTL_ENGINE_COMPILE=0: not)
                 graphs=bool(getattr(self.backend, "cuda_graphs", False)))
         if not state.loaded:
             state.load(rows)

@@ -27,9 +27,15 @@ tokens are the ones the step-at-a-time loop gives with ``modes.GREEDY_READ`` (on
 
 Only the host applies stops (``max_new_tokens``, stop ids and strings), one step late, so a row runs one step past
 its end: that step is dropped, as in the overlapped AR loop. It writes only the row's own slot (within the
-capacity's two spare blocks), and the slot is reset before a new request uses it. Where a test has replaced
-``ar_trust.propose`` (its hook for forced drafts), the hook is called as the step-at-a-time loop calls it, at the
-cost of a device sync per step.
+capacity's two spare blocks), and the slot is reset before a new request uses it. Each request gets the same
+tokens in the same ``on_token`` calls; across requests the calls come in slot order (one step at a time: group by
+group). Where a test has replaced ``ar_trust.propose`` (its hook for forced drafts), the hook gets the drafting
+rows' window argmaxes and token indices as the step-at-a-time loop gives them, in one call per step (``sampler``
+None; a row's dropped extra step included), at the cost of a device sync per step.
+
+On CPU the tests find the same tokens bit for bit. On a GPU every overlapped step has the (B, B) shape, where one
+step at a time runs narrower ones too; matrix products can round differently between shapes, so a near-tie can
+resolve differently between the two loops (as it can between any two step widths).
 
 Costs: every step is B + B wide. One step at a time, a step is that wide as soon as one row has clean tokens, which
 at C = 8 is nearly every step (an anchored Diffusion-Trust row commits every ~2.5 forwards at 1.5 tokens/forward);
@@ -102,6 +108,7 @@ class TrustState:
         if self.compiled or self.graphs:
             self._fast = torch.compile(_advance_fused, dynamic=False) if self.compiled else _advance_fused
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self._fast_ok = False  # the compiled path has run once (after that a failure is not a compile's)
         self.requests = [-1] * C  # the request index in each slot (``ar_trust.propose``'s hook takes them)
         self.record_width = HEAD + B + K
         pin = self.device.type == "cuda"
@@ -175,15 +182,39 @@ class TrustState:
         if ar_trust.propose is not _PROPOSE or self._fast is None:
             return self._advance_eager(logits, force_first)
         if not self.graphs:
-            return self._fast(self.tensors(), logits, self.block, self.mask_id, force_first)
+            out = self._compiled_call(lambda: self._fast(self.tensors(), logits, self.block, self.mask_id,
+                                                         force_first))
+            return self.advance(logits, force_first) if out is None else out
         key = (logits.data_ptr(), tuple(logits.shape), force_first)
         if key not in self._graphs:
             if len(self._graphs) > 8:
                 self._graphs.clear()
-            self._graphs[key] = self._capture(logits, force_first)
+            capture = self._compiled_call(lambda: self._capture(logits, force_first))
+            if capture is None:
+                return self.advance(logits, force_first)
+            self._graphs[key] = capture
         graph, out = self._graphs[key]
         graph.replay()
         return out
+
+    def _compiled_call(self, call):
+        """``call()`` (a compiled call, or the capture of one); None if torch.compile failed there the first time:
+        then it warns and drops the compiled path (the caller runs the step again without it, as
+        ``StaticStep.fallback_eager`` does)."""
+        if self._fast_ok or not self.compiled:
+            return call()
+        try:
+            result = call()
+        except Exception as exc:  # noqa: BLE001 - a compile that fails: the eager decisions are the same
+            import warnings
+
+            warnings.warn(f"torch.compile of the overlapped trust decisions failed ({type(exc).__name__}: {exc}); "
+                          "running them eager", stacklevel=2)
+            self.compiled, self._graphs = False, {}
+            self._fast = _advance_fused if self.graphs else None
+            return None
+        self._fast_ok = True
+        return result
 
     def _advance_eager(self, logits, force_first):
         tok, conf = device_read(logits)
@@ -199,17 +230,19 @@ class TrustState:
         """A CUDA graph of ``_fast`` on these logits; the warm-up runs' changes to the state are undone."""
         saved = {name: t.clone() for name, t in self.tensors().items()}
         args = (self.tensors(), logits, self.block, self.mask_id, force_first)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._fast(*args)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self._fast(*args)
-        for name, t in saved.items():
-            getattr(self, name).copy_(t)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._fast(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._fast(*args)
+        finally:
+            for name, t in saved.items():
+                getattr(self, name).copy_(t)
         return graph, out
 
     def _propose(self, window, drafting, draft, n1, drafts) -> torch.Tensor:
@@ -273,8 +306,9 @@ def decide(s: dict[str, torch.Tensor], tok: torch.Tensor, conf: torch.Tensor, bl
     undecided = commit[:, None] | ~s["decided"]
     cand_tok = torch.where(commit[:, None], win_tok[:, 1:], win_tok[:, :K])
     cand_conf = torch.where(commit[:, None], win_conf[:, 1:], win_conf[:, :K]).masked_fill(~undecided, -1.0)
-    threshold = s["threshold"].to(cand_conf.dtype)[:, None]
-    chosen = (cand_conf >= threshold) & undecided & (threshold < 1.0)
+    # ``< 1.0`` on the fp64 threshold, as ``select_confident`` tests the float: 1 - 1e-8 rounds to 1.0 in fp32
+    below_one = (s["threshold"] < 1.0)[:, None]
+    chosen = (cand_conf >= s["threshold"].to(cand_conf.dtype)[:, None]) & undecided & below_one
     force = denoise | (commit & force_first)
     best = torch.nn.functional.one_hot(cand_conf.argmax(1), K).bool() & undecided.any(1, keepdim=True)
     newly = chosen | (best & force[:, None])
