@@ -409,13 +409,17 @@ def test_overlapped_sampling_draws_as_one_step_at_a_time(sharp):
 
 
 def test_overlap_default_and_env(monkeypatch, debug_models):
+    """Overlap is on by default for CUDA only (on CPU nothing runs asynchronously); the env and the argument win."""
     from flarectl.engine import engine as engine_mod
+    from flarectl.engine import modes, row_copy
 
     m = debug_models["debug-llama"]
-    assert Engine(m, concurrency=1, capacity=16).overlap is engine_mod.OVERLAP_DEFAULT is False
+    assert engine_mod.OVERLAP_DEFAULT is None and not Engine(m, concurrency=1, capacity=16).overlap  # CPU
     monkeypatch.setattr(engine_mod, "OVERLAP_DEFAULT", True)
     assert Engine(m, concurrency=1, capacity=16).overlap
     assert not Engine(m, concurrency=1, capacity=16, overlap=False).overlap
+    assert modes.GREEDY_READ is None and not modes.greedy_read_on(torch.zeros(2))  # likewise: on for CUDA logits
+    assert row_copy.KERNEL is None
 
 
 def test_engine_rejects_bad_settings(debug_models):

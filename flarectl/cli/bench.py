@@ -106,15 +106,15 @@ def serve(
     overlap: Optional[bool] = typer.Option(None, "--overlap/--no-overlap",
                                            help="Queue steps ahead of the host's work on the previous one: AR, "
                                                 "and greedy trust modes with their decisions on the device "
-                                                "(default: env FLARECTL_ENGINE_OVERLAP, else off)."),
+                                                "(default: env FLARECTL_ENGINE_OVERLAP, else on for CUDA)."),
     greedy_read: Optional[bool] = typer.Option(None, "--greedy-read/--no-greedy-read",
                                                help="Greedy trust-mode steps read their logits in one pass (argmax "
                                                     "and confidence; one Triton launch on CUDA; default: env "
-                                                    "FLARECTL_GREEDY_READ, else off)."),
+                                                    "FLARECTL_GREEDY_READ, else on for CUDA)."),
     row_copy: Optional[bool] = typer.Option(None, "--row-copy-kernel/--no-row-copy-kernel",
                                             help="Trust modes: the late commit's masked row copy as one Triton "
-                                                 "launch on CUDA (default: env FLARECTL_ENGINE_ROW_COPY, else "
-                                                 "torch.where in place)."),
+                                                 "launch on CUDA (default: env FLARECTL_ENGINE_ROW_COPY, else on; "
+                                                 "off: torch.where in place)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="torch.compile the engine step (default: on for CUDA)."),
     gemv_tune: Optional[str] = typer.Option(None, "--gemv-tune",

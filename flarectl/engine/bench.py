@@ -221,8 +221,9 @@ def engine_point(model, prompts: list[list[int]], mode: str, concurrency: int, *
             "diffusion_trust_scheme": diffusion_trust_scheme,
             # the switches as they acted: the read-out and the row copy only touch trust-mode steps, the copy kernel
             # runs on CUDA only
-            "greedy_read": modes.GREEDY_READ and mode != "ar", "overlap": engine.overlap,
-            "row_copy_kernel": row_copy.KERNEL and mode != "ar" and model.device.type == "cuda"} \
+            "greedy_read": (modes.GREEDY_READ if modes.GREEDY_READ is not None else model.device.type == "cuda")
+            and mode != "ar", "overlap": engine.overlap,
+            "row_copy_kernel": (row_copy.KERNEL is not False) and mode != "ar" and model.device.type == "cuda"} \
         | step_paths(engine.backend)
     return point, info
 

@@ -62,14 +62,20 @@ is known) always decides its most confident token, as every other pass does. Off
 above the threshold. Env ``FLARECTL_DT_ANCHORED_FORCE_FIRST`` (0/1) overrides, read at each step."""
 
 
-GREEDY_READ = os.environ.get("FLARECTL_GREEDY_READ", "0").strip().lower() not in ("0", "false", "no", "off", "")
+_GREEDY_READ_ENV = os.environ.get("FLARECTL_GREEDY_READ", "").strip().lower()
+GREEDY_READ: bool | None = None if not _GREEDY_READ_ENV else _GREEDY_READ_ENV not in ("0", "false", "no", "off")
 """Whether greedy trust-mode groups read each step's logits once (``Greedy``: argmax and its softmax probability per
 position, one kernel launch on CUDA and one device->host copy) instead of through the sampler's generic path (fp32
 copies, a one-hot or a full softmax, a copy to the host per stage). The same tokens either way; Diffusion-Trust's
 confidence differs only in rounding on CUDA (on CPU the twin computes it as the generic path does: the same bits).
-Off by default until the read-out is timed in the serving loop and its CUDA test has run (built in session 25, whose
-device calls were refused: ``scripts/gpu/session25.sh``). Env ``FLARECTL_GREEDY_READ=1`` turns it on (read at
-import; tests and benchmarks set the attribute)."""
+None (the default): on for logits on CUDA, off elsewhere (on CPU it saves nothing). Timed on an H100 in session 26
+(2B shape, C=8): AR-Trust 2,292 -> 2,523 tok/s, Diffusion-Trust 2,627 -> 2,669 (docs/perf/engine.md). Env
+``FLARECTL_GREEDY_READ=0/1`` overrides (read at import; tests and benchmarks set the attribute)."""
+
+
+def greedy_read_on(logits: torch.Tensor) -> bool:
+    """``GREEDY_READ`` for these logits (None: on CUDA)."""
+    return logits.is_cuda if GREEDY_READ is None else bool(GREEDY_READ)
 
 
 class Greedy:
@@ -168,7 +174,7 @@ def update(rows: list[Row], logits: torch.Tensor, width_clean: int, sampler: Sam
         _update_ar(rows, logits[idx, 0], sampler)
         return
     # greedy: every position the group may need, read once (``GREEDY_READ``); else the logits themselves
-    group = Greedy.read(logits[idx]) if sampler.greedy and GREEDY_READ else logits[idx]
+    group = Greedy.read(logits[idx]) if sampler.greedy and greedy_read_on(logits) else logits[idx]
     window = group[:, width_clean:width_clean + block]
     if mode == "ar-trust" and rows[0].scheme == ANCHORED:
         if rows[0].phase == "verify":

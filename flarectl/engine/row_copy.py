@@ -7,7 +7,7 @@ from the GDN state and conv context that the step kept (``last_state`` / ``last_
 row: 5 x 8.4 MB per GDN layer at the Qwen3.5-2B shape (C = 8, fp32 state), ~0.76 GB per commit over 18 layers
 (~0.27 ms at 2.8 TB/s: arithmetic, not a timing), however few rows commit.
 
-* ``copy_rows_reference`` (the twin and the default): per pair ``torch.where(mask, src, dst, out=dst)``: no
+* ``copy_rows_reference`` (the twin; the default off CUDA): per pair ``torch.where(mask, src, dst, out=dst)``: no
   temporary, 3 passes.
 * ``launch``: one Triton launch for all pairs of one shape and dtype (every GDN layer's state, then every layer's
   conv context: two launches a commit, where torch takes two kernels a layer). Programs are (pair x row, block); each
@@ -15,8 +15,8 @@ row: 5 x 8.4 MB per GDN layer at the Qwen3.5-2B shape (C = 8, fp32 state), ~0.76
   masked rows per layer), and a commit with no masked row costs two launches of programs that exit at once (the
   overlapped trust loop commits after every step; one step at a time, only when a row accepted fully). The pairs'
   addresses come from a table on the device, built once per set of tensors.
-  Opt-in with ``KERNEL`` (env ``FLARECTL_ENGINE_ROW_COPY=1``) until a GPU has timed it and run its CUDA test (built
-  in session 26, which was lent no device).
+  The default on CUDA (``KERNEL``; env ``FLARECTL_ENGINE_ROW_COPY=0`` turns it off), since an H100 timed it and ran
+  its CUDA tests in session 26.
 
 ``copy_rows`` takes the kernel where ``KERNEL`` is set (or its caller asks for it) and it applies (contiguous
 tensors of one shape and dtype on CUDA, or under Triton's interpreter), else the twin. The copy is exact either way.
@@ -30,8 +30,11 @@ import os
 
 import torch
 
-KERNEL = os.environ.get("FLARECTL_ENGINE_ROW_COPY", "0").strip().lower() in ("1", "true", "yes", "on")
-"""Whether ``copy_rows`` uses the Triton kernel (read at import; tests set the attribute)."""
+_KERNEL_ENV = os.environ.get("FLARECTL_ENGINE_ROW_COPY", "").strip().lower()
+KERNEL: bool | None = None if not _KERNEL_ENV else _KERNEL_ENV not in ("0", "false", "no", "off")
+"""Whether ``copy_rows`` uses the Triton kernel. None (the default): on CUDA (timed on an H100 in session 26: AR-Trust
+2,523 -> 2,566 tok/s one step at a time; its CUDA tests pass); env ``FLARECTL_ENGINE_ROW_COPY=0/1`` overrides (read
+at import; tests set the attribute)."""
 
 BLOCK = 4096
 """Elements a program copies."""
@@ -119,7 +122,9 @@ def copy_rows(dsts: list[torch.Tensor], srcs: list[torch.Tensor], rows: torch.Te
               kernel: bool | None = None) -> None:
     """dst[r] = src[r] where rows[r], for every pair (in place): the kernel where ``kernel`` (None: ``KERNEL``) is on
     and it applies, else the twin."""
-    if (KERNEL if kernel is None else kernel) and kernel_applies(dsts, srcs, rows):
+    if kernel is None:
+        kernel = rows.is_cuda if KERNEL is None else KERNEL
+    if kernel and kernel_applies(dsts, srcs, rows):
         launch(dsts, srcs, rows)
     else:
         copy_rows_reference(dsts, srcs, rows)
