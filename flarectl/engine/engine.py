@@ -21,7 +21,8 @@ checks, streaming) runs while the device computes step N+1 instead of between th
 A request that ends at step N has had one more step computed for it, which is dropped (its slot is released after;
 nothing it committed is ever read). Tokens reach the host, and the streams, one step later than without it. The same
 tokens either way. Anything else (mixed AR and trust rows, sampled trust rows, samplers shared between requests:
-``generate``'s batches, where an extra draw would move the others' streams; admissions) runs one step at a time.
+``generate``'s batches, where an extra draw would move the others' streams) runs one step at a time; an admission
+drains the step in flight first.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class Engine:
     ``ar_trust_scheme``: 'anchored' (default: every forward emits an exact AR token too) or 'fused' (the earlier
     scheme, for comparison; ``modes``). ``diffusion_trust_scheme``: 'anchored' (default: every block
     ends with an exact AR token from its commit step) or 'plain' (the paper's; ``modes``). ``overlap``: queue
-    AR steps ahead of the host's work on the previous one (None: ``OVERLAP_DEFAULT``; module docstring)."""
+    steps ahead of the host's work on the previous one (None: ``OVERLAP_DEFAULT``, on for CUDA; module docstring)."""
 
     def __init__(self, model, *, concurrency: int = 8, capacity: int = 4096, backend: str = "auto",
                  block_size: int | None = None, mask_token_id: int | None = None, tokenizer=None,
